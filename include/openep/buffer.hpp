@@ -1,0 +1,93 @@
+// openep::Buffer: the symmetric memory OpenEP's kernels communicate through, and the operations on it.
+//
+// A Buffer owns one NCCL symmetric window (ncclMemAlloc + ncclCommWindowRegister) on every rank of its
+// Group, the NVLink (LSA) peer pointers into it, a device workspace, a communication stream and a
+// host-visible error slot. Create one per Group at start-up and keep it: creation is collective and costs
+// milliseconds (window registration is a world barrier).
+//
+// Streams: every operation takes the cudaStream_t it is enqueued on and never synchronises the device.
+// Errors found by a kernel (a peer that never arrives within `timeout_seconds`, an expert index out of
+// range) are raised as openep::Error by synchronize() or by the next operation on the Buffer; after such an
+// error the Buffer refuses further work (ErrorCode::kBufferFailed) until it is destroyed.
+//
+// Thread safety: a Buffer is used by one host thread at a time.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "openep/group.hpp"
+#include "openep/types.hpp"
+
+namespace openep {
+
+struct BufferOptions {
+  // Bytes for the normal-mode (NVLink) kernels; see Config size hints. Multiple of 128.
+  size_t num_nvl_bytes = 0;
+  // Bytes for the low-latency (and future internode) kernels. Multiple of 128.
+  size_t num_rdma_bytes = 0;
+  bool low_latency_mode = false;
+  // Every device-side wait on a peer gives up after this long and reports rank, peer and phase.
+  double timeout_seconds = 10.0;
+};
+
+// get_dispatch_layout arguments. All pointers are device pointers on the Buffer's device.
+struct LayoutArgs {
+  const void* topk_idx = nullptr;        // [num_tokens, num_topk] of index_type, row-major; -1 = no expert
+  IndexType index_type = IndexType::kInt64;
+  int num_tokens = 0;
+  int num_topk = 0;
+  int num_experts = 0;                   // multiple of the number of ranks
+  // Outputs (written completely; no need to zero them):
+  int* num_tokens_per_rank = nullptr;         // [num_ranks]: tokens sent to each rank (once per rank)
+  int* num_tokens_per_rdma_rank = nullptr;    // [num_ranks / 8] when num_ranks > 8, else must be nullptr
+  int* num_tokens_per_expert = nullptr;       // [num_experts]: (token, slot) pairs per expert
+  bool* is_token_in_rank = nullptr;           // [num_tokens, num_ranks]
+};
+
+class Buffer {
+ public:
+  // Collective over the Group. REQUIRES: the Group outlives the Buffer; every rank passes equal options.
+  // Fails with kVersionMismatch if the loaded NCCL differs from the one OpenEP was compiled with, and with
+  // kUnsupported if the ranks do not all share one NVLink domain (internode mode is not implemented yet).
+  Buffer(Group& group, const BufferOptions& options);
+  // Drains the communication stream, then releases the window and device memory. Never throws.
+  ~Buffer();
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+
+  int rank() const noexcept;
+  int num_ranks() const noexcept;
+  const BufferOptions& options() const noexcept;
+  // A non-blocking, high-priority stream owned by the Buffer (DeepEP's communication stream).
+  cudaStream_t comm_stream() const noexcept;
+
+  // Computes the dispatch layout of this rank's tokens (pure local computation, no communication).
+  // Enqueued on `stream`. Input validation happens here; expert ids outside [-1, num_experts) are detected
+  // on the device and raised at the next synchronisation point.
+  void get_dispatch_layout(const LayoutArgs& args, cudaStream_t stream);
+
+  // Device-side barrier over all ranks of the Group, enqueued on `stream`. Bounded by timeout_seconds.
+  void barrier(cudaStream_t stream);
+
+  // Waits for `stream`, then raises any error a kernel of this Buffer recorded.
+  void synchronize(cudaStream_t stream);
+  // Raises a recorded device error without waiting (cheap; reads host-mapped memory).
+  void check_device_errors();
+
+  // Raw access for OpenEP's own kernels and tests.
+  struct Impl;
+  Impl& impl() noexcept { return *impl_; }
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+// The NCCL version OpenEP was compiled against and the one loaded at run time (e.g. 22809).
+int compiled_nccl_version() noexcept;
+int loaded_nccl_version();
+
+}  // namespace openep

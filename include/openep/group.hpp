@@ -1,0 +1,50 @@
+// openep::Group: the NCCL communicator OpenEP runs on.
+//
+// NCCL is OpenEP's only communication engine. A Group either creates its own communicator from an NCCL
+// unique id (C++ users, tests), or splits a private one from a communicator the caller already has (the
+// Python package splits from PyTorch's ProcessGroupNCCL), so OpenEP's windows and any abort stay away
+// from the caller's communicator.
+#pragma once
+
+#include <nccl.h>
+
+#include <memory>
+
+#include "openep/types.hpp"
+
+namespace openep {
+
+class Group {
+ public:
+  // Creates the unique id on one rank (rank 0 by convention); ship its 128 bytes to every rank.
+  static ncclUniqueId make_unique_id();
+
+  // Collective over num_ranks processes. Selects `device` (cudaSetDevice) and creates a blocking NCCL
+  // communicator. REQUIRES: 0 <= rank < num_ranks; every rank passes the same id and num_ranks.
+  static std::unique_ptr<Group> create(const ncclUniqueId& id, int rank, int num_ranks, int device);
+
+  // Collective over the ranks of `parent`: splits a private communicator (same ranks, same order) with
+  // ncclCommSplit. `parent` is borrowed: it is neither modified nor destroyed. REQUIRES: the current CUDA
+  // device is the one `parent` was created on; pass it as `device`.
+  static std::unique_ptr<Group> split_from(ncclComm_t parent, int device);
+
+  ~Group();
+  Group(const Group&) = delete;
+  Group& operator=(const Group&) = delete;
+
+  int rank() const noexcept { return rank_; }
+  int num_ranks() const noexcept { return num_ranks_; }
+  int device() const noexcept { return device_; }
+  // Ranks that share this rank's NVLink domain (NCCL's LSA team), and this rank's index in it.
+  int num_nvlink_ranks() const noexcept { return lsa_size_; }
+  int nvlink_rank() const noexcept { return lsa_rank_; }
+  // The communicator, owned by this Group. Valid until the Group is destroyed.
+  ncclComm_t comm() const noexcept { return comm_; }
+
+ private:
+  Group(ncclComm_t comm, int device);
+  ncclComm_t comm_ = nullptr;
+  int rank_ = 0, num_ranks_ = 0, device_ = 0, lsa_size_ = 0, lsa_rank_ = 0;
+};
+
+}  // namespace openep

@@ -1,0 +1,57 @@
+// All inline PTX of OpenEP lives here (namespace openep::ptx). One wrapper per instruction variant, named by
+// semantics and scope. libcu++ is used where it compiles to the same instruction.
+#pragma once
+
+#include <cuda/atomic>
+#include <cstdint>
+
+namespace openep::ptx {
+
+// ld.acquire.sys.global.u64 (PTX ISA "ld", memory consistency model). Pairs with red_add_release_sys /
+// st_release_sys on another GPU writing into our memory.
+__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* ptr) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(ptr) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ int32_t ld_acquire_sys(const int32_t* ptr) {
+  int32_t v;
+  asm volatile("ld.acquire.sys.global.s32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
+  return v;
+}
+
+// ld.volatile.global (no ordering): used to poll the host-mapped error slot.
+__device__ __forceinline__ int32_t ld_volatile(const int32_t* ptr) {
+  int32_t v;
+  asm volatile("ld.volatile.global.s32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
+  return v;
+}
+
+// red.release.sys.global.add.u64 (PTX ISA "red"). Publishes this thread's (and, after a CTA barrier, the
+// CTA's) earlier writes to a peer GPU; pairs with ld_acquire_sys on the peer.
+__device__ __forceinline__ void red_add_release_sys(uint64_t* ptr, uint64_t v) {
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(v) : "memory");
+}
+
+// st.release.sys.global.s32 (PTX ISA "st").
+__device__ __forceinline__ void st_release_sys(int32_t* ptr, int32_t v) {
+  asm volatile("st.release.sys.global.s32 [%0], %1;" ::"l"(ptr), "r"(v) : "memory");
+}
+
+// st.relaxed.sys.global.s32: plain system-scope store for flags whose ordering comes from elsewhere.
+__device__ __forceinline__ void st_relaxed_sys(int32_t* ptr, int32_t v) {
+  asm volatile("st.relaxed.sys.global.s32 [%0], %1;" ::"l"(ptr), "r"(v) : "memory");
+}
+
+// %globaltimer: nanoseconds, comparable across SMs of one GPU (PTX ISA special registers).
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// fence.acq_rel.sys (PTX ISA "membar/fence").
+__device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+
+}  // namespace openep::ptx

@@ -1,0 +1,62 @@
+// The one spin-wait helper every wait on a peer goes through (ARCHITECTURE.md D4).
+//
+// wait_geq polls a counter in OUR memory (peers write into it with red_add_release_sys) with an acquire
+// load until it reaches `target` (monotonic counters: they are never reset, so graph replays and repeated
+// calls keep working). It gives up after `timeout_ns`, or as soon as another thread of this GPU has already
+// recorded an error, and then returns false; the caller leaves the kernel. The first thread to give up
+// records (rank, peer, phase, expected, observed) in the host-visible error slot.
+#pragma once
+
+#include <cstdint>
+
+#include "device/ptx.cuh"
+#include "runtime/device_error.hpp"
+
+namespace openep::device {
+
+using detail::WaitContext;
+
+// Records an error unless one is already recorded. Any thread may call it.
+__device__ __forceinline__ void record_error(const WaitContext& ctx, detail::DeviceErrorCode code, int peer,
+                                             detail::Phase phase, int64_t expected, int64_t observed) {
+  cuda::atomic_ref<int32_t, cuda::thread_scope_device> claim(*ctx.error_claim);
+  int32_t none = 0;
+  if (claim.compare_exchange_strong(none, static_cast<int32_t>(code), cuda::memory_order_relaxed)) {
+    volatile detail::DeviceError* rec = ctx.error_record;
+    rec->rank = ctx.rank;
+    rec->peer = peer;
+    rec->phase = static_cast<int32_t>(phase);
+    rec->expected = expected;
+    rec->observed = observed;
+    __threadfence_system();  // the fields land before the code that makes them valid
+    rec->code = static_cast<int32_t>(code);
+    __threadfence_system();  // and reach the host before it can observe the kernel as finished
+  }
+}
+
+__device__ __forceinline__ bool error_recorded(const WaitContext& ctx) {
+  return ptx::ld_volatile(ctx.error_claim) != 0;
+}
+
+// Waits until *counter >= target. Returns false (after recording a timeout naming `peer` and `phase`) if
+// that does not happen within the timeout, or if another thread already recorded an error.
+__device__ __forceinline__ bool wait_geq(const WaitContext& ctx, const uint64_t* counter, uint64_t target, int peer,
+                                         detail::Phase phase) {
+  uint64_t v = ptx::ld_acquire_sys(counter);
+  if (v >= target) return true;
+  const uint64_t start = ptx::globaltimer_ns();
+  for (uint32_t iter = 1;; ++iter) {
+    v = ptx::ld_acquire_sys(counter);
+    if (v >= target) return true;
+    if ((iter & 63u) == 0) {
+      if (error_recorded(ctx)) return false;
+      if (ptx::globaltimer_ns() - start > ctx.timeout_ns) {
+        record_error(ctx, detail::DeviceErrorCode::kTimeout, peer, phase, static_cast<int64_t>(target),
+                     static_cast<int64_t>(v));
+        return false;
+      }
+    }
+  }
+}
+
+}  // namespace openep::device

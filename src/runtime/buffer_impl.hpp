@@ -1,0 +1,84 @@
+// Buffer internals shared by the runtime and the kernel launchers.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+#include <nccl_device.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "openep/buffer.hpp"
+#include "runtime/device_error.hpp"
+
+namespace openep::detail {
+
+inline constexpr int kNumBarrierSlots = 16;       // independent barrier counters (one per concurrent user)
+inline constexpr int kHostBarrierSlot = 0;        // Buffer::barrier()
+inline constexpr int kMaxNvlinkPeers = 72;        // largest NVLink domain addressed through LSA pointers
+inline constexpr size_t kWindowAlignment = 4096;  // NCCL_WIN_REQUIRED_ALIGNMENT; also our region alignment
+
+// Throws kVersionMismatch naming both versions unless they are equal.
+void check_nccl_version(int compiled, int loaded);
+
+inline constexpr size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+
+// Layout of the symmetric window; identical on every rank, so an offset means the same on every peer.
+struct WindowLayout {
+  size_t barrier_offset = 0;   // uint64 [kNumBarrierSlots][kMaxNvlinkPeers]: arrivals from each peer
+  size_t nvl_offset = 0;       // normal-mode region, num_nvl_bytes
+  size_t rdma_offset = 0;      // low-latency region, num_rdma_bytes
+  size_t total_bytes = 0;
+
+  static WindowLayout make(size_t num_nvl_bytes, size_t num_rdma_bytes) {
+    WindowLayout l;
+    l.barrier_offset = 0;
+    l.nvl_offset = align_up(sizeof(uint64_t) * kNumBarrierSlots * kMaxNvlinkPeers, kWindowAlignment);
+    l.rdma_offset = align_up(l.nvl_offset + num_nvl_bytes, kWindowAlignment);
+    l.total_bytes = align_up(l.rdma_offset + num_rdma_bytes, kWindowAlignment);
+    return l;
+  }
+};
+
+// Device memory private to this rank (not in the window).
+struct LocalState {
+  uint64_t barrier_epoch[kNumBarrierSlots];   // completed barriers per slot (monotonic)
+  int32_t error_claim;                        // see device_error.hpp
+  int32_t pad;
+};
+
+}  // namespace openep::detail
+
+namespace openep {
+
+struct Buffer::Impl {
+  Group* group = nullptr;
+  BufferOptions options;
+  int rank = 0, num_ranks = 0, device = 0;
+
+  ncclDevComm dev_comm{};
+  bool dev_comm_created = false;
+  void* window_memory = nullptr;               // ncclMemAlloc'ed, window_layout.total_bytes
+  ncclWindow_t window = nullptr;
+  detail::WindowLayout window_layout;
+  std::vector<char*> peer_bases;               // [num_ranks] device addresses of each peer's window (LSA)
+  char** peer_bases_device = nullptr;          // same table in device memory
+
+  detail::LocalState* local_state = nullptr;   // device memory
+  int* layout_workspace = nullptr;             // device memory, zeroed; kernels leave it zeroed
+  detail::DeviceError* error_record = nullptr; // pinned mapped host memory (host view)
+  detail::DeviceError* error_record_device = nullptr;  // device view of the same
+  cudaStream_t comm_stream = nullptr;
+  bool failed = false;
+
+  detail::WaitContext wait_context() const {
+    return detail::WaitContext{&local_state->error_claim, error_record_device,
+                               static_cast<uint64_t>(options.timeout_seconds * 1e9), rank};
+  }
+  // Throws kBufferFailed if an earlier error poisoned the Buffer, or the recorded device error if any.
+  void check_usable();
+  void raise_device_error();
+};
+
+}  // namespace openep

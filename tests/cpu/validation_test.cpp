@@ -1,0 +1,118 @@
+// Host-side validation, configs and error messages of the core (no GPU needed).
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "kernels/launch.hpp"
+#include "openep/buffer.hpp"
+#include "openep/config.hpp"
+#include "openep/error.hpp"
+#include "runtime/buffer_impl.hpp"
+
+namespace openep {
+namespace {
+
+// Runs fn, expects an openep::Error with `code` whose message contains `needle`.
+template <typename Fn>
+void expect_error(Fn&& fn, ErrorCode code, const std::string& needle) {
+  try {
+    fn();
+    ADD_FAILURE() << "expected an openep::Error containing '" << needle << "'";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), code) << e.what();
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << "message was: " << e.what();
+  }
+}
+
+LayoutArgs valid_layout_args() {
+  static int dummy[16];
+  LayoutArgs a;
+  a.topk_idx = dummy;
+  a.num_tokens = 4;
+  a.num_topk = 2;
+  a.num_experts = 16;
+  a.num_tokens_per_rank = dummy;
+  a.num_tokens_per_expert = dummy;
+  a.is_token_in_rank = reinterpret_cast<bool*>(dummy);
+  return a;
+}
+
+TEST(LayoutValidation, AcceptsValidArguments) { EXPECT_NO_THROW(detail::validate_layout_args(valid_layout_args(), 4)); }
+
+TEST(LayoutValidation, NamesExpertsNotDivisibleByRanks) {
+  LayoutArgs a = valid_layout_args();
+  a.num_experts = 10;
+  expect_error([&] { detail::validate_layout_args(a, 4); }, ErrorCode::kInvalidArgument,
+               "num_experts (10) must be a multiple of the number of ranks (4)");
+}
+
+TEST(LayoutValidation, NamesTopkOutOfRange) {
+  LayoutArgs a = valid_layout_args();
+  a.num_topk = 0;
+  expect_error([&] { detail::validate_layout_args(a, 4); }, ErrorCode::kInvalidArgument, "num_topk must be in [1, ");
+}
+
+TEST(LayoutValidation, RequiresRdmaCountsOnlyAbove8Ranks) {
+  LayoutArgs a = valid_layout_args();
+  a.num_experts = 32;
+  expect_error([&] { detail::validate_layout_args(a, 16); }, ErrorCode::kInvalidArgument,
+               "num_tokens_per_rdma_rank output is required when num_ranks > 8 (16)");
+  int dummy[2];
+  a.num_tokens_per_rdma_rank = dummy;
+  EXPECT_NO_THROW(detail::validate_layout_args(a, 16));
+  expect_error([&] { detail::validate_layout_args(a, 4); }, ErrorCode::kInvalidArgument,
+               "num_tokens_per_rdma_rank must be null when num_ranks <= 8 (4)");
+}
+
+TEST(LayoutValidation, NamesNullTopkIdx) {
+  LayoutArgs a = valid_layout_args();
+  a.topk_idx = nullptr;
+  expect_error([&] { detail::validate_layout_args(a, 4); }, ErrorCode::kInvalidArgument,
+               "topk_idx is null with num_tokens = 4");
+  a.num_tokens = 0;  // no tokens: no input needed
+  EXPECT_NO_THROW(detail::validate_layout_args(a, 4));
+}
+
+TEST(ConfigTables, MatchDeepEpV1ForTwoRanks) {
+  const Config d = get_dispatch_config(2);
+  EXPECT_EQ(d.num_sms, default_num_sms());
+  EXPECT_EQ(d.num_max_nvl_chunked_send_tokens, 24);
+  EXPECT_EQ(d.num_max_nvl_chunked_recv_tokens, 256);
+  EXPECT_EQ(d.num_max_rdma_chunked_recv_tokens, 132);  // 128 rounded up to a multiple of 6
+  const Config c = get_combine_config(8);
+  EXPECT_EQ(c.num_max_nvl_chunked_send_tokens, 4);
+}
+
+TEST(ConfigTables, RejectsUnsupportedRankCount) {
+  expect_error([] { get_dispatch_config(3); }, ErrorCode::kInvalidArgument, "unsupported number of EP ranks 3");
+}
+
+TEST(ConfigValidation, RejectsOddSmCount) {
+  Config c;
+  c.num_sms = 7;
+  expect_error([&] { c.validate_and_normalize(); }, ErrorCode::kInvalidArgument,
+               "Config.num_sms must be even and > 0, got 7");
+  expect_error([] { set_default_num_sms(3); }, ErrorCode::kInvalidArgument, "num_sms must be even and > 0, got 3");
+}
+
+TEST(NcclVersion, CompiledVersionIsTheHeaderVersion) {
+  EXPECT_EQ(compiled_nccl_version(), NCCL_VERSION_CODE);
+  // The library on this machine is loadable without a GPU and must match what we compiled against.
+  EXPECT_EQ(loaded_nccl_version(), compiled_nccl_version());
+}
+
+TEST(NcclVersion, MismatchIsRefusedNamingBothVersions) {
+  EXPECT_NO_THROW(detail::check_nccl_version(22809, 22809));
+  expect_error([] { detail::check_nccl_version(22809, 22903); }, ErrorCode::kVersionMismatch,
+               "compiled against NCCL 22809 but NCCL 22903 is loaded");
+}
+
+TEST(ErrorFormatting, CarriesCodeAndMessage) {
+  const Error e(ErrorCode::kTimeout, "f.cpp", 12, "rank 0 waited for peer 1");
+  EXPECT_EQ(e.code(), ErrorCode::kTimeout);
+  EXPECT_EQ(e.line(), 12);
+  EXPECT_EQ(std::string(e.what()), "OpenEP timeout: rank 0 waited for peer 1");
+}
+
+}  // namespace
+}  // namespace openep
