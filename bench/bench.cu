@@ -37,7 +37,8 @@ namespace openep::bench {
 namespace {
 
 struct Options {
-  std::string ops = "layout,dispatch,combine";
+  std::string ops = "layout,dispatch,dispatch_fp8,combine";
+  std::vector<int> sms = {8, 12, 16, 20, 24};
   int num_tokens = 4096, hidden = 7168, num_topk = 8, num_experts = 256;
   int warmup = 10, reps = 30;
   std::string results;   // JSONL file to append to (rank 0)
@@ -61,9 +62,15 @@ Options parse(int argc, char** argv) {
     else if (a == "--reps") o.reps = std::stoi(next());
     else if (a == "--results") o.results = next();
     else if (a == "--commit") o.commit = next();
+    else if (a == "--sms") {
+      o.sms.clear();
+      std::stringstream ss(next());
+      std::string v;
+      while (std::getline(ss, v, ',')) o.sms.push_back(std::stoi(v));
+    }
     else if (a == "--help" || a == "-h") {
       std::printf("openep_bench [--ops layout,dispatch,combine] [--tokens N] [--hidden H] [--topk K] [--experts E]\n"
-                  "             [--warmup W] [--reps R] [--results FILE.jsonl] [--commit SHA]\n");
+                  "             [--warmup W] [--reps R] [--results FILE.jsonl] [--commit SHA] [--sms 8,12,16,20,24]\n");
       std::exit(0);
     } else {
       throw std::runtime_error("unknown argument " + a);
@@ -87,7 +94,7 @@ class Bench {
     card_ = prop.name;
     group_ = Group::create(test::exchange_unique_id(env.rank, "bench"), env.rank, env.world_size, env.local_rank);
     BufferOptions bo;
-    bo.num_nvl_bytes = 1 << 20;
+    bo.num_nvl_bytes = intranode_buffer_size_hint(env.world_size, o.num_tokens, o.hidden, 2, o.hidden / 128, o.num_topk);
     buffer_ = std::make_unique<Buffer>(*group_, bo);
     stream_ = buffer_->comm_stream();
     OPENEP_CUDA_CHECK(cudaMalloc(&scalar_, sizeof(double)));
@@ -100,8 +107,9 @@ class Bench {
     std::string op;
     while (std::getline(ops, op, ',')) {
       if (op == "layout") bench_layout();
-      else if (op == "dispatch") bench_nccl_dispatch();
-      else if (op == "combine") bench_nccl_combine();
+      else if (op == "dispatch") bench_nccl_dispatch(), bench_openep_dispatch(false);
+      else if (op == "dispatch_fp8") bench_openep_dispatch(true);
+      else if (op == "combine") bench_nccl_combine(), bench_openep_combine();
       else throw std::runtime_error("unknown op " + op);
     }
     report();
@@ -277,6 +285,150 @@ class Bench {
     rows_.push_back({"combine", "nccl", "bf16", 0, us, recv_bytes(nb.num_recv()), recv_bytes(remote)});
   }
 
+  // OpenEP exact-mode dispatch (count exchange + host wait + data), the DeepEP call being replaced.
+  struct OpenepDispatch {
+    IntranodeHandle handle;
+    int *rank_prefix = nullptr, *ntok_src = nullptr, *send_pos = nullptr, *src_idx = nullptr;
+    int *per_rank = nullptr, *per_expert = nullptr;
+    bool* in_rank = nullptr;
+    void *recv_x = nullptr, *recv_scales = nullptr, *x_fp8 = nullptr, *scales = nullptr, *recv_topk = nullptr;
+    float *weights = nullptr, *recv_weights = nullptr;
+  };
+
+  DispatchArgs dispatch_args(OpenepDispatch& d, bool fp8, int num_sms) {
+    DispatchArgs a;
+    a.x = fp8 ? d.x_fp8 : static_cast<const void*>(x_);
+    a.num_tokens = o_.num_tokens;
+    a.hidden = o_.hidden;
+    a.x_elem_bytes = fp8 ? 1 : 2;
+    if (fp8) a.x_scales = d.scales, a.num_scales = o_.hidden / 128, a.scale_token_stride = o_.hidden / 128;
+    a.topk_idx = topk_dev_;
+    a.topk_weights = d.weights;
+    a.num_topk = o_.num_topk;
+    a.is_token_in_rank = d.in_rank;
+    a.num_tokens_per_rank = d.per_rank;
+    a.num_tokens_per_expert = d.per_expert;
+    a.num_experts = o_.num_experts;
+    a.config.num_sms = num_sms;
+    return a;
+  }
+
+  OpenepDispatch& openep_state() {
+    if (od_) return *od_;
+    od_ = std::make_unique<OpenepDispatch>();
+    OpenepDispatch& d = *od_;
+    const int R = env_.world_size, N = o_.num_tokens, H = o_.hidden, K = o_.num_topk;
+    const size_t rows = static_cast<size_t>(N) * R;
+    OPENEP_CUDA_CHECK(cudaMalloc(&d.rank_prefix, sizeof(int) * R * R));
+    OPENEP_CUDA_CHECK(cudaMalloc(&d.ntok_src, sizeof(int) * R));
+    OPENEP_CUDA_CHECK(cudaMalloc(&d.send_pos, sizeof(int) * rows + 4));
+    OPENEP_CUDA_CHECK(cudaMalloc(&d.src_idx, sizeof(int) * rows + 4));
+    OPENEP_CUDA_CHECK(cudaMalloc(&d.per_rank, sizeof(int) * R));
+    OPENEP_CUDA_CHECK(cudaMalloc(&d.per_expert, sizeof(int) * o_.num_experts));
+    OPENEP_CUDA_CHECK(cudaMalloc(&d.in_rank, rows + 1));
+    OPENEP_CUDA_CHECK(cudaMalloc(&d.recv_x, rows * H * 2 + 16));
+    OPENEP_CUDA_CHECK(cudaMalloc(&d.recv_scales, rows * (H / 128) * 4 + 16));
+    OPENEP_CUDA_CHECK(cudaMalloc(&d.x_fp8, static_cast<size_t>(N) * H + 16));
+    OPENEP_CUDA_CHECK(cudaMalloc(&d.scales, static_cast<size_t>(N) * (H / 128) * 4 + 16));
+    OPENEP_CUDA_CHECK(cudaMalloc(&d.recv_topk, rows * K * 8 + 16));
+    OPENEP_CUDA_CHECK(cudaMalloc(&d.weights, static_cast<size_t>(N) * K * 4 + 16));
+    OPENEP_CUDA_CHECK(cudaMalloc(&d.recv_weights, rows * K * 4 + 16));
+    OPENEP_CUDA_CHECK(cudaMemset(d.x_fp8, 0x3c, static_cast<size_t>(N) * H));
+    OPENEP_CUDA_CHECK(cudaMemset(d.scales, 0x3c, static_cast<size_t>(N) * (H / 128) * 4));
+    OPENEP_CUDA_CHECK(cudaMemset(d.weights, 0x3c, static_cast<size_t>(N) * K * 4));
+    d.handle.rank_prefix_matrix = d.rank_prefix;
+    d.handle.num_tokens_per_src = d.ntok_src;
+    d.handle.send_pos = d.send_pos;
+    d.handle.recv_src_idx = d.src_idx;
+    LayoutArgs la;
+    la.topk_idx = topk_dev_;
+    la.num_tokens = N;
+    la.num_topk = K;
+    la.num_experts = o_.num_experts;
+    la.num_tokens_per_rank = d.per_rank;
+    la.num_tokens_per_rdma_rank = nullptr;
+    la.num_tokens_per_expert = d.per_expert;
+    la.is_token_in_rank = d.in_rank;
+    buffer_->get_dispatch_layout(la, stream_);
+    buffer_->synchronize(stream_);
+    return d;
+  }
+
+  DispatchOutputs dispatch_outputs(OpenepDispatch& d) {
+    DispatchOutputs out;
+    out.recv_x = d.recv_x;
+    out.recv_x_scales = d.recv_scales;
+    out.recv_topk_idx = d.recv_topk;
+    out.recv_topk_weights = d.recv_weights;
+    return out;
+  }
+
+  int openep_dispatch_once(OpenepDispatch& d, bool fp8, int sms) {
+    const DispatchArgs a = dispatch_args(d, fp8, sms);
+    const DispatchCounts c = buffer_->dispatch_prepare(a, d.handle, stream_);
+    buffer_->dispatch(a, d.handle, dispatch_outputs(d), stream_);
+    return c.num_recv_tokens;
+  }
+
+  void bench_openep_dispatch(bool fp8) {
+    OpenepDispatch& d = openep_state();
+    const ref::RankRecv& expect = reference_recv();
+    OPENEP_CUDA_CHECK(cudaMemset(d.recv_x, 0xA5, recv_bytes(expect.num_recv_tokens)));
+    const int rows = openep_dispatch_once(d, fp8, o_.sms.front());
+    buffer_->synchronize(stream_);
+    require(rows == expect.num_recv_tokens, "OpenEP dispatch row count differs from the reference");
+    if (!fp8) {
+      std::vector<uint8_t> got(expect.x.size());
+      OPENEP_CUDA_CHECK(cudaMemcpy(got.data(), d.recv_x, got.size(), cudaMemcpyDeviceToHost));
+      require(got == expect.x, "OpenEP dispatch rows differ from the reference");
+    }
+    const int remote = rows - expect.num_recv_from_rank[env_.rank];
+    // DeepEP's accounting: FP8 bytes = BF16 bytes x (1 + 4/128) / 2.
+    const double factor = fp8 ? (1.0 + 4.0 / 128) / 2 : 1.0;
+    for (int sms : o_.sms) {
+      const double us = time_us([&] { openep_dispatch_once(d, fp8, sms); });
+      buffer_->synchronize(stream_);
+      rows_.push_back({"dispatch", "openep", fp8 ? "fp8" : "bf16", sms, us, recv_bytes(rows) * factor,
+                       recv_bytes(remote) * factor});
+    }
+  }
+
+  void bench_openep_combine() {
+    OpenepDispatch& d = openep_state();
+    reference_recv();
+    const int rows = openep_dispatch_once(d, false, o_.sms.front());
+    buffer_->synchronize(stream_);
+    const int R = env_.world_size;
+    std::vector<ref::CombineInput> cin(R);
+    for (int r = 0; r < R; ++r) {
+      cin[r].x.resize(ref_recv_[r].x.size() / 2);
+      std::memcpy(cin[r].x.data(), ref_recv_[r].x.data(), ref_recv_[r].x.size());
+    }
+    const std::vector<ref::CombineOutput> expect = ref::combine(cin, ref_recv_, ref_inputs_, ref_cfg_);
+    uint16_t* out = nullptr;
+    OPENEP_CUDA_CHECK(cudaMalloc(&out, recv_bytes(o_.num_tokens) + 16));
+    CombineArgs ca;
+    ca.x = static_cast<const uint16_t*>(d.recv_x);
+    ca.hidden = o_.hidden;
+    CombineOutputs co;
+    co.combined_x = out;
+    ca.config.num_sms = o_.sms.front();
+    OPENEP_CUDA_CHECK(cudaMemset(out, 0xA5, recv_bytes(o_.num_tokens)));
+    buffer_->combine(ca, d.handle, co, stream_);
+    buffer_->synchronize(stream_);
+    std::vector<uint16_t> got(expect[env_.rank].x.size());
+    OPENEP_CUDA_CHECK(cudaMemcpy(got.data(), out, got.size() * 2, cudaMemcpyDeviceToHost));
+    require(got == expect[env_.rank].x, "OpenEP combine differs from the reference");
+    const int remote = rows - ref_recv_[env_.rank].num_recv_from_rank[env_.rank];
+    for (int sms : o_.sms) {
+      ca.config.num_sms = sms;
+      const double us = time_us([&] { buffer_->combine(ca, d.handle, co, stream_); });
+      buffer_->synchronize(stream_);
+      rows_.push_back({"combine", "openep", "bf16", sms, us, recv_bytes(rows), recv_bytes(remote)});
+    }
+    cudaFree(out);
+  }
+
   void report() {
     if (env_.rank != 0) return;
     char date[32];
@@ -318,6 +470,7 @@ class Bench {
   uint16_t* x_ = nullptr;
   int64_t* topk_dev_ = nullptr;
   std::unique_ptr<NcclBaseline> nccl_;
+  std::unique_ptr<OpenepDispatch> od_;
   ref::NormalConfig ref_cfg_;
   std::vector<ref::RankInput> ref_inputs_;
   std::vector<ref::RankRecv> ref_recv_;

@@ -3,13 +3,12 @@
 //
 // Compiled with -ffp-contract=off (see CMakeLists.txt): every float expression below rounds after
 // each operation, exactly as the header documents (no fused multiply-add).
-#include <openep/reference.hpp>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <iomanip>
 #include <limits>
+#include <openep/reference.hpp>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -46,8 +45,8 @@ void check_at_least(const char* fn, const std::string& what, long long minimum, 
   if (seen < minimum) fail(fn, what + " expected >= " + to_text(minimum) + ", got " + to_text(seen));
 }
 
-void check_multiple(const char* fn, const std::string& what, long long value, long long divisor,
-                    const std::string& divisor_what) {
+void check_multiple(
+    const char* fn, const std::string& what, long long value, long long divisor, const std::string& divisor_what) {
   if (value % divisor != 0) {
     fail(fn, what + " expected a multiple of " + divisor_what + " (" + to_text(divisor) + "), got " + to_text(value));
   }
@@ -56,15 +55,19 @@ void check_multiple(const char* fn, const std::string& what, long long value, lo
 std::string indexed(const std::string& base, size_t i) { return base + "[" + std::to_string(i) + "]"; }
 
 // Checks a [num_tokens][num_topk] routing matrix: size and every entry in [-1, num_experts).
-void check_routing(const char* fn, const std::string& what, const std::vector<int64_t>& topk_idx, int num_tokens,
-                   int num_topk, int num_experts) {
+void check_routing(const char* fn,
+                   const std::string& what,
+                   const std::vector<int64_t>& topk_idx,
+                   int num_tokens,
+                   int num_topk,
+                   int num_experts) {
   check_eq(fn, what + ".size()", static_cast<long long>(num_tokens) * num_topk,
            static_cast<long long>(topk_idx.size()));
   for (size_t i = 0; i < topk_idx.size(); ++i) {
     const int64_t e = topk_idx[i];
     if (e < -1 || e >= num_experts) {
-      fail(fn, what + "[" + std::to_string(i / num_topk) + "][" + std::to_string(i % num_topk) +
-                   "] expected in [-1, " + std::to_string(num_experts) + "), got " + std::to_string(e));
+      fail(fn, what + "[" + std::to_string(i / num_topk) + "][" + std::to_string(i % num_topk) + "] expected in [-1, " +
+                   std::to_string(num_experts) + "), got " + std::to_string(e));
     }
   }
 }
@@ -121,7 +124,7 @@ int round_up(int value, int alignment) { return (value + alignment - 1) / alignm
 
 uint16_t float_to_bf16(float f) {
   const uint32_t u = float_bits(f);
-  if (std::isnan(f)) return static_cast<uint16_t>((u >> 16) | 0x0040u);  // keep sign and payload, force quiet
+  if (std::isnan(f)) return 0x7FFF;  // canonical NaN, as cvt.rn.bf16.f32 produces
   // Adding 0x7FFF plus the lowest kept bit rounds to nearest with ties to even; a carry into the
   // exponent is the correct result (next binade, or Inf on overflow).
   const uint32_t lowest_kept_bit = (u >> 16) & 1u;
@@ -143,8 +146,8 @@ uint8_t float_to_e4m3(float f) {
     return sign | static_cast<uint8_t>(round_half_even(a * 512.0f));
   }
   int frexp_exp = 0;
-  std::frexp(a, &frexp_exp);          // a = m * 2^frexp_exp with m in [0.5, 1)
-  int exponent = frexp_exp - 1;        // a in [2^exponent, 2^(exponent+1)), exponent in [-6, 8]
+  std::frexp(a, &frexp_exp);                         // a = m * 2^frexp_exp with m in [0.5, 1)
+  int exponent = frexp_exp - 1;                      // a in [2^exponent, 2^(exponent+1)), exponent in [-6, 8]
   const float scaled = std::ldexp(a, 3 - exponent);  // in [8, 16): 1.mmm scaled by 8, exact
   int mantissa = static_cast<int>(round_half_even(scaled)) - 8;
   if (mantissa == 8) {  // rounded up into the next binade
@@ -227,11 +230,8 @@ void pack_ue8m0(const float* scales, int num_scales, uint32_t* out) {
 // Layout
 // ---------------------------------------------------------------------------------------------
 
-Layout get_dispatch_layout(const std::vector<int64_t>& topk_idx,
-                           int num_tokens,
-                           int num_topk,
-                           int num_experts,
-                           int num_ranks) {
+Layout get_dispatch_layout(
+    const std::vector<int64_t>& topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks) {
   const char* fn = "get_dispatch_layout";
   check_at_least(fn, "num_tokens", 0, num_tokens);
   check_group(fn, "", num_ranks, num_experts, num_topk);
@@ -277,7 +277,9 @@ void check_normal_config(const char* fn, const NormalConfig& cfg) {
   check_at_least(fn, "cfg.expert_alignment", 1, cfg.expert_alignment);
 }
 
-void check_rank_inputs(const char* fn, const std::vector<RankInput>& inputs, const NormalConfig& cfg,
+void check_rank_inputs(const char* fn,
+                       const std::vector<RankInput>& inputs,
+                       const NormalConfig& cfg,
                        const std::string& name) {
   check_eq(fn, name + ".size() (cfg.num_ranks)", cfg.num_ranks, static_cast<long long>(inputs.size()));
   const long long row_bytes = static_cast<long long>(cfg.hidden) * cfg.elem_bytes;
@@ -310,10 +312,20 @@ std::vector<RankRecv> dispatch(const std::vector<RankInput>& inputs, const Norma
   const size_t num_scales = static_cast<size_t>(cfg.num_scales);
 
   std::vector<RankRecv> recv(num_ranks);
-  for (int s = 0; s < num_ranks; ++s) recv[s].send_pos.assign(static_cast<size_t>(inputs[s].num_tokens) * num_ranks, -1);
+  for (int s = 0; s < num_ranks; ++s)
+    recv[s].send_pos.assign(static_cast<size_t>(inputs[s].num_tokens) * num_ranks, -1);
 
   for (int d = 0; d < num_ranks; ++d) {
     RankRecv& out = recv[d];
+    size_t num_rows = 0;  // only to reserve memory up front
+    for (const RankInput& in : inputs) {
+      for (int t = 0; t < in.num_tokens; ++t) {
+        num_rows +=
+            token_goes_to(in.topk_idx.data() + static_cast<size_t>(t) * num_topk, num_topk, num_local_experts, d);
+      }
+    }
+    out.x.reserve(num_rows * row_bytes);
+    out.x_scales.reserve(num_rows * num_scales);
     out.num_recv_from_rank.assign(num_ranks, 0);
     out.rank_prefix.assign(num_ranks, 0);
     out.num_recv_tokens_per_expert.assign(num_local_experts, 0);
@@ -406,15 +418,20 @@ std::vector<CombineOutput> combine(const std::vector<CombineInput>& inputs,
     if (cfg.with_topk) out[s].topk_weights.assign(static_cast<size_t>(num_tokens) * num_topk, 0.0f);
     for (int t = 0; t < num_tokens; ++t) {
       const int* pos = dispatched[s].send_pos.data() + static_cast<size_t>(t) * num_ranks;
-      for (size_t c = 0; c < hidden; ++c) {
-        float acc = 0.0f;
-        for (int d = 0; d < num_ranks; ++d) {
-          if (pos[d] >= 0) acc += bf16_to_float(inputs[d].x[pos[d] * hidden + c]);
-        }
-        if (!bias0.empty()) acc += bf16_to_float(bias0[s][t * hidden + c]);
-        if (!bias1.empty()) acc += bf16_to_float(bias1[s][t * hidden + c]);
-        out[s].x[t * hidden + c] = float_to_bf16(acc);
+      // One float32 accumulator per column; the adds for every column happen in the documented
+      // order (ranks ascending, then bias0, then bias1).
+      std::vector<float> acc(hidden, 0.0f);
+      for (int d = 0; d < num_ranks; ++d) {
+        if (pos[d] < 0) continue;
+        const uint16_t* row = inputs[d].x.data() + pos[d] * hidden;
+        for (size_t c = 0; c < hidden; ++c) acc[c] += bf16_to_float(row[c]);
       }
+      for (const auto* bias : {&bias0, &bias1}) {
+        if (bias->empty()) continue;
+        const uint16_t* row = (*bias)[s].data() + t * hidden;
+        for (size_t c = 0; c < hidden; ++c) acc[c] += bf16_to_float(row[c]);
+      }
+      for (size_t c = 0; c < hidden; ++c) out[s].x[t * hidden + c] = float_to_bf16(acc[c]);
       if (!cfg.with_topk) continue;
       for (int k = 0; k < num_topk; ++k) {
         float acc = 0.0f;
@@ -438,14 +455,17 @@ void check_low_latency_config(const char* fn, const LowLatencyConfig& cfg) {
   check_group(fn, "cfg.", cfg.num_ranks, cfg.num_experts, cfg.num_topk);
   check_at_least(fn, "cfg.hidden", 1, cfg.hidden);
   check_at_least(fn, "cfg.num_max_dispatch_tokens_per_rank", 1, cfg.num_max_dispatch_tokens_per_rank);
-  if (cfg.use_ue8m0 && !cfg.round_scale) fail(fn, "cfg.use_ue8m0 expected only with cfg.round_scale, got round_scale false");
+  if (cfg.use_ue8m0 && !cfg.round_scale)
+    fail(fn, "cfg.use_ue8m0 expected only with cfg.round_scale, got round_scale false");
   if (cfg.use_fp8) check_multiple(fn, "cfg.hidden (use_fp8)", cfg.hidden, kScaleBlock, "the scale block");
   if (cfg.use_fp8 && cfg.use_ue8m0) {
     check_multiple(fn, "cfg.hidden (use_ue8m0)", cfg.hidden, kScaleBlock * kScalesPerWord, "4 scale blocks");
   }
 }
 
-void check_low_latency_inputs(const char* fn, const std::vector<LowLatencyInput>& inputs, const LowLatencyConfig& cfg,
+void check_low_latency_inputs(const char* fn,
+                              const std::vector<LowLatencyInput>& inputs,
+                              const LowLatencyConfig& cfg,
                               bool need_weights) {
   check_eq(fn, "inputs.size() (cfg.num_ranks)", cfg.num_ranks, static_cast<long long>(inputs.size()));
   const int capacity = cfg.num_max_dispatch_tokens_per_rank;
@@ -468,8 +488,9 @@ void check_low_latency_inputs(const char* fn, const std::vector<LowLatencyInput>
     std::vector<int> rows_per_expert(cfg.num_experts, 0);
     for (int64_t e : in.topk_idx) {
       if (e >= 0 && ++rows_per_expert[e] > capacity) {
-        fail(fn, rank + ".topk_idx sends expected <= cfg.num_max_dispatch_tokens_per_rank (" + std::to_string(capacity) +
-                     ") rows to expert " + std::to_string(e) + ", got more (duplicate slots)");
+        fail(fn, rank + ".topk_idx sends expected <= cfg.num_max_dispatch_tokens_per_rank (" +
+                     std::to_string(capacity) + ") rows to expert " + std::to_string(e) +
+                     ", got more (duplicate slots)");
       }
     }
   }
@@ -489,14 +510,14 @@ std::vector<LowLatencyRecv> low_latency_dispatch(const std::vector<LowLatencyInp
   const size_t capacity = static_cast<size_t>(num_ranks) * cfg.num_max_dispatch_tokens_per_rank;  // P = R * T
   const size_t hidden = static_cast<size_t>(cfg.hidden);
   const size_t row_bytes = hidden * (cfg.use_fp8 ? 1 : 2);
-  const size_t num_scales = cfg.use_fp8 ? hidden / kScaleBlock : 0;                    // floats per row
+  const size_t num_scales = cfg.use_fp8 ? hidden / kScaleBlock : 0;  // floats per row
   const size_t num_scale_words = cfg.use_fp8 && cfg.use_ue8m0 ? num_scales / kScalesPerWord : 0;
   const bool float_scales = cfg.use_fp8 && !cfg.use_ue8m0;
 
   // Every source token's message payload, computed once (all copies of a token are identical).
-  std::vector<std::vector<uint8_t>> payload(num_ranks);         // [R][N][row_bytes]
-  std::vector<std::vector<float>> scales(num_ranks);            // [R][N][num_scales]
-  std::vector<std::vector<uint32_t>> scale_words(num_ranks);    // [R][N][num_scale_words]
+  std::vector<std::vector<uint8_t>> payload(num_ranks);       // [R][N][row_bytes]
+  std::vector<std::vector<float>> scales(num_ranks);          // [R][N][num_scales]
+  std::vector<std::vector<uint32_t>> scale_words(num_ranks);  // [R][N][num_scale_words]
   for (int s = 0; s < num_ranks; ++s) {
     const LowLatencyInput& in = inputs[s];
     payload[s].resize(in.num_tokens * row_bytes);
@@ -590,9 +611,9 @@ std::vector<std::vector<uint16_t>> low_latency_combine(const std::vector<std::ve
       const long long count = range & 0xFFFFFFFFLL;
       if (start < 0 || start + count > capacity) {
         fail(fn, indexed("recv", d) + ".layout_range[" + std::to_string(j / num_ranks) + "][" +
-                     std::to_string(j % num_ranks) + "] expected start >= 0 and start + count <= " +
-                     std::to_string(capacity) + ", got start " + std::to_string(start) + " count " +
-                     std::to_string(count));
+                     std::to_string(j % num_ranks) +
+                     "] expected start >= 0 and start + count <= " + std::to_string(capacity) + ", got start " +
+                     std::to_string(start) + " count " + std::to_string(count));
       }
     }
   }

@@ -20,6 +20,7 @@
 #include <memory>
 
 #include "openep/group.hpp"
+#include "openep/intranode.hpp"
 #include "openep/types.hpp"
 
 namespace openep {
@@ -69,6 +70,24 @@ class Buffer {
   // Enqueued on `stream`. Input validation happens here; expert ids outside [-1, num_experts) are detected
   // on the device and raised at the next synchronisation point.
   void get_dispatch_layout(const LayoutArgs& args, cudaStream_t stream);
+
+  // ---- Normal mode, intranode (include/openep/intranode.hpp has the semantics) ----
+  // Step 1 of a dispatch: exchanges counts and fills handle.rank_prefix_matrix, handle.num_tokens_per_src and
+  // handle.send_pos (caller-allocated: [R][R], [R], [num_tokens][R] int32). In exact mode (num_worst_tokens == 0)
+  // the host waits until the counts are known and they are returned; in worst-case mode nothing waits and
+  // num_recv_tokens = num_worst_tokens. Sets handle.num_tokens, handle.num_recv_tokens, handle.is_token_in_rank.
+  // Collective: every rank calls it with the same hidden, element size, scales, top-k and expert count.
+  DispatchCounts dispatch_prepare(const DispatchArgs& args, IntranodeHandle& handle, cudaStream_t stream);
+  // Step 2: moves the rows. REQUIRES: dispatch_prepare with the same args and handle came just before on this
+  // stream; handle.recv_src_idx and the outputs hold handle.num_recv_tokens rows.
+  void dispatch(const DispatchArgs& args, const IntranodeHandle& handle, const DispatchOutputs& out,
+                cudaStream_t stream);
+  // Cached dispatch: the layout of `handle` with new x (and scales); no count exchange and no host wait.
+  // args.topk_idx/topk_weights must be null; routing fields of args are ignored. Collective.
+  void dispatch_cached(const DispatchArgs& args, const IntranodeHandle& handle, const DispatchOutputs& out,
+                       cudaStream_t stream);
+  // Combine: returns every received row to its source and reduces there. Never waits on the host. Collective.
+  void combine(const CombineArgs& args, const IntranodeHandle& handle, const CombineOutputs& out, cudaStream_t stream);
 
   // Device-side barrier over all ranks of the Group, enqueued on `stream`. Bounded by timeout_seconds.
   void barrier(cudaStream_t stream);

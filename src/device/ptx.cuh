@@ -55,3 +55,45 @@ __device__ __forceinline__ uint64_t globaltimer_ns() {
 __device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 
 }  // namespace openep::ptx
+
+namespace openep::ptx {
+
+// st.release.sys.global.u64: publishes a flag (op epoch) after the CTA's payload stores; the CTA barrier
+// before it plus release cumulativity carry every thread's writes. Pairs with ld_acquire_sys in wait_geq.
+__device__ __forceinline__ void st_release_sys(uint64_t* ptr, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(v) : "memory");
+}
+
+// ld.global.nc.L1::no_allocate.v4: streaming read of caller input that no one writes during the kernel.
+__device__ __forceinline__ int4 ld_nc_no_allocate(const int4* ptr) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+
+// ld.global.cg.v4: read data a peer wrote into our window (after an acquire); bypasses L1, so no stale line
+// from an earlier operation can be hit.
+__device__ __forceinline__ int4 ld_cg(const int4* ptr) {
+  int4 v;
+  asm volatile("ld.global.cg.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+
+__device__ __forceinline__ int32_t ld_cg(const int32_t* ptr) {
+  int32_t v;
+  asm volatile("ld.global.cg.s32 %0, [%1];" : "=r"(v) : "l"(ptr));
+  return v;
+}
+
+// st.global.L1::no_allocate.v4: streaming store (local outputs or a peer's window through an LSA pointer).
+__device__ __forceinline__ void st_no_allocate(int4* ptr, const int4& v) {
+  asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z),
+               "r"(v.w)
+               : "memory");
+}
+
+}  // namespace openep::ptx

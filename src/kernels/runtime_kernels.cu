@@ -6,7 +6,7 @@
 // reach e+1 for every peer p with ld.acquire.sys. Counters only grow, so no reset is ever needed and a
 // captured graph replays correctly. A rank that never arrives leaves the others waiting until the timeout,
 // which records (rank, peer, phase=barrier) and ends the kernel.
-#include "device/wait.cuh"
+#include "device/barrier.cuh"
 #include "kernels/launch.hpp"
 #include "runtime/buffer_impl.hpp"
 #include "runtime/check.hpp"
@@ -20,22 +20,9 @@ __global__ void query_peer_bases_kernel(ncclWindow_t window, int num_peers, char
 }
 
 __global__ void barrier_kernel(const __grid_constant__ BarrierParams params) {
-  __shared__ uint64_t target;
-  if (threadIdx.x == 0) target = params.epoch[0] + 1;
-  __syncthreads();
-  const int p = threadIdx.x;
-  if (p < params.num_ranks) {
-    // Arrive at peer p: counter [slot][my rank] in p's window.
-    auto* remote = reinterpret_cast<uint64_t*>(params.peer_bases[p] + params.barrier_offset) +
-                   params.slot * kMaxNvlinkPeers + params.rank;
-    ptx::red_add_release_sys(remote, 1);  // pairs with the peer's ld_acquire_sys in wait_geq
-    // Wait for peer p's arrival in our window.
-    const auto* local = reinterpret_cast<const uint64_t*>(params.peer_bases[params.rank] + params.barrier_offset) +
-                        params.slot * kMaxNvlinkPeers + p;
-    device::wait_geq(params.wait, local, target, p, Phase::kBarrier);
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) params.epoch[0] = target;
+  const device::BarrierRef ref{params.peer_bases, params.barrier_offset, params.epoch,
+                               params.slot,       params.rank,           params.num_ranks};
+  device::barrier_block(ref, params.wait, Phase::kBarrier);
 }
 
 }  // namespace

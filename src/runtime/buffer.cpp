@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "kernels/intranode_launch.hpp"
 #include "kernels/launch.hpp"
 #include "runtime/buffer_impl.hpp"
 #include "runtime/check.hpp"
@@ -53,6 +54,21 @@ void Buffer::Impl::raise_device_error() {
                  " s for peer ", rec->peer, " in phase '", detail::phase_name(phase), "' (expected a counter >= ",
                  rec->expected, ", observed ", rec->observed, "); the peer is stalled, dead or not calling the "
                  "same operation. This Buffer refuses further work; destroy it.");
+  }
+  if (code == static_cast<int>(detail::DeviceErrorCode::kInconsistentLayout)) {
+    OPENEP_CHECK(false, ErrorCode::kDeviceCheck, "dispatch on rank ", rec->rank, ": num_tokens_per_rank[", rec->peer,
+                 "] = ", rec->expected, " but is_token_in_rank sends ", rec->observed,
+                 " tokens there. This Buffer refuses further work; destroy it.");
+  }
+  if (code == static_cast<int>(detail::DeviceErrorCode::kWorstTokensExceeded)) {
+    OPENEP_CHECK(false, ErrorCode::kDeviceCheck, "dispatch on rank ", rec->rank, ": ", rec->observed,
+                 " rows arrived but num_worst_tokens is ", rec->expected,
+                 ". This Buffer refuses further work; destroy it.");
+  }
+  if (code == static_cast<int>(detail::DeviceErrorCode::kCapacityExceeded)) {
+    OPENEP_CHECK(false, ErrorCode::kBufferTooSmall, "dispatch on rank ", rec->rank, ": ", rec->observed,
+                 " rows arrived but the Buffer holds ", rec->expected,
+                 " rows. This Buffer refuses further work; destroy it.");
   }
   if (code == static_cast<int>(detail::DeviceErrorCode::kBadExpertIndex)) {
     OPENEP_CHECK(false, ErrorCode::kDeviceCheck, detail::phase_name(phase), " on rank ", rec->rank,
@@ -127,6 +143,11 @@ Buffer::Buffer(Group& group, const BufferOptions& options) : impl_(std::make_uni
   OPENEP_CUDA_CHECK(cudaHostAlloc(&m.error_record, sizeof(detail::DeviceError), cudaHostAllocMapped));
   std::memset(static_cast<void*>(m.error_record), 0, sizeof(detail::DeviceError));
   OPENEP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&m.error_record_device), m.error_record, 0));
+  OPENEP_CUDA_CHECK(cudaHostAlloc(&m.host_counters, sizeof(detail::HostCounters), cudaHostAllocMapped));
+  std::memset(static_cast<void*>(m.host_counters), 0, sizeof(detail::HostCounters));
+  OPENEP_CUDA_CHECK(
+      cudaHostGetDevicePointer(reinterpret_cast<void**>(&m.host_counters_device), m.host_counters, 0));
+  OPENEP_CUDA_CHECK(cudaDeviceGetAttribute(&m.num_device_sms, cudaDevAttrMultiProcessorCount, m.device));
   OPENEP_CUDA_CHECK(cudaStreamSynchronize(m.comm_stream));
 }
 
@@ -154,6 +175,7 @@ Buffer::~Buffer() {
   if (m.local_state) warn_cuda(cudaFree(m.local_state), "cudaFree");
   if (m.layout_workspace) warn_cuda(cudaFree(m.layout_workspace), "cudaFree");
   if (m.error_record) warn_cuda(cudaFreeHost(m.error_record), "cudaFreeHost");
+  if (m.host_counters) warn_cuda(cudaFreeHost(m.host_counters), "cudaFreeHost");
   if (m.comm_stream) warn_cuda(cudaStreamDestroy(m.comm_stream), "cudaStreamDestroy");
 }
 

@@ -13,9 +13,14 @@
 #include "runtime/device_error.hpp"
 
 namespace openep::detail {
+struct HostCounters;
+}  // namespace openep::detail
+
+namespace openep::detail {
 
 inline constexpr int kNumBarrierSlots = 16;       // independent barrier counters (one per concurrent user)
 inline constexpr int kHostBarrierSlot = 0;        // Buffer::barrier()
+inline constexpr int kIntranodeBarrierSlot = 1;   // intranode dispatch/combine prepare kernels
 inline constexpr int kMaxNvlinkPeers = 72;        // largest NVLink domain addressed through LSA pointers
 inline constexpr size_t kWindowAlignment = 4096;  // NCCL_WIN_REQUIRED_ALIGNMENT; also our region alignment
 
@@ -44,6 +49,7 @@ struct WindowLayout {
 // Device memory private to this rank (not in the window).
 struct LocalState {
   uint64_t barrier_epoch[kNumBarrierSlots];   // completed barriers per slot (monotonic)
+  uint64_t op_epoch;                          // intranode operations started (monotonic)
   int32_t error_claim;                        // see device_error.hpp
   int32_t pad;
 };
@@ -71,6 +77,10 @@ struct Buffer::Impl {
   detail::DeviceError* error_record_device = nullptr;  // device view of the same
   cudaStream_t comm_stream = nullptr;
   bool failed = false;
+  detail::HostCounters* host_counters = nullptr;         // pinned mapped (host view)
+  detail::HostCounters* host_counters_device = nullptr;  // device view
+  int64_t host_seq = 0;                                  // last exact-mode prepare issued
+  int num_device_sms = 0;
 
   detail::WaitContext wait_context() const {
     return detail::WaitContext{&local_state->error_claim, error_record_device,

@@ -12,7 +12,14 @@
 
 namespace openep::detail {
 
-enum class DeviceErrorCode : int32_t { kNone = 0, kTimeout = 1, kBadExpertIndex = 2 };
+enum class DeviceErrorCode : int32_t {
+  kNone = 0,
+  kTimeout = 1,              // expected = counter target, observed = last value, peer = awaited rank
+  kBadExpertIndex = 2,       // expected = token index, observed = the expert id
+  kInconsistentLayout = 3,   // num_tokens_per_rank[peer] (expected) != tokens is_token_in_rank sends there
+  kWorstTokensExceeded = 4,  // expected = num_worst_tokens, observed = rows actually received
+  kCapacityExceeded = 5,     // expected = rows the Buffer holds, observed = rows received
+};
 
 enum class Phase : int32_t {
   kNone = 0,

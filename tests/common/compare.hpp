@@ -82,16 +82,22 @@ std::string first_mismatches(const T* a, const T* b, size_t n, int row_len, cons
 }
 
 template <typename T>
-std::string first_mismatches(const std::vector<T>& a, const std::vector<T>& b, int row_len, const char* what,
-                             int max_report = 5) {
+std::string first_mismatches(
+    const std::vector<T>& a, const std::vector<T>& b, int row_len, const char* what, int max_report = 5) {
   if (a.size() != b.size()) return detail::size_mismatch(what, a.size(), b.size());
   return first_mismatches(a.data(), b.data(), a.size(), row_len, what, max_report);
 }
 
 // Tolerant float comparison: element i matches when |a - b| <= atol + rtol * |b|, or both are NaN,
 // or both are the same infinity.
-inline std::string first_mismatches_close(const float* a, const float* b, size_t n, int row_len, const char* what,
-                                          double rtol, double atol, int max_report = 5) {
+inline std::string first_mismatches_close(const float* a,
+                                          const float* b,
+                                          size_t n,
+                                          int row_len,
+                                          const char* what,
+                                          double rtol,
+                                          double atol,
+                                          int max_report = 5) {
   auto differs = [&](size_t i) {
     const double x = a[i], y = b[i];
     if (std::isnan(x) || std::isnan(y)) return !(std::isnan(x) && std::isnan(y));
@@ -103,15 +109,26 @@ inline std::string first_mismatches_close(const float* a, const float* b, size_t
   });
 }
 
-inline std::string first_mismatches_close(const std::vector<float>& a, const std::vector<float>& b, int row_len,
-                                          const char* what, double rtol, double atol, int max_report = 5) {
+inline std::string first_mismatches_close(const std::vector<float>& a,
+                                          const std::vector<float>& b,
+                                          int row_len,
+                                          const char* what,
+                                          double rtol,
+                                          double atol,
+                                          int max_report = 5) {
   if (a.size() != b.size()) return detail::size_mismatch(what, a.size(), b.size());
   return first_mismatches_close(a.data(), b.data(), a.size(), row_len, what, rtol, atol, max_report);
 }
 
 // Tolerant comparison of BF16 bit patterns, decoded to float (same rule as first_mismatches_close).
-inline std::string first_mismatches_bf16_close(const uint16_t* a, const uint16_t* b, size_t n, int row_len,
-                                               const char* what, double rtol, double atol, int max_report = 5) {
+inline std::string first_mismatches_bf16_close(const uint16_t* a,
+                                               const uint16_t* b,
+                                               size_t n,
+                                               int row_len,
+                                               const char* what,
+                                               double rtol,
+                                               double atol,
+                                               int max_report = 5) {
   auto differs = [&](size_t i) {
     const double x = detail::bf16_bits_to_float(a[i]), y = detail::bf16_bits_to_float(b[i]);
     if (std::isnan(x) || std::isnan(y)) return !(std::isnan(x) && std::isnan(y));

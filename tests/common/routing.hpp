@@ -12,11 +12,10 @@
 // random_bf16 uses openep::ref::float_to_bf16, so users link openep_reference.
 #pragma once
 
-#include <openep/reference.hpp>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <openep/reference.hpp>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -118,8 +117,8 @@ inline std::vector<int64_t> hot_expert_routing(int num_tokens, int num_topk, int
 // Every selected expert lives on rank dst_rank: min(K, E_local) distinct random local experts per
 // token in the first slots, the remaining slots (if K > E_local) are -1.
 // REQUIRES: E % R == 0, 0 <= dst_rank < R.
-inline std::vector<int64_t> single_rank_routing(int num_tokens, int num_topk, int num_experts, int num_ranks,
-                                                int dst_rank, uint64_t seed) {
+inline std::vector<int64_t> single_rank_routing(
+    int num_tokens, int num_topk, int num_experts, int num_ranks, int dst_rank, uint64_t seed) {
   detail::check_shape("single_rank_routing", num_tokens, num_topk, num_experts);
   detail::check_ranks("single_rank_routing", num_experts, num_ranks);
   detail::require(dst_rank >= 0 && dst_rank < num_ranks, "single_rank_routing",
@@ -133,8 +132,8 @@ inline std::vector<int64_t> single_rank_routing(int num_tokens, int num_topk, in
 // Never selects an expert on the ranks listed in `empty_ranks` (they receive nothing): min(K, #allowed)
 // distinct random allowed experts per token, then -1 slots.
 // REQUIRES: E % R == 0, every listed rank in [0, R).
-inline std::vector<int64_t> empty_ranks_routing(int num_tokens, int num_topk, int num_experts, int num_ranks,
-                                                uint64_t seed, std::vector<int> empty_ranks) {
+inline std::vector<int64_t> empty_ranks_routing(
+    int num_tokens, int num_topk, int num_experts, int num_ranks, uint64_t seed, std::vector<int> empty_ranks) {
   detail::check_shape("empty_ranks_routing", num_tokens, num_topk, num_experts);
   detail::check_ranks("empty_ranks_routing", num_experts, num_ranks);
   std::vector<bool> is_empty(num_ranks, false);

@@ -1,7 +1,5 @@
 // Bit-exact numeric conversions of the CPU reference (BF16, E4M3, per-token FP8 cast, UE8M0).
 // Every expected value is written out by hand; comments show the arithmetic.
-#include <openep/reference.hpp>
-
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -9,6 +7,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <openep/reference.hpp>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -70,12 +69,13 @@ TEST(ReferenceBf16, KeepsSubnormalsAndOverflowsToInfinity) {
   EXPECT_EQ(float_to_bf16(-std::numeric_limits<float>::infinity()), 0xFF80);
 }
 
-TEST(ReferenceBf16, PreservesNanAsQuietNan) {
-  EXPECT_EQ(float_to_bf16(from_bits(0x7FC00000)), 0x7FC0);  // quiet NaN
-  EXPECT_EQ(float_to_bf16(from_bits(0xFFC00000)), 0xFFC0);  // negative quiet NaN keeps its sign
-  EXPECT_EQ(float_to_bf16(from_bits(0x7F800001)), 0x7FC0);  // payload only in dropped bits: still NaN
-  EXPECT_EQ(float_to_bf16(from_bits(0x7FA00000)), 0x7FE0);  // signalling NaN: payload kept, quiet bit set
-  EXPECT_TRUE(std::isnan(bf16_to_float(0x7FC0)));
+TEST(ReferenceBf16, MapsEveryNanToCanonicalQuietNan) {
+  // Same as cvt.rn.bf16.f32 on the GPU: sign and payload are not kept.
+  EXPECT_EQ(float_to_bf16(from_bits(0x7FC00000)), 0x7FFF);  // quiet NaN
+  EXPECT_EQ(float_to_bf16(from_bits(0xFFC00000)), 0x7FFF);  // negative quiet NaN
+  EXPECT_EQ(float_to_bf16(from_bits(0x7F800001)), 0x7FFF);  // payload only in dropped bits: still NaN
+  EXPECT_EQ(float_to_bf16(from_bits(0x7FA00000)), 0x7FFF);  // signalling NaN
+  EXPECT_TRUE(std::isnan(bf16_to_float(0x7FFF)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -83,22 +83,22 @@ TEST(ReferenceBf16, PreservesNanAsQuietNan) {
 // ---------------------------------------------------------------------------------------------
 
 TEST(ReferenceE4m3, ConvertsExactValues) {
-  EXPECT_EQ(float_to_e4m3(1.0f), 0x38);     // exponent field 7 (bias 7), mantissa 0
+  EXPECT_EQ(float_to_e4m3(1.0f), 0x38);  // exponent field 7 (bias 7), mantissa 0
   EXPECT_EQ(float_to_e4m3(-1.0f), 0xB8);
   EXPECT_EQ(float_to_e4m3(2.0f), 0x40);
   EXPECT_EQ(float_to_e4m3(0.5f), 0x30);
-  EXPECT_EQ(float_to_e4m3(240.0f), 0x77);   // 1.875 * 2^7
-  EXPECT_EQ(float_to_e4m3(256.0f), 0x78);   // exponent field 15
-  EXPECT_EQ(float_to_e4m3(448.0f), 0x7E);   // 1.75 * 2^8, largest finite
+  EXPECT_EQ(float_to_e4m3(240.0f), 0x77);  // 1.875 * 2^7
+  EXPECT_EQ(float_to_e4m3(256.0f), 0x78);  // exponent field 15
+  EXPECT_EQ(float_to_e4m3(448.0f), 0x7E);  // 1.75 * 2^8, largest finite
   EXPECT_EQ(float_to_e4m3(-448.0f), 0xFE);
   EXPECT_EQ(float_to_e4m3(0.0f), 0x00);
   EXPECT_EQ(float_to_e4m3(-0.0f), 0x80);
-  EXPECT_EQ(float_to_e4m3(0.1f), 0x1D);     // 1.6 * 2^-4 -> mantissa 12.8/8 rounds to 13/8: 1.625 * 2^-4
+  EXPECT_EQ(float_to_e4m3(0.1f), 0x1D);  // 1.6 * 2^-4 -> mantissa 12.8/8 rounds to 13/8: 1.625 * 2^-4
 }
 
 TEST(ReferenceE4m3, SaturatesAboveLargestFinite) {
   EXPECT_EQ(float_to_e4m3(449.0f), 0x7E);
-  EXPECT_EQ(float_to_e4m3(464.0f), 0x7E);   // tie between 448 and (non-existent) 480
+  EXPECT_EQ(float_to_e4m3(464.0f), 0x7E);  // tie between 448 and (non-existent) 480
   EXPECT_EQ(float_to_e4m3(500.0f), 0x7E);
   EXPECT_EQ(float_to_e4m3(-500.0f), 0xFE);
   EXPECT_EQ(float_to_e4m3(1e30f), 0x7E);
@@ -121,11 +121,11 @@ TEST(ReferenceE4m3, RoundsToNearestEvenInNormalRange) {
   EXPECT_EQ(float_to_e4m3(424.0f), 0x7D);   // nearest is 416 = 1.625 * 2^8
   EXPECT_EQ(float_to_e4m3(432.0f), 0x7E);   // tie between 416 (0x7D) and 448 (0x7E)
   EXPECT_EQ(float_to_e4m3(440.0f), 0x7E);
-  EXPECT_EQ(float_to_e4m3(15.5f), 0x58);    // tie between 15 (0x57) and 16 (0x58): carries into the next binade
+  EXPECT_EQ(float_to_e4m3(15.5f), 0x58);  // tie between 15 (0x57) and 16 (0x58): carries into the next binade
 }
 
 TEST(ReferenceE4m3, RoundsToNearestEvenInSubnormalRange) {
-  const float two_m9 = std::ldexp(1.0f, -9);             // smallest subnormal
+  const float two_m9 = std::ldexp(1.0f, -9);  // smallest subnormal
   EXPECT_EQ(float_to_e4m3(two_m9), 0x01);
   EXPECT_EQ(float_to_e4m3(7 * two_m9), 0x07);            // largest subnormal
   EXPECT_EQ(float_to_e4m3(std::ldexp(1.0f, -6)), 0x08);  // smallest normal
@@ -184,9 +184,9 @@ TEST(ReferenceCastFp8, UsesAmaxOver448WithoutRoundScale) {
   std::vector<float> scales(3, -1.0f);
   cast_row_to_fp8(row.data(), 384, /*round_scale=*/false, q.data(), scales.data());
 
-  EXPECT_EQ(scales[0], 1.0f / 224.0f);          // 2 / 448
-  EXPECT_EQ(scales[1], 0.125f);                 // 56 / 448, exact
-  EXPECT_EQ(scales[2], 1e-4f / 448.0f);         // amax floor
+  EXPECT_EQ(scales[0], 1.0f / 224.0f);   // 2 / 448
+  EXPECT_EQ(scales[1], 0.125f);          // 56 / 448, exact
+  EXPECT_EQ(scales[2], 1e-4f / 448.0f);  // amax floor
   // Block 0, scale 448 / 2 = 224:
   EXPECT_EQ(q[0], 0x7E);  // 2 * 224 = 448
   EXPECT_EQ(q[1], 0x76);  // 224 = 1.75 * 2^7
@@ -208,9 +208,9 @@ TEST(ReferenceCastFp8, RoundsScaleUpToPowerOfTwoWithRoundScale) {
   std::vector<float> scales(3, -1.0f);
   cast_row_to_fp8(row.data(), 384, /*round_scale=*/true, q.data(), scales.data());
 
-  EXPECT_EQ(scales[0], 0.0078125f);               // 2/448 = 0.00446 -> 2^-7
-  EXPECT_EQ(scales[1], 0.125f);                   // 56/448 = 2^-3 exactly: not bumped
-  EXPECT_EQ(scales[2], std::ldexp(1.0f, -22));    // 1e-4/448 = 2.23e-7 -> 2^-22 = 2.38e-7
+  EXPECT_EQ(scales[0], 0.0078125f);             // 2/448 = 0.00446 -> 2^-7
+  EXPECT_EQ(scales[1], 0.125f);                 // 56/448 = 2^-3 exactly: not bumped
+  EXPECT_EQ(scales[2], std::ldexp(1.0f, -22));  // 1e-4/448 = 2.23e-7 -> 2^-22 = 2.38e-7
   // Block 0, scale 128:
   EXPECT_EQ(q[0], 0x78);  // 256
   EXPECT_EQ(q[1], 0x70);  // 128

@@ -1,0 +1,467 @@
+// Intranode (NVLink) normal-mode dispatch and combine.
+//
+// Protocol (per operation; epochs are monotonic, nothing is ever reset):
+//  prepare (1 block): barrier (every peer has finished the previous operation on the region), then in exact
+//    and worst-case dispatch each rank writes its row of the count matrix, its token count and its per-expert
+//    counts for each peer into that peer's header, barrier again (release/acquire), and computes the handle:
+//    rank_prefix_matrix, num_tokens_per_src and send_pos[t][d] = sum_{s<me} counts[s][d] + (rank of t among
+//    my tokens going to d). The op epoch is incremented last.
+//  dispatch: sender blocks take chunks of this rank's tokens; per destination d, dedicated warps write each
+//    token's record straight into its final row of d's receive region (for d == me straight into the caller's
+//    outputs), then one thread per destination publishes (first row, count) and st.release.sys's
+//    dispatch_flags[me][c] = epoch in d's header. Receiver blocks wait (acquire) for each (source, chunk) flag
+//    and copy those rows from the window into the caller's outputs. No rings, no flow control.
+//  combine: sender blocks take (source s, chunk c) pairs of the rows this rank received, write each row (and
+//    its weights) into s's stage slot (me, token) and publish combine_flags[me][c] = epoch in s's header.
+//    Reducer blocks wait for every peer's flag of their chunk, then sum each token's rows in fp32 in ascending
+//    rank order (own rows read straight from the input), add the biases and store BF16.
+#include <climits>
+
+#include "device/barrier.cuh"
+#include "device/copy.cuh"
+#include "device/wait.cuh"
+#include "kernels/intranode_launch.hpp"
+#include "runtime/check.hpp"
+#include "runtime/intranode_layout.hpp"
+
+namespace openep::detail {
+namespace {
+
+using L = IntranodeLayout;
+constexpr int kPrepareThreads = 1024;
+constexpr int kThreads = 768;
+constexpr int kWarps = kThreads / 32;
+
+__device__ __forceinline__ char* region(const WindowRef& w, int rank) { return w.peer_bases[rank] + w.nvl_offset; }
+template <typename T>
+__device__ __forceinline__ T* at(const WindowRef& w, int rank, size_t offset) {
+  return reinterpret_cast<T*>(region(w, rank) + offset);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// prepare
+
+// Exclusive block-wide prefix sum of one int per thread (blockDim.x == kPrepareThreads).
+__device__ __forceinline__ int block_exclusive_scan(int v, int* s_warp_sums, int& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int incl = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int n = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += n;
+  }
+  if (lane == 31) s_warp_sums[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < kPrepareThreads / 32 ? s_warp_sums[lane] : 0;
+    int wi = w;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int n = __shfl_up_sync(0xffffffffu, wi, o);
+      if (lane >= o) wi += n;
+    }
+    s_warp_sums[lane] = wi - w;  // exclusive warp offsets
+    if (lane == 31) s_warp_sums[32] = wi;
+  }
+  __syncthreads();
+  const int result = s_warp_sums[warp] + incl - v;
+  total = s_warp_sums[32];
+  __syncthreads();
+  return result;
+}
+
+// Writes my counts into every peer's header.
+__device__ __forceinline__ void publish_counts(const PrepareParams& p) {
+  const int R = p.num_ranks, E_local = p.num_experts / R;
+  for (int i = threadIdx.x; i < R * R; i += blockDim.x) {
+    const int peer = i / R, d = i % R;
+    at<int32_t>(p.window, peer, L::kCountsOffset)[p.rank * L::kMaxRanks + d] = p.num_tokens_per_rank[d];
+  }
+  for (int peer = threadIdx.x; peer < R; peer += blockDim.x)
+    at<int32_t>(p.window, peer, L::kNumTokensOffset)[p.rank] = p.num_tokens;
+  for (int i = threadIdx.x; i < R * E_local; i += blockDim.x) {
+    const int peer = i / E_local, e = i % E_local;
+    at<int32_t>(p.window, peer, L::kExpertCountsOffset)[p.rank * L::kMaxLocalExperts + e] =
+        p.num_tokens_per_expert[peer * E_local + e];
+  }
+}
+
+// Computes rank_prefix_matrix, num_tokens_per_src and the receive counts from my header.
+__device__ __forceinline__ void compute_receive_side(const PrepareParams& p) {
+  const int R = p.num_ranks, E_local = p.num_experts / R;
+  const volatile int32_t* counts = at<int32_t>(p.window, p.rank, L::kCountsOffset);
+  const volatile int32_t* ntok = at<int32_t>(p.window, p.rank, L::kNumTokensOffset);
+  const volatile int32_t* ecounts = at<int32_t>(p.window, p.rank, L::kExpertCountsOffset);
+  for (int j = threadIdx.x; j < R; j += blockDim.x) {
+    int acc = 0;
+    for (int i = 0; i < R; ++i) p.rank_prefix_matrix[i * R + j] = (acc += counts[i * L::kMaxRanks + j]);
+    p.num_tokens_per_src[j] = ntok[j];
+  }
+  for (int e = threadIdx.x; e < E_local; e += blockDim.x) {
+    int sum = 0;
+    for (int s = 0; s < R; ++s) sum += ecounts[s * L::kMaxLocalExperts + e];
+    const int a = p.expert_alignment;
+    const int aligned = (sum + a - 1) / a * a;
+    if (p.num_recv_tokens_per_expert) p.num_recv_tokens_per_expert[e] = aligned;
+    if (p.host) p.host->num_recv_tokens_per_expert[e] = aligned;
+  }
+  if (threadIdx.x == 0) {
+    int total = 0;
+    for (int s = 0; s < R; ++s) total += counts[s * L::kMaxRanks + p.rank];
+    if (p.host) p.host->num_recv_tokens = total;
+    if (p.num_worst_tokens > 0 && total > p.num_worst_tokens)
+      device::record_error(p.wait, DeviceErrorCode::kWorstTokensExceeded, -1, Phase::kDispatchCounts,
+                           p.num_worst_tokens, total);
+    if (total > p.capacity_rows)
+      device::record_error(p.wait, DeviceErrorCode::kCapacityExceeded, -1, Phase::kDispatchCounts, p.capacity_rows,
+                           total);
+  }
+}
+
+// send_pos[t][d] for every destination: base offset plus rank among my tokens going to d.
+__device__ __forceinline__ void compute_send_positions(const PrepareParams& p, int* s_scan) {
+  const int R = p.num_ranks, N = p.num_tokens;
+  const volatile int32_t* counts = at<int32_t>(p.window, p.rank, L::kCountsOffset);
+  const int per_thread = (N + kPrepareThreads - 1) / kPrepareThreads;
+  const int t0 = min(N, threadIdx.x * per_thread), t1 = min(N, t0 + per_thread);
+  for (int d = 0; d < R; ++d) {
+    int base = 0;
+    for (int s = 0; s < p.rank; ++s) base += counts[s * L::kMaxRanks + d];
+    int mine = 0;
+    for (int t = t0; t < t1; ++t) mine += p.is_token_in_rank[static_cast<int64_t>(t) * R + d] ? 1 : 0;
+    int total = 0;
+    int pos = base + block_exclusive_scan(mine, s_scan, total);
+    for (int t = t0; t < t1; ++t) {
+      const bool in = p.is_token_in_rank[static_cast<int64_t>(t) * R + d];
+      p.send_pos[static_cast<int64_t>(t) * R + d] = in ? pos++ : -1;
+    }
+    if (threadIdx.x == 0 && total != p.num_tokens_per_rank[d])
+      device::record_error(p.wait, DeviceErrorCode::kInconsistentLayout, d, Phase::kDispatchCounts,
+                           p.num_tokens_per_rank[d], total);
+  }
+}
+
+__global__ void __launch_bounds__(kPrepareThreads, 1) intranode_prepare_kernel(const __grid_constant__ PrepareParams p) {
+  __shared__ int s_scan[33];
+  const device::BarrierRef bar{p.window.peer_bases, p.window.barrier_offset, p.barrier_epoch,
+                               p.barrier_slot,      p.rank,                  p.num_ranks};
+  const Phase phase = p.exchange ? Phase::kDispatchCounts : Phase::kBarrier;
+  if (!device::barrier_block(bar, p.wait, phase)) return;
+  if (p.exchange) {
+    publish_counts(p);
+    if (!device::barrier_block(bar, p.wait, phase)) return;
+    compute_receive_side(p);
+    compute_send_positions(p, s_scan);
+    if (p.host) {
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        __threadfence_system();  // counters land before the sequence number the host polls
+        *reinterpret_cast<volatile int64_t*>(&p.host->seq) = p.host_seq;
+        __threadfence_system();
+      }
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) p.op_epoch[0] += 1;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// dispatch
+
+// Metadata of token t as destination d sees it: local top-k ids (-1 elsewhere, weight 0), scales, source index.
+struct TokenMeta {
+  __device__ __forceinline__ static int local_expert(const DispatchParams& p, int t, int k, int d) {
+    const int64_t e = p.topk_int64 ? static_cast<const int64_t*>(p.topk_idx)[static_cast<int64_t>(t) * p.num_topk + k]
+                                   : static_cast<const int32_t*>(p.topk_idx)[static_cast<int64_t>(t) * p.num_topk + k];
+    const int64_t lo = static_cast<int64_t>(d) * p.experts_per_rank;
+    return (e >= lo && e < lo + p.experts_per_rank) ? static_cast<int>(e - lo) : -1;
+  }
+  __device__ __forceinline__ static uint32_t scale(const DispatchParams& p, int t, int j) {
+    return p.x_scales[t * p.scale_token_stride + j * p.scale_hidden_stride];
+  }
+};
+
+__device__ __forceinline__ void store_topk(const DispatchParams& p, int64_t row, int k, int local, float w) {
+  const int64_t i = row * p.num_topk + k;
+  if (p.topk_int64) static_cast<int64_t*>(p.recv_topk_idx)[i] = local;
+  else static_cast<int32_t*>(p.recv_topk_idx)[i] = local;
+  p.recv_topk_weights[i] = w;
+}
+
+// One warp sends token t to destination d at row `row`.
+__device__ __forceinline__ void send_token(const DispatchParams& p, int t, int d, int row, int lane) {
+  const int row_int4 = p.row_bytes / 16;
+  const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + static_cast<int64_t>(t) * p.row_bytes);
+  if (d == p.rank) {  // own tokens go straight to the outputs
+    int4* dst = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + static_cast<int64_t>(row) * p.row_bytes);
+    device::copy_warp<device::Source::kInput>(dst, src, row_int4, lane);
+    if (lane == 0 && p.recv_src_idx) p.recv_src_idx[row] = t;
+    for (int k = lane; k < p.num_topk; k += 32) {
+      const int local = TokenMeta::local_expert(p, t, k, d);
+      store_topk(p, row, k, local, local >= 0 ? p.topk_weights[static_cast<int64_t>(t) * p.num_topk + k] : 0.f);
+    }
+    for (int j = lane; j < p.num_scales; j += 32)
+      p.recv_x_scales[static_cast<int64_t>(row) * p.num_scales + j] = TokenMeta::scale(p, t, j);
+    return;
+  }
+  char* rec = region(p.window, d) + L::kDataOffset + static_cast<int64_t>(row) * p.record_bytes;
+  device::copy_warp<device::Source::kInput>(reinterpret_cast<int4*>(rec), src, row_int4, lane);
+  int32_t* meta = reinterpret_cast<int32_t*>(rec + L::align16(p.row_bytes));
+  if (lane == 0) meta[0] = t;
+  for (int k = lane; k < p.num_topk; k += 32) {
+    const int local = TokenMeta::local_expert(p, t, k, d);
+    meta[1 + k] = local;
+    reinterpret_cast<float*>(meta)[1 + p.num_topk + k] =
+        local >= 0 ? p.topk_weights[static_cast<int64_t>(t) * p.num_topk + k] : 0.f;
+  }
+  for (int j = lane; j < p.num_scales; j += 32) meta[1 + 2 * p.num_topk + j] = TokenMeta::scale(p, t, j);
+}
+
+__device__ void dispatch_sender(const DispatchParams& p, uint64_t epoch) {
+  __shared__ int s_first[L::kMaxRanks], s_count[L::kMaxRanks];
+  const int R = p.num_ranks, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int chunk = L::chunk_tokens(p.num_tokens), num_chunks = L::num_chunks(p.num_tokens);
+  const int warps_per_dst = kWarps / R;  // destination d owns warps d, d + R, ...: remote and local stores
+  const int d = warp % R, sub = warp / R;  // never share a warp (perf-techniques.md 2)
+  for (int c = blockIdx.x; c < num_chunks; c += p.num_senders) {
+    if (threadIdx.x < R) s_first[threadIdx.x] = INT_MAX, s_count[threadIdx.x] = 0;
+    __syncthreads();
+    const int t0 = c * chunk, t1 = min(p.num_tokens, t0 + chunk);
+    if (sub < warps_per_dst) {
+      int first = INT_MAX, count = 0;
+      for (int t = t0 + sub; t < t1; t += warps_per_dst) {
+        const int row = p.send_pos[static_cast<int64_t>(t) * R + d];
+        if (row < 0) continue;
+        send_token(p, t, d, row, lane);
+        first = min(first, row), ++count;
+      }
+      if (lane == 0 && count) atomicMin(&s_first[d], first), atomicAdd(&s_count[d], count);
+    }
+    __syncthreads();
+    // Publish chunk c to every peer: range first, then the flag (release covers the block's stores).
+    if (threadIdx.x < R && threadIdx.x != p.rank) {
+      const int peer = threadIdx.x;
+      int32_t* range = at<int32_t>(p.window, peer, L::kDispatchRangesOffset) + 2 * (p.rank * L::kMaxChunks + c);
+      range[0] = s_count[peer] ? s_first[peer] : 0;
+      range[1] = s_count[peer];
+      ptx::st_release_sys(at<uint64_t>(p.window, peer, L::kDispatchFlagsOffset) + p.rank * L::kMaxChunks + c, epoch);
+    }
+  }
+}
+
+// One warp copies received row `row` from the window into the outputs.
+__device__ __forceinline__ void receive_row(const DispatchParams& p, int row, int lane) {
+  const char* rec = region(p.window, p.rank) + L::kDataOffset + static_cast<int64_t>(row) * p.record_bytes;
+  int4* dst = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + static_cast<int64_t>(row) * p.row_bytes);
+  device::copy_warp<device::Source::kWindow>(dst, reinterpret_cast<const int4*>(rec), p.row_bytes / 16, lane);
+  const int32_t* meta = reinterpret_cast<const int32_t*>(rec + L::align16(p.row_bytes));
+  if (lane == 0 && p.recv_src_idx) p.recv_src_idx[row] = ptx::ld_cg(meta);
+  for (int k = lane; k < p.num_topk; k += 32) {
+    const int32_t local = ptx::ld_cg(meta + 1 + k);
+    store_topk(p, row, k, local, __int_as_float(ptx::ld_cg(meta + 1 + p.num_topk + k)));
+  }
+  for (int j = lane; j < p.num_scales; j += 32)
+    p.recv_x_scales[static_cast<int64_t>(row) * p.num_scales + j] =
+        static_cast<uint32_t>(ptx::ld_cg(meta + 1 + 2 * p.num_topk + j));
+}
+
+__device__ void dispatch_receiver(const DispatchParams& p, uint64_t epoch) {
+  __shared__ int s_ok, s_first, s_count;
+  const int R = p.num_ranks, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int receiver = blockIdx.x - p.num_senders, num_receivers = gridDim.x - p.num_senders;
+  const int num_pairs = (R - 1) * L::kMaxChunks;  // (chunk, source) pairs, chunk-major: early chunks first
+  for (int q = receiver; q < num_pairs; q += num_receivers) {
+    const int c = q / (R - 1), si = q % (R - 1), s = si < p.rank ? si : si + 1;
+    if (c >= L::num_chunks(p.num_tokens_per_src[s])) continue;
+    if (threadIdx.x == 0) {
+      const uint64_t* flag = at<uint64_t>(p.window, p.rank, L::kDispatchFlagsOffset) + s * L::kMaxChunks + c;
+      s_ok = device::wait_geq(p.wait, flag, epoch, s, Phase::kDispatchData);
+      const int32_t* range = at<int32_t>(p.window, p.rank, L::kDispatchRangesOffset) + 2 * (s * L::kMaxChunks + c);
+      s_first = ptx::ld_cg(range), s_count = ptx::ld_cg(range + 1);
+    }
+    __syncthreads();
+    if (!s_ok) return;
+    for (int i = warp; i < s_count; i += kWarps) receive_row(p, s_first + i, lane);
+    __syncthreads();
+  }
+  // Worst-case mode: rows past the real count get topk_idx = -1 (weights 0).
+  if (p.num_worst_tokens > 0 && p.recv_topk_idx) {
+    const int num_recv = p.rank_prefix_matrix[(R - 1) * R + p.rank];
+    const int64_t first = static_cast<int64_t>(num_recv) * p.num_topk;
+    const int64_t last = static_cast<int64_t>(p.num_worst_tokens) * p.num_topk;
+    for (int64_t i = first + receiver * blockDim.x + threadIdx.x; i < last; i += num_receivers * blockDim.x)
+      store_topk(p, i / p.num_topk, static_cast<int>(i % p.num_topk), -1, 0.f);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1) intranode_dispatch_kernel(const __grid_constant__ DispatchParams p) {
+  const uint64_t epoch = *p.op_epoch;
+  if (blockIdx.x < p.num_senders) dispatch_sender(p, epoch);
+  else dispatch_receiver(p, epoch);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// combine
+
+__device__ __forceinline__ int lower_bound(const int* a, int lo, int hi, int v) {
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (a[mid] < v) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+
+__device__ void combine_sender(const CombineParams& p, uint64_t epoch) {
+  __shared__ int s_lo, s_hi;
+  const int R = p.num_ranks, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row_int4 = p.hidden * 2 / 16;
+  const int num_pairs = (R - 1) * L::kMaxChunks;
+  for (int q = blockIdx.x; q < num_pairs; q += p.num_senders) {
+    const int c = q / (R - 1), si = q % (R - 1), s = si < p.rank ? si : si + 1;
+    const int n_s = p.num_tokens_per_src[s];
+    if (c >= L::num_chunks(n_s)) continue;
+    if (threadIdx.x == 0) {
+      const int lo = s == 0 ? 0 : p.rank_prefix_matrix[(s - 1) * R + p.rank];
+      const int hi = p.rank_prefix_matrix[s * R + p.rank];
+      const int chunk = L::chunk_tokens(n_s);
+      s_lo = lower_bound(p.recv_src_idx, lo, hi, c * chunk);
+      s_hi = lower_bound(p.recv_src_idx, s_lo, hi, (c + 1) * chunk);
+    }
+    __syncthreads();
+    char* dst_region = region(p.window, s);
+    for (int row = s_lo + warp; row < s_hi; row += kWarps) {
+      const int t = p.recv_src_idx[row];
+      char* slot = dst_region + L::kDataOffset + (static_cast<int64_t>(p.rank) * p.stage_rows + t) * p.record_bytes;
+      device::copy_warp<device::Source::kInput>(reinterpret_cast<int4*>(slot),
+                                                reinterpret_cast<const int4*>(p.x + static_cast<int64_t>(row) * p.hidden),
+                                                row_int4, lane);
+      if (p.topk_weights) {
+        float* w = reinterpret_cast<float*>(slot + L::align16(2 * static_cast<size_t>(p.hidden)));
+        for (int k = lane; k < p.num_topk; k += 32) w[k] = p.topk_weights[static_cast<int64_t>(row) * p.num_topk + k];
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0)
+      ptx::st_release_sys(at<uint64_t>(p.window, s, L::kCombineFlagsOffset) + p.rank * L::kMaxChunks + c, epoch);
+  }
+}
+
+__device__ __forceinline__ void accumulate_bf16x8(float (&acc)[8], const int4& v) {
+  const uint32_t w[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
+                         static_cast<uint32_t>(v.w)};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    acc[2 * i] += __uint_as_float(w[i] << 16);
+    acc[2 * i + 1] += __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
+__device__ __forceinline__ uint32_t float_to_bf16_rne(float f) {
+  uint32_t u = __float_as_uint(f);
+  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x7fffffu)) return (u >> 16) | 0x40u;  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return u >> 16;
+}
+
+// One warp reduces token t: rows in ascending rank order, then bias_0, then bias_1 (the reference order).
+__device__ __forceinline__ void reduce_token(const CombineParams& p, const char* my_region, int t, int lane) {
+  const int R = p.num_ranks, row_int4 = p.hidden / 8;
+  const int4* src[L::kMaxRanks];  // this token's row from every rank that holds it, null otherwise
+  const float* wsrc[L::kMaxRanks];
+#pragma unroll
+  for (int d = 0; d < L::kMaxRanks; ++d) {
+    const int pos = d < R ? p.send_pos[static_cast<int64_t>(t) * R + d] : -1;
+    src[d] = nullptr, wsrc[d] = nullptr;
+    if (pos < 0) continue;
+    if (d == p.rank) {
+      src[d] = reinterpret_cast<const int4*>(p.x + static_cast<int64_t>(pos) * p.hidden);
+      if (p.topk_weights) wsrc[d] = p.topk_weights + static_cast<int64_t>(pos) * p.num_topk;
+    } else {
+      const char* slot = my_region + L::kDataOffset + (static_cast<int64_t>(d) * p.stage_rows + t) * p.record_bytes;
+      src[d] = reinterpret_cast<const int4*>(slot);
+      wsrc[d] = reinterpret_cast<const float*>(slot + L::align16(2 * static_cast<size_t>(p.hidden)));
+    }
+  }
+  const int4* b0 = p.bias_0 ? reinterpret_cast<const int4*>(p.bias_0 + static_cast<int64_t>(t) * p.hidden) : nullptr;
+  const int4* b1 = p.bias_1 ? reinterpret_cast<const int4*>(p.bias_1 + static_cast<int64_t>(t) * p.hidden) : nullptr;
+  int4* out = reinterpret_cast<int4*>(p.combined_x + static_cast<int64_t>(t) * p.hidden);
+  for (int i = lane; i < row_int4; i += 32) {
+    int4 v[L::kMaxRanks];
+#pragma unroll
+    for (int d = 0; d < L::kMaxRanks; ++d)  // issue every load before the first add
+      if (src[d]) v[d] = d == p.rank ? ptx::ld_nc_no_allocate(src[d] + i) : ptx::ld_cg(src[d] + i);
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int d = 0; d < L::kMaxRanks; ++d)
+      if (src[d]) accumulate_bf16x8(acc, v[d]);
+    if (b0) accumulate_bf16x8(acc, b0[i]);
+    if (b1) accumulate_bf16x8(acc, b1[i]);
+    int4 o;
+    o.x = static_cast<int>(float_to_bf16_rne(acc[0]) | (float_to_bf16_rne(acc[1]) << 16));
+    o.y = static_cast<int>(float_to_bf16_rne(acc[2]) | (float_to_bf16_rne(acc[3]) << 16));
+    o.z = static_cast<int>(float_to_bf16_rne(acc[4]) | (float_to_bf16_rne(acc[5]) << 16));
+    o.w = static_cast<int>(float_to_bf16_rne(acc[6]) | (float_to_bf16_rne(acc[7]) << 16));
+    ptx::st_no_allocate(out + i, o);
+  }
+  if (p.combined_topk_weights) {
+    for (int k = lane; k < p.num_topk; k += 32) {
+      float acc = 0.f;
+#pragma unroll
+      for (int d = 0; d < L::kMaxRanks; ++d)
+        if (wsrc[d]) acc += d == p.rank ? wsrc[d][k] : __ldcg(wsrc[d] + k);
+      p.combined_topk_weights[static_cast<int64_t>(t) * p.num_topk + k] = acc;
+    }
+  }
+}
+
+__device__ void combine_reducer(const CombineParams& p, uint64_t epoch) {
+  __shared__ int s_failed;
+  const int R = p.num_ranks, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int reducer = blockIdx.x - p.num_senders, num_reducers = gridDim.x - p.num_senders;
+  const int chunk = L::chunk_tokens(p.num_tokens), num_chunks = L::num_chunks(p.num_tokens);
+  const char* my_region = region(p.window, p.rank);
+  if (threadIdx.x == 0) s_failed = 0;
+  __syncthreads();
+  for (int c = reducer; c < num_chunks; c += num_reducers) {
+    const int d = threadIdx.x;
+    if (d < R && d != p.rank) {
+      const uint64_t* flag = at<uint64_t>(p.window, p.rank, L::kCombineFlagsOffset) + d * L::kMaxChunks + c;
+      if (!device::wait_geq(p.wait, flag, epoch, d, Phase::kCombineData)) s_failed = 1;
+    }
+    __syncthreads();
+    if (s_failed) return;
+    const int t1 = min(p.num_tokens, (c + 1) * chunk);
+    for (int t = c * chunk + warp; t < t1; t += kWarps) reduce_token(p, my_region, t, lane);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1) intranode_combine_kernel(const __grid_constant__ CombineParams p) {
+  const uint64_t epoch = *p.op_epoch;
+  if (blockIdx.x < p.num_senders) combine_sender(p, epoch);
+  else combine_reducer(p, epoch);
+}
+
+}  // namespace
+
+void launch_intranode_prepare(const PrepareParams& p, cudaStream_t stream) {
+  intranode_prepare_kernel<<<1, kPrepareThreads, 0, stream>>>(p);
+  OPENEP_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_intranode_dispatch(const DispatchParams& p, int num_blocks, cudaStream_t stream) {
+  OPENEP_CHECK(p.num_senders >= 1 && p.num_senders < num_blocks, ErrorCode::kInternal, "dispatch with ",
+               p.num_senders, " senders of ", num_blocks, " blocks");
+  intranode_dispatch_kernel<<<num_blocks, kThreads, 0, stream>>>(p);
+  OPENEP_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_intranode_combine(const CombineParams& p, int num_blocks, cudaStream_t stream) {
+  OPENEP_CHECK(p.num_senders >= 1 && p.num_senders < num_blocks, ErrorCode::kInternal, "combine with ",
+               p.num_senders, " senders of ", num_blocks, " blocks");
+  intranode_combine_kernel<<<num_blocks, kThreads, 0, stream>>>(p);
+  OPENEP_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace openep::detail

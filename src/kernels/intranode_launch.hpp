@@ -1,0 +1,103 @@
+// Launchers of the intranode (normal-mode) kernels. See src/kernels/intranode.cu for the protocol.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "runtime/device_error.hpp"
+
+namespace openep::detail {
+
+// Pinned, device-mapped host memory the prepare kernel fills in exact mode.
+struct HostCounters {
+  int64_t seq;                      // written last: the host_seq of the prepare that filled the rest
+  int32_t num_recv_tokens;
+  int32_t num_recv_tokens_per_expert[1024];   // aligned counts, [E_local]
+};
+
+struct WindowRef {
+  char* const* peer_bases;          // [R] device table of LSA window bases
+  size_t nvl_offset;                // window offset of the normal-mode region
+  size_t barrier_offset;            // window offset of the barrier counters
+};
+
+struct PrepareParams {
+  WindowRef window;
+  uint64_t* barrier_epoch;          // local state, this slot
+  int barrier_slot;
+  uint64_t* op_epoch;               // incremented once per operation (read by the main kernels)
+  int rank, num_ranks;
+  bool exchange;                    // false: barrier + epoch only (cached dispatch, combine)
+  // Exchange inputs.
+  int num_tokens;
+  const int* num_tokens_per_rank;   // [R]
+  const int* num_tokens_per_expert; // [E]
+  const bool* is_token_in_rank;     // [N][R]
+  int num_experts, expert_alignment;
+  int num_worst_tokens;             // > 0: check the real count fits
+  int64_t capacity_rows;            // rows the receive region holds
+  // Outputs.
+  int* rank_prefix_matrix;          // [R][R]
+  int* num_tokens_per_src;          // [R]
+  int* send_pos;                    // [N][R]
+  int* num_recv_tokens_per_expert;  // optional device copy [E_local]
+  HostCounters* host;               // device view of the mapped counters, or null
+  int64_t host_seq;
+  WaitContext wait;
+};
+void launch_intranode_prepare(const PrepareParams& p, cudaStream_t stream);
+
+struct DispatchParams {
+  WindowRef window;
+  const uint64_t* op_epoch;
+  int rank, num_ranks, num_senders;
+  const void* x;
+  int num_tokens;
+  int row_bytes;                    // multiple of 16
+  const uint32_t* x_scales;
+  int num_scales;
+  int64_t scale_token_stride, scale_hidden_stride;
+  const void* topk_idx;
+  bool topk_int64;
+  const float* topk_weights;
+  int num_topk, experts_per_rank;
+  const int* send_pos;              // [N][R]
+  const int* rank_prefix_matrix;    // [R][R]
+  const int* num_tokens_per_src;    // [R]
+  void* recv_x;
+  uint32_t* recv_x_scales;
+  void* recv_topk_idx;
+  float* recv_topk_weights;
+  int* recv_src_idx;                // null in cached mode (the handle already holds it)
+  int num_worst_tokens;
+  int record_bytes;
+  WaitContext wait;
+};
+void launch_intranode_dispatch(const DispatchParams& p, int num_blocks, cudaStream_t stream);
+
+struct CombineParams {
+  WindowRef window;
+  const uint64_t* op_epoch;
+  int rank, num_ranks, num_senders;
+  const uint16_t* x;                // [num_recv][hidden]
+  int hidden;
+  const float* topk_weights;        // [num_recv][K] or null
+  int num_topk;
+  const uint16_t* bias_0;
+  const uint16_t* bias_1;
+  int num_tokens;
+  const int* send_pos;
+  const int* rank_prefix_matrix;
+  const int* num_tokens_per_src;
+  const int* recv_src_idx;
+  uint16_t* combined_x;
+  float* combined_topk_weights;
+  int record_bytes;
+  int64_t stage_rows;
+  WaitContext wait;
+};
+void launch_intranode_combine(const CombineParams& p, int num_blocks, cudaStream_t stream);
+
+}  // namespace openep::detail

@@ -1,0 +1,306 @@
+// Host side of the intranode normal-mode operations: validation, sizing, the exact-mode host wait, launches.
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "kernels/intranode_launch.hpp"
+#include "openep/buffer.hpp"
+#include "runtime/buffer_impl.hpp"
+#include "runtime/check.hpp"
+#include "runtime/intranode_layout.hpp"
+
+namespace openep {
+
+using detail::IntranodeLayout;
+
+size_t intranode_buffer_size_hint(int num_ranks, int max_tokens_per_rank, int hidden, int x_elem_bytes,
+                                  int num_scales, int num_topk) {
+  OPENEP_CHECK_ARG(num_ranks >= 1 && num_ranks <= IntranodeLayout::kMaxRanks, "num_ranks must be in [1, ",
+                   IntranodeLayout::kMaxRanks, "], got ", num_ranks);
+  OPENEP_CHECK_ARG(max_tokens_per_rank >= 0 && hidden > 0 && x_elem_bytes > 0 && num_scales >= 0 && num_topk >= 0,
+                   "size hint arguments must be non-negative (hidden and x_elem_bytes positive)");
+  const size_t rows = static_cast<size_t>(num_ranks) * max_tokens_per_rank;
+  const size_t dispatch_bytes =
+      rows * IntranodeLayout::dispatch_record_bytes(static_cast<size_t>(hidden) * x_elem_bytes, num_topk, num_scales);
+  const size_t combine_bytes = rows * IntranodeLayout::combine_record_bytes(hidden, num_topk);
+  const size_t data = dispatch_bytes > combine_bytes ? dispatch_bytes : combine_bytes;
+  return (IntranodeLayout::kDataOffset + data + 127) / 128 * 128;
+}
+
+namespace {
+
+int num_blocks(const Config& c, const Buffer::Impl& m) {
+  OPENEP_CHECK_ARG(c.num_sms >= 2 && c.num_sms % 2 == 0, "config.num_sms must be even and >= 2, got ", c.num_sms);
+  OPENEP_CHECK_ARG(c.num_sms <= m.num_device_sms, "config.num_sms (", c.num_sms, ") exceeds the device's ",
+                   m.num_device_sms, " SMs");
+  return c.num_sms;
+}
+
+size_t dispatch_record_bytes(const DispatchArgs& a, bool with_topk) {
+  return IntranodeLayout::dispatch_record_bytes(static_cast<size_t>(a.hidden) * a.x_elem_bytes,
+                                                with_topk ? a.num_topk : 0, a.num_scales);
+}
+
+void validate_dispatch_data(const DispatchArgs& a, const Buffer::Impl& m) {
+  OPENEP_CHECK_ARG(m.num_ranks <= IntranodeLayout::kMaxRanks, "intranode dispatch supports up to ",
+                   IntranodeLayout::kMaxRanks, " ranks, the Group has ", m.num_ranks);
+  OPENEP_CHECK_ARG(a.num_tokens >= 0, "num_tokens must be >= 0, got ", a.num_tokens);
+  OPENEP_CHECK_ARG(a.x_elem_bytes == 1 || a.x_elem_bytes == 2, "x_elem_bytes must be 1 (FP8) or 2 (BF16), got ",
+                   a.x_elem_bytes);
+  OPENEP_CHECK_ARG(a.hidden > 0 && (static_cast<int64_t>(a.hidden) * a.x_elem_bytes) % 16 == 0,
+                   "x rows must be a positive multiple of 16 bytes; hidden ", a.hidden, " x ", a.x_elem_bytes,
+                   " bytes is not");
+  OPENEP_CHECK_ARG(a.num_tokens == 0 || a.x != nullptr, "x is null with num_tokens = ", a.num_tokens);
+  OPENEP_CHECK_ARG(a.num_scales >= 0 && a.num_scales <= 1024, "num_scales must be in [0, 1024], got ", a.num_scales);
+  OPENEP_CHECK_ARG(a.num_scales == 0 || a.num_tokens == 0 || a.x_scales != nullptr, "x_scales is null with num_scales = ",
+                   a.num_scales);
+  // Top-k is present iff num_topk > 0 (a tensor with 0 rows may have a null data pointer).
+  OPENEP_CHECK_ARG(a.num_topk >= 0 && a.num_topk <= 32, "num_topk must be in [0, 32], got ", a.num_topk);
+  OPENEP_CHECK_ARG(a.num_topk == 0 || a.num_tokens == 0 || (a.topk_idx != nullptr && a.topk_weights != nullptr),
+                   "topk_idx and topk_weights must both be given when num_topk = ", a.num_topk);
+}
+
+void validate_handle_arrays(const IntranodeHandle& h) {
+  OPENEP_CHECK_ARG(h.rank_prefix_matrix != nullptr, "handle.rank_prefix_matrix is null");
+  OPENEP_CHECK_ARG(h.num_tokens_per_src != nullptr, "handle.num_tokens_per_src is null");
+  OPENEP_CHECK_ARG(h.num_tokens == 0 || h.send_pos != nullptr, "handle.send_pos is null");
+}
+
+detail::WindowRef window_ref(const Buffer::Impl& m) {
+  return detail::WindowRef{m.peer_bases_device, m.window_layout.nvl_offset, m.window_layout.barrier_offset};
+}
+
+detail::PrepareParams prepare_params(Buffer::Impl& m) {
+  detail::PrepareParams p{};
+  p.window = window_ref(m);
+  p.barrier_epoch = &m.local_state->barrier_epoch[detail::kIntranodeBarrierSlot];
+  p.barrier_slot = detail::kIntranodeBarrierSlot;
+  p.op_epoch = &m.local_state->op_epoch;
+  p.rank = m.rank;
+  p.num_ranks = m.num_ranks;
+  p.wait = m.wait_context();
+  return p;
+}
+
+// Fills the dispatch kernel's parameters common to fresh and cached dispatch.
+detail::DispatchParams dispatch_params(Buffer::Impl& m, const DispatchArgs& a, const IntranodeHandle& h,
+                                       const DispatchOutputs& out, bool with_topk) {
+  OPENEP_CHECK_ARG(h.num_tokens == a.num_tokens, "handle.num_tokens (", h.num_tokens, ") differs from num_tokens (",
+                   a.num_tokens, ")");
+  OPENEP_CHECK_ARG(h.num_recv_tokens == 0 || out.recv_x != nullptr, "recv_x is null with ", h.num_recv_tokens,
+                   " rows to receive");
+  OPENEP_CHECK_ARG(h.num_recv_tokens == 0 || h.recv_src_idx != nullptr, "handle.recv_src_idx is null with ",
+                   h.num_recv_tokens, " rows to receive");
+  OPENEP_CHECK_ARG(a.num_scales == 0 || h.num_recv_tokens == 0 || out.recv_x_scales != nullptr,
+                   "recv_x_scales is null but num_scales = ", a.num_scales);
+  OPENEP_CHECK_ARG(!with_topk || h.num_recv_tokens == 0 || (out.recv_topk_idx && out.recv_topk_weights),
+                   "recv_topk_idx and recv_topk_weights are required when topk_idx is given");
+  detail::DispatchParams p{};
+  p.window = window_ref(m);
+  p.op_epoch = &m.local_state->op_epoch;
+  p.rank = m.rank;
+  p.num_ranks = m.num_ranks;
+  p.x = a.x;
+  p.num_tokens = a.num_tokens;
+  p.row_bytes = a.hidden * a.x_elem_bytes;
+  p.x_scales = static_cast<const uint32_t*>(a.x_scales);
+  p.num_scales = a.num_scales;
+  p.scale_token_stride = a.scale_token_stride;
+  p.scale_hidden_stride = a.scale_hidden_stride;
+  p.topk_idx = with_topk ? a.topk_idx : nullptr;
+  p.topk_int64 = a.index_type == IndexType::kInt64;
+  p.topk_weights = with_topk ? a.topk_weights : nullptr;
+  p.num_topk = with_topk ? a.num_topk : 0;
+  p.experts_per_rank = a.num_experts > 0 ? a.num_experts / m.num_ranks : 1;
+  p.send_pos = h.send_pos;
+  p.rank_prefix_matrix = h.rank_prefix_matrix;
+  p.num_tokens_per_src = h.num_tokens_per_src;
+  p.recv_x = out.recv_x;
+  p.recv_x_scales = static_cast<uint32_t*>(out.recv_x_scales);
+  p.recv_topk_idx = with_topk ? out.recv_topk_idx : nullptr;
+  p.recv_topk_weights = with_topk ? out.recv_topk_weights : nullptr;
+  p.recv_src_idx = h.recv_src_idx;
+  p.num_worst_tokens = with_topk ? a.num_worst_tokens : 0;
+  p.record_bytes = static_cast<int>(dispatch_record_bytes(a, with_topk));
+  p.wait = m.wait_context();
+  return p;
+}
+
+int dispatch_senders(int blocks) {
+  const int s = blocks - blocks / 3;  // two thirds push (remote + own rows), one third drains the window
+  return s < 1 ? 1 : (s >= blocks ? blocks - 1 : s);
+}
+
+}  // namespace
+
+DispatchCounts Buffer::dispatch_prepare(const DispatchArgs& a, IntranodeHandle& h, cudaStream_t stream) {
+  Impl& m = *impl_;
+  m.check_usable();
+  validate_dispatch_data(a, m);
+  const int R = m.num_ranks;
+  num_blocks(a.config, m);
+  OPENEP_CHECK_ARG(a.is_token_in_rank || a.num_tokens == 0, "is_token_in_rank is null");
+  OPENEP_CHECK_ARG(a.num_tokens_per_rank != nullptr, "num_tokens_per_rank is null");
+  OPENEP_CHECK_ARG(a.num_tokens_per_expert != nullptr, "num_tokens_per_expert is null");
+  OPENEP_CHECK_ARG(a.num_experts > 0 && a.num_experts % R == 0, "num_experts (", a.num_experts,
+                   ") must be a positive multiple of the number of ranks (", R, ")");
+  OPENEP_CHECK_ARG(a.num_experts / R <= IntranodeLayout::kMaxLocalExperts, "at most ",
+                   IntranodeLayout::kMaxLocalExperts, " experts per rank are supported, got ", a.num_experts / R);
+  OPENEP_CHECK_ARG(a.expert_alignment >= 1, "expert_alignment must be >= 1, got ", a.expert_alignment);
+  OPENEP_CHECK_ARG(a.num_worst_tokens >= 0, "num_worst_tokens must be >= 0, got ", a.num_worst_tokens);
+  OPENEP_CHECK_ARG(a.num_worst_tokens == 0 || a.num_topk > 0,
+                   "num_worst_tokens > 0 requires topk_idx and topk_weights (DeepEP V1 behaviour)");
+  h.num_tokens = a.num_tokens;
+  h.is_token_in_rank = a.is_token_in_rank;
+  validate_handle_arrays(h);
+
+  const size_t record = dispatch_record_bytes(a, a.num_topk > 0);
+  const int64_t capacity = IntranodeLayout::dispatch_capacity_rows(m.options.num_nvl_bytes, record);
+  const int max_rows_hint = a.num_worst_tokens > 0 ? a.num_worst_tokens : a.num_tokens * R;
+  const size_t needed = intranode_buffer_size_hint(R, (max_rows_hint + R - 1) / R, a.hidden, a.x_elem_bytes,
+                                                   a.num_scales, a.num_topk);
+  OPENEP_CHECK(a.num_worst_tokens <= capacity, ErrorCode::kBufferTooSmall, "num_worst_tokens = ", a.num_worst_tokens,
+               " rows do not fit the Buffer (", capacity, " rows of ", record, " bytes in num_nvl_bytes = ",
+               m.options.num_nvl_bytes, "); it needs num_nvl_bytes >= ", needed);
+
+  const bool exact = a.num_worst_tokens == 0;
+  detail::PrepareParams p = prepare_params(m);
+  p.exchange = true;
+  p.num_tokens = a.num_tokens;
+  p.num_tokens_per_rank = a.num_tokens_per_rank;
+  p.num_tokens_per_expert = a.num_tokens_per_expert;
+  p.is_token_in_rank = a.is_token_in_rank;
+  p.num_experts = a.num_experts;
+  p.expert_alignment = a.expert_alignment;
+  p.num_worst_tokens = a.num_worst_tokens;
+  p.capacity_rows = exact ? INT64_MAX : capacity;  // exact mode: checked on the host below, with a better message
+  p.rank_prefix_matrix = h.rank_prefix_matrix;
+  p.num_tokens_per_src = h.num_tokens_per_src;
+  p.send_pos = h.send_pos;
+  p.num_recv_tokens_per_expert = nullptr;
+  p.host = exact ? m.host_counters_device : nullptr;
+  p.host_seq = exact ? ++m.host_seq : 0;
+  detail::launch_intranode_prepare(p, stream);
+
+  DispatchCounts counts;
+  if (!exact) {
+    counts.num_recv_tokens = a.num_worst_tokens;
+    h.num_recv_tokens = a.num_worst_tokens;
+    return counts;
+  }
+  // The one host wait of the exact mode: poll the mapped counters (bounded, and errors are raised).
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::duration<double>(m.options.timeout_seconds + 5.0);
+  const volatile int64_t* seq = &m.host_counters->seq;
+  for (uint32_t i = 0; *seq != p.host_seq; ++i) {
+    if ((i & 1023) == 0) {
+      m.raise_device_error();
+      OPENEP_CHECK(std::chrono::steady_clock::now() < deadline, ErrorCode::kTimeout, "dispatch_prepare on rank ",
+                   m.rank, ": the receive counts did not arrive within ", m.options.timeout_seconds + 5.0,
+                   " s (is the stream blocked, or a peer not calling dispatch?)");
+      std::this_thread::yield();
+    }
+  }
+  m.raise_device_error();
+  const volatile detail::HostCounters* hc = m.host_counters;
+  counts.num_recv_tokens = hc->num_recv_tokens;
+  const int E_local = a.num_experts / R;
+  counts.num_recv_tokens_per_expert.resize(E_local);
+  for (int e = 0; e < E_local; ++e) counts.num_recv_tokens_per_expert[e] = hc->num_recv_tokens_per_expert[e];
+  h.num_recv_tokens = counts.num_recv_tokens;
+  if (counts.num_recv_tokens > capacity) {
+    m.failed = true;  // peers cannot be told to stop writing in time; refuse further work
+    OPENEP_CHECK(false, ErrorCode::kBufferTooSmall, "this rank receives ", counts.num_recv_tokens,
+                 " rows but the Buffer holds ", capacity, " rows of ", record, " bytes (num_nvl_bytes = ",
+                 m.options.num_nvl_bytes, "); it needs num_nvl_bytes >= ",
+                 intranode_buffer_size_hint(R, (counts.num_recv_tokens + R - 1) / R, a.hidden, a.x_elem_bytes,
+                                            a.num_scales, a.num_topk));
+  }
+  return counts;
+}
+
+void Buffer::dispatch(const DispatchArgs& a, const IntranodeHandle& h, const DispatchOutputs& out,
+                      cudaStream_t stream) {
+  Impl& m = *impl_;
+  m.check_usable();
+  validate_dispatch_data(a, m);
+  const int blocks = num_blocks(a.config, m);
+  validate_handle_arrays(h);
+  detail::DispatchParams p = dispatch_params(m, a, h, out, a.num_topk > 0);
+  p.num_senders = dispatch_senders(blocks);
+  detail::launch_intranode_dispatch(p, blocks, stream);
+}
+
+void Buffer::dispatch_cached(const DispatchArgs& a, const IntranodeHandle& h, const DispatchOutputs& out,
+                             cudaStream_t stream) {
+  Impl& m = *impl_;
+  m.check_usable();
+  validate_dispatch_data(a, m);
+  OPENEP_CHECK_ARG(a.num_topk == 0 && a.topk_idx == nullptr && a.topk_weights == nullptr,
+                   "cached dispatch takes no topk_idx/topk_weights (the handle fixes the layout)");
+  const int blocks = num_blocks(a.config, m);
+  validate_handle_arrays(h);
+  const int64_t capacity = IntranodeLayout::dispatch_capacity_rows(m.options.num_nvl_bytes, dispatch_record_bytes(a, false));
+  OPENEP_CHECK(h.num_recv_tokens <= capacity, ErrorCode::kBufferTooSmall, "cached dispatch of ", h.num_recv_tokens,
+               " rows does not fit the Buffer (", capacity, " rows)");
+  detail::PrepareParams pp = prepare_params(m);
+  pp.exchange = false;
+  detail::launch_intranode_prepare(pp, stream);
+  detail::DispatchParams p = dispatch_params(m, a, h, out, false);
+  p.recv_src_idx = nullptr;  // the handle's copy is already right and must stay unmodified
+  p.num_senders = dispatch_senders(blocks);
+  detail::launch_intranode_dispatch(p, blocks, stream);
+}
+
+void Buffer::combine(const CombineArgs& a, const IntranodeHandle& h, const CombineOutputs& out, cudaStream_t stream) {
+  Impl& m = *impl_;
+  m.check_usable();
+  const int blocks = num_blocks(a.config, m);
+  validate_handle_arrays(h);
+  OPENEP_CHECK_ARG(m.num_ranks <= IntranodeLayout::kMaxRanks, "intranode combine supports up to ",
+                   IntranodeLayout::kMaxRanks, " ranks, the Group has ", m.num_ranks);
+  OPENEP_CHECK_ARG(a.hidden > 0 && a.hidden % 8 == 0, "combine hidden must be a positive multiple of 8, got ",
+                   a.hidden);
+  OPENEP_CHECK_ARG(h.num_recv_tokens == 0 || a.x != nullptr, "combine x is null with ", h.num_recv_tokens, " rows");
+  OPENEP_CHECK_ARG(h.num_recv_tokens == 0 || h.recv_src_idx != nullptr, "handle.recv_src_idx is null");
+  OPENEP_CHECK_ARG(h.num_tokens == 0 || out.combined_x != nullptr, "combined_x is null");
+  OPENEP_CHECK_ARG(a.num_topk >= 0 && a.num_topk <= 32, "num_topk must be in [0, 32], got ", a.num_topk);
+  OPENEP_CHECK_ARG(a.num_topk == 0 || h.num_recv_tokens == 0 || a.topk_weights != nullptr,
+                   "topk_weights is null but num_topk = ", a.num_topk);
+  OPENEP_CHECK_ARG(a.num_topk == 0 || h.num_tokens == 0 || out.combined_topk_weights != nullptr,
+                   "combined_topk_weights is null but num_topk = ", a.num_topk);
+  const int K = a.num_topk;
+  const size_t record = IntranodeLayout::combine_record_bytes(a.hidden, K);
+  const int64_t stage_rows = IntranodeLayout::combine_stage_rows(m.options.num_nvl_bytes, record, m.num_ranks);
+  OPENEP_CHECK(h.num_tokens <= stage_rows, ErrorCode::kBufferTooSmall, "combine of ", h.num_tokens,
+               " tokens does not fit the Buffer (", stage_rows, " tokens per rank); it needs num_nvl_bytes >= ",
+               intranode_buffer_size_hint(m.num_ranks, h.num_tokens, a.hidden, 2, 0, K));
+  detail::PrepareParams pp = prepare_params(m);
+  pp.exchange = false;
+  detail::launch_intranode_prepare(pp, stream);
+  detail::CombineParams p{};
+  p.window = window_ref(m);
+  p.op_epoch = &m.local_state->op_epoch;
+  p.rank = m.rank;
+  p.num_ranks = m.num_ranks;
+  p.num_senders = blocks * 2 / 5 < 1 ? 1 : blocks * 2 / 5;  // reducers read two rows per row written
+  p.x = a.x;
+  p.hidden = a.hidden;
+  p.topk_weights = a.topk_weights;
+  p.num_topk = K;
+  p.bias_0 = a.bias_0;
+  p.bias_1 = a.bias_1;
+  p.num_tokens = h.num_tokens;
+  p.send_pos = h.send_pos;
+  p.rank_prefix_matrix = h.rank_prefix_matrix;
+  p.num_tokens_per_src = h.num_tokens_per_src;
+  p.recv_src_idx = h.recv_src_idx;
+  p.combined_x = out.combined_x;
+  p.combined_topk_weights = K ? out.combined_topk_weights : nullptr;
+  p.record_bytes = static_cast<int>(record);
+  p.stage_rows = stage_rows;
+  p.wait = m.wait_context();
+  detail::launch_intranode_combine(p, blocks, stream);
+}
+
+}  // namespace openep

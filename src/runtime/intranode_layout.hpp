@@ -1,0 +1,75 @@
+// Layout of the normal-mode (intranode) region of the symmetric window. Host and device use this one struct;
+// no offset arithmetic happens anywhere else. Identical on every rank for identical call shapes, so an
+// offset computed locally addresses the same thing in a peer's window.
+//
+//   header (fixed size):
+//     int32  counts[kMaxRanks][kMaxRanks]         counts[s][d]: tokens rank s sends to rank d (row s written by s)
+//     int32  num_tokens[kMaxRanks]                 num_tokens[s]: token count of rank s
+//     int32  expert_counts[kMaxRanks][kMaxLocalExperts]  tokens rank s sends to each of MY local experts
+//     uint64 dispatch_flags[kMaxRanks][kMaxChunks] set to the op epoch by source s when its chunk c has landed
+//     int32  dispatch_ranges[kMaxRanks][kMaxChunks][2]   (first row, row count) of source s's chunk c here
+//     uint64 combine_flags[kMaxRanks][kMaxChunks]  set to the op epoch by rank d when it returned my chunk c
+//   data (from data_offset; dispatch and combine use it at different times, separated by barriers):
+//     dispatch: records[capacity_rows] = [row bytes | src_idx | topk idx (int32 local) x K | weights x K | scales x S]
+//     combine:  stage[R][stage_rows]   = [BF16 row | weights x K], slot (d, t) holds rank d's row for my token t
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define OPENEP_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define OPENEP_HOST_DEVICE inline
+#endif
+
+namespace openep::detail {
+
+struct IntranodeLayout {
+  static constexpr int kMaxRanks = 8;
+  static constexpr int kMaxChunks = 128;
+  static constexpr int kMaxLocalExperts = 1024;
+  static constexpr int kMinChunkTokens = 16;
+
+  static constexpr size_t kCountsOffset = 0;
+  static constexpr size_t kNumTokensOffset = kCountsOffset + sizeof(int32_t) * kMaxRanks * kMaxRanks;
+  static constexpr size_t kExpertCountsOffset = kNumTokensOffset + sizeof(int32_t) * kMaxRanks;
+  static constexpr size_t kDispatchFlagsOffset =
+      (kExpertCountsOffset + sizeof(int32_t) * kMaxRanks * kMaxLocalExperts + 255) / 256 * 256;
+  static constexpr size_t kDispatchRangesOffset = kDispatchFlagsOffset + sizeof(uint64_t) * kMaxRanks * kMaxChunks;
+  static constexpr size_t kCombineFlagsOffset = kDispatchRangesOffset + sizeof(int32_t) * 2 * kMaxRanks * kMaxChunks;
+  static constexpr size_t kDataOffset =
+      (kCombineFlagsOffset + sizeof(uint64_t) * kMaxRanks * kMaxChunks + 4095) / 4096 * 4096;
+
+  OPENEP_HOST_DEVICE static size_t align16(size_t v) { return (v + 15) / 16 * 16; }
+
+  // Chunk size (tokens) a rank with num_tokens tokens uses; every rank derives it from the exchanged counts.
+  OPENEP_HOST_DEVICE static int chunk_tokens(int num_tokens) {
+    const int c = (num_tokens + kMaxChunks - 1) / kMaxChunks;
+    return c < kMinChunkTokens ? kMinChunkTokens : c;
+  }
+  OPENEP_HOST_DEVICE static int num_chunks(int num_tokens) {
+    const int c = chunk_tokens(num_tokens);
+    return (num_tokens + c - 1) / c;
+  }
+
+  // Dispatch record: row, then metadata, each part 16-byte aligned.
+  OPENEP_HOST_DEVICE static size_t dispatch_meta_bytes(int num_topk, int num_scales) {
+    return align16(sizeof(int32_t) * (1 + 2 * static_cast<size_t>(num_topk) + num_scales));
+  }
+  OPENEP_HOST_DEVICE static size_t dispatch_record_bytes(size_t row_bytes, int num_topk, int num_scales) {
+    return align16(row_bytes) + dispatch_meta_bytes(num_topk, num_scales);
+  }
+  OPENEP_HOST_DEVICE static size_t combine_record_bytes(int hidden, int num_topk) {
+    return align16(2 * static_cast<size_t>(hidden)) + align16(sizeof(float) * static_cast<size_t>(num_topk));
+  }
+  // Rows that fit the data region.
+  OPENEP_HOST_DEVICE static int64_t dispatch_capacity_rows(size_t nvl_bytes, size_t record_bytes) {
+    return nvl_bytes <= kDataOffset ? 0 : static_cast<int64_t>((nvl_bytes - kDataOffset) / record_bytes);
+  }
+  OPENEP_HOST_DEVICE static int64_t combine_stage_rows(size_t nvl_bytes, size_t record_bytes, int num_ranks) {
+    return nvl_bytes <= kDataOffset ? 0 : static_cast<int64_t>((nvl_bytes - kDataOffset) / (record_bytes * num_ranks));
+  }
+};
+
+}  // namespace openep::detail
