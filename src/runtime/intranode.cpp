@@ -283,7 +283,7 @@ void Buffer::combine(const CombineArgs& a, const IntranodeHandle& h, const Combi
   p.op_epoch = &m.local_state->op_epoch;
   p.rank = m.rank;
   p.num_ranks = m.num_ranks;
-  p.num_senders = blocks * 2 / 5 < 1 ? 1 : blocks * 2 / 5;  // reducers read two rows per row written
+  p.num_senders = blocks * 3 / 5 < 1 ? 1 : blocks * 3 / 5;  // pushing to the peer is the slower half
   p.x = a.x;
   p.hidden = a.hidden;
   p.topk_weights = a.topk_weights;

@@ -55,9 +55,11 @@ class DeviceArray {
     if (n_) TEST_CUDA_CHECK(cudaMemcpy(v.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost));
     return v;
   }
-  // Fills with kPoisonByte so that an element the kernel forgot to write is detected.
+  // Fills with kPoisonByte so that an element the kernel forgot to write is detected. Waits for the fill:
+  // cudaMemset runs on the legacy stream, which does not order against OpenEP's non-blocking streams.
   void poison() {
     if (n_) TEST_CUDA_CHECK(cudaMemset(p_, kPoisonByte, n_ * sizeof(T)));
+    TEST_CUDA_CHECK(cudaDeviceSynchronize());
   }
 
  private:
