@@ -1,5 +1,6 @@
 // Host side of the intranode normal-mode operations: validation, sizing, the exact-mode host wait, launches.
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <thread>
 
@@ -124,6 +125,18 @@ detail::DispatchParams dispatch_params(Buffer::Impl& m, const DispatchArgs& a, c
   p.record_bytes = static_cast<int>(dispatch_record_bytes(a, with_topk));
   p.wait = m.wait_context();
   return p;
+}
+
+// Share of combine blocks that push rows back (the rest reduce). Default 40% (measured best of 40/60% on
+// 2x H200, docs/BENCHMARKS.md); OPENEP_COMBINE_SENDER_PERCENT overrides it for tuning sweeps.
+int combine_senders(int blocks) {
+  static const int percent = [] {
+    const char* v = std::getenv("OPENEP_COMBINE_SENDER_PERCENT");
+    const int p = v ? std::atoi(v) : 40;
+    return p < 1 ? 1 : (p > 99 ? 99 : p);
+  }();
+  const int s = blocks * percent / 100;
+  return s < 1 ? 1 : (s >= blocks ? blocks - 1 : s);
 }
 
 int dispatch_senders(int blocks) {
@@ -283,7 +296,7 @@ void Buffer::combine(const CombineArgs& a, const IntranodeHandle& h, const Combi
   p.op_epoch = &m.local_state->op_epoch;
   p.rank = m.rank;
   p.num_ranks = m.num_ranks;
-  p.num_senders = blocks * 3 / 5 < 1 ? 1 : blocks * 3 / 5;  // pushing to the peer is the slower half
+  p.num_senders = combine_senders(blocks);
   p.x = a.x;
   p.hidden = a.hidden;
   p.topk_weights = a.topk_weights;
