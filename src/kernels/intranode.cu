@@ -368,64 +368,50 @@ __device__ __forceinline__ uint32_t float_to_bf16_rne(float f) {
 // One warp reduces token t: rows in ascending rank order, then bias_0, then bias_1 (the reference order).
 __device__ __forceinline__ void reduce_token(const CombineParams& p, const char* my_region, int t, int lane) {
   const int R = p.num_ranks, row_int4 = p.hidden / 8;
-  const int4* src[L::kMaxRanks];  // compact list of this token's rows, ascending rank
-  bool own[L::kMaxRanks];
+  // Per-rank row pointers in fixed-size arrays indexed only by unrolled constants (registers, no stack).
+  const int4* src[L::kMaxRanks];
   const float* wsrc[L::kMaxRanks];
-  int num_src = 0;
-  for (int d = 0; d < R; ++d) {
-    const int pos = p.send_pos[static_cast<int64_t>(t) * R + d];
+#pragma unroll
+  for (int d = 0; d < L::kMaxRanks; ++d) {
+    const int pos = d < R ? p.send_pos[static_cast<int64_t>(t) * R + d] : -1;
+    src[d] = nullptr, wsrc[d] = nullptr;
     if (pos < 0) continue;
     if (d == p.rank) {
-      src[num_src] = reinterpret_cast<const int4*>(p.x + static_cast<int64_t>(pos) * p.hidden);
-      wsrc[num_src] = p.topk_weights ? p.topk_weights + static_cast<int64_t>(pos) * p.num_topk : nullptr;
+      src[d] = reinterpret_cast<const int4*>(p.x + static_cast<int64_t>(pos) * p.hidden);
+      if (p.topk_weights) wsrc[d] = p.topk_weights + static_cast<int64_t>(pos) * p.num_topk;
     } else {
       const char* slot = my_region + L::kDataOffset + (static_cast<int64_t>(d) * p.stage_rows + t) * p.record_bytes;
-      src[num_src] = reinterpret_cast<const int4*>(slot);
-      wsrc[num_src] = reinterpret_cast<const float*>(slot + L::align16(2 * static_cast<size_t>(p.hidden)));
+      src[d] = reinterpret_cast<const int4*>(slot);
+      wsrc[d] = reinterpret_cast<const float*>(slot + L::align16(2 * static_cast<size_t>(p.hidden)));
     }
-    own[num_src++] = d == p.rank;
   }
   const int4* b0 = p.bias_0 ? reinterpret_cast<const int4*>(p.bias_0 + static_cast<int64_t>(t) * p.hidden) : nullptr;
   const int4* b1 = p.bias_1 ? reinterpret_cast<const int4*>(p.bias_1 + static_cast<int64_t>(t) * p.hidden) : nullptr;
   int4* out = reinterpret_cast<int4*>(p.combined_x + static_cast<int64_t>(t) * p.hidden);
-  // kU columns per lane per step, so that kU loads per source are in flight (the loop is latency-bound).
-  constexpr int kU = 4;
-  for (int i0 = lane; i0 < row_int4; i0 += 32 * kU) {
-    float acc[kU][8];
+  for (int i = lane; i < row_int4; i += 32) {
+    int4 v[L::kMaxRanks];
 #pragma unroll
-    for (int u = 0; u < kU; ++u)
+    for (int d = 0; d < L::kMaxRanks; ++d)  // every load in flight before the first add
+      if (src[d]) v[d] = d == p.rank ? ptx::ld_nc_no_allocate(src[d] + i) : ptx::ld_cg(src[d] + i);
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
-    auto add_row = [&](const int4* row, bool input) {
-      int4 v[kU];
-#pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        const int i = i0 + u * 32;
-        if (i < row_int4) v[u] = input ? ptx::ld_nc_no_allocate(row + i) : ptx::ld_cg(row + i);
-      }
-#pragma unroll
-      for (int u = 0; u < kU; ++u)
-        if (i0 + u * 32 < row_int4) accumulate_bf16x8(acc[u], v[u]);
-    };
-    for (int j = 0; j < num_src; ++j) add_row(src[j], own[j]);
-    if (b0) add_row(b0, true);
-    if (b1) add_row(b1, true);
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int i = i0 + u * 32;
-      if (i >= row_int4) break;
-      int4 o;
-      o.x = static_cast<int>(float_to_bf16_rne(acc[u][0]) | (float_to_bf16_rne(acc[u][1]) << 16));
-      o.y = static_cast<int>(float_to_bf16_rne(acc[u][2]) | (float_to_bf16_rne(acc[u][3]) << 16));
-      o.z = static_cast<int>(float_to_bf16_rne(acc[u][4]) | (float_to_bf16_rne(acc[u][5]) << 16));
-      o.w = static_cast<int>(float_to_bf16_rne(acc[u][6]) | (float_to_bf16_rne(acc[u][7]) << 16));
-      ptx::st_no_allocate(out + i, o);
-    }
+    for (int d = 0; d < L::kMaxRanks; ++d)
+      if (src[d]) accumulate_bf16x8(acc, v[d]);
+    if (b0) accumulate_bf16x8(acc, b0[i]);
+    if (b1) accumulate_bf16x8(acc, b1[i]);
+    int4 o;
+    o.x = static_cast<int>(float_to_bf16_rne(acc[0]) | (float_to_bf16_rne(acc[1]) << 16));
+    o.y = static_cast<int>(float_to_bf16_rne(acc[2]) | (float_to_bf16_rne(acc[3]) << 16));
+    o.z = static_cast<int>(float_to_bf16_rne(acc[4]) | (float_to_bf16_rne(acc[5]) << 16));
+    o.w = static_cast<int>(float_to_bf16_rne(acc[6]) | (float_to_bf16_rne(acc[7]) << 16));
+    ptx::st_no_allocate(out + i, o);
   }
   if (p.combined_topk_weights) {
     for (int k = lane; k < p.num_topk; k += 32) {
       float acc = 0.f;
-      for (int j = 0; j < num_src; ++j) acc += own[j] ? wsrc[j][k] : __ldcg(wsrc[j] + k);
+#pragma unroll
+      for (int d = 0; d < L::kMaxRanks; ++d)
+        if (wsrc[d]) acc += d == p.rank ? wsrc[d][k] : __ldcg(wsrc[d] + k);
       p.combined_topk_weights[static_cast<int64_t>(t) * p.num_topk + k] = acc;
     }
   }

@@ -127,12 +127,12 @@ detail::DispatchParams dispatch_params(Buffer::Impl& m, const DispatchArgs& a, c
   return p;
 }
 
-// Share of combine blocks that push rows back (the rest reduce). Default 40% (measured best of 40/60% on
+// Share of combine blocks that push rows back (the rest reduce). Default 30% (measured best of 30/40/50% on
 // 2x H200, docs/BENCHMARKS.md); OPENEP_COMBINE_SENDER_PERCENT overrides it for tuning sweeps.
 int combine_senders(int blocks) {
   static const int percent = [] {
     const char* v = std::getenv("OPENEP_COMBINE_SENDER_PERCENT");
-    const int p = v ? std::atoi(v) : 40;
+    const int p = v ? std::atoi(v) : 30;
     return p < 1 ? 1 : (p > 99 ? 99 : p);
   }();
   const int s = blocks * percent / 100;
