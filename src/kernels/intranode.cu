@@ -11,10 +11,12 @@
 //    outputs), then one thread per destination publishes (first row, count) and st.release.sys's
 //    dispatch_flags[me][c] = epoch in d's header. Receiver blocks wait (acquire) for each (source, chunk) flag
 //    and copy those rows from the window into the caller's outputs. No rings, no flow control.
-//  combine: sender blocks take (source s, chunk c) pairs of the rows this rank received, write each row (and
-//    its weights) into s's stage slot (me, token) and publish combine_flags[me][c] = epoch in s's header.
-//    Reducer blocks wait for every peer's flag of their chunk, then sum each token's rows in fp32 in ascending
-//    rank order (own rows read straight from the input), add the biases and store BF16.
+//  combine: sender blocks take (row block b, source s) pairs of the rows this rank received from s (blocks of
+//    chunk_tokens(n_s) rows in receive order), write each row (and its weights) into s's stage slot (me, token)
+//    and publish combine_flags[me][b] = epoch in s's header. Reducer blocks take chunks of this rank's tokens,
+//    find from send_pos which row blocks of each peer hold them, wait for those flags, then sum each token's
+//    rows in fp32 in ascending rank order (own rows read straight from the input), add the biases and store
+//    BF16.
 #include <climits>
 
 #include "device/barrier.cuh"
@@ -302,36 +304,33 @@ __global__ void __launch_bounds__(kThreads, 1) intranode_dispatch_kernel(const _
 
 // ---------------------------------------------------------------------------------------------------------
 // combine
+//
+// Row blocks: the rows rank d received from source s are [lo, hi) of d's receive order (lo, hi from
+// rank_prefix_matrix), sorted by source token. They are returned in blocks of chunk_tokens(n_s) rows
+// (n_s = s's token count, so there are at most kMaxChunks blocks); block b's flag is
+// combine_flags[d][b] in s's header. A reducer on s learns which blocks hold the rows of its token chunk from
+// send_pos (the row of its token t at d), so neither side searches.
 
-__device__ __forceinline__ int lower_bound(const int* a, int lo, int hi, int v) {
-  while (lo < hi) {
-    const int mid = (lo + hi) / 2;
-    if (a[mid] < v) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo;
+constexpr int kCombineThreads = 512;  // 16 warps: 128 registers per thread for the reducer's loads in flight
+constexpr int kCombineWarps = kCombineThreads / 32;
+
+__device__ __forceinline__ int rows_before(const int* rank_prefix_matrix, int R, int s, int d) {
+  return s == 0 ? 0 : rank_prefix_matrix[(s - 1) * R + d];
 }
 
-
 __device__ void combine_sender(const CombineParams& p, uint64_t epoch) {
-  __shared__ int s_lo, s_hi;
   const int R = p.num_ranks, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row_int4 = p.hidden * 2 / 16;
-  const int num_pairs = (R - 1) * L::kMaxChunks;
+  const int num_pairs = (R - 1) * L::kMaxChunks;  // (block, source) pairs, block-major: early tokens first
   for (int q = blockIdx.x; q < num_pairs; q += p.num_senders) {
-    const int c = q / (R - 1), si = q % (R - 1), s = si < p.rank ? si : si + 1;
-    const int n_s = p.num_tokens_per_src[s];
-    if (c >= L::num_chunks(n_s)) continue;
-    if (threadIdx.x == 0) {
-      const int lo = s == 0 ? 0 : p.rank_prefix_matrix[(s - 1) * R + p.rank];
-      const int hi = p.rank_prefix_matrix[s * R + p.rank];
-      const int chunk = L::chunk_tokens(n_s);
-      s_lo = lower_bound(p.recv_src_idx, lo, hi, c * chunk);
-      s_hi = lower_bound(p.recv_src_idx, s_lo, hi, (c + 1) * chunk);
-    }
-    __syncthreads();
+    const int b = q / (R - 1), si = q % (R - 1), s = si < p.rank ? si : si + 1;
+    const int lo = rows_before(p.rank_prefix_matrix, R, s, p.rank);
+    const int hi = p.rank_prefix_matrix[s * R + p.rank];
+    const int block_rows = L::chunk_tokens(p.num_tokens_per_src[s]);
+    const int r0 = lo + b * block_rows, r1 = min(hi, r0 + block_rows);
+    if (r0 >= hi) continue;  // uniform across the block
     char* dst_region = region(p.window, s);
-    for (int row = s_lo + warp; row < s_hi; row += kWarps) {
+    for (int row = r0 + warp; row < r1; row += kCombineWarps) {
       const int t = p.recv_src_idx[row];
       char* slot = dst_region + L::kDataOffset + (static_cast<int64_t>(p.rank) * p.stage_rows + t) * p.record_bytes;
       device::copy_warp<device::Source::kInput>(reinterpret_cast<int4*>(slot),
@@ -344,7 +343,7 @@ __device__ void combine_sender(const CombineParams& p, uint64_t epoch) {
     }
     __syncthreads();
     if (threadIdx.x == 0)
-      ptx::st_release_sys(at<uint64_t>(p.window, s, L::kCombineFlagsOffset) + p.rank * L::kMaxChunks + c, epoch);
+      ptx::st_release_sys(at<uint64_t>(p.window, s, L::kCombineFlagsOffset) + p.rank * L::kMaxChunks + b, epoch);
   }
 }
 
@@ -365,58 +364,101 @@ __device__ __forceinline__ uint32_t float_to_bf16_rne(float f) {
   return u >> 16;
 }
 
-// One warp reduces token t: rows in ascending rank order, then bias_0, then bias_1 (the reference order).
-__device__ __forceinline__ void reduce_token(const CombineParams& p, const char* my_region, int t, int lane) {
-  const int R = p.num_ranks, row_int4 = p.hidden / 8;
-  // Per-rank row pointers in fixed-size arrays indexed only by unrolled constants (registers, no stack).
-  const int4* src[L::kMaxRanks];
-  const float* wsrc[L::kMaxRanks];
+__device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
+  int4 o;
+  o.x = static_cast<int>(float_to_bf16_rne(acc[0]) | (float_to_bf16_rne(acc[1]) << 16));
+  o.y = static_cast<int>(float_to_bf16_rne(acc[2]) | (float_to_bf16_rne(acc[3]) << 16));
+  o.z = static_cast<int>(float_to_bf16_rne(acc[4]) | (float_to_bf16_rne(acc[5]) << 16));
+  o.w = static_cast<int>(float_to_bf16_rne(acc[6]) | (float_to_bf16_rne(acc[7]) << 16));
+  return o;
+}
+
+// Sums kU 16-byte columns (i, i + 32, ...) of token t's rows: rows in ascending rank order, then bias_0, then
+// bias_1 (the reference order). All kU * kR row loads are issued before the first add.
+template <int kR, int kU>
+__device__ __forceinline__ void reduce_columns(const int4* const (&src)[kR], const int4* b0, const int4* b1,
+                                               int4* out, int i, int own) {
+  int4 v[kU][kR];
 #pragma unroll
-  for (int d = 0; d < L::kMaxRanks; ++d) {
+  for (int u = 0; u < kU; ++u)
+#pragma unroll
+    for (int d = 0; d < kR; ++d)
+      if (src[d]) v[u][d] = d == own ? ptx::ld_nc_no_allocate(src[d] + i + 32 * u) : ptx::ld_cg(src[d] + i + 32 * u);
+#pragma unroll
+  for (int u = 0; u < kU; ++u) {
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int d = 0; d < kR; ++d)
+      if (src[d]) accumulate_bf16x8(acc, v[u][d]);
+    if (b0) accumulate_bf16x8(acc, b0[i + 32 * u]);
+    if (b1) accumulate_bf16x8(acc, b1[i + 32 * u]);
+    ptx::st_no_allocate(out + i + 32 * u, pack_bf16x8(acc));
+  }
+}
+
+// One warp reduces token t. kR >= num_ranks is a compile-time bound so the row pointers stay in registers.
+template <int kR>
+__device__ __forceinline__ void reduce_token(const CombineParams& p, const char* my_region, int t, int lane) {
+  constexpr int kU = kR >= 8 ? 1 : 8 / kR;  // 8 row loads in flight per lane
+  const int R = p.num_ranks, row_int4 = p.hidden / 8;
+  const int4* src[kR];
+  const float* wsrc[kR];
+#pragma unroll
+  for (int d = 0; d < kR; ++d) {
     const int pos = d < R ? p.send_pos[static_cast<int64_t>(t) * R + d] : -1;
-    src[d] = nullptr, wsrc[d] = nullptr;
-    if (pos < 0) continue;
-    if (d == p.rank) {
-      src[d] = reinterpret_cast<const int4*>(p.x + static_cast<int64_t>(pos) * p.hidden);
-      if (p.topk_weights) wsrc[d] = p.topk_weights + static_cast<int64_t>(pos) * p.num_topk;
-    } else {
-      const char* slot = my_region + L::kDataOffset + (static_cast<int64_t>(d) * p.stage_rows + t) * p.record_bytes;
-      src[d] = reinterpret_cast<const int4*>(slot);
-      wsrc[d] = reinterpret_cast<const float*>(slot + L::align16(2 * static_cast<size_t>(p.hidden)));
-    }
+    const char* slot = my_region + L::kDataOffset + (static_cast<int64_t>(d) * p.stage_rows + t) * p.record_bytes;
+    const bool own = d == p.rank;
+    src[d] = pos < 0 ? nullptr
+             : own   ? reinterpret_cast<const int4*>(p.x + static_cast<int64_t>(pos) * p.hidden)
+                     : reinterpret_cast<const int4*>(slot);
+    wsrc[d] = pos < 0 || !p.topk_weights ? nullptr
+              : own ? p.topk_weights + static_cast<int64_t>(pos) * p.num_topk
+                    : reinterpret_cast<const float*>(slot + L::align16(2 * static_cast<size_t>(p.hidden)));
   }
   const int4* b0 = p.bias_0 ? reinterpret_cast<const int4*>(p.bias_0 + static_cast<int64_t>(t) * p.hidden) : nullptr;
   const int4* b1 = p.bias_1 ? reinterpret_cast<const int4*>(p.bias_1 + static_cast<int64_t>(t) * p.hidden) : nullptr;
   int4* out = reinterpret_cast<int4*>(p.combined_x + static_cast<int64_t>(t) * p.hidden);
-  for (int i = lane; i < row_int4; i += 32) {
-    int4 v[L::kMaxRanks];
-#pragma unroll
-    for (int d = 0; d < L::kMaxRanks; ++d)  // every load in flight before the first add
-      if (src[d]) v[d] = d == p.rank ? ptx::ld_nc_no_allocate(src[d] + i) : ptx::ld_cg(src[d] + i);
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int d = 0; d < L::kMaxRanks; ++d)
-      if (src[d]) accumulate_bf16x8(acc, v[d]);
-    if (b0) accumulate_bf16x8(acc, b0[i]);
-    if (b1) accumulate_bf16x8(acc, b1[i]);
-    int4 o;
-    o.x = static_cast<int>(float_to_bf16_rne(acc[0]) | (float_to_bf16_rne(acc[1]) << 16));
-    o.y = static_cast<int>(float_to_bf16_rne(acc[2]) | (float_to_bf16_rne(acc[3]) << 16));
-    o.z = static_cast<int>(float_to_bf16_rne(acc[4]) | (float_to_bf16_rne(acc[5]) << 16));
-    o.w = static_cast<int>(float_to_bf16_rne(acc[6]) | (float_to_bf16_rne(acc[7]) << 16));
-    ptx::st_no_allocate(out + i, o);
-  }
+  int i = lane;
+  for (; i + 32 * (kU - 1) < row_int4; i += 32 * kU) reduce_columns<kR, kU>(src, b0, b1, out, i, p.rank);
+  for (; i < row_int4; i += 32) reduce_columns<kR, 1>(src, b0, b1, out, i, p.rank);
   if (p.combined_topk_weights) {
     for (int k = lane; k < p.num_topk; k += 32) {
       float acc = 0.f;
 #pragma unroll
-      for (int d = 0; d < L::kMaxRanks; ++d)
+      for (int d = 0; d < kR; ++d)
         if (wsrc[d]) acc += d == p.rank ? wsrc[d][k] : __ldcg(wsrc[d] + k);
       p.combined_topk_weights[static_cast<int64_t>(t) * p.num_topk + k] = acc;
     }
   }
 }
 
+// One warp waits until peer d has returned every row of my tokens [t0, t1): finds the first and last such
+// row at d from send_pos and waits for the row blocks between them. Returns false on timeout or error.
+__device__ __forceinline__ bool wait_returned_rows(const CombineParams& p, int d, int t0, int t1, uint64_t epoch,
+                                                   int lane) {
+  const int R = p.num_ranks;
+  int first = INT_MAX, last = -1;
+  for (int t = t0 + lane; t < t1; t += 32) {
+    const int pos = p.send_pos[static_cast<int64_t>(t) * R + d];
+    if (pos >= 0) first = min(first, pos), last = max(last, pos);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    first = min(first, __shfl_xor_sync(0xffffffffu, first, o));
+    last = max(last, __shfl_xor_sync(0xffffffffu, last, o));
+  }
+  if (last < 0) return true;  // none of these tokens went to d
+  const int lo = rows_before(p.rank_prefix_matrix, R, p.rank, d);
+  const int block_rows = L::chunk_tokens(p.num_tokens);
+  const int b0 = (first - lo) / block_rows, b1 = (last - lo) / block_rows;
+  bool ok = true;
+  const uint64_t* flags = at<uint64_t>(p.window, p.rank, L::kCombineFlagsOffset) + d * L::kMaxChunks;
+  for (int b = b0 + lane; b <= b1; b += 32)
+    if (!device::wait_geq(p.wait, flags + b, epoch, d, Phase::kCombineData)) ok = false;
+  return __all_sync(0xffffffffu, ok);
+}
+
+template <int kR>
 __device__ void combine_reducer(const CombineParams& p, uint64_t epoch) {
   __shared__ int s_failed;
   const int R = p.num_ranks, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -426,22 +468,19 @@ __device__ void combine_reducer(const CombineParams& p, uint64_t epoch) {
   if (threadIdx.x == 0) s_failed = 0;
   __syncthreads();
   for (int c = reducer; c < num_chunks; c += num_reducers) {
-    const int d = threadIdx.x;
-    if (d < R && d != p.rank) {
-      const uint64_t* flag = at<uint64_t>(p.window, p.rank, L::kCombineFlagsOffset) + d * L::kMaxChunks + c;
-      if (!device::wait_geq(p.wait, flag, epoch, d, Phase::kCombineData)) s_failed = 1;
-    }
+    const int t0 = c * chunk, t1 = min(p.num_tokens, t0 + chunk);
+    if (warp < R && warp != p.rank && !wait_returned_rows(p, warp, t0, t1, epoch, lane) && lane == 0) s_failed = 1;
     __syncthreads();
     if (s_failed) return;
-    const int t1 = min(p.num_tokens, (c + 1) * chunk);
-    for (int t = c * chunk + warp; t < t1; t += kWarps) reduce_token(p, my_region, t, lane);
+    for (int t = t0 + warp; t < t1; t += kCombineWarps) reduce_token<kR>(p, my_region, t, lane);
   }
 }
 
-__global__ void __launch_bounds__(kThreads, 1) intranode_combine_kernel(const __grid_constant__ CombineParams p) {
+template <int kR>
+__global__ void __launch_bounds__(kCombineThreads, 1) intranode_combine_kernel(const __grid_constant__ CombineParams p) {
   const uint64_t epoch = *p.op_epoch;
   if (blockIdx.x < p.num_senders) combine_sender(p, epoch);
-  else combine_reducer(p, epoch);
+  else combine_reducer<kR>(p, epoch);
 }
 
 }  // namespace
@@ -461,7 +500,9 @@ void launch_intranode_dispatch(const DispatchParams& p, int num_blocks, cudaStre
 void launch_intranode_combine(const CombineParams& p, int num_blocks, cudaStream_t stream) {
   OPENEP_CHECK(p.num_senders >= 1 && p.num_senders < num_blocks, ErrorCode::kInternal, "combine with ",
                p.num_senders, " senders of ", num_blocks, " blocks");
-  intranode_combine_kernel<<<num_blocks, kThreads, 0, stream>>>(p);
+  if (p.num_ranks <= 2) intranode_combine_kernel<2><<<num_blocks, kCombineThreads, 0, stream>>>(p);
+  else if (p.num_ranks <= 4) intranode_combine_kernel<4><<<num_blocks, kCombineThreads, 0, stream>>>(p);
+  else intranode_combine_kernel<8><<<num_blocks, kCombineThreads, 0, stream>>>(p);
   OPENEP_CUDA_CHECK(cudaGetLastError());
 }
 
