@@ -411,7 +411,7 @@ __device__ __forceinline__ void reduce_token(const CombineParams& p, const char*
     src[d] = pos < 0 ? nullptr
              : own   ? reinterpret_cast<const int4*>(p.x + static_cast<int64_t>(pos) * p.hidden)
                      : reinterpret_cast<const int4*>(slot);
-    wsrc[d] = pos < 0 || !p.topk_weights ? nullptr
+    wsrc[d] = pos < 0 || p.num_topk == 0 ? nullptr
               : own ? p.topk_weights + static_cast<int64_t>(pos) * p.num_topk
                     : reinterpret_cast<const float*>(slot + L::align16(2 * static_cast<size_t>(p.hidden)));
   }

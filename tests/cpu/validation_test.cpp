@@ -2,11 +2,13 @@
 #include <gtest/gtest.h>
 
 #include <string>
+#include <utility>
 
 #include "kernels/launch.hpp"
 #include "openep/buffer.hpp"
 #include "openep/config.hpp"
 #include "openep/error.hpp"
+#include "openep/event.hpp"
 #include "runtime/buffer_impl.hpp"
 
 namespace openep {
@@ -112,6 +114,30 @@ TEST(ErrorFormatting, CarriesCodeAndMessage) {
   EXPECT_EQ(e.code(), ErrorCode::kTimeout);
   EXPECT_EQ(e.line(), 12);
   EXPECT_EQ(std::string(e.what()), "OpenEP timeout: rank 0 waited for peer 1");
+}
+
+}  // namespace
+}  // namespace openep
+
+namespace openep {
+namespace {
+
+TEST(EventValidation, EmptyEventIsRejectedWithoutTouchingCuda) {
+  Event e;
+  EXPECT_TRUE(e.empty());
+  for (int op = 0; op < 3; ++op) {
+    try {
+      if (op == 0) e.wait(nullptr);
+      if (op == 1) (void)e.query();
+      if (op == 2) e.synchronize();
+      ADD_FAILURE() << "operation " << op << " on an empty Event did not throw";
+    } catch (const Error& err) {
+      EXPECT_EQ(err.code(), ErrorCode::kInvalidArgument);
+      EXPECT_NE(std::string(err.what()).find("empty Event"), std::string::npos) << err.what();
+    }
+  }
+  Event moved = std::move(e);
+  EXPECT_TRUE(moved.empty());
 }
 
 }  // namespace
