@@ -353,6 +353,8 @@ TEST(IntranodeMgpu, MatchesReferenceAcrossShapesDtypesAndRoutings) {
       {127, 7168, 9, E, true, true, Route::kUniform},
       {4096, 7168, 8, E, false, true, Route::kUniform},
       {4096, 7168, 8, E, true, true, Route::kUniform},
+      {8192, 7168, 8, E, false, true, Route::kUniform},
+      {8192, 4096, 8, E, true, true, Route::kHot, IndexType::kInt32, 1, true, 16},
       {4096, 4096, 8, E, false, false, Route::kOneRankGetsAll},
       {1000, 8192, 1, E, false, true, Route::kEmptyRank},
       {513, 2048, 4, E, true, false, Route::kMinusOneRows},
