@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "common/compare.hpp"
 #include "common/launcher_env.hpp"
 #include "common/routing.hpp"
 #include "nccl_baseline.hpp"
@@ -43,6 +44,7 @@ struct Options {
   int warmup = 10, reps = 30;
   std::string results;   // JSONL file to append to (rank 0)
   std::string commit = "unknown";
+  int ll_tokens = 128, ll_experts = 288;  // low-latency ops (hidden and top-k are shared)
 };
 
 Options parse(int argc, char** argv) {
@@ -62,6 +64,8 @@ Options parse(int argc, char** argv) {
     else if (a == "--reps") o.reps = std::stoi(next());
     else if (a == "--results") o.results = next();
     else if (a == "--commit") o.commit = next();
+    else if (a == "--ll-tokens") o.ll_tokens = std::stoi(next());
+    else if (a == "--ll-experts") o.ll_experts = std::stoi(next());
     else if (a == "--sms") {
       o.sms.clear();
       std::stringstream ss(next());
@@ -70,7 +74,8 @@ Options parse(int argc, char** argv) {
     }
     else if (a == "--help" || a == "-h") {
       std::printf("openep_bench [--ops layout,dispatch,combine] [--tokens N] [--hidden H] [--topk K] [--experts E]\n"
-                  "             [--warmup W] [--reps R] [--results FILE.jsonl] [--commit SHA] [--sms 8,12,16,20,24]\n");
+                  "             [--warmup W] [--reps R] [--results FILE.jsonl] [--commit SHA] [--sms 8,12,16,20,24]\n"
+                  "             [--ll-tokens 128] [--ll-experts 288]   (ops ll_dispatch, ll_combine, ll_hook, ll_graph)\n");
       std::exit(0);
     } else {
       throw std::runtime_error("unknown argument " + a);
@@ -110,6 +115,10 @@ class Bench {
       else if (op == "dispatch") bench_nccl_dispatch(), bench_openep_dispatch(false);
       else if (op == "dispatch_fp8") bench_openep_dispatch(true);
       else if (op == "combine") bench_nccl_combine(), bench_openep_combine();
+      else if (op == "ll_dispatch") bench_ll_nccl(), bench_ll_dispatch();
+      else if (op == "ll_combine") bench_ll_combine();
+      else if (op == "ll_hook") bench_ll_hook();
+      else if (op == "ll_graph") bench_ll_graph();
       else throw std::runtime_error("unknown op " + op);
     }
     report();
@@ -429,6 +438,8 @@ class Bench {
     cudaFree(out);
   }
 
+#include "bench_low_latency.inc"
+
   void report() {
     if (env_.rank != 0) return;
     char date[32];
@@ -475,6 +486,7 @@ class Bench {
   std::vector<ref::RankInput> ref_inputs_;
   std::vector<ref::RankRecv> ref_recv_;
   std::vector<Row> rows_;
+  std::unique_ptr<LLBench> ll_;
 };
 
 }  // namespace
