@@ -289,6 +289,7 @@ std::vector<LLCase> cases() {
       {100, 128, 7168, 11, 32, false, false, false, Route::kHot, IndexType::kInt32},
       {64, 128, 2560, 4, 8, true, true, false, Route::kMinusOne},
       {33, 64, 8, 2, 4, false, false, false, Route::kUniform},
+      {128, 128, 2048, 8, 144, true, false, false, Route::kUniform},  // more local experts than SMs
   };
 }
 
