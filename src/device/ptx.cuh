@@ -115,3 +115,14 @@ __device__ __forceinline__ void bar_sync(int id, int num_threads) {
 }
 
 }  // namespace openep::ptx
+
+namespace openep::ptx {
+
+// atom.acq_rel.gpu.global.add.u32: a completion ticket whose last arriver only needs this GPU's writes.
+__device__ __forceinline__ uint32_t atom_add_acq_rel_gpu(uint32_t* ptr, uint32_t v) {
+  uint32_t old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(ptr), "r"(v) : "memory");
+  return old;
+}
+
+}  // namespace openep::ptx

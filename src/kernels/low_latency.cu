@@ -40,7 +40,6 @@ namespace {
 
 using L = LowLatencyLayout;
 constexpr int kThreads = 1024;
-constexpr int kWarps = kThreads / 32;
 constexpr int kGroupThreads = 256;                 // combine send: one warp group per (expert, rank) pair
 constexpr int kGroups = kThreads / kGroupThreads;
 constexpr int kMaxRanksLL = 256;
@@ -56,11 +55,14 @@ __device__ __forceinline__ int64_t read_topk(const void* p, bool i64, int64_t id
 }
 
 // True on every thread of the last block of the grid to get here. The ticket is reset by that block.
+// kSystem: the last block publishes other blocks' peer writes (needs system scope); else it only stores an epoch.
+template <bool kSystem>
 __device__ __forceinline__ bool last_block(uint32_t* ticket) {
   __shared__ int s_last;
   __syncthreads();  // the block's writes are ordered before thread 0's release
   if (threadIdx.x == 0) {
-    s_last = ptx::atom_add_acq_rel_sys(ticket, 1u) == gridDim.x - 1;
+    const uint32_t prev = kSystem ? ptx::atom_add_acq_rel_sys(ticket, 1u) : ptx::atom_add_acq_rel_gpu(ticket, 1u);
+    s_last = prev == gridDim.x - 1;
     if (s_last) *ticket = 0;
   }
   __syncthreads();
@@ -163,7 +165,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint64_t epoch,
     __syncthreads();  // shared memory is reused by the next token
   }
 
-  if (last_block(&p.state->send_ticket[0])) {
+  if (last_block<true>(&p.state->send_ticket[0])) {
     for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) {
       const int count = min(atomicExch(&p.state->slot_counter[e], 0), T);
       const int d = e / El, i = e % El;
@@ -181,7 +183,6 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint64_t epoch)
   __shared__ int s_failed;
   const int R = p.num_ranks, El = p.num_local_experts, H = p.hidden, T = p.T;
   const int RT = R * T;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int half = static_cast<int>(epoch & 1);
   const L& layout = p.window.layout;
   const int row_bytes = p.use_fp8 ? H : 2 * H;
@@ -216,38 +217,58 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint64_t epoch)
     for (int s = threadIdx.x; s < R; s += blockDim.x)
       p.layout_range[i * R + s] = (static_cast<int64_t>(s_start[s]) << 32) | static_cast<int64_t>(s_count[s]);
     const int total = s_start[R];
-    for (int r = warp; r < total; r += kWarps) {
+    // Every thread of the block takes 16-byte pieces of the expert's rows (kUnroll loads in flight), so a few
+    // rows are copied by the whole block instead of one warp each.
+    const int row_int4 = row_bytes / 16;
+    const int words = p.use_ue8m0 ? num_scales / 4 : num_scales;
+    const int pieces = total * row_int4;
+    constexpr int kUnroll = 4;
+    for (int j0 = threadIdx.x; j0 < pieces; j0 += kUnroll * kThreads) {
+      int4 v[kUnroll];
+      int4* dst[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int j = j0 + u * kThreads;
+        dst[u] = nullptr;
+        v[u] = make_int4(0, 0, 0, 0);
+        if (j < pieces) {
+          const int r = j / row_int4, c = j - r * row_int4;
+          int s = 0;
+          while (s_start[s + 1] <= r) ++s;
+          const char* m = data + (static_cast<size_t>(i * R + s) * T + (r - s_start[s])) * layout.msg_bytes;
+          v[u] = ptx::ld_cg(reinterpret_cast<const int4*>(m + 16) + c);
+          dst[u] = reinterpret_cast<int4*>(static_cast<char*>(p.packed_x) + (static_cast<size_t>(i) * RT + r) * row_bytes) + c;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (dst[u] != nullptr) ptx::st_no_allocate(dst[u], v[u]);
+    }
+    // Source indices and scales: one thread per (row, word).
+    const int meta = total * (words + 1);
+    for (int j = threadIdx.x; j < meta; j += kThreads) {
+      const int r = j / (words + 1), w = j - r * (words + 1);
       int s = 0;
       while (s_start[s + 1] <= r) ++s;
-      const int slot = r - s_start[s];
-      const char* m = data + (static_cast<size_t>(i * R + s) * T + slot) * layout.msg_bytes;
-      const size_t row = static_cast<size_t>(i) * RT + r;
-      if (lane == 0) p.src_info[row] = ptx::ld_cg(reinterpret_cast<const int32_t*>(m));
-      device::copy_warp<device::Source::kWindow>(
-          reinterpret_cast<int4*>(static_cast<char*>(p.packed_x) + row * row_bytes),
-          reinterpret_cast<const int4*>(m + 16), row_bytes / 16, lane);
-      if (num_scales > 0) {
-        const auto* sc = reinterpret_cast<const int32_t*>(m + 16 + row_bytes);
-        if (!p.use_ue8m0) {
-          auto* out = static_cast<int32_t*>(p.packed_scales);
-          for (int j = lane; j < num_scales; j += 32)
-            out[(static_cast<size_t>(i) * num_scales + j) * RT + r] = ptx::ld_cg(sc + j);
-        } else {
-          auto* out = static_cast<uint32_t*>(p.packed_scales);
-          const int words = num_scales / 4;
-          for (int j = lane; j < words; j += 32) {
-            uint32_t word = 0;
+      const char* m = data + (static_cast<size_t>(i * R + s) * T + (r - s_start[s])) * layout.msg_bytes;
+      if (w == words) {
+        p.src_info[static_cast<size_t>(i) * RT + r] = ptx::ld_cg(reinterpret_cast<const int32_t*>(m));
+        continue;
+      }
+      const auto* sc = reinterpret_cast<const int32_t*>(m + 16 + row_bytes);
+      if (!p.use_ue8m0) {
+        static_cast<int32_t*>(p.packed_scales)[(static_cast<size_t>(i) * words + w) * RT + r] = ptx::ld_cg(sc + w);
+      } else {
+        uint32_t word = 0;
 #pragma unroll
-            for (int q = 0; q < 4; ++q)
-              word |= ((static_cast<uint32_t>(ptx::ld_cg(sc + 4 * j + q)) >> 23) & 0xFFu) << (8 * q);
-            out[(static_cast<size_t>(i) * words + j) * RT + r] = word;
-          }
-        }
+        for (int q = 0; q < 4; ++q)
+          word |= ((static_cast<uint32_t>(ptx::ld_cg(sc + 4 * w + q)) >> 23) & 0xFFu) << (8 * q);
+        static_cast<uint32_t*>(p.packed_scales)[(static_cast<size_t>(i) * words + w) * RT + r] = word;
       }
     }
     __syncthreads();  // s_start / s_count are reused by the next expert
   }
-  if (last_block(&p.state->recv_ticket[0]) && threadIdx.x == 0) p.state->recv_epoch[0] = epoch;
+  if (last_block<false>(&p.state->recv_ticket[0]) && threadIdx.x == 0) p.state->recv_epoch[0] = epoch;
 }
 
 __global__ void __launch_bounds__(kThreads, 1) low_latency_dispatch_kernel(const __grid_constant__ LowLatencyDispatchParams p) {
@@ -307,7 +328,7 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch) {
       ptx::st_release_sys(flag, epoch);
     }
   }
-  if (last_block(&p.state->send_ticket[1]) && threadIdx.x == 0) p.state->send_epoch[1] = epoch;
+  if (last_block<false>(&p.state->send_ticket[1]) && threadIdx.x == 0) p.state->send_epoch[1] = epoch;
 }
 
 __device__ void combine_recv(const LowLatencyCombineParams& p, uint64_t epoch) {
@@ -321,7 +342,7 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint64_t epoch) {
   const auto* flags = reinterpret_cast<const uint64_t*>(my + L::kCombineFlags) + static_cast<size_t>(half) * kMaxExperts;
   const auto* data = reinterpret_cast<const int4*>(my + layout.combine_offset + half * layout.combine_half);
   const int row_int4 = H / 8;
-  constexpr int kBatch = 4;
+  constexpr int kBatch = 8;
 
   for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
     if (threadIdx.x == 0) s_failed = 0;
@@ -387,7 +408,7 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint64_t epoch) {
     }
     __syncthreads();  // s_e / s_w are reused by the next token
   }
-  if (last_block(&p.state->recv_ticket[1]) && threadIdx.x == 0) p.state->recv_epoch[1] = epoch;
+  if (last_block<false>(&p.state->recv_ticket[1]) && threadIdx.x == 0) p.state->recv_epoch[1] = epoch;
 }
 
 __global__ void __launch_bounds__(kThreads, 1) low_latency_combine_kernel(const __grid_constant__ LowLatencyCombineParams p) {
@@ -410,7 +431,7 @@ int low_latency_dispatch_blocks(const LowLatencyDispatchParams& p, int num_sms) 
 int low_latency_combine_blocks(const LowLatencyCombineParams& p, int num_sms) {
   if (p.do_send && p.do_recv) return num_sms;
   const long long pairs = static_cast<long long>(p.num_local_experts) * p.num_ranks;
-  return p.do_send ? clamp_blocks((pairs + kGroups - 1) / kGroups, num_sms) : clamp_blocks(p.num_tokens, num_sms);
+  return p.do_send ? clamp_blocks(pairs, num_sms) : clamp_blocks(p.num_tokens, num_sms);
 }
 
 void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, cudaStream_t stream) {
