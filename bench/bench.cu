@@ -448,6 +448,8 @@ class Bench {
     std::printf("\nOpenEP benchmark: %d x %s, tokens %d, hidden %d, top-%d of %d experts, commit %s\n",
                 env_.world_size, card_.c_str(), o_.num_tokens, o_.hidden, o_.num_topk, o_.num_experts,
                 o_.commit.c_str());
+    std::printf("low-latency ops (ll_*): %d tokens per rank, top-%d of %d experts, FP8 dispatch unless marked\n",
+                o_.ll_tokens, o_.num_topk, o_.ll_experts);
     std::printf("%-10s %-7s %-6s %4s %10s %12s %12s\n", "op", "impl", "dtype", "SMs", "us", "logical GB/s",
                 "NVLink GB/s");
     std::ofstream out;
@@ -456,11 +458,12 @@ class Bench {
       const double lg = r.logical_bytes / (r.us * 1e3), nv = r.nvlink_bytes / (r.us * 1e3);
       std::printf("%-10s %-7s %-6s %4d %10.1f %12.1f %12.1f\n", r.op.c_str(), r.impl.c_str(), r.dtype.c_str(),
                   r.num_sms, r.us, lg, nv);
+      const bool ll = r.op.rfind("ll_", 0) == 0;  // low-latency rows use the --ll-* shapes
       std::ostringstream js;
       js << "{\"date\":\"" << date << "\",\"card\":\"" << card_ << "\",\"num_gpus\":" << env_.world_size
          << ",\"commit\":\"" << o_.commit << "\",\"op\":\"" << r.op << "\",\"impl\":\"" << r.impl
-         << "\",\"num_tokens\":" << o_.num_tokens << ",\"hidden\":" << o_.hidden << ",\"num_topk\":" << o_.num_topk
-         << ",\"num_experts\":" << o_.num_experts << ",\"num_sms\":" << r.num_sms << ",\"dtype\":\"" << r.dtype
+         << "\",\"num_tokens\":" << (ll ? o_.ll_tokens : o_.num_tokens) << ",\"hidden\":" << o_.hidden
+         << ",\"num_topk\":" << o_.num_topk << ",\"num_experts\":" << (ll ? o_.ll_experts : o_.num_experts) << ",\"num_sms\":" << r.num_sms << ",\"dtype\":\"" << r.dtype
          << "\",\"us\":" << r.us << ",\"logical_gbps\":" << lg << ",\"nvlink_gbps\":" << nv << "}";
       std::printf("JSON %s\n", js.str().c_str());
       if (out) out << js.str() << "\n";
