@@ -25,6 +25,9 @@
 // the receive kernel on the same stream. Between the two, OpenEP holds no SM. Outputs are valid only after
 // the receive kernel (hook or not) has run. Hooks must be called in the order their calls were issued.
 //
+// Transport: NVLink (LSA peer pointers) among the ranks of one NVLink domain, like the whole Buffer (a Group that
+// spans several domains is refused at Buffer creation). The network (GIN) path is not implemented.
+//
 // Pointers: all are device pointers on the Buffer's device, owned by the caller, contiguous row-major; they
 // must stay valid until the kernels using them have completed (the hook's kernel included).
 #pragma once
