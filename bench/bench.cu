@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "common/compare.hpp"
 #include "common/launcher_env.hpp"
 #include "common/routing.hpp"
 #include "nccl_baseline.hpp"
@@ -43,6 +44,7 @@ struct Options {
   int warmup = 10, reps = 30;
   std::string results;   // JSONL file to append to (rank 0)
   std::string commit = "unknown";
+  int ll_tokens = 128, ll_experts = 288;  // low-latency ops (hidden and top-k are shared)
 };
 
 Options parse(int argc, char** argv) {
@@ -62,6 +64,8 @@ Options parse(int argc, char** argv) {
     else if (a == "--reps") o.reps = std::stoi(next());
     else if (a == "--results") o.results = next();
     else if (a == "--commit") o.commit = next();
+    else if (a == "--ll-tokens") o.ll_tokens = std::stoi(next());
+    else if (a == "--ll-experts") o.ll_experts = std::stoi(next());
     else if (a == "--sms") {
       o.sms.clear();
       std::stringstream ss(next());
@@ -70,7 +74,8 @@ Options parse(int argc, char** argv) {
     }
     else if (a == "--help" || a == "-h") {
       std::printf("openep_bench [--ops layout,dispatch,combine] [--tokens N] [--hidden H] [--topk K] [--experts E]\n"
-                  "             [--warmup W] [--reps R] [--results FILE.jsonl] [--commit SHA] [--sms 8,12,16,20,24]\n");
+                  "             [--warmup W] [--reps R] [--results FILE.jsonl] [--commit SHA] [--sms 8,12,16,20,24]\n"
+                  "             [--ll-tokens 128] [--ll-experts 288]   (ops ll_dispatch, ll_combine, ll_hook, ll_graph)\n");
       std::exit(0);
     } else {
       throw std::runtime_error("unknown argument " + a);
@@ -110,6 +115,10 @@ class Bench {
       else if (op == "dispatch") bench_nccl_dispatch(), bench_openep_dispatch(false);
       else if (op == "dispatch_fp8") bench_openep_dispatch(true);
       else if (op == "combine") bench_nccl_combine(), bench_openep_combine();
+      else if (op == "ll_dispatch") bench_ll_nccl(), bench_ll_dispatch();
+      else if (op == "ll_combine") bench_ll_combine();
+      else if (op == "ll_hook") bench_ll_hook();
+      else if (op == "ll_graph") bench_ll_graph();
       else throw std::runtime_error("unknown op " + op);
     }
     report();
@@ -429,6 +438,8 @@ class Bench {
     cudaFree(out);
   }
 
+#include "bench_low_latency.inc"
+
   void report() {
     if (env_.rank != 0) return;
     char date[32];
@@ -437,6 +448,8 @@ class Bench {
     std::printf("\nOpenEP benchmark: %d x %s, tokens %d, hidden %d, top-%d of %d experts, commit %s\n",
                 env_.world_size, card_.c_str(), o_.num_tokens, o_.hidden, o_.num_topk, o_.num_experts,
                 o_.commit.c_str());
+    std::printf("low-latency ops (ll_*): %d tokens per rank, top-%d of %d experts, FP8 dispatch unless marked\n",
+                o_.ll_tokens, o_.num_topk, o_.ll_experts);
     std::printf("%-10s %-7s %-6s %4s %10s %12s %12s\n", "op", "impl", "dtype", "SMs", "us", "logical GB/s",
                 "NVLink GB/s");
     std::ofstream out;
@@ -445,11 +458,12 @@ class Bench {
       const double lg = r.logical_bytes / (r.us * 1e3), nv = r.nvlink_bytes / (r.us * 1e3);
       std::printf("%-10s %-7s %-6s %4d %10.1f %12.1f %12.1f\n", r.op.c_str(), r.impl.c_str(), r.dtype.c_str(),
                   r.num_sms, r.us, lg, nv);
+      const bool ll = r.op.rfind("ll_", 0) == 0;  // low-latency rows use the --ll-* shapes
       std::ostringstream js;
       js << "{\"date\":\"" << date << "\",\"card\":\"" << card_ << "\",\"num_gpus\":" << env_.world_size
          << ",\"commit\":\"" << o_.commit << "\",\"op\":\"" << r.op << "\",\"impl\":\"" << r.impl
-         << "\",\"num_tokens\":" << o_.num_tokens << ",\"hidden\":" << o_.hidden << ",\"num_topk\":" << o_.num_topk
-         << ",\"num_experts\":" << o_.num_experts << ",\"num_sms\":" << r.num_sms << ",\"dtype\":\"" << r.dtype
+         << "\",\"num_tokens\":" << (ll ? o_.ll_tokens : o_.num_tokens) << ",\"hidden\":" << o_.hidden
+         << ",\"num_topk\":" << o_.num_topk << ",\"num_experts\":" << (ll ? o_.ll_experts : o_.num_experts) << ",\"num_sms\":" << r.num_sms << ",\"dtype\":\"" << r.dtype
          << "\",\"us\":" << r.us << ",\"logical_gbps\":" << lg << ",\"nvlink_gbps\":" << nv << "}";
       std::printf("JSON %s\n", js.str().c_str());
       if (out) out << js.str() << "\n";
@@ -475,6 +489,7 @@ class Bench {
   std::vector<ref::RankInput> ref_inputs_;
   std::vector<ref::RankRecv> ref_recv_;
   std::vector<Row> rows_;
+  std::unique_ptr<LLBench> ll_;
 };
 
 }  // namespace

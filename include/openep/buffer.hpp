@@ -21,6 +21,7 @@
 
 #include "openep/group.hpp"
 #include "openep/intranode.hpp"
+#include "openep/low_latency.hpp"
 #include "openep/types.hpp"
 
 namespace openep {
@@ -88,6 +89,25 @@ class Buffer {
                        cudaStream_t stream);
   // Combine: returns every received row to its source and reduces there. Never waits on the host. Collective.
   void combine(const CombineArgs& args, const IntranodeHandle& handle, const CombineOutputs& out, cudaStream_t stream);
+
+  // ---- Low-latency mode (include/openep/low_latency.hpp has the semantics, streams and limits) ----
+  // Dispatch: sends this rank's tokens and receives the packed per-expert rows. Fills handle.src_info and
+  // handle.layout_range (caller-allocated) and sets the handle's shape fields. Collective: every rank calls it
+  // with the same T, hidden, num_experts, use_fp8 and hook mode. Returns the receive hook when
+  // args.return_recv_hook (then only the send kernel has been launched), else an empty function.
+  LowLatencyHook low_latency_dispatch(const LowLatencyDispatchArgs& args, LowLatencyHandle& handle,
+                                      const LowLatencyDispatchOutputs& out, cudaStream_t stream);
+  // Combine: returns the expert outputs to their source ranks and reduces there. Collective.
+  LowLatencyHook low_latency_combine(const LowLatencyCombineArgs& args, const LowLatencyHandle& handle,
+                                     const LowLatencyCombineOutputs& out, cudaStream_t stream);
+  // The zero-copy combine input: a [E_local][R*T][hidden] BF16 array inside this rank's window (contiguous
+  // rows). Write the expert outputs there (ordered before the combine on its stream), then call
+  // low_latency_combine with zero_copy = true. Valid for the Buffer's lifetime; the same address every time.
+  uint16_t* get_next_low_latency_combine_buffer(const LowLatencyHandle& handle);
+  // Barrier, zero every low-latency signal and epoch of this rank, barrier. Collective; enqueued on `stream`.
+  // Not needed between calls; use it to restart the low-latency protocol from a known state.
+  void clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts,
+                                cudaStream_t stream);
 
   // Device-side barrier over all ranks of the Group, enqueued on `stream`. Bounded by timeout_seconds.
   void barrier(cudaStream_t stream);

@@ -97,3 +97,32 @@ __device__ __forceinline__ void st_no_allocate(int4* ptr, const int4& v) {
 }
 
 }  // namespace openep::ptx
+
+namespace openep::ptx {
+
+// atom.acq_rel.sys.global.add.u32: a block's completion ticket. Release: the block's earlier writes (to any
+// GPU; after a CTA barrier) are published; acquire: the last arriver sees every block's writes.
+__device__ __forceinline__ uint32_t atom_add_acq_rel_sys(uint32_t* ptr, uint32_t v) {
+  uint32_t old;
+  asm volatile("atom.acq_rel.sys.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(ptr), "r"(v) : "memory");
+  return old;
+}
+
+// bar.sync id, n: barrier among the n threads (a multiple of 32) of a warp group that use barrier `id`
+// (1..15; 0 is __syncthreads). Orders memory like __syncthreads among the participants.
+__device__ __forceinline__ void bar_sync(int id, int num_threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
+}
+
+}  // namespace openep::ptx
+
+namespace openep::ptx {
+
+// atom.acq_rel.gpu.global.add.u32: a completion ticket whose last arriver only needs this GPU's writes.
+__device__ __forceinline__ uint32_t atom_add_acq_rel_gpu(uint32_t* ptr, uint32_t v) {
+  uint32_t old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(ptr), "r"(v) : "memory");
+  return old;
+}
+
+}  // namespace openep::ptx

@@ -10,6 +10,7 @@
 #include "kernels/launch.hpp"
 #include "runtime/buffer_impl.hpp"
 #include "runtime/check.hpp"
+#include "runtime/low_latency_layout.hpp"
 
 namespace openep {
 
@@ -147,6 +148,10 @@ Buffer::Buffer(Group& group, const BufferOptions& options) : impl_(std::make_uni
   std::memset(static_cast<void*>(m.host_counters), 0, sizeof(detail::HostCounters));
   OPENEP_CUDA_CHECK(
       cudaHostGetDevicePointer(reinterpret_cast<void**>(&m.host_counters_device), m.host_counters, 0));
+  if (options.num_rdma_bytes > 0) {
+    OPENEP_CUDA_CHECK(cudaMalloc(&m.ll_state, sizeof(detail::LowLatencyState)));
+    OPENEP_CUDA_CHECK(cudaMemsetAsync(m.ll_state, 0, sizeof(detail::LowLatencyState), m.comm_stream));
+  }
   OPENEP_CUDA_CHECK(cudaDeviceGetAttribute(&m.num_device_sms, cudaDevAttrMultiProcessorCount, m.device));
   OPENEP_CUDA_CHECK(cudaStreamSynchronize(m.comm_stream));
 }
@@ -173,6 +178,7 @@ Buffer::~Buffer() {
   if (m.dev_comm_created) warn_nccl(ncclDevCommDestroy(comm, &m.dev_comm), "ncclDevCommDestroy");
   if (m.peer_bases_device) warn_cuda(cudaFree(m.peer_bases_device), "cudaFree");
   if (m.local_state) warn_cuda(cudaFree(m.local_state), "cudaFree");
+  if (m.ll_state) warn_cuda(cudaFree(m.ll_state), "cudaFree");
   if (m.layout_workspace) warn_cuda(cudaFree(m.layout_workspace), "cudaFree");
   if (m.error_record) warn_cuda(cudaFreeHost(m.error_record), "cudaFreeHost");
   if (m.host_counters) warn_cuda(cudaFreeHost(m.host_counters), "cudaFreeHost");

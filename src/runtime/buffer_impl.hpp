@@ -14,6 +14,7 @@
 
 namespace openep::detail {
 struct HostCounters;
+struct LowLatencyState;
 }  // namespace openep::detail
 
 namespace openep::detail {
@@ -81,6 +82,7 @@ struct Buffer::Impl {
   detail::HostCounters* host_counters_device = nullptr;  // device view
   int64_t host_seq = 0;                                  // last exact-mode prepare issued
   int num_device_sms = 0;
+  detail::LowLatencyState* ll_state = nullptr;           // device memory, zeroed (when num_rdma_bytes > 0)
 
   detail::WaitContext wait_context() const {
     return detail::WaitContext{&local_state->error_claim, error_record_device,

@@ -5,10 +5,12 @@
 #include <utility>
 
 #include "kernels/launch.hpp"
+#include "kernels/low_latency_launch.hpp"
 #include "openep/buffer.hpp"
 #include "openep/config.hpp"
 #include "openep/error.hpp"
 #include "openep/event.hpp"
+#include "openep/low_latency.hpp"
 #include "runtime/buffer_impl.hpp"
 
 namespace openep {
@@ -138,6 +140,129 @@ TEST(EventValidation, EmptyEventIsRejectedWithoutTouchingCuda) {
   }
   Event moved = std::move(e);
   EXPECT_TRUE(moved.empty());
+}
+
+}  // namespace
+}  // namespace openep
+
+// ---- Low-latency validation (src/runtime/low_latency.cpp) ----
+
+namespace openep {
+namespace {
+
+struct LowLatencyFixture {
+  int dummy[64] = {};
+  LowLatencyDispatchArgs a;
+  LowLatencyDispatchOutputs out;
+  LowLatencyHandle h;
+  size_t bytes = 0;
+  LowLatencyFixture() {
+    a.x = reinterpret_cast<const uint16_t*>(dummy);
+    a.num_tokens = 4;
+    a.hidden = 2048;
+    a.topk_idx = dummy;
+    a.num_topk = 8;
+    a.num_max_dispatch_tokens_per_rank = 128;
+    a.num_experts = 32;
+    out.packed_recv_x = dummy;
+    out.packed_recv_scales = dummy;
+    out.packed_recv_count = dummy;
+    h.src_info = dummy;
+    h.layout_range = reinterpret_cast<int64_t*>(dummy);
+    bytes = low_latency_buffer_size_hint(128, 2048, 2, 32);
+  }
+  void check() { detail::validate_low_latency_dispatch(a, h, out, 2, bytes); }
+};
+
+TEST(LowLatencyValidation, AcceptsValidArguments) {
+  LowLatencyFixture f;
+  EXPECT_NO_THROW(f.check());
+}
+
+TEST(LowLatencyValidation, SizeHintGrowsWithShapesAndIsAligned) {
+  const size_t a = low_latency_buffer_size_hint(128, 7168, 2, 288);
+  EXPECT_EQ(a % 128, 0u);
+  EXPECT_GT(low_latency_buffer_size_hint(256, 7168, 2, 288), a);
+  EXPECT_GT(low_latency_buffer_size_hint(128, 8192, 2, 288), a);
+  expect_error([] { low_latency_buffer_size_hint(0, 7168, 2, 288); }, ErrorCode::kInvalidArgument,
+               "num_max_dispatch_tokens_per_rank");
+  expect_error([] { low_latency_buffer_size_hint(128, 7168, 2, 289); }, ErrorCode::kInvalidArgument, "num_experts");
+  expect_error([] { low_latency_buffer_size_hint(128, 7170, 2, 288); }, ErrorCode::kInvalidArgument, "hidden");
+}
+
+TEST(LowLatencyValidation, RejectsBadArgumentsNamingThem) {
+  {
+    LowLatencyFixture f;
+    f.a.num_tokens = 129;
+    expect_error([&] { f.check(); }, ErrorCode::kInvalidArgument, "num_tokens");
+  }
+  {
+    LowLatencyFixture f;
+    f.a.num_topk = 0;
+    expect_error([&] { f.check(); }, ErrorCode::kInvalidArgument, "num_topk");
+  }
+  {
+    LowLatencyFixture f;
+    f.a.use_ue8m0 = true;
+    expect_error([&] { f.check(); }, ErrorCode::kInvalidArgument, "use_ue8m0 requires round_scale");
+  }
+  {
+    LowLatencyFixture f;
+    f.a.use_fp8 = false;
+    f.a.round_scale = true;
+    expect_error([&] { f.check(); }, ErrorCode::kInvalidArgument, "round_scale requires use_fp8");
+  }
+  {
+    LowLatencyFixture f;
+    f.a.hidden = 2048 + 128;
+    f.a.round_scale = true;
+    f.a.use_ue8m0 = true;
+    f.bytes = low_latency_buffer_size_hint(128, 2048 + 128, 2, 32);
+    expect_error([&] { f.check(); }, ErrorCode::kInvalidArgument, "multiple of 512");
+  }
+  {
+    LowLatencyFixture f;
+    f.a.hidden = 2048 + 8;
+    f.bytes = low_latency_buffer_size_hint(128, 2048 + 8, 2, 32);
+    expect_error([&] { f.check(); }, ErrorCode::kInvalidArgument, "multiple of 128");
+    f.a.use_fp8 = false;
+    EXPECT_NO_THROW(f.check());
+  }
+  {
+    LowLatencyFixture f;
+    f.bytes -= 128;
+    expect_error([&] { f.check(); }, ErrorCode::kBufferTooSmall, "num_rdma_bytes >= ");
+  }
+  {
+    LowLatencyFixture f;
+    f.out.packed_recv_scales = nullptr;
+    expect_error([&] { f.check(); }, ErrorCode::kInvalidArgument, "packed_recv_scales");
+  }
+  {
+    LowLatencyFixture f;
+    f.h.layout_range = nullptr;
+    expect_error([&] { f.check(); }, ErrorCode::kInvalidArgument, "handle.layout_range");
+  }
+  {
+    LowLatencyFixture f;
+    LowLatencyCombineArgs c;
+    LowLatencyCombineOutputs co;
+    f.h.num_max_dispatch_tokens_per_rank = 128;
+    f.h.hidden = 2048;
+    f.h.num_experts = 32;
+    c.topk_idx = f.dummy;
+    c.topk_weights = reinterpret_cast<const float*>(f.dummy);
+    c.num_tokens = 4;
+    c.num_topk = 8;
+    co.combined_x = reinterpret_cast<uint16_t*>(f.dummy);
+    expect_error([&] { detail::validate_low_latency_combine(c, f.h, co, 2, f.bytes); }, ErrorCode::kInvalidArgument,
+                 "x is null");
+    c.zero_copy = true;
+    EXPECT_NO_THROW(detail::validate_low_latency_combine(c, f.h, co, 2, f.bytes));
+    c.num_tokens = 200;
+    expect_error([&] { detail::validate_low_latency_combine(c, f.h, co, 2, f.bytes); }, ErrorCode::kInvalidArgument,
+                 "num_tokens");
+  }
 }
 
 }  // namespace

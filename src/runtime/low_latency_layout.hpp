@@ -1,0 +1,67 @@
+// Layout of the low-latency region of the window (BufferOptions::num_rdma_bytes) and the device-side state of
+// the low-latency kernels. Identical on every rank: an offset means the same thing on every peer.
+//
+//   [signals]  dispatch_flags  uint64 [2 halves][kMaxExperts]: slot (local expert i, source s) = i * R + s holds
+//                              (epoch << 32) | rows sent by s to local expert i in that dispatch
+//              combine_flags   uint64 [2 halves][kMaxExperts]: slot e (global expert) holds the epoch of the
+//                              combine whose rows from expert e have all arrived
+//   [dispatch] two halves of [E_local][R][T] messages: 16-byte header (int32 source token), payload (hidden
+//              bytes of e4m3 or 2 * hidden bytes of BF16), then hidden/128 float32 scales when FP8
+//   [combine]  two halves of [E][T][hidden] BF16: the row returned by expert e for my token t
+//   [staging]  the zero-copy combine buffer [E_local][R*T][hidden] BF16
+// The signal area does not depend on the shapes, so calls with different shapes never confuse each other:
+// every signal carries a monotonic epoch and a waiter only accepts its own epoch.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "openep/types.hpp"
+
+namespace openep::detail {
+
+struct LowLatencyLayout {
+  static constexpr size_t kFlagBytes = sizeof(uint64_t) * 2 * kMaxExperts;
+  static constexpr size_t kDispatchFlags = 0;
+  static constexpr size_t kCombineFlags = kFlagBytes;
+  static constexpr size_t kSignalBytes = 2 * kFlagBytes;
+
+  size_t msg_bytes = 0;            // one dispatch message
+  size_t dispatch_offset = 0, dispatch_half = 0;
+  size_t combine_offset = 0, combine_half = 0;
+  size_t staging_offset = 0;
+  size_t total = 0;
+
+  static constexpr size_t align(size_t v, size_t a) { return (v + a - 1) / a * a; }
+  static constexpr size_t message_bytes(int hidden) {
+    const size_t h = static_cast<size_t>(hidden);
+    const size_t fp8 = h + (h / 128) * 4, bf16 = 2 * h;
+    return align(16 + (fp8 > bf16 ? fp8 : bf16), 16);
+  }
+  static LowLatencyLayout make(int T, int hidden, int R, int E) {
+    LowLatencyLayout l;
+    const size_t e_local = static_cast<size_t>(E / R);
+    l.msg_bytes = message_bytes(hidden);
+    l.dispatch_offset = kSignalBytes;
+    l.dispatch_half = align(e_local * R * T * l.msg_bytes, 128);
+    l.combine_offset = l.dispatch_offset + 2 * l.dispatch_half;
+    l.combine_half = align(static_cast<size_t>(E) * T * hidden * 2, 128);
+    l.staging_offset = l.combine_offset + 2 * l.combine_half;
+    l.total = align(l.staging_offset + e_local * R * T * hidden * 2, 128);
+    return l;
+  }
+};
+
+// Device memory private to one rank, zeroed at Buffer creation and by clean_low_latency_buffer. Index 0 is
+// dispatch, 1 is combine. Epochs count completed send (receive) kernels; a kernel works on epoch + 1 and the
+// last block to finish stores it (a ticket counts the finished blocks and is reset by that last block).
+struct LowLatencyState {
+  uint64_t send_epoch[2];
+  uint64_t recv_epoch[2];
+  uint32_t send_ticket[2];
+  uint32_t recv_ticket[2];
+  int32_t slot_counter[kMaxExperts];  // dispatch: messages this rank sends to each global expert (reset by the
+                                      // last send block after publishing them)
+};
+
+}  // namespace openep::detail
