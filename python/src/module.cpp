@@ -95,7 +95,20 @@ void check_hint_args(int64_t hidden_bytes, int num_ranks) {
 
 void bind_config(nb::module_& m) {
   nb::class_<openep::Config>(m, "Config",
-      "Performance knobs of the normal-mode kernels (DeepEP V1's Config). See openep.Config.")
+      R"doc(Performance knobs of the normal-mode kernels (DeepEP V1's Config).
+
+Config(num_sms=20, num_max_nvl_chunked_send_tokens=6, num_max_nvl_chunked_recv_tokens=256,
+       num_max_rdma_chunked_send_tokens=6, num_max_rdma_chunked_recv_tokens=256)
+
+num_sms: thread blocks (SMs) the normal-mode kernels use; even and > 0.
+The four chunk sizes are DeepEP's ring parameters. They are validated like DeepEP's (nvl_send < nvl_recv;
+rdma_recv is rounded up to a multiple of rdma_send, which must be <= half of it) but do not change OpenEP's
+kernels, which write each token straight to its final row. Fields are readable (DeepEP's are not).
+Invalid values raise OpenEPError(code="invalid_argument") naming the field.
+
+get_nvl_buffer_size_hint(hidden_bytes, num_ranks) and get_rdma_buffer_size_hint(hidden_bytes, num_ranks)
+return DeepEP V1's sizes for this config; OpenEP's own requirement depends on the token count:
+Buffer.get_nvl_buffer_size_hint_for_tokens.)doc")
       .def("__init__",
            [](openep::Config* self, int num_sms, int nvl_send, int nvl_recv, int rdma_send, int rdma_recv) {
              openep::Config c;
