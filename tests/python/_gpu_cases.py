@@ -358,7 +358,7 @@ def errors_are_exceptions(ctx):
     expect_error("buffer_too_small", "num_nvl_bytes", b.dispatch, x, topk_idx=idx, topk_weights=w,
                  num_worst_tokens=10_000_000, **routing)
     # a combine with a wrong x shape
-    out, _ = run_dispatch(ctx, inputs)
+    out, itir = run_dispatch(ctx, inputs)
     expect_error("invalid_argument", "combine: x expected shape", b.combine, out[0][1:], out[4])
     expect_error("invalid_argument", "handle expected the 6-tuple", b.combine, out[0], out[4][:5])
     # the Buffer is still usable after argument errors
@@ -482,3 +482,31 @@ def moe_layer_end_to_end(ctx):
     num = 2 * (combined_x.double() * want.double()).sum()
     den = (combined_x.double() ** 2 + want.double() ** 2).sum()
     assert 1 - float(num / den) < 1e-4
+
+
+def torch_group_undisturbed(ctx):
+    """OpenEP runs on its own NCCL communicator: the torch group keeps working between and around OpenEP calls,
+    and a second Buffer on the same group coexists with the first."""
+    import torch.distributed as dist
+    torch = ctx.torch
+    t = torch.full((1024,), float(ctx.rank + 1), device=ctx.device)
+    dist.all_reduce(t, group=ctx.group)
+    assert bool((t == sum(range(1, ctx.R + 1))).all())
+    inputs = make_inputs(ctx, 90)
+    expect = reference_dispatch(inputs)
+    other = openep.Buffer(ctx.group, num_nvl_bytes=ctx.buffer.num_nvl_bytes, explicitly_destroy=True)
+    try:
+        out, itir = run_dispatch(ctx, inputs)
+        t2 = torch.arange(16, device=ctx.device, dtype=torch.float32) * (ctx.rank + 1)
+        dist.all_reduce(t2, group=ctx.group)
+        check_dispatch(ctx, out, itir, expect)
+        saved, ctx.buffer = ctx.buffer, other
+        try:
+            out2, itir2 = run_dispatch(ctx, inputs)
+            check_dispatch(ctx, out2, itir2, expect)
+        finally:
+            ctx.buffer = saved
+        assert torch.equal(t2.cpu(), torch.arange(16, dtype=torch.float32) * sum(range(1, ctx.R + 1)))
+    finally:
+        other.destroy()
+    dist.barrier(group=ctx.group)

@@ -86,5 +86,9 @@ def test_low_latency_not_available_yet():
     _run("low_latency_not_available")
 
 
+def test_torch_group_undisturbed_and_two_buffers():
+    _run("torch_group_undisturbed")
+
+
 def test_moe_layer_end_to_end_matches_single_gpu():
     _run("moe_layer_end_to_end")
