@@ -259,3 +259,30 @@ def test_reference_dispatch_and_combine_hand_case():
     out = _C.ref_combine(r, [(r0["x"], r0["topk_weights"]), (r1["x"], r1["topk_weights"])], [], [])
     assert out[0][0] == bf16(0x3F80) + bf16(0x4000)
     assert struct.unpack("<2f", out[0][1]) == (0.5, 0.25)
+
+
+# ---- package hygiene ----------------------------------------------------------------------------------------
+def test_import_does_not_import_torch():
+    import subprocess
+    import sys
+    code = "import sys, openep; openep.Config(); assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _public_callables(cls):
+    for name in dir(cls):
+        if name.startswith("_") and name not in ("__init__", "__enter__", "__exit__"):
+            continue
+        attr = getattr(cls, name)
+        if callable(attr):
+            yield name, attr
+
+
+@pytest.mark.parametrize("cls", [openep.Buffer, openep.EventOverlap, openep.EventHandle, openep.Config,
+                                 openep.OpenEPError])
+def test_every_public_method_has_a_docstring(cls):
+    assert (cls.__doc__ or "").strip(), f"{cls.__name__} has no docstring"
+    missing = [n for n, f in _public_callables(cls)
+               if n != "__init__" and not (getattr(f, "__doc__", None) or "").strip()]
+    # methods inherited from object/RuntimeError carry their own docstrings; ours must too
+    assert not missing, f"{cls.__name__}: no docstring on {missing}"
