@@ -1,0 +1,104 @@
+"""Times openep's Python API (the drop-in deep_ep surface) on all local GPUs, one process per GPU.
+
+Each op is timed on the host around the call plus torch.cuda.synchronize() (so Python, argument checks,
+allocation, the exact-mode host wait and the kernels are all inside), median of --iters after --warmup; the
+slowest rank's median is printed as one JSON line per op. Compare with bench/openep_bench (C++, event-timed)
+on the same card to see the Python layer's cost.
+
+    python3 bench/python_api_bench.py --tokens 4096 --hidden 7168 --topk 8 --experts 256 --num-sms 24
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+
+def worker(rank, world, port, a, results):
+    import torch
+    import torch.distributed as dist
+    import openep as deep_ep
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            device_id=torch.device("cuda", rank))
+    deep_ep.Buffer.set_num_sms(a.num_sms)
+    nvl = deep_ep.Buffer.get_nvl_buffer_size_hint_for_tokens(world, a.tokens, a.hidden, 2, a.hidden // 128, a.topk)
+    buf = deep_ep.Buffer(dist.group.WORLD, num_nvl_bytes=nvl, explicitly_destroy=True)
+    g = torch.Generator(device="cuda").manual_seed(rank)
+    x = torch.randn(a.tokens, a.hidden, device="cuda", generator=g).to(torch.bfloat16)
+    x_fp8 = (x.to(torch.float8_e4m3fn), torch.ones(a.tokens, a.hidden // 128, device="cuda"))
+    scores = torch.rand(a.tokens, a.experts, device="cuda", generator=g)
+    topk_idx = scores.topk(a.topk, dim=1).indices.to(deep_ep.topk_idx_t)
+    topk_w = torch.rand(a.tokens, a.topk, device="cuda", generator=g)
+    layout = buf.get_dispatch_layout(topk_idx, a.experts)
+    routing = dict(num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2])
+    out = buf.dispatch(x, topk_idx=topk_idx, topk_weights=topk_w, **routing)
+    handle = out[4]
+    ops = {
+        "layout": lambda: buf.get_dispatch_layout(topk_idx, a.experts),
+        "dispatch_bf16": lambda: buf.dispatch(x, topk_idx=topk_idx, topk_weights=topk_w, **routing),
+        "dispatch_fp8": lambda: buf.dispatch(x_fp8, topk_idx=topk_idx, topk_weights=topk_w, **routing),
+        "dispatch_bf16_worst": lambda: buf.dispatch(x, topk_idx=topk_idx, topk_weights=topk_w,
+                                                    num_worst_tokens=a.tokens * world, **routing),
+        "dispatch_bf16_cached": lambda: buf.dispatch(x, handle=handle),
+        "combine_bf16": lambda: buf.combine(out[0], handle),
+    }
+    res = {}
+    for name, fn in ops.items():
+        times = []
+        for i in range(a.warmup + a.iters):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            if i >= a.warmup:
+                times.append((time.perf_counter() - t0) * 1e6)
+        res[name] = statistics.median(times)
+    results.put((rank, res, torch.cuda.get_device_name()))
+    buf.destroy()
+    dist.destroy_process_group()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--num-sms", type=int, default=24)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    a = p.parse_args()
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+    for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+        os.environ.setdefault(k, v)
+    world = torch.cuda.device_count()
+    if world < 2:
+        print("python_api_bench: needs >= 2 GPUs")
+        raise SystemExit(77)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(r, world, port, a, q)) for r in range(world)]
+    for pr in procs:
+        pr.start()
+    got = [q.get(timeout=600) for _ in range(world)]
+    for pr in procs:
+        pr.join()
+    gpu = got[0][2]
+    for name in got[0][1]:
+        us = max(r[1][name] for r in got)
+        print(json.dumps({"bench": "python_api", "op": name, "gpu": gpu, "ranks": world, "tokens": a.tokens,
+                          "hidden": a.hidden, "topk": a.topk, "experts": a.experts, "num_sms": a.num_sms,
+                          "us_host_median_slowest_rank": round(us, 1)}))
+
+
+if __name__ == "__main__":
+    main()

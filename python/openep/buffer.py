@@ -1,0 +1,635 @@
+"""openep.Buffer: DeepEP V1's ``deep_ep.Buffer`` on OpenEP's NCCL-only core.
+
+Names, argument order, defaults, return tuples and stream semantics follow DeepEP V1
+(../shared/docs/deepep-v1-interface.md sections 2, 4 and 5.11), so code written for ``deep_ep`` runs after
+``import openep as deep_ep`` for everything OpenEP has landed: intranode normal mode (EP 2..8 ranks on one
+NVLink domain). Low-latency and internode methods exist with DeepEP's signatures and raise
+:class:`openep.OpenEPNotAvailableError` until those modes land.
+
+Streams (DeepEP 5.11), for get_dispatch_layout, dispatch and combine:
+  * kernels run on the Buffer's communication stream (``get_comm_stream()``), which first waits for
+    ``previous_event`` if given, else for the current stream;
+  * ``async_finish=True``: an event is recorded on the communication stream and returned in the EventOverlap,
+    and every input/output tensor is ``record_stream``-ed on it; the current stream does not wait;
+  * ``async_finish=False``: the current stream waits for the communication stream before the call returns
+    (no host synchronisation), and the EventOverlap holds ``None``;
+  * ``allocate_on_comm_stream=True`` (requires ``previous_event`` and ``async_finish=True``): outputs are
+    allocated with the communication stream current, and also ``record_stream``-ed on the calling stream.
+A non-cached dispatch with ``num_worst_tokens == 0`` blocks the host until the receive counts are known (to
+size its outputs); cached dispatch, worst-case dispatch and combine never block the host.
+"""
+
+import contextlib
+import os
+from collections import namedtuple
+
+from . import _C
+from ._checks import INDEX_DTYPES, SCALE_DTYPES, check_int, check_tensor, dtype_name, element_size
+from ._loader import check_nccl_version
+from ._torch import torch_module
+from .errors import invalid_argument, not_available
+from .utils import EventHandle, EventOverlap
+
+__all__ = ["Buffer", "IntranodeHandle"]
+
+_IntranodeHandleBase = namedtuple(
+    "IntranodeHandle",
+    ["rank_prefix_matrix", "num_tokens_per_src", "reserved", "recv_src_idx", "is_token_in_rank", "send_pos"])
+
+
+class IntranodeHandle(_IntranodeHandleBase):
+    """The handle an intranode dispatch returns: a 6-tuple laid out like DeepEP V1's, all tensors on the GPU.
+
+    ==  ====================  ===============  ===========================================================
+    #   name                  shape / dtype    content
+    ==  ====================  ===============  ===========================================================
+    0   rank_prefix_matrix    [R, R] int32     [i][j] = rows rank j receives from ranks 0..i (inclusive);
+                                               column ``rank`` is DeepEP's, and [R-1][rank] = rows received
+    1   num_tokens_per_src    [R] int32        token count of every rank in that dispatch (DeepEP: the
+                                               channel prefix matrix; OpenEP has no channels)
+    2   reserved              None             (DeepEP: recv_channel_prefix_matrix; OpenEP has no channels)
+    3   recv_src_idx          [N_recv] int32   index of every received row in its source rank's ``x``
+    4   is_token_in_rank      [N, R] bool      the routing mask passed to dispatch
+    5   send_pos              [N, R] int32     row of my token t in rank r's received rows, -1 if not sent
+                                               (DeepEP: send_head, a queue slot or -1)
+    ==  ====================  ===============  ===========================================================
+
+    Received rows are ordered by (source rank, source token index), so rows from rank s are
+    ``rank_prefix_matrix[s-1, rank] : rank_prefix_matrix[s, rank]``. With ``num_worst_tokens > 0``,
+    ``N_recv = num_worst_tokens`` and the real count is ``rank_prefix_matrix[R-1, rank]``.
+    The tensors must stay unmodified while the handle is used (combine, cached dispatch).
+    """
+
+    __slots__ = ()
+
+
+def _event_of(previous_event):
+    """The EventHandle inside an EventOverlap (DeepEP passes previous_event.event to C++)."""
+    if isinstance(previous_event, EventOverlap):
+        previous_event = previous_event.event
+    if not isinstance(previous_event, EventHandle):
+        raise invalid_argument("previous_event expected an EventOverlap holding an event (from async_finish=True "
+                               f"or Buffer.capture()), got {previous_event!r}")
+    return previous_event
+
+
+class Buffer:
+    """The communication buffer of one expert-parallel group (DeepEP V1's ``deep_ep.Buffer``).
+
+    One process per GPU; every rank of ``group`` creates its Buffer with the same arguments (collective).
+    OpenEP creates its own NCCL communicator over the ranks of ``group`` (an NCCL unique id is exchanged
+    through ``group``), so the group's own communicator is never touched. Create one Buffer at start-up and
+    keep it: creation registers an NCCL symmetric window (a world barrier).
+
+    Args:
+        group: the ``torch.distributed`` process group of the EP ranks (or None when ``comm`` is given). Its
+            ranks must share one NVLink domain (intranode; 2..8 ranks). The current CUDA device
+            (``torch.cuda.set_device``) is the Buffer's device.
+        num_nvl_bytes: bytes for the normal-mode kernels, a multiple of 128. OpenEP writes every received row
+            straight into this region, so it must hold the rows this rank receives: see
+            :meth:`get_nvl_buffer_size_hint_for_tokens`; a call that does not fit raises
+            ``OpenEPError(code="buffer_too_small")`` naming the size needed.
+        num_rdma_bytes: bytes for the low-latency kernels (and future internode mode), a multiple of 128.
+        low_latency_mode: accepted; the low-latency methods raise OpenEPNotAvailableError until they land.
+        num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric: accepted for DeepEP
+            compatibility and ignored (OpenEP uses NCCL symmetric memory, not NVSHMEM or CUDA IPC).
+        explicitly_destroy: if True, :meth:`destroy` must be called; otherwise resources are released when the
+            Buffer is garbage-collected (a collective barrier, bounded by ``timeout_seconds``).
+        enable_shrink: low-latency failure masking; not available yet (raises when True).
+        comm: an mpi4py communicator to use instead of ``group`` for the unique-id exchange.
+        timeout_seconds: OpenEP extension: how long a device-side wait on a peer may take before it is reported
+            as ``OpenEPError(code="timeout")`` (default 10 s, or ``OPENEP_TIMEOUT_SECONDS``).
+
+    Attributes (DeepEP's): ``rank``, ``group``, ``group_size``, ``num_nvl_bytes``, ``num_rdma_bytes``,
+    ``low_latency_mode``, ``explicitly_destroy``, ``enable_shrink``, ``runtime`` (None after destroy()).
+    """
+
+    #: SMs the default configs use (DeepEP's class attribute); change it with :meth:`set_num_sms`.
+    num_sms = 20
+
+    def __init__(self, group, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
+                 allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, use_fabric=False,
+                 explicitly_destroy=False, enable_shrink=False, comm=None, timeout_seconds=None):
+        self.runtime = None
+        # Checks that need no GPU come first.
+        if group is None and comm is None:
+            raise ValueError("openep.Buffer: either group (a torch.distributed ProcessGroup) or comm (an mpi4py "
+                             "communicator) must be given")
+        check_int("Buffer", "num_nvl_bytes", num_nvl_bytes, 0)
+        check_int("Buffer", "num_rdma_bytes", num_rdma_bytes, 0)
+        for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+            if value % 128 != 0:
+                raise invalid_argument(f"Buffer: {name} must be a multiple of 128, got {value}")
+        if enable_shrink:
+            raise not_available("Buffer(enable_shrink=True) (low-latency failure masking)")
+        if timeout_seconds is None:
+            timeout_seconds = float(os.environ.get("OPENEP_TIMEOUT_SECONDS", "10"))
+        if not (0 < timeout_seconds <= 3600):
+            raise invalid_argument(f"Buffer: timeout_seconds must be in (0, 3600], got {timeout_seconds}")
+        check_nccl_version()
+
+        torch = torch_module()
+        self.group = group if group is not None else comm
+        if group is not None:
+            self.rank, self.group_size = group.rank(), group.size()
+        else:
+            self.rank, self.group_size = comm.Get_rank(), comm.Get_size()
+        self.num_nvl_bytes = num_nvl_bytes
+        self.num_rdma_bytes = num_rdma_bytes
+        self.low_latency_mode = low_latency_mode
+        self.explicitly_destroy = explicitly_destroy
+        self.enable_shrink = enable_shrink
+        self.timeout_seconds = timeout_seconds
+        self._device = torch.cuda.current_device()
+        self._device_str = f"cuda:{self._device}"
+
+        # One NCCL unique id from rank 0 of the group, shipped through the group itself.
+        uid = _C.make_unique_id() if self.rank == 0 else None
+        if group is not None:
+            import torch.distributed as dist
+            gathered = [None] * self.group_size
+            dist.all_gather_object(gathered, uid, group=group)
+            uid = gathered[0]
+        else:
+            uid = comm.bcast(uid, root=0)
+        self.runtime = _C.Runtime(uid, self.rank, self.group_size, self._device, num_nvl_bytes, num_rdma_bytes,
+                                  bool(low_latency_mode), float(timeout_seconds))
+        self._comm_stream = torch.cuda.ExternalStream(self.runtime.comm_stream, device=self._device)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Lifetime
+    def destroy(self):
+        """Releases the Buffer now (DeepEP: requires ``explicitly_destroy=True``). Collective: every rank calls it.
+
+        Waits for the communication stream, runs a final device barrier with the peers, then frees the
+        symmetric window and the private NCCL communicator. ``runtime`` becomes None; later calls raise.
+        """
+        if not self.explicitly_destroy:
+            raise invalid_argument("Buffer.destroy: only allowed with explicitly_destroy=True (DeepEP V1 rule); "
+                                   "otherwise the Buffer is released when garbage-collected")
+        if self.runtime is None:
+            raise invalid_argument("Buffer.destroy: the Buffer was already destroyed")
+        self.runtime.destroy()
+        self.runtime = None
+
+    def __del__(self):
+        if getattr(self, "explicitly_destroy", False) and getattr(self, "runtime", None) is not None:
+            import sys
+            print("OpenEP warning: Buffer(explicitly_destroy=True) was never destroyed; releasing it now",
+                  file=sys.stderr)
+
+    def _rt(self, op):
+        if self.runtime is None:
+            raise invalid_argument(f"{op}: this Buffer was destroyed")
+        return self.runtime
+
+    # ------------------------------------------------------------------------------------------------------
+    # Static helpers (DeepEP 2.3)
+    @staticmethod
+    def is_sm90_compiled():
+        """True: OpenEP is always built for sm_90a (Hopper)."""
+        return True
+
+    @staticmethod
+    def set_num_sms(new_num_sms):
+        """Sets the SM count of the default configs for all Buffers (``Buffer.num_sms``). Must be even and > 0."""
+        if isinstance(new_num_sms, bool) or not isinstance(new_num_sms, int) or new_num_sms <= 0 or \
+                new_num_sms % 2 != 0:
+            raise invalid_argument(f"Buffer.set_num_sms: new_num_sms must be an even int > 0, got {new_num_sms!r}")
+        _C.set_default_num_sms(new_num_sms)
+        Buffer.num_sms = new_num_sms
+
+    @staticmethod
+    def capture():
+        """Records an event on the current stream and returns it as an :class:`EventOverlap` (for previous_event)."""
+        return EventOverlap(EventHandle())
+
+    @staticmethod
+    def get_dispatch_config(num_ranks):
+        """DeepEP V1's recommended dispatch :class:`Config` for ``num_ranks`` (2, 4, 8, 16, ..., 160), with
+        ``num_sms = Buffer.num_sms``. Other rank counts raise ``OpenEPError(code="invalid_argument")``."""
+        c = _C.get_dispatch_config(num_ranks)
+        return _C.Config(Buffer.num_sms, c.num_max_nvl_chunked_send_tokens, c.num_max_nvl_chunked_recv_tokens,
+                         c.num_max_rdma_chunked_send_tokens, c.num_max_rdma_chunked_recv_tokens)
+
+    @staticmethod
+    def get_combine_config(num_ranks):
+        """DeepEP V1's recommended combine :class:`Config` for ``num_ranks``, with ``num_sms = Buffer.num_sms``."""
+        c = _C.get_combine_config(num_ranks)
+        return _C.Config(Buffer.num_sms, c.num_max_nvl_chunked_send_tokens, c.num_max_nvl_chunked_recv_tokens,
+                         c.num_max_rdma_chunked_send_tokens, c.num_max_rdma_chunked_recv_tokens)
+
+    @staticmethod
+    def get_nvl_buffer_size_hint_for_tokens(num_ranks, max_tokens_per_rank, hidden, x_elem_bytes=2, num_scales=0,
+                                            num_topk=0):
+        """OpenEP extension: ``num_nvl_bytes`` that intranode dispatch and combine need when every rank sends up
+        to ``max_tokens_per_rank`` tokens of ``hidden`` elements of ``x_elem_bytes`` bytes (2 = BF16, 1 = FP8),
+        with ``num_scales`` 4-byte scales and ``num_topk`` top-k columns per token (worst case: every token goes
+        to every rank). A multiple of 128. For BF16 and FP8 on one Buffer take the larger of the two."""
+        return _C.intranode_buffer_size_hint(num_ranks, max_tokens_per_rank, hidden, x_elem_bytes, num_scales,
+                                             num_topk)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts):
+        """Low-latency RDMA bytes (DeepEP 3.4). Not available yet: raises OpenEPNotAvailableError."""
+        raise not_available("Buffer.get_low_latency_rdma_size_hint")
+
+    # ------------------------------------------------------------------------------------------------------
+    # Utilities (DeepEP 2.9)
+    def get_comm_stream(self):
+        """The communication stream the normal-mode kernels run on, as a ``torch.cuda.Stream``
+        (a ``torch.cuda.ExternalStream`` over the core Buffer's stream)."""
+        self._rt("get_comm_stream")
+        return self._comm_stream
+
+    def get_local_buffer_tensor(self, dtype, size=None, offset=0, use_rdma_buffer=False):
+        """This rank's normal-mode region (or low-latency region with ``use_rdma_buffer``) as a 1-D tensor.
+
+        Args:
+            dtype: element type of the view.
+            size: optional ``torch.Size``; the first ``size.numel()`` elements are returned viewed as ``size``.
+            offset: start of the view in BYTES (as DeepEP's C++ does). Unlike DeepEP, the element count is
+                reduced by the offset so the view never runs past the region.
+        The memory belongs to OpenEP's kernels between calls; writing it while a call runs corrupts that call.
+        """
+        torch = torch_module()
+        address, num_bytes = self._rt("get_local_buffer_tensor").local_buffer(bool(use_rdma_buffer))
+        check_int("get_local_buffer_tensor", "offset", offset, 0)
+        if offset > num_bytes:
+            raise invalid_argument(f"get_local_buffer_tensor: offset {offset} exceeds the region's {num_bytes} bytes")
+        elem = torch.empty((), dtype=dtype).element_size()
+        count = (num_bytes - offset) // elem
+        owner = self
+
+        class _Region:  # __cuda_array_interface__ keeps a reference to the Buffer alive with the tensor
+            buffer = owner
+            __cuda_array_interface__ = {"shape": ((num_bytes - offset),), "typestr": "|u1",
+                                        "data": (address + offset, False), "version": 3}
+
+        raw = torch.as_tensor(_Region(), device=self._device_str)
+        t = raw[:count * elem].view(dtype)
+        if size is not None:
+            n = 1
+            for d in size:
+                n *= d
+            if n > count:
+                raise invalid_argument(f"get_local_buffer_tensor: size {tuple(size)} needs {n} elements, the region "
+                                       f"holds {count}")
+            t = t[:n].view(size)
+        return t
+
+    def synchronize(self):
+        """OpenEP extension: waits for the communication stream and raises any error a kernel recorded (e.g. a
+        peer timeout) as OpenEPError."""
+        self._rt("synchronize").synchronize(self._comm_stream.cuda_stream)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Stream plumbing (DeepEP 5.11)
+    def _begin(self, op, previous_event, async_finish, allocate_on_comm_stream):
+        torch = torch_module()
+        if allocate_on_comm_stream and (previous_event is None or not async_finish):
+            raise invalid_argument(f"{op}: allocate_on_comm_stream=True requires previous_event and "
+                                   f"async_finish=True (DeepEP V1 rule)")
+        compute = torch.cuda.current_stream()
+        if previous_event is not None:
+            _event_of(previous_event).stream_wait(self._comm_stream)
+        else:
+            self._comm_stream.wait_stream(compute)
+        return compute
+
+    def _alloc_context(self, allocate_on_comm_stream):
+        if allocate_on_comm_stream:
+            return torch_module().cuda.stream(self._comm_stream)
+        return contextlib.nullcontext()
+
+    def _finish(self, compute, async_finish, allocate_on_comm_stream, tensors):
+        torch = torch_module()
+        if async_finish:
+            event = EventHandle(self._comm_stream)
+            for t in tensors:
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(self._comm_stream)
+                    if allocate_on_comm_stream:
+                        t.record_stream(compute)
+            return EventOverlap(event)
+        compute.wait_stream(self._comm_stream)
+        return EventOverlap(None)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Normal mode (DeepEP 2.4 - 2.6)
+    def get_dispatch_layout(self, topk_idx, num_experts, previous_event=None, async_finish=False,
+                            allocate_on_comm_stream=False):
+        """Computes where this rank's tokens go (no communication).
+
+        Args:
+            topk_idx: ``[N, K]`` int64 (``openep.topk_idx_t``) or int32, contiguous, on the Buffer's GPU; ``-1``
+                means no expert in that slot. Expert ``e`` lives on rank ``e // (num_experts // R)``.
+            num_experts: total experts ``E``, a multiple of the group size.
+            previous_event, async_finish, allocate_on_comm_stream: stream control (module docstring).
+
+        Returns:
+            ``(num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event)``:
+            ``[R]`` int32 tokens sent to each rank (once per rank); ``None`` (no RDMA ranks intranode);
+            ``[E]`` int32 (token, slot) pairs per expert; ``[N, R]`` bool; an :class:`EventOverlap`.
+            An expert id outside ``[-1, E)`` is found on the device and raised as
+            ``OpenEPError(code="device_check")`` at the next call or synchronisation.
+        """
+        op = "get_dispatch_layout"
+        rt = self._rt(op)
+        check_tensor(op, "topk_idx", topk_idx, INDEX_DTYPES, (None, None), True, self._device_str)
+        check_int(op, "num_experts", num_experts, 1)
+        torch = torch_module()
+        num_tokens, num_topk = topk_idx.shape
+        R = self.group_size
+        compute = self._begin(op, previous_event, async_finish, allocate_on_comm_stream)
+        with self._alloc_context(allocate_on_comm_stream):
+            dev = self._device_str
+            num_tokens_per_rank = torch.empty((R,), dtype=torch.int32, device=dev)
+            num_tokens_per_expert = torch.empty((num_experts,), dtype=torch.int32, device=dev)
+            is_token_in_rank = torch.empty((num_tokens, R), dtype=torch.bool, device=dev)
+            rt.get_dispatch_layout({
+                "topk_idx": topk_idx.data_ptr(), "topk_int64": int(dtype_name(topk_idx.dtype) == "int64"),
+                "num_tokens": num_tokens, "num_topk": num_topk, "num_experts": num_experts,
+                "num_tokens_per_rank": num_tokens_per_rank.data_ptr(),
+                "num_tokens_per_expert": num_tokens_per_expert.data_ptr(),
+                "is_token_in_rank": is_token_in_rank.data_ptr()}, self._comm_stream.cuda_stream)
+            event = self._finish(compute, async_finish, allocate_on_comm_stream,
+                                 (topk_idx, num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank))
+        return num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank, event
+
+    def _check_x(self, op, x):
+        """Splits x into (data, scales) and checks both."""
+        if isinstance(x, tuple):
+            if len(x) != 2:
+                raise invalid_argument(f"{op}: x as a tuple must be (x_fp8, x_scales), got {len(x)} items")
+            x, scales = x
+        else:
+            scales = None
+        check_tensor(op, "x", x, None, (None, None), True, self._device_str)
+        esize = element_size(x)
+        if esize not in (1, 2):
+            raise invalid_argument(f"{op}: x expected 2-byte (bfloat16) or 1-byte (float8_e4m3fn) elements, got "
+                                   f"{dtype_name(x.dtype)}")
+        if (x.shape[1] * esize) % 16 != 0:
+            raise invalid_argument(f"{op}: x rows must be a multiple of 16 bytes, got {x.shape[1]} x {esize} bytes")
+        if scales is not None:
+            if esize != 1:
+                raise invalid_argument(f"{op}: x_scales given, so x expected 1-byte (float8_e4m3fn) elements, got "
+                                       f"{dtype_name(x.dtype)}")
+            check_tensor(op, "x_scales", scales, SCALE_DTYPES, (x.shape[0], None), False, self._device_str)
+        return x, scales
+
+    def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
+                 is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
+                 expert_alignment=1, num_worst_tokens=0, config=None, previous_event=None, async_finish=False,
+                 allocate_on_comm_stream=False):
+        """Sends every token to the ranks that hold its experts (intranode normal mode).
+
+        Args:
+            x: ``[N, H]`` bfloat16 contiguous, or a tuple ``(x_fp8, x_scales)``: ``[N, H]`` float8_e4m3fn and
+                ``[N, S]`` float32 (or int32 packed UE8M0) scales with any strides. Rows: multiple of 16 bytes.
+            handle: an :class:`IntranodeHandle` from an earlier non-cached dispatch: cached mode (same layout,
+                new ``x``; ``topk_idx``/``topk_weights`` must be None; the routing arguments are ignored; no host
+                wait).
+            num_tokens_per_rank: ``[R]`` int32, is_token_in_rank: ``[N, R]`` bool contiguous,
+                num_tokens_per_expert: ``[E]`` int32 — from :meth:`get_dispatch_layout` (required unless cached).
+            num_tokens_per_rdma_rank: ignored intranode.
+            topk_idx: optional ``[N, K]`` int64/int32 with ``topk_weights`` ``[N, K]`` float32, both contiguous
+                (``K <= 32``); required when ``num_worst_tokens > 0``.
+            expert_alignment: rounds every entry of the returned per-expert list up to a multiple of it.
+            num_worst_tokens: if > 0, outputs have exactly this many rows, the host does not wait, and the list is
+                empty (the real count is ``handle.rank_prefix_matrix[R-1, rank]``; padded ``recv_topk_idx`` rows
+                are -1).
+            config: a :class:`Config` (default ``get_dispatch_config(group_size)``); ``num_sms`` blocks are used.
+            previous_event, async_finish, allocate_on_comm_stream: stream control (module docstring).
+
+        Returns:
+            ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event)``:
+            ``recv_x`` ``[N_recv, H]`` of x's dtype (a tuple with contiguous ``[N_recv, S]`` scales for FP8), rows
+            ordered by (source rank, source token); ``recv_topk_idx`` ``[N_recv, K]`` (x's index dtype) holding
+            LOCAL expert ids in ``[0, E/R)`` or -1 where the expert is elsewhere; ``recv_topk_weights``
+            ``[N_recv, K]`` float32 (0 where the id is -1); both None without top-k; a Python list of ``E/R`` ints
+            (rows per local expert, aligned); the :class:`IntranodeHandle`; an :class:`EventOverlap`.
+            Cached mode returns ``(recv_x, None, None, None, None, event)``.
+        """
+        op = "dispatch"
+        rt = self._rt(op)
+        config = self.get_dispatch_config(self.group_size) if config is None else config
+        x, scales = self._check_x(op, x)
+        check_int(op, "expert_alignment", expert_alignment, 1)
+        check_int(op, "num_worst_tokens", num_worst_tokens, 0)
+        if handle is not None:
+            if topk_idx is not None or topk_weights is not None:
+                raise invalid_argument("dispatch: cached mode (handle given) takes no topk_idx/topk_weights")
+            return self._cached_dispatch(rt, x, scales, handle, config, previous_event, async_finish,
+                                         allocate_on_comm_stream)
+        torch = torch_module()
+        R, dev = self.group_size, self._device_str
+        num_tokens, hidden = x.shape
+        for name, t in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
+                        ("num_tokens_per_expert", num_tokens_per_expert)):
+            if t is None:
+                raise invalid_argument(f"dispatch: {name} is required without a handle (from get_dispatch_layout)")
+        check_tensor(op, "num_tokens_per_rank", num_tokens_per_rank, ("int32",), (R,), True, dev)
+        check_tensor(op, "is_token_in_rank", is_token_in_rank, ("bool",), (num_tokens, R), True, dev)
+        check_tensor(op, "num_tokens_per_expert", num_tokens_per_expert, ("int32",), (None,), True, dev)
+        num_experts = num_tokens_per_expert.shape[0]
+        if (topk_idx is None) != (topk_weights is None):
+            raise invalid_argument("dispatch: topk_idx and topk_weights must be given together")
+        num_topk = 0
+        if topk_idx is not None:
+            check_tensor(op, "topk_idx", topk_idx, INDEX_DTYPES, (num_tokens, None), True, dev)
+            num_topk = topk_idx.shape[1]
+            check_tensor(op, "topk_weights", topk_weights, ("float32",), (num_tokens, num_topk), True, dev)
+        args = self._dispatch_args(x, scales, config)
+        args.update({"topk_idx": topk_idx.data_ptr() if topk_idx is not None else 0,
+                     "topk_int64": int(topk_idx is None or dtype_name(topk_idx.dtype) == "int64"),
+                     "topk_weights": topk_weights.data_ptr() if topk_weights is not None else 0,
+                     "num_topk": num_topk, "is_token_in_rank": is_token_in_rank.data_ptr(),
+                     "num_tokens_per_rank": num_tokens_per_rank.data_ptr(),
+                     "num_tokens_per_expert": num_tokens_per_expert.data_ptr(), "num_experts": num_experts,
+                     "expert_alignment": expert_alignment, "num_worst_tokens": num_worst_tokens})
+        compute = self._begin(op, previous_event, async_finish, allocate_on_comm_stream)
+        with self._alloc_context(allocate_on_comm_stream):
+            rank_prefix_matrix = torch.empty((R, R), dtype=torch.int32, device=dev)
+            num_tokens_per_src = torch.empty((R,), dtype=torch.int32, device=dev)
+            send_pos = torch.empty((num_tokens, R), dtype=torch.int32, device=dev)
+            hd = {"num_tokens": num_tokens, "is_token_in_rank": is_token_in_rank.data_ptr(),
+                  "rank_prefix_matrix": rank_prefix_matrix.data_ptr(),
+                  "num_tokens_per_src": num_tokens_per_src.data_ptr(), "send_pos": send_pos.data_ptr()}
+            stream = self._comm_stream.cuda_stream
+            num_recv, per_expert = rt.dispatch_prepare(args, hd, stream)
+            recv_src_idx = torch.empty((num_recv,), dtype=torch.int32, device=dev)
+            recv_x, recv_scales, outs = self._recv_tensors(x, scales, num_recv)
+            recv_topk_idx = recv_topk_weights = None
+            if num_topk > 0:
+                recv_topk_idx = torch.empty((num_recv, num_topk), dtype=topk_idx.dtype, device=dev)
+                recv_topk_weights = torch.empty((num_recv, num_topk), dtype=torch.float32, device=dev)
+                outs.update(recv_topk_idx=recv_topk_idx.data_ptr(), recv_topk_weights=recv_topk_weights.data_ptr())
+            hd.update(num_recv_tokens=num_recv, recv_src_idx=recv_src_idx.data_ptr())
+            rt.dispatch(args, hd, outs, stream)
+            handle = IntranodeHandle(rank_prefix_matrix, num_tokens_per_src, None, recv_src_idx, is_token_in_rank,
+                                     send_pos)
+            event = self._finish(compute, async_finish, allocate_on_comm_stream,
+                                 (x, scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                                  num_tokens_per_expert, recv_x, recv_scales, recv_topk_idx, recv_topk_weights)
+                                 + tuple(handle))
+        recv = (recv_x, recv_scales) if scales is not None else recv_x
+        per_expert_list = list(per_expert) if num_worst_tokens == 0 else []
+        return recv, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event
+
+    def _dispatch_args(self, x, scales, config):
+        num_tokens, hidden = x.shape
+        args = {"x": x.data_ptr(), "num_tokens": num_tokens, "hidden": hidden, "x_elem_bytes": element_size(x),
+                "config": config}
+        if scales is not None:
+            args.update(x_scales=scales.data_ptr(), num_scales=scales.shape[1],
+                        scale_token_stride=scales.stride(0), scale_hidden_stride=scales.stride(1))
+        return args
+
+    def _recv_tensors(self, x, scales, num_recv):
+        torch = torch_module()
+        recv_x = torch.empty((num_recv, x.shape[1]), dtype=x.dtype, device=self._device_str)
+        outs = {"recv_x": recv_x.data_ptr()}
+        recv_scales = None
+        if scales is not None:
+            recv_scales = torch.empty((num_recv, scales.shape[1]), dtype=scales.dtype, device=self._device_str)
+            outs["recv_x_scales"] = recv_scales.data_ptr()
+        return recv_x, recv_scales, outs
+
+    def _unpack_handle(self, op, handle):
+        if not isinstance(handle, tuple) or len(handle) != 6:
+            raise invalid_argument(f"{op}: handle expected the 6-tuple an intranode dispatch returns, got "
+                                   f"{type(handle).__name__}")
+        rank_prefix_matrix, num_tokens_per_src, _, recv_src_idx, is_token_in_rank, send_pos = handle
+        R, dev = self.group_size, self._device_str
+        check_tensor(op, "handle.rank_prefix_matrix", rank_prefix_matrix, ("int32",), (R, R), True, dev)
+        check_tensor(op, "handle.num_tokens_per_src", num_tokens_per_src, ("int32",), (R,), True, dev)
+        check_tensor(op, "handle.recv_src_idx", recv_src_idx, ("int32",), (None,), True, dev)
+        check_tensor(op, "handle.is_token_in_rank", is_token_in_rank, ("bool",), (None, R), True, dev)
+        check_tensor(op, "handle.send_pos", send_pos, ("int32",), (is_token_in_rank.shape[0], R), True, dev)
+        hd = {"num_tokens": is_token_in_rank.shape[0], "num_recv_tokens": recv_src_idx.shape[0],
+              "is_token_in_rank": is_token_in_rank.data_ptr(), "rank_prefix_matrix": rank_prefix_matrix.data_ptr(),
+              "num_tokens_per_src": num_tokens_per_src.data_ptr(), "send_pos": send_pos.data_ptr(),
+              "recv_src_idx": recv_src_idx.data_ptr()}
+        return hd
+
+    def _cached_dispatch(self, rt, x, scales, handle, config, previous_event, async_finish,
+                         allocate_on_comm_stream):
+        op = "dispatch"
+        hd = self._unpack_handle(op, handle)
+        if x.shape[0] != hd["num_tokens"]:
+            raise invalid_argument(f"dispatch: cached mode expected x with {hd['num_tokens']} rows (the handle's "
+                                   f"token count), got {x.shape[0]}")
+        args = self._dispatch_args(x, scales, config)
+        compute = self._begin(op, previous_event, async_finish, allocate_on_comm_stream)
+        with self._alloc_context(allocate_on_comm_stream):
+            recv_x, recv_scales, outs = self._recv_tensors(x, scales, hd["num_recv_tokens"])
+            rt.dispatch_cached(args, hd, outs, self._comm_stream.cuda_stream)
+            event = self._finish(compute, async_finish, allocate_on_comm_stream,
+                                 (x, scales, recv_x, recv_scales) + tuple(handle))
+        recv = (recv_x, recv_scales) if scales is not None else recv_x
+        return recv, None, None, None, None, event
+
+    def combine(self, x, handle, topk_weights=None, bias=None, config=None, previous_event=None,
+                async_finish=False, allocate_on_comm_stream=False):
+        """Returns every received row to its source rank and sums there (the reverse of dispatch).
+
+        Args:
+            x: ``[N_recv, H]`` bfloat16 contiguous, rows in the order the matching dispatch produced.
+            handle: the :class:`IntranodeHandle` of that (non-cached) dispatch.
+            topk_weights: optional ``[N_recv, K]`` float32 contiguous, summed the same way.
+            bias: None, a tensor, or a tuple of up to two tensors, each ``[N, H]`` bfloat16 contiguous, added once
+                to every output row.
+            config: a :class:`Config` (default ``get_combine_config(group_size)``).
+            previous_event, async_finish, allocate_on_comm_stream: stream control (module docstring).
+
+        Returns:
+            ``(combined_x, combined_topk_weights, event)``: ``[N, H]`` bfloat16 (per token: the float32 sum over
+            the ranks it was sent to, in ascending rank order, plus bias, rounded once: deterministic);
+            ``[N, K]`` float32 or None; an :class:`EventOverlap`. Never blocks the host.
+        """
+        op = "combine"
+        rt = self._rt(op)
+        config = self.get_combine_config(self.group_size) if config is None else config
+        hd = self._unpack_handle(op, handle)
+        torch = torch_module()
+        dev = self._device_str
+        num_recv, num_tokens = hd["num_recv_tokens"], hd["num_tokens"]
+        check_tensor(op, "x", x, ("bfloat16",), (num_recv, None), True, dev)
+        hidden = x.shape[1]
+        num_topk = 0
+        if topk_weights is not None:
+            check_tensor(op, "topk_weights", topk_weights, ("float32",), (num_recv, None), True, dev)
+            num_topk = topk_weights.shape[1]
+        biases = () if bias is None else (bias if isinstance(bias, tuple) else (bias,))
+        if len(biases) > 2:
+            raise invalid_argument(f"combine: bias expected a tensor or a tuple of at most 2 tensors, got "
+                                   f"{len(biases)}")
+        for i, b in enumerate(biases):
+            check_tensor(op, f"bias[{i}]", b, ("bfloat16",), (num_tokens, hidden), True, dev)
+        args = {"x": x.data_ptr(), "hidden": hidden, "num_topk": num_topk, "config": config,
+                "topk_weights": topk_weights.data_ptr() if topk_weights is not None else 0}
+        for i, b in enumerate(biases):
+            args[f"bias_{i}"] = b.data_ptr()
+        compute = self._begin(op, previous_event, async_finish, allocate_on_comm_stream)
+        with self._alloc_context(allocate_on_comm_stream):
+            combined_x = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=dev)
+            outs = {"combined_x": combined_x.data_ptr()}
+            combined_w = None
+            if num_topk > 0:
+                combined_w = torch.empty((num_tokens, num_topk), dtype=torch.float32, device=dev)
+                outs["combined_topk_weights"] = combined_w.data_ptr()
+            rt.combine(args, hd, outs, self._comm_stream.cuda_stream)
+            event = self._finish(compute, async_finish, allocate_on_comm_stream,
+                                 (x, topk_weights, combined_x, combined_w) + tuple(biases) + tuple(handle))
+        return combined_x, combined_w, event
+
+    # ------------------------------------------------------------------------------------------------------
+    # Not available yet: internode normal mode and low-latency mode (DeepEP 2.7, 2.8). The signatures are
+    # DeepEP's so that callers fail with a clear message, and so that the implementations can be wired in here.
+    def internode_dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
+                           is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
+                           expert_alignment=1, num_worst_tokens=0, config=None, previous_event=None,
+                           async_finish=False, allocate_on_comm_stream=False):
+        """Internode normal dispatch (more than 8 ranks). Not available yet: raises OpenEPNotAvailableError."""
+        raise not_available("internode normal mode (Buffer.internode_dispatch)")
+
+    def internode_combine(self, x, handle, topk_weights=None, bias=None, config=None, previous_event=None,
+                          async_finish=False, allocate_on_comm_stream=False):
+        """Internode normal combine. Not available yet: raises OpenEPNotAvailableError."""
+        raise not_available("internode normal mode (Buffer.internode_combine)")
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
+        """Zeroes the low-latency signalling areas (DeepEP 2.8). Not available yet."""
+        raise not_available("Buffer.clean_low_latency_buffer")
+
+    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                             cumulative_local_expert_recv_stats=None, dispatch_wait_recv_cost_stats=None,
+                             use_fp8=True, round_scale=False, use_ue8m0=False, async_finish=False,
+                             return_recv_hook=False):
+        """Low-latency dispatch (DeepEP 2.8): returns ``(recv_x, recv_count, handle, event, hook)``. Not available
+        yet: raises OpenEPNotAvailableError."""
+        raise not_available("Buffer.low_latency_dispatch")
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False, zero_copy=False,
+                            async_finish=False, return_recv_hook=False, out=None,
+                            combine_wait_recv_cost_stats=None):
+        """Low-latency combine (DeepEP 2.8): returns ``(combined_x, event, hook)``. Not available yet."""
+        raise not_available("Buffer.low_latency_combine")
+
+    def get_next_low_latency_combine_buffer(self, handle):
+        """The zero-copy combine send buffer (DeepEP 5.12). Not available yet."""
+        raise not_available("Buffer.get_next_low_latency_combine_buffer")
+
+    def low_latency_update_mask_buffer(self, rank_to_mask, mask=False):
+        """Shrink mode: masks or unmasks a rank (DeepEP 2.8). Not available yet."""
+        raise not_available("Buffer.low_latency_update_mask_buffer")
+
+    def low_latency_query_mask_buffer(self, mask_status):
+        """Shrink mode: copies the mask into ``mask_status`` (DeepEP 2.8). Not available yet."""
+        raise not_available("Buffer.low_latency_query_mask_buffer")
+
+    def low_latency_clean_mask_buffer(self):
+        """Shrink mode: clears the mask (DeepEP 2.8). Not available yet."""
+        raise not_available("Buffer.low_latency_clean_mask_buffer")

@@ -1,0 +1,125 @@
+"""The CPU reference (reference/openep/reference.hpp), the specification of OpenEP's results, for tests.
+
+Thin torch wrappers over the core's reference exposed through the binding (``openep._C.ref_*``): nothing is
+re-implemented here. Inputs may live on any device; results are CPU tensors. Dispatch is bit-exact; combine
+sums in float32 in ascending rank order then adds bias_0 and bias_1, which the GPU kernels reproduce bit for
+bit. The raw functions (``_C.ref_get_dispatch_layout``, ``_C.ref_dispatch``, ``_C.ref_combine``) take and
+return ``bytes`` and need no torch.
+"""
+
+from . import _C
+from ._torch import torch_module
+
+__all__ = ["get_dispatch_layout", "dispatch", "combine", "RefDispatchResult"]
+
+
+def _bytes(t):
+    torch = torch_module()
+    if t is None:
+        return b""
+    t = t.detach().contiguous().cpu()
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _tensor(b, dtype, shape):
+    torch = torch_module()
+    if len(b) == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(b), dtype=dtype).reshape(shape)
+
+
+def get_dispatch_layout(topk_idx, num_experts, num_ranks):
+    """Reference get_dispatch_layout for one rank's ``[N, K]`` topk_idx.
+
+    Returns ``(num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [R/8] int32 or None,
+    num_tokens_per_expert [E] int32, is_token_in_rank [N, R] bool)`` on the CPU.
+    """
+    torch = torch_module()
+    n, k = topk_idx.shape
+    d = _C.ref_get_dispatch_layout(_bytes(topk_idx.to(torch.int64)), n, k, num_experts, num_ranks)
+    rdma = d["num_tokens_per_rdma_rank"]
+    return (torch.tensor(d["num_tokens_per_rank"], dtype=torch.int32),
+            torch.tensor(rdma, dtype=torch.int32) if rdma else None,
+            torch.tensor(d["num_tokens_per_expert"], dtype=torch.int32),
+            _tensor(d["is_token_in_rank"], torch.bool, (n, num_ranks)))
+
+
+class RefDispatchResult:
+    """Reference dispatch over all ranks; :meth:`recv` gives one rank's view, :func:`combine` reverses it."""
+
+    def __init__(self, native, num_ranks, hidden, num_topk, elem_bytes, num_scales, with_topk, x_dtype,
+                 scale_dtype, num_tokens):
+        self.native = native
+        self.num_ranks, self.hidden, self.num_topk = num_ranks, hidden, num_topk
+        self.elem_bytes, self.num_scales, self.with_topk = elem_bytes, num_scales, with_topk
+        self.x_dtype, self.scale_dtype, self.num_tokens = x_dtype, scale_dtype, num_tokens
+
+    def recv(self, rank):
+        """What ``rank`` receives, as a dict of CPU tensors: ``x`` [N_recv, H] (x's dtype), ``x_scales``
+        [N_recv, S] (or None), ``topk_idx`` [N_recv, K] int64 local ids, ``topk_weights`` [N_recv, K] float32
+        (None without top-k), ``src_rank``/``src_idx`` [N_recv] int32, ``rank_prefix`` [R] int32 (inclusive),
+        ``num_recv_tokens_per_expert`` (list), ``send_pos`` [N, R] int32 (this rank as the source)."""
+        torch = torch_module()
+        d = self.native.recv(rank)
+        n = d["num_recv_tokens"]
+        out = {
+            "num_recv_tokens": n,
+            "x": _tensor(d["x"], torch.uint8, (n, self.hidden * self.elem_bytes)).view(self.x_dtype),
+            "x_scales": (_tensor(d["x_scales"], torch.int32, (n, self.num_scales)).view(self.scale_dtype)
+                         if self.num_scales else None),
+            "topk_idx": _tensor(d["topk_idx"], torch.int64, (n, self.num_topk)) if self.with_topk else None,
+            "topk_weights": _tensor(d["topk_weights"], torch.float32, (n, self.num_topk)) if self.with_topk else None,
+            "src_rank": _tensor(d["src_rank"], torch.int32, (n,)),
+            "src_idx": _tensor(d["src_idx"], torch.int32, (n,)),
+            "rank_prefix": torch.tensor(d["rank_prefix"], dtype=torch.int32),
+            "num_recv_tokens_per_expert": list(d["num_recv_tokens_per_expert"]),
+            "send_pos": _tensor(d["send_pos"], torch.int32, (self.num_tokens[rank], self.num_ranks)),
+        }
+        return out
+
+
+def dispatch(xs, topk_idxs, num_experts, topk_weights=None, x_scales=None, expert_alignment=1, with_topk=True):
+    """Reference dispatch over all ranks.
+
+    Args:
+        xs: per source rank, ``[N_s, H]`` tensors (any 1- or 2-byte dtype; bytes are moved verbatim).
+        topk_idxs: per rank ``[N_s, K]`` routing (int64 or int32).
+        topk_weights: per rank ``[N_s, K]`` float32 (required with ``with_topk``).
+        x_scales: per rank ``[N_s, S]`` float32/int32 (FP8), or None.
+        with_topk: whether top-k travels with the rows (DeepEP: topk_idx given to dispatch).
+    """
+    torch = torch_module()
+    R = len(xs)
+    hidden = xs[0].shape[1]
+    elem_bytes = xs[0].element_size()
+    num_topk = topk_idxs[0].shape[1]
+    num_scales = x_scales[0].shape[1] if x_scales is not None else 0
+    ranks = []
+    for s in range(R):
+        ranks.append((xs[s].shape[0], _bytes(xs[s]), _bytes(x_scales[s]) if x_scales is not None else b"",
+                      _bytes(topk_idxs[s].to(torch.int64)),
+                      _bytes(topk_weights[s]) if (with_topk and topk_weights is not None) else b""))
+    native = _C.ref_dispatch(R, num_experts, hidden, num_topk, elem_bytes, num_scales, expert_alignment,
+                             with_topk, ranks)
+    return RefDispatchResult(native, R, hidden, num_topk, elem_bytes, num_scales, with_topk, xs[0].dtype,
+                             x_scales[0].dtype if x_scales is not None else None, [x.shape[0] for x in xs])
+
+
+def combine(dispatched, xs, topk_weights=None, bias_0=None, bias_1=None):
+    """Reference combine: ``xs[d]`` ``[N_recv_d, H]`` bfloat16 rows of rank d in its receive order,
+    ``topk_weights[d]`` ``[N_recv_d, K]`` float32 (when the dispatch carried top-k), optional per-rank biases
+    ``[N_s, H]`` bfloat16. Returns per rank ``(combined_x [N_s, H] bfloat16, combined_weights [N_s, K] or None)``.
+    """
+    torch = torch_module()
+    R = dispatched.num_ranks
+    ranks = [(_bytes(xs[d]), _bytes(topk_weights[d]) if topk_weights is not None else b"") for d in range(R)]
+    b0 = [_bytes(b) for b in bias_0] if bias_0 is not None else []
+    b1 = [_bytes(b) for b in bias_1] if bias_1 is not None else []
+    res = _C.ref_combine(dispatched.native, ranks, b0, b1)
+    out = []
+    for s, (x, w) in enumerate(res):
+        n = dispatched.num_tokens[s]
+        out.append((_tensor(x, torch.bfloat16, (n, dispatched.hidden)),
+                    _tensor(w, torch.float32, (n, dispatched.num_topk)) if len(w) or (
+                        topk_weights is not None and n == 0) else None))
+    return out

@@ -1,0 +1,222 @@
+// Binding of openep::Group + openep::Buffer as one object, openep._C.Runtime.
+//
+// Arguments cross as plain dicts of ints (device addresses, shapes, strides) whose keys mirror the fields of
+// the core's argument structs; unknown keys are rejected, so a typo in python/openep/ fails loudly. Streams
+// cross as cudaStream_t addresses (torch.cuda.Stream.cuda_stream). Calls that may block the host (NCCL init,
+// window registration, the exact-mode count wait, synchronize) release the GIL.
+#include <cuda_runtime.h>
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstring>
+#include <initializer_list>
+#include <memory>
+#include <string>
+
+#include "openep/buffer.hpp"
+#include "openep/error.hpp"
+#include "openep/group.hpp"
+#include "runtime/buffer_impl.hpp"
+
+namespace nb = nanobind;
+
+namespace {
+
+[[noreturn]] void fail(openep::ErrorCode code, const std::string& msg) {
+  throw openep::Error(code, __FILE__, __LINE__, msg);
+}
+
+// Strict dict access: every key of `d` must be in `allowed`.
+void check_keys(const nb::dict& d, std::initializer_list<const char*> allowed, const char* what) {
+  for (auto [k, v] : d) {
+    const std::string key = nb::cast<std::string>(k);
+    bool ok = false;
+    for (const char* a : allowed) ok = ok || key == a;
+    if (!ok) fail(openep::ErrorCode::kInternal, std::string(what) + ": unknown field '" + key + "'");
+  }
+}
+template <typename T>
+T* ptr(const nb::dict& d, const char* k) {
+  return d.contains(k) ? reinterpret_cast<T*>(nb::cast<uintptr_t>(d[k])) : nullptr;
+}
+int64_t num(const nb::dict& d, const char* k, int64_t def) { return d.contains(k) ? nb::cast<int64_t>(d[k]) : def; }
+cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+openep::Config config_of(const nb::dict& d) {
+  return d.contains("config") ? nb::cast<openep::Config>(d["config"]) : openep::Config{};
+}
+
+openep::IntranodeHandle handle_of(const nb::dict& d) {
+  check_keys(d, {"num_tokens", "num_recv_tokens", "is_token_in_rank", "rank_prefix_matrix", "num_tokens_per_src",
+                 "send_pos", "recv_src_idx"}, "handle");
+  openep::IntranodeHandle h;
+  h.num_tokens = static_cast<int>(num(d, "num_tokens", 0));
+  h.num_recv_tokens = static_cast<int>(num(d, "num_recv_tokens", 0));
+  h.is_token_in_rank = ptr<const bool>(d, "is_token_in_rank");
+  h.rank_prefix_matrix = ptr<int>(d, "rank_prefix_matrix");
+  h.num_tokens_per_src = ptr<int>(d, "num_tokens_per_src");
+  h.send_pos = ptr<int>(d, "send_pos");
+  h.recv_src_idx = ptr<int>(d, "recv_src_idx");
+  return h;
+}
+
+openep::DispatchArgs dispatch_args_of(const nb::dict& d) {
+  check_keys(d, {"x", "num_tokens", "hidden", "x_elem_bytes", "x_scales", "num_scales", "scale_token_stride",
+                 "scale_hidden_stride", "topk_idx", "topk_int64", "topk_weights", "num_topk", "is_token_in_rank",
+                 "num_tokens_per_rank", "num_tokens_per_expert", "num_experts", "expert_alignment",
+                 "num_worst_tokens", "config"}, "dispatch arguments");
+  openep::DispatchArgs a;
+  a.x = ptr<const void>(d, "x");
+  a.num_tokens = static_cast<int>(num(d, "num_tokens", 0));
+  a.hidden = static_cast<int>(num(d, "hidden", 0));
+  a.x_elem_bytes = static_cast<int>(num(d, "x_elem_bytes", 2));
+  a.x_scales = ptr<const void>(d, "x_scales");
+  a.num_scales = static_cast<int>(num(d, "num_scales", 0));
+  a.scale_token_stride = num(d, "scale_token_stride", 0);
+  a.scale_hidden_stride = num(d, "scale_hidden_stride", 1);
+  a.topk_idx = ptr<const void>(d, "topk_idx");
+  a.index_type = num(d, "topk_int64", 1) ? openep::IndexType::kInt64 : openep::IndexType::kInt32;
+  a.topk_weights = ptr<const float>(d, "topk_weights");
+  a.num_topk = static_cast<int>(num(d, "num_topk", 0));
+  a.is_token_in_rank = ptr<const bool>(d, "is_token_in_rank");
+  a.num_tokens_per_rank = ptr<const int>(d, "num_tokens_per_rank");
+  a.num_tokens_per_expert = ptr<const int>(d, "num_tokens_per_expert");
+  a.num_experts = static_cast<int>(num(d, "num_experts", 0));
+  a.expert_alignment = static_cast<int>(num(d, "expert_alignment", 1));
+  a.num_worst_tokens = static_cast<int>(num(d, "num_worst_tokens", 0));
+  a.config = config_of(d);
+  return a;
+}
+
+openep::DispatchOutputs dispatch_outputs_of(const nb::dict& d) {
+  check_keys(d, {"recv_x", "recv_x_scales", "recv_topk_idx", "recv_topk_weights"}, "dispatch outputs");
+  openep::DispatchOutputs o;
+  o.recv_x = ptr<void>(d, "recv_x");
+  o.recv_x_scales = ptr<void>(d, "recv_x_scales");
+  o.recv_topk_idx = ptr<void>(d, "recv_topk_idx");
+  o.recv_topk_weights = ptr<float>(d, "recv_topk_weights");
+  return o;
+}
+
+// One Group (private NCCL communicator) and the Buffer on it. The Group must outlive the Buffer.
+class Runtime {
+ public:
+  Runtime(nb::bytes unique_id, int rank, int num_ranks, int device, size_t num_nvl_bytes, size_t num_rdma_bytes,
+          bool low_latency_mode, double timeout_seconds) {
+    if (unique_id.size() != sizeof(ncclUniqueId)) {
+      fail(openep::ErrorCode::kInvalidArgument, "unique_id must be " + std::to_string(sizeof(ncclUniqueId)) +
+                                                    " bytes, got " + std::to_string(unique_id.size()));
+    }
+    ncclUniqueId id;
+    std::memcpy(&id, unique_id.c_str(), sizeof(id));
+    openep::BufferOptions o;
+    o.num_nvl_bytes = num_nvl_bytes;
+    o.num_rdma_bytes = num_rdma_bytes;
+    o.low_latency_mode = low_latency_mode;
+    o.timeout_seconds = timeout_seconds;
+    nb::gil_scoped_release release;
+    group_ = openep::Group::create(id, rank, num_ranks, device);
+    buffer_ = std::make_unique<openep::Buffer>(*group_, o);
+  }
+
+  openep::Buffer& buffer() {
+    if (!buffer_) fail(openep::ErrorCode::kInvalidArgument, "this Buffer was destroyed (destroy() was called)");
+    return *buffer_;
+  }
+
+  // Releases the Buffer, then the communicator. Collective in effect (the Buffer's final barrier).
+  void destroy() {
+    nb::gil_scoped_release release;
+    buffer_.reset();
+    group_.reset();
+  }
+  bool alive() const { return buffer_ != nullptr; }
+
+  std::unique_ptr<openep::Group> group_;
+  std::unique_ptr<openep::Buffer> buffer_;
+};
+
+}  // namespace
+
+void bind_buffer(nb::module_& m) {
+  m.def("make_unique_id", [] {
+    const ncclUniqueId id = openep::Group::make_unique_id();
+    return nb::bytes(reinterpret_cast<const char*>(&id), sizeof(id));
+  }, "A fresh NCCL unique id (128 bytes) for Runtime(); create it on one rank and ship it to the others.");
+
+  nb::class_<Runtime>(m, "Runtime", "openep::Group + openep::Buffer (internal; use openep.Buffer).")
+      .def(nb::init<nb::bytes, int, int, int, size_t, size_t, bool, double>(), nb::arg("unique_id"),
+           nb::arg("rank"), nb::arg("num_ranks"), nb::arg("device"), nb::arg("num_nvl_bytes"),
+           nb::arg("num_rdma_bytes"), nb::arg("low_latency_mode"), nb::arg("timeout_seconds"))
+      .def("destroy", &Runtime::destroy)
+      .def_prop_ro("alive", &Runtime::alive)
+      .def_prop_ro("rank", [](Runtime& r) { return r.buffer().rank(); })
+      .def_prop_ro("num_ranks", [](Runtime& r) { return r.buffer().num_ranks(); })
+      .def_prop_ro("num_nvlink_ranks", [](Runtime& r) { r.buffer(); return r.group_->num_nvlink_ranks(); })
+      .def_prop_ro("comm_stream", [](Runtime& r) { return reinterpret_cast<uintptr_t>(r.buffer().comm_stream()); })
+      .def("local_buffer", [](Runtime& r, bool rdma) {
+        // (device address, bytes) of this rank's normal-mode (or low-latency) region of the symmetric window.
+        openep::Buffer::Impl& m = r.buffer().impl();
+        char* base = static_cast<char*>(m.window_memory);
+        const size_t off = rdma ? m.window_layout.rdma_offset : m.window_layout.nvl_offset;
+        const size_t bytes = rdma ? m.options.num_rdma_bytes : m.options.num_nvl_bytes;
+        return std::make_tuple(reinterpret_cast<uintptr_t>(base + off), bytes);
+      }, nb::arg("rdma"))
+      .def("get_dispatch_layout", [](Runtime& r, nb::dict d, uintptr_t stream) {
+        check_keys(d, {"topk_idx", "topk_int64", "num_tokens", "num_topk", "num_experts", "num_tokens_per_rank",
+                       "num_tokens_per_expert", "is_token_in_rank"}, "get_dispatch_layout arguments");
+        openep::LayoutArgs a;
+        a.topk_idx = ptr<const void>(d, "topk_idx");
+        a.index_type = num(d, "topk_int64", 1) ? openep::IndexType::kInt64 : openep::IndexType::kInt32;
+        a.num_tokens = static_cast<int>(num(d, "num_tokens", 0));
+        a.num_topk = static_cast<int>(num(d, "num_topk", 0));
+        a.num_experts = static_cast<int>(num(d, "num_experts", 0));
+        a.num_tokens_per_rank = ptr<int>(d, "num_tokens_per_rank");
+        a.num_tokens_per_expert = ptr<int>(d, "num_tokens_per_expert");
+        a.is_token_in_rank = ptr<bool>(d, "is_token_in_rank");
+        r.buffer().get_dispatch_layout(a, as_stream(stream));
+      }, nb::arg("args"), nb::arg("stream"))
+      .def("dispatch_prepare", [](Runtime& r, nb::dict args, nb::dict handle, uintptr_t stream) {
+        // Returns (num_recv_tokens, num_recv_tokens_per_expert list). Exact mode waits on the host.
+        const openep::DispatchArgs a = dispatch_args_of(args);
+        openep::IntranodeHandle h = handle_of(handle);
+        openep::DispatchCounts c;
+        {
+          nb::gil_scoped_release release;
+          c = r.buffer().dispatch_prepare(a, h, as_stream(stream));
+        }
+        return std::make_tuple(c.num_recv_tokens, c.num_recv_tokens_per_expert);
+      }, nb::arg("args"), nb::arg("handle"), nb::arg("stream"))
+      .def("dispatch", [](Runtime& r, nb::dict args, nb::dict handle, nb::dict out, uintptr_t stream) {
+        r.buffer().dispatch(dispatch_args_of(args), handle_of(handle), dispatch_outputs_of(out), as_stream(stream));
+      }, nb::arg("args"), nb::arg("handle"), nb::arg("outputs"), nb::arg("stream"))
+      .def("dispatch_cached", [](Runtime& r, nb::dict args, nb::dict handle, nb::dict out, uintptr_t stream) {
+        r.buffer().dispatch_cached(dispatch_args_of(args), handle_of(handle), dispatch_outputs_of(out),
+                                   as_stream(stream));
+      }, nb::arg("args"), nb::arg("handle"), nb::arg("outputs"), nb::arg("stream"))
+      .def("combine", [](Runtime& r, nb::dict d, nb::dict handle, nb::dict out, uintptr_t stream) {
+        check_keys(d, {"x", "hidden", "topk_weights", "num_topk", "bias_0", "bias_1", "config"}, "combine arguments");
+        check_keys(out, {"combined_x", "combined_topk_weights"}, "combine outputs");
+        openep::CombineArgs a;
+        a.x = ptr<const uint16_t>(d, "x");
+        a.hidden = static_cast<int>(num(d, "hidden", 0));
+        a.topk_weights = ptr<const float>(d, "topk_weights");
+        a.num_topk = static_cast<int>(num(d, "num_topk", 0));
+        a.bias_0 = ptr<const uint16_t>(d, "bias_0");
+        a.bias_1 = ptr<const uint16_t>(d, "bias_1");
+        a.config = config_of(d);
+        openep::CombineOutputs o;
+        o.combined_x = ptr<uint16_t>(out, "combined_x");
+        o.combined_topk_weights = ptr<float>(out, "combined_topk_weights");
+        r.buffer().combine(a, handle_of(handle), o, as_stream(stream));
+      }, nb::arg("args"), nb::arg("handle"), nb::arg("outputs"), nb::arg("stream"))
+      .def("barrier", [](Runtime& r, uintptr_t stream) { r.buffer().barrier(as_stream(stream)); }, nb::arg("stream"))
+      .def("synchronize", [](Runtime& r, uintptr_t stream) {
+        openep::Buffer& b = r.buffer();
+        nb::gil_scoped_release release;
+        b.synchronize(as_stream(stream));
+      }, nb::arg("stream"))
+      .def("check_device_errors", [](Runtime& r) { r.buffer().check_device_errors(); });
+}

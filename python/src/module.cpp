@@ -1,0 +1,177 @@
+// openep._C: the nanobind module under the Python package openep. The ONLY place nanobind appears.
+//
+// Never compiled against torch: every tensor crosses as a device address (int) plus the shapes the core
+// needs; python/openep/ checks dtypes, shapes, devices and contiguity before calling in here. This file holds
+// the error translation, the versions and Config; buffer.cpp binds Group + Buffer, reference.cpp the CPU
+// reference (the specification the Python tests compare against).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+
+#include <string>
+
+#include "openep/buffer.hpp"
+#include "openep/config.hpp"
+#include "openep/error.hpp"
+#include "openep/intranode.hpp"
+
+namespace nb = nanobind;
+
+void bind_buffer(nb::module_& m);
+void bind_reference(nb::module_& m);
+
+namespace {
+
+// The Python exception class (openep.OpenEPError) raised for every openep::Error. Set once by the package
+// at import (a borrowed reference kept for the life of the process, never released: releasing it during
+// interpreter shutdown would touch a finalised interpreter).
+PyObject* g_error_type = nullptr;
+
+// Stable short names for ErrorCode, used as OpenEPError.code.
+const char* code_key(openep::ErrorCode c) {
+  switch (c) {
+    case openep::ErrorCode::kInvalidArgument: return "invalid_argument";
+    case openep::ErrorCode::kBufferTooSmall: return "buffer_too_small";
+    case openep::ErrorCode::kCuda: return "cuda";
+    case openep::ErrorCode::kNccl: return "nccl";
+    case openep::ErrorCode::kVersionMismatch: return "version_mismatch";
+    case openep::ErrorCode::kTimeout: return "timeout";
+    case openep::ErrorCode::kDeviceCheck: return "device_check";
+    case openep::ErrorCode::kBufferFailed: return "buffer_failed";
+    case openep::ErrorCode::kUnsupported: return "unsupported";
+    case openep::ErrorCode::kInternal: return "internal";
+  }
+  return "internal";
+}
+
+void translate_error(const std::exception_ptr& p, void*) {
+  try {
+    std::rethrow_exception(p);
+  } catch (const openep::Error& e) {
+    if (g_error_type == nullptr) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+      return;
+    }
+    PyObject* inst = PyObject_CallFunction(g_error_type, "ss", e.what(), code_key(e.code()));
+    if (inst == nullptr) return;  // the constructor raised; that error stands
+    PyErr_SetObject(g_error_type, inst);
+    Py_DECREF(inst);
+  }
+}
+
+// DeepEP V1's NVLink buffer hint (deepep-v1-interface.md 3.4), for code that sizes its Buffer the DeepEP way.
+// OpenEP's own requirement depends on the token count: openep.Buffer.get_nvl_buffer_size_hint_for_tokens.
+size_t deepep_nvl_hint(const openep::Config& c, size_t hidden_bytes, int num_ranks) {
+  const size_t channels = static_cast<size_t>(c.num_sms) / 2;
+  const size_t nvl_peers = static_cast<size_t>(num_ranks < 8 ? num_ranks : 8);
+  const size_t rdma_ranks = static_cast<size_t>(num_ranks / 8 > 1 ? num_ranks / 8 : 1);
+  const size_t slots = channels * nvl_peers * static_cast<size_t>(c.num_max_nvl_chunked_recv_tokens);
+  const size_t kTopk = 128, kScales = 128, kIndexBytes = 8, kSourceMetaBytes = 8;
+  size_t bytes = channels * nvl_peers * (2 * rdma_ranks + 3) * 4;
+  bytes += slots * (hidden_bytes + kSourceMetaBytes + kTopk * kIndexBytes + kTopk * 4 + kScales * 4);
+  return (bytes + 127) / 128 * 128;
+}
+
+size_t deepep_rdma_hint(const openep::Config& c, size_t hidden_bytes, int num_ranks) {
+  if (num_ranks <= 8) return 0;
+  const size_t channels = static_cast<size_t>(c.num_sms) / 2;
+  const size_t m = static_cast<size_t>(num_ranks / 8);
+  const size_t slots = channels * m * static_cast<size_t>(c.num_max_rdma_chunked_recv_tokens);
+  const size_t kTopk = 128, kScales = 128, kIndexBytes = 8;
+  size_t bytes = channels * m * (8 * 2 + 2) * 2 * 4;
+  bytes += slots * (hidden_bytes * 2 + 8 * 2 + kTopk * kIndexBytes * 2 + kTopk * 4 * 2 + kScales * 4 * 2 + 16 * 2);
+  return (bytes + 127) / 128 * 128;
+}
+
+void check_hint_args(int64_t hidden_bytes, int num_ranks) {
+  if (hidden_bytes <= 0) {
+    throw openep::Error(openep::ErrorCode::kInvalidArgument, __FILE__, __LINE__,
+                        "hidden_bytes must be > 0, got " + std::to_string(hidden_bytes));
+  }
+  if (num_ranks < 1 || (num_ranks > 8 && num_ranks % 8 != 0)) {
+    throw openep::Error(openep::ErrorCode::kInvalidArgument, __FILE__, __LINE__,
+                        "num_ranks must be < 8 or a multiple of 8 (DeepEP V1 rule), got " + std::to_string(num_ranks));
+  }
+}
+
+void bind_config(nb::module_& m) {
+  nb::class_<openep::Config>(m, "Config",
+      R"doc(Performance knobs of the normal-mode kernels (DeepEP V1's Config).
+
+Config(num_sms=20, num_max_nvl_chunked_send_tokens=6, num_max_nvl_chunked_recv_tokens=256,
+       num_max_rdma_chunked_send_tokens=6, num_max_rdma_chunked_recv_tokens=256)
+
+num_sms: thread blocks (SMs) the normal-mode kernels use; even and > 0.
+The four chunk sizes are DeepEP's ring parameters. They are validated like DeepEP's (nvl_send < nvl_recv;
+rdma_recv is rounded up to a multiple of rdma_send, which must be <= half of it) but do not change OpenEP's
+kernels, which write each token straight to its final row. Fields are readable (DeepEP's are not).
+Invalid values raise OpenEPError(code="invalid_argument") naming the field.
+
+get_nvl_buffer_size_hint(hidden_bytes, num_ranks) and get_rdma_buffer_size_hint(hidden_bytes, num_ranks)
+return DeepEP V1's sizes for this config; OpenEP's own requirement depends on the token count:
+Buffer.get_nvl_buffer_size_hint_for_tokens.)doc")
+      .def("__init__",
+           [](openep::Config* self, int num_sms, int nvl_send, int nvl_recv, int rdma_send, int rdma_recv) {
+             openep::Config c;
+             c.num_sms = num_sms;
+             c.num_max_nvl_chunked_send_tokens = nvl_send;
+             c.num_max_nvl_chunked_recv_tokens = nvl_recv;
+             c.num_max_rdma_chunked_send_tokens = rdma_send;
+             c.num_max_rdma_chunked_recv_tokens = rdma_recv;
+             c.validate_and_normalize();
+             new (self) openep::Config(c);
+           },
+           nb::arg("num_sms") = 20, nb::arg("num_max_nvl_chunked_send_tokens") = 6,
+           nb::arg("num_max_nvl_chunked_recv_tokens") = 256, nb::arg("num_max_rdma_chunked_send_tokens") = 6,
+           nb::arg("num_max_rdma_chunked_recv_tokens") = 256)
+      .def_ro("num_sms", &openep::Config::num_sms)
+      .def_ro("num_max_nvl_chunked_send_tokens", &openep::Config::num_max_nvl_chunked_send_tokens)
+      .def_ro("num_max_nvl_chunked_recv_tokens", &openep::Config::num_max_nvl_chunked_recv_tokens)
+      .def_ro("num_max_rdma_chunked_send_tokens", &openep::Config::num_max_rdma_chunked_send_tokens)
+      .def_ro("num_max_rdma_chunked_recv_tokens", &openep::Config::num_max_rdma_chunked_recv_tokens)
+      .def("get_nvl_buffer_size_hint",
+           [](const openep::Config& c, int64_t hidden_bytes, int num_ranks) {
+             check_hint_args(hidden_bytes, num_ranks);
+             return deepep_nvl_hint(c, static_cast<size_t>(hidden_bytes), num_ranks);
+           },
+           nb::arg("hidden_bytes"), nb::arg("num_ranks"),
+           "DeepEP V1's NVLink-buffer size for this config, in bytes (a multiple of 128).")
+      .def("get_rdma_buffer_size_hint",
+           [](const openep::Config& c, int64_t hidden_bytes, int num_ranks) {
+             check_hint_args(hidden_bytes, num_ranks);
+             return deepep_rdma_hint(c, static_cast<size_t>(hidden_bytes), num_ranks);
+           },
+           nb::arg("hidden_bytes"), nb::arg("num_ranks"),
+           "DeepEP V1's RDMA-buffer size for this config, in bytes; 0 when num_ranks <= 8.")
+      .def("__repr__", [](const openep::Config& c) {
+        return "Config(num_sms=" + std::to_string(c.num_sms) +
+               ", num_max_nvl_chunked_send_tokens=" + std::to_string(c.num_max_nvl_chunked_send_tokens) +
+               ", num_max_nvl_chunked_recv_tokens=" + std::to_string(c.num_max_nvl_chunked_recv_tokens) +
+               ", num_max_rdma_chunked_send_tokens=" + std::to_string(c.num_max_rdma_chunked_send_tokens) +
+               ", num_max_rdma_chunked_recv_tokens=" + std::to_string(c.num_max_rdma_chunked_recv_tokens) + ")";
+      });
+
+  m.def("get_dispatch_config", &openep::get_dispatch_config, nb::arg("num_ranks"));
+  m.def("get_combine_config", &openep::get_combine_config, nb::arg("num_ranks"));
+  m.def("default_num_sms", &openep::default_num_sms);
+  m.def("set_default_num_sms", &openep::set_default_num_sms, nb::arg("num_sms"));
+  m.def("intranode_buffer_size_hint", &openep::intranode_buffer_size_hint, nb::arg("num_ranks"),
+        nb::arg("max_tokens_per_rank"), nb::arg("hidden"), nb::arg("x_elem_bytes"), nb::arg("num_scales"),
+        nb::arg("num_topk"));
+}
+
+}  // namespace
+
+NB_MODULE(_C, m) {
+  m.doc() = "OpenEP core binding (torch-free). Use the package openep, not this module.";
+  nb::register_exception_translator(translate_error);
+  m.def("_set_error_type", [](nb::handle type) {
+    Py_INCREF(type.ptr());
+    g_error_type = type.ptr();
+  });
+  m.def("compiled_nccl_version", &openep::compiled_nccl_version,
+        "NCCL_VERSION_CODE OpenEP was compiled against (e.g. 22809).");
+  m.def("loaded_nccl_version", &openep::loaded_nccl_version, "ncclGetVersion() of the loaded libnccl.so.2.");
+  bind_config(m);
+  bind_buffer(m);
+  bind_reference(m);
+}

@@ -1,0 +1,94 @@
+"""GPU tests of the openep package: one process per GPU (2 GPUs), every method against the CPU reference.
+
+Reported as SKIPPED (with the reason) without torch or without 2 GPUs. The cases live in _gpu_cases.py and
+run on all ranks at once in a pool of worker processes (_mp_pool.py) that is created once and reused; a failed
+case restarts the pool so that one failure cannot poison the next test.
+"""
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+_pool = None
+
+
+def _run(name):
+    global _pool
+    from _mp_pool import Pool
+    if _pool is None or not _pool.alive():
+        _pool = Pool(2)
+    try:
+        _pool.run(name)
+    except BaseException:
+        _pool.kill()
+        _pool = None
+        raise
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shutdown_pool():
+    yield
+    global _pool
+    if _pool is not None:
+        _pool.close()
+        _pool = None
+
+
+def test_get_dispatch_layout_matches_reference():
+    _run("layout")
+
+
+def test_dispatch_combine_bf16_all_stream_modes():
+    _run("dispatch_combine_bf16")
+
+
+def test_dispatch_combine_fp8_with_column_major_scales():
+    _run("dispatch_combine_fp8")
+
+
+def test_dispatch_int32_topk_idx():
+    _run("dispatch_int32_topk")
+
+
+def test_dispatch_expert_alignment():
+    _run("dispatch_expert_alignment")
+
+
+def test_dispatch_worst_case_tokens_and_combine():
+    _run("dispatch_worst_tokens")
+
+
+def test_cached_dispatch():
+    _run("dispatch_cached")
+
+
+def test_stream_current_stream_is_waited_for():
+    _run("stream_current_stream_is_waited_for")
+
+
+def test_stream_previous_event_async_and_comm_allocation():
+    _run("stream_previous_event_and_comm_allocation")
+
+
+def test_errors_are_python_exceptions():
+    _run("errors_are_exceptions")
+
+
+def test_device_errors_and_destroy():
+    _run("errors_device_side_and_destroy")
+
+
+def test_get_local_buffer_tensor():
+    _run("local_buffer_tensor")
+
+
+def test_low_latency_not_available_yet():
+    _run("low_latency_not_available")
+
+
+def test_torch_group_undisturbed_and_two_buffers():
+    _run("torch_group_undisturbed")
+
+
+def test_moe_layer_end_to_end_matches_single_gpu():
+    _run("moe_layer_end_to_end")
