@@ -417,6 +417,24 @@ __global__ void __launch_bounds__(kThreads, 1) low_latency_combine_kernel(const 
   if (p.do_recv) combine_recv(p, epoch);
 }
 
+// The fused kernels (send and receive in one launch) wait inside the kernel for work other blocks of the same
+// grid publish, so every block must be resident at once: they are launched cooperatively, which guarantees
+// that (or fails to launch) even when other kernels share the GPU. One 1024-thread block per SM.
+template <typename Params>
+void launch(void (*kernel)(Params), const Params& p, int num_blocks, size_t smem, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(num_blocks);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = p.do_send && p.do_recv ? 1 : 0;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  OPENEP_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+}
+
 int clamp_blocks(long long want, int num_sms) {
   return static_cast<int>(want < 1 ? 1 : (want > num_sms ? num_sms : want));
 }
@@ -442,15 +460,13 @@ void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_bloc
     OPENEP_CUDA_CHECK(cudaFuncSetAttribute(low_latency_dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(smem)));
   }
-  low_latency_dispatch_kernel<<<num_blocks, kThreads, smem, stream>>>(p);
-  OPENEP_CUDA_CHECK(cudaGetLastError());
+  launch(low_latency_dispatch_kernel, p, num_blocks, smem, stream);
 }
 
 void launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, cudaStream_t stream) {
   OPENEP_CHECK(p.num_topk <= kMaxLowLatencyTopk, ErrorCode::kInternal, "low-latency combine launched with top-",
                p.num_topk);
-  low_latency_combine_kernel<<<num_blocks, kThreads, 0, stream>>>(p);
-  OPENEP_CUDA_CHECK(cudaGetLastError());
+  launch(low_latency_combine_kernel, p, num_blocks, 0, stream);
 }
 
 }  // namespace openep::detail
