@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One-call GPU check for a lent GPU machine: configure and build with all cores, CPU tests, GPU tests,
 # multi-GPU tests, the quick benchmark, then a short summary table (printed last).
-#   OPENEP_COMMIT=<sha> OUT=<dir> bash tools/gpu_check.sh [openep_bench arguments...]
+#   OPENEP_COMMIT=<sha> OUT=<dir> [OPENEP_PIP_CHECK=1] bash tools/gpu_check.sh [openep_bench arguments...]
+# OPENEP_PIP_CHECK=1 also runs `pip install .` (no build isolation, no index: the machine's nanobind,
+# scikit-build-core, torch and NCCL wheel) and the Python tests (tests/python, CPU and 2-GPU parts).
 # Logs and the benchmark's JSON lines go to $OUT (default ./gpu_check_out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +36,10 @@ step cpu_tests ctest --test-dir "$BUILD_DIR" -L cpu --output-on-failure
 step gpu_tests ctest --test-dir "$BUILD_DIR" -L '^gpu$' -V
 step mgpu_tests ctest --test-dir "$BUILD_DIR" -L mgpu -V
 cp -r "$BUILD_DIR/mgpu_logs" "$OUT/" 2>/dev/null
+if [ "${OPENEP_PIP_CHECK:-0}" = 1 ]; then
+  step pip_install python3 -m pip install -v . --no-build-isolation --no-deps --no-index
+  step python_tests python3 -m pytest -v -rs tests/python
+fi
 step bench python3 tools/launch.py --min-gpus 2 --timeout 400 --log-dir "$OUT/bench_logs" -- \
   "$BUILD_DIR/bench/openep_bench" --commit "$commit" --results "$OUT/results.jsonl" "$@"
 echo
@@ -41,6 +47,7 @@ echo "================ OpenEP GPU check: $num_gpus x $card, commit $commit =====
 for f in cpu_tests gpu_tests mgpu_tests; do
   [ -f "$OUT/$f.log" ] && grep -E "tests passed|tests failed" "$OUT/$f.log" | sed "s/^/$f: /"
 done
+[ -f "$OUT/python_tests.log" ] && grep -E "passed|failed" "$OUT/python_tests.log" | tail -1 | sed "s/^/python_tests: /"
 grep -E "^(layout|dispatch|combine|ll_|op )" "$OUT/bench.log" || true
 printf '%-12s %s\n' "step" "result"
 for i in "${!names[@]}"; do printf '%-12s %s\n' "${names[$i]}" "${results[$i]}"; done
