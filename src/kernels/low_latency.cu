@@ -6,15 +6,21 @@
 //  the last block to finish (a ticket) stores the new epoch. All ranks issue the same sequence of calls, so
 //  they agree on epochs without talking.
 //  dispatch send: blocks take tokens. Threads k < K claim a slot per (token, slot k) with an atomic on this
-//    rank's per-expert counter; the block casts the token once into shared memory (header with the source
-//    token index, e4m3 payload, float32 scales; or the BF16 row), then all its threads store the K messages
-//    straight into the owners' windows at [local expert][my rank][slot]. The last block to finish (its ticket
-//    is an acq_rel.sys atomic, so it sees every block's stores) st.release.sys's, for every global expert,
-//    (epoch << 32) | count into the owner's dispatch flag (local expert, my rank), and resets the counters.
-//  dispatch receive: blocks take local experts. Threads s < R wait (acquire) for each source's flag of this
-//    epoch, the ranges are laid out in source order (deterministic layout_range, like the reference), and
-//    warps copy the messages into the caller's packed outputs (scales transposed, UE8M0 packed here).
-//  combine send: warp groups take (local expert, source rank) pairs, copy each row of the pair's range into
+//    rank's per-expert counter; the block casts the token once into shared memory (e4m3 payload, float32
+//    scales; or the BF16 row), then all its threads store ONE message per destination rank at [my rank][token]
+//    of that rank's window: the routing header (per slot k, (local expert << 16) | slot where slot k's expert
+//    lives on that rank, else -1) always, the payload only where the token has an expert. So a row crosses
+//    NVLink once per (token, rank), not once per (token, expert). The last block to finish (its ticket is an
+//    acq_rel.sys atomic, so it sees every block's stores) writes every expert's count into the owner's count
+//    slot (my rank, local expert), then per rank fences and st.release.sys's the flag of (my rank) =
+//    (epoch << 32) | (K << 16) | num_tokens, and resets the counters.
+//  dispatch receive: threads s < R wait (acquire) for each source's flag of this epoch; every block lays out
+//    the ranges of all (local expert, source) pairs in source order from the counts (deterministic
+//    layout_range, like the reference; block 0 writes the handle and the counts). Then warps take
+//    (message, chunk of the row) units over all blocks: a warp reads the header (lane k = slot k) and the
+//    chunk once and stores it into every local expert's packed row the token selected (plus, for chunk 0,
+//    the transposed scales, UE8M0 packed here, and the source index).
+//  combine send: warp groups take (local expert, source rank) pairs (spread over all blocks), copy each row of the pair's range into
 //    the source's window at [global expert][source token], then st.release.sys the source's flag of that
 //    global expert = epoch.
 //  combine receive: blocks take tokens; threads k < K wait for the flags of the token's experts only, then
@@ -111,42 +117,62 @@ __device__ __forceinline__ void cast_fp8_chunk(const int4 v, bool active, bool r
   if ((threadIdx.x & 15) == 0) *out_scale = scale_inv;
 }
 
+// Routing entry of top-k slot k in a message: (local expert << 16) | slot inside the (expert, source) range.
+static_assert(L::kHeaderBytes == sizeof(int32_t) * kMaxLowLatencyTopk, "one header int32 per top-k slot");
+static_assert(kMaxLowLatencyTopk <= 32, "the receive reads a message's routing header with one warp");
+
+__device__ __forceinline__ int header_entry(const int* s_entry, const int* s_dest, int K, int k, int d) {
+  return k < K && s_dest[k] == d ? s_entry[k] : -1;
+}
+
 __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint64_t epoch, int4* smem) {
-  __shared__ char* s_dst[kMaxLowLatencyTopk];
+  __shared__ int s_entry[kMaxLowLatencyTopk];  // (local expert << 16) | slot, or -1
+  __shared__ int s_dest[kMaxLowLatencyTopk];   // owner rank of slot k's expert, or -1
+  __shared__ int s_has[kMaxRanksLL];           // the token has at least one expert on rank d
+  __shared__ char* s_base[kMaxRanksLL];        // my messages in rank d's window: [my rank][0]
   const int R = p.num_ranks, El = p.num_local_experts, K = p.num_topk, H = p.hidden, T = p.T;
   const int half = static_cast<int>(epoch & 1);
   const L& layout = p.window.layout;
   const int row_bytes = p.use_fp8 ? H : 2 * H;
   const int num_scales = p.use_fp8 ? H / 128 : 0;
-  const int msg_int4 = (16 + row_bytes + num_scales * 4 + 15) / 16;
+  const int payload_int4 = (row_bytes + num_scales * 4 + 15) / 16;
+  const int header_int4 = (K + 3) / 4;  // only the first K entries of the header are written (and read)
+  const int msg_int4 = header_int4 + payload_int4;
+  constexpr int kHeaderInt4 = static_cast<int>(L::kHeaderBytes / 16);
   const int chunks = H / 8;  // int4 chunks of the BF16 row
-  char* payload = reinterpret_cast<char*>(smem) + 16;
+  char* payload = reinterpret_cast<char*>(smem);
   float* scales = reinterpret_cast<float*>(payload + row_bytes);
 
+  for (int d = threadIdx.x; d < R; d += blockDim.x)
+    s_base[d] = region(p.window, d) + layout.dispatch_offset + half * layout.dispatch_half +
+                static_cast<size_t>(p.rank) * T * layout.msg_bytes;
   for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
+    for (int d = threadIdx.x; d < R; d += blockDim.x) s_has[d] = 0;
+    __syncthreads();  // also publishes s_base on the first token
     if (threadIdx.x < K) {
       const int k = threadIdx.x;
       const int64_t e = read_topk(p.topk_idx, p.topk_int64, static_cast<int64_t>(t) * K + k);
-      char* dst = nullptr;
+      int entry = -1, dest = -1;
       if (e < -1 || e >= p.num_experts) {
         device::record_error(p.wait, DeviceErrorCode::kBadExpertIndex, -1, Phase::kLowLatencyDispatch, t, e);
       } else if (e >= 0) {
         const int d = static_cast<int>(e) / El, i = static_cast<int>(e) % El;
         const int slot = atomicAdd(&p.state->slot_counter[e], 1);
         if (slot < T) {
-          dst = region(p.window, d) + layout.dispatch_offset + half * layout.dispatch_half +
-                (static_cast<size_t>(i * R + p.rank) * T + slot) * layout.msg_bytes;
+          entry = (i << 16) | slot;
+          dest = d;
+          s_has[d] = 1;
         } else {
           device::record_error(p.wait, DeviceErrorCode::kCapacityExceeded, d, Phase::kLowLatencyDispatch, T,
                                slot + 1);
         }
       }
-      s_dst[k] = dst;
+      s_entry[k] = entry;
+      s_dest[k] = dest;
     }
-    if (threadIdx.x == 0) smem[0] = make_int4(t, 0, 0, 0);
     const int4* xrow = reinterpret_cast<const int4*>(p.x + static_cast<size_t>(t) * H);
     if (!p.use_fp8) {
-      for (int c = threadIdx.x; c < chunks; c += blockDim.x) smem[1 + c] = ptx::ld_nc_no_allocate(xrow + c);
+      for (int c = threadIdx.x; c < chunks; c += blockDim.x) smem[c] = ptx::ld_nc_no_allocate(xrow + c);
     } else {
       for (int base = 0; base < chunks; base += blockDim.x) {  // uniform trip count: shuffles see all lanes
         const int c = base + threadIdx.x;
@@ -156,117 +182,156 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint64_t epoch,
       }
     }
     __syncthreads();
-    const int total = K * msg_int4;
+    // One message per destination rank at [my rank][t]: the routing header always (a token with no expert
+    // there says so), the payload only where the token has an expert.
+    const int total = R * msg_int4;
     for (int j = threadIdx.x; j < total; j += blockDim.x) {
-      const int k = j / msg_int4, i = j - k * msg_int4;
-      char* dst = s_dst[k];
-      if (dst != nullptr) ptx::st_no_allocate(reinterpret_cast<int4*>(dst) + i, smem[i]);
+      const int d = j / msg_int4, q = j - d * msg_int4;
+      int4* msg = reinterpret_cast<int4*>(s_base[d] + static_cast<size_t>(t) * layout.msg_bytes);
+      if (q < header_int4) {
+        const int k = 4 * q;
+        ptx::st_no_allocate(msg + q, make_int4(header_entry(s_entry, s_dest, K, k, d),
+                                               header_entry(s_entry, s_dest, K, k + 1, d),
+                                               header_entry(s_entry, s_dest, K, k + 2, d),
+                                               header_entry(s_entry, s_dest, K, k + 3, d)));
+      } else if (s_has[d]) {
+        ptx::st_no_allocate(msg + kHeaderInt4 + (q - header_int4), smem[q - header_int4]);
+      }
     }
     __syncthreads();  // shared memory is reused by the next token
   }
 
   if (last_block<true>(&p.state->send_ticket[0])) {
+    // Counts first (every block's messages are visible to this block through the ticket), then per rank one
+    // release of the flag that carries the epoch, this rank's top-k and token count.
     for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) {
       const int count = min(atomicExch(&p.state->slot_counter[e], 0), T);
       const int d = e / El, i = e % El;
+      auto* c = reinterpret_cast<int32_t*>(region(p.window, d) + L::kDispatchCounts) +
+                static_cast<size_t>(half) * kMaxExperts + p.rank * El + i;
+      ptx::st_relaxed_sys(c, count);
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < R; d += blockDim.x) {
+      ptx::fence_acq_rel_sys();
       auto* flag = reinterpret_cast<uint64_t*>(region(p.window, d) + L::kDispatchFlags) +
-                   static_cast<size_t>(half) * kMaxExperts + i * R + p.rank;
-      ptx::st_release_sys(flag, (epoch << 32) | static_cast<uint64_t>(count));
+                   static_cast<size_t>(half) * kMaxExperts + p.rank;
+      ptx::st_release_sys(flag, (epoch << 32) | (static_cast<uint64_t>(K) << 16) |
+                                    static_cast<uint64_t>(p.num_tokens));
     }
     if (threadIdx.x == 0) p.state->send_epoch[0] = epoch;
   }
 }
 
-__device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint64_t epoch) {
-  __shared__ int s_start[kMaxRanksLL + 1];
-  __shared__ int s_count[kMaxRanksLL];
+// Int4 pieces of a payload row one warp copies per unit of the dispatch receive (kRecvUnroll per lane).
+constexpr int kRecvUnroll = 4;
+constexpr int kRecvChunkInt4 = 32 * kRecvUnroll;
+
+__device__ __forceinline__ int dispatch_recv_chunks(const LowLatencyDispatchParams& p) {
+  const int row_int4 = (p.use_fp8 ? p.hidden : 2 * p.hidden) / 16;
+  return (row_int4 + kRecvChunkInt4 - 1) / kRecvChunkInt4;
+}
+
+// s_start: dynamic shared memory of E ints, (local expert i, source s) -> start of the range at i * R + s.
+__device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint64_t epoch, int* s_start) {
+  __shared__ int s_tokens[kMaxRanksLL];
+  __shared__ int s_topk[kMaxRanksLL];
   __shared__ int s_failed;
   const int R = p.num_ranks, El = p.num_local_experts, H = p.hidden, T = p.T;
   const int RT = R * T;
   const int half = static_cast<int>(epoch & 1);
   const L& layout = p.window.layout;
   const int row_bytes = p.use_fp8 ? H : 2 * H;
+  const int row_int4 = row_bytes / 16;
   const int num_scales = p.use_fp8 ? H / 128 : 0;
+  const int words = p.use_ue8m0 ? num_scales / 4 : num_scales;
   const char* my = region(p.window, p.rank);
   const auto* flags = reinterpret_cast<const uint64_t*>(my + L::kDispatchFlags) + static_cast<size_t>(half) * kMaxExperts;
+  const auto* counts = reinterpret_cast<const int32_t*>(my + L::kDispatchCounts) + static_cast<size_t>(half) * kMaxExperts;
   const char* data = my + layout.dispatch_offset + half * layout.dispatch_half;
   const uint64_t target = epoch << 32;
 
-  for (int i = blockIdx.x; i < El; i += gridDim.x) {
-    if (threadIdx.x == 0) s_failed = 0;
-    __syncthreads();
-    for (int s = threadIdx.x; s < R; s += blockDim.x) {
-      const uint64_t* f = flags + i * R + s;
-      const long long t0 = clock64();
-      if (!device::wait_geq(p.wait, f, target, s, Phase::kLowLatencyDispatch)) s_failed = 1;
-      s_count[s] = static_cast<int>(ptx::ld_acquire_sys(f) & 0xFFFFFFFFull);
-      if (p.wait_stats != nullptr)
-        atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + s),
-                  static_cast<unsigned long long>(clock64() - t0));
+  if (threadIdx.x == 0) s_failed = 0;
+  __syncthreads();
+  for (int s = threadIdx.x; s < R; s += blockDim.x) {
+    const long long t0 = clock64();
+    if (!device::wait_geq(p.wait, flags + s, target, s, Phase::kLowLatencyDispatch)) s_failed = 1;
+    const uint64_t v = ptx::ld_acquire_sys(flags + s);
+    s_tokens[s] = static_cast<int>(v & 0xFFFFull);
+    s_topk[s] = static_cast<int>((v >> 16) & 0xFFFFull);
+    if (p.wait_stats != nullptr && blockIdx.x == 0)
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + s), static_cast<unsigned long long>(clock64() - t0));
+  }
+  __syncthreads();
+  if (s_failed) return;  // the Buffer is unusable after a timeout; the error is recorded
+
+  // Ranges in source order (like the reference); block 0 also writes the handle and the counts.
+  for (int i = threadIdx.x; i < El; i += blockDim.x) {
+    int acc = 0;
+    for (int s = 0; s < R; ++s) {
+      const int c = ptx::ld_cg(counts + s * El + i);
+      s_start[i * R + s] = acc;
+      if (blockIdx.x == 0) p.layout_range[i * R + s] = (static_cast<int64_t>(acc) << 32) | static_cast<int64_t>(c);
+      acc += c;
     }
-    __syncthreads();
-    if (s_failed) return;  // the Buffer is unusable after a timeout; the error is recorded
-    if (threadIdx.x == 0) {
-      int acc = 0;
-      for (int s = 0; s < R; ++s) s_start[s] = acc, acc += s_count[s];
-      s_start[R] = acc;
+    if (blockIdx.x == 0) {
       p.packed_count[i] = acc;
       if (p.cumulative_stats != nullptr) atomicAdd(p.cumulative_stats + i, acc);
     }
-    __syncthreads();
-    for (int s = threadIdx.x; s < R; s += blockDim.x)
-      p.layout_range[i * R + s] = (static_cast<int64_t>(s_start[s]) << 32) | static_cast<int64_t>(s_count[s]);
-    const int total = s_start[R];
-    // Every thread of the block takes 16-byte pieces of the expert's rows (kUnroll loads in flight), so a few
-    // rows are copied by the whole block instead of one warp each.
-    const int row_int4 = row_bytes / 16;
-    const int words = p.use_ue8m0 ? num_scales / 4 : num_scales;
-    const int pieces = total * row_int4;
-    constexpr int kUnroll = 4;
-    for (int j0 = threadIdx.x; j0 < pieces; j0 += kUnroll * kThreads) {
-      int4 v[kUnroll];
-      int4* dst[kUnroll];
+  }
+  __syncthreads();
+
+  // Expansion: a warp takes one chunk of one message (source s, token t), reads the chunk once and stores it
+  // into every local expert the token selected (its routing header), plus the scales and the source index.
+  const int lane = threadIdx.x & 31, warps = blockDim.x / 32;
+  const int nch = dispatch_recv_chunks(p);
+  const int units = RT * nch;  // fits an int: checked by the launcher
+  // Warp w of block b starts at unit w * gridDim.x + b: consecutive units go to different SMs, so a small
+  // receive still uses every SM's load/store bandwidth.
+  for (int u = (threadIdx.x / 32) * gridDim.x + blockIdx.x; u < units; u += gridDim.x * warps) {  // warp-uniform
+    const int m = u / nch, c = u - m * nch;
+    const int s = m / T, t = m - s * T;
+    if (t >= s_tokens[s]) continue;
+    const char* msg = data + static_cast<size_t>(m) * layout.msg_bytes;
+    const int entry = lane < s_topk[s] ? ptx::ld_cg(reinterpret_cast<const int32_t*>(msg) + lane) : -1;
+    uint32_t mask = __ballot_sync(0xffffffffu, entry >= 0);
+    if (mask == 0) continue;
+    const int4* src = reinterpret_cast<const int4*>(msg + L::kHeaderBytes);
+    int4 v[kRecvUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int j = j0 + u * kThreads;
-        dst[u] = nullptr;
-        v[u] = make_int4(0, 0, 0, 0);
-        if (j < pieces) {
-          const int r = j / row_int4, c = j - r * row_int4;
-          int s = 0;
-          while (s_start[s + 1] <= r) ++s;
-          const char* m = data + (static_cast<size_t>(i * R + s) * T + (r - s_start[s])) * layout.msg_bytes;
-          v[u] = ptx::ld_cg(reinterpret_cast<const int4*>(m + 16) + c);
-          dst[u] = reinterpret_cast<int4*>(static_cast<char*>(p.packed_x) + (static_cast<size_t>(i) * RT + r) * row_bytes) + c;
+    for (int q = 0; q < kRecvUnroll; ++q) {
+      const int j = c * kRecvChunkInt4 + q * 32 + lane;
+      v[q] = j < row_int4 ? ptx::ld_cg(src + j) : make_int4(0, 0, 0, 0);
+    }
+    const auto* sc = reinterpret_cast<const int32_t*>(msg + L::kHeaderBytes + row_bytes);
+    while (mask != 0) {
+      const int k = __ffs(static_cast<int>(mask)) - 1;
+      mask &= mask - 1;
+      const int ent = __shfl_sync(0xffffffffu, entry, k);
+      const int i = ent >> 16, slot = ent & 0xFFFF;
+      if (i >= El || slot >= T) continue;  // never written by the sender; guards against a corrupt header
+      const size_t row = static_cast<size_t>(i) * RT + s_start[i * R + s] + slot;
+      int4* dst = reinterpret_cast<int4*>(static_cast<char*>(p.packed_x) + row * row_bytes);
+#pragma unroll
+      for (int q = 0; q < kRecvUnroll; ++q) {
+        const int j = c * kRecvChunkInt4 + q * 32 + lane;
+        if (j < row_int4) ptx::st_no_allocate(dst + j, v[q]);
+      }
+      if (c != 0) continue;
+      const size_t r = row - static_cast<size_t>(i) * RT;
+      if (lane == 0) p.src_info[row] = t;
+      for (int w = lane; w < words; w += 32) {
+        if (!p.use_ue8m0) {
+          static_cast<int32_t*>(p.packed_scales)[(static_cast<size_t>(i) * words + w) * RT + r] = ptx::ld_cg(sc + w);
+        } else {
+          uint32_t word = 0;
+#pragma unroll
+          for (int q = 0; q < 4; ++q)
+            word |= ((static_cast<uint32_t>(ptx::ld_cg(sc + 4 * w + q)) >> 23) & 0xFFu) << (8 * q);
+          static_cast<uint32_t*>(p.packed_scales)[(static_cast<size_t>(i) * words + w) * RT + r] = word;
         }
       }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (dst[u] != nullptr) ptx::st_no_allocate(dst[u], v[u]);
     }
-    // Source indices and scales: one thread per (row, word).
-    const int meta = total * (words + 1);
-    for (int j = threadIdx.x; j < meta; j += kThreads) {
-      const int r = j / (words + 1), w = j - r * (words + 1);
-      int s = 0;
-      while (s_start[s + 1] <= r) ++s;
-      const char* m = data + (static_cast<size_t>(i * R + s) * T + (r - s_start[s])) * layout.msg_bytes;
-      if (w == words) {
-        p.src_info[static_cast<size_t>(i) * RT + r] = ptx::ld_cg(reinterpret_cast<const int32_t*>(m));
-        continue;
-      }
-      const auto* sc = reinterpret_cast<const int32_t*>(m + 16 + row_bytes);
-      if (!p.use_ue8m0) {
-        static_cast<int32_t*>(p.packed_scales)[(static_cast<size_t>(i) * words + w) * RT + r] = ptx::ld_cg(sc + w);
-      } else {
-        uint32_t word = 0;
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-          word |= ((static_cast<uint32_t>(ptx::ld_cg(sc + 4 * w + q)) >> 23) & 0xFFu) << (8 * q);
-        static_cast<uint32_t*>(p.packed_scales)[(static_cast<size_t>(i) * words + w) * RT + r] = word;
-      }
-    }
-    __syncthreads();  // s_start / s_count are reused by the next expert
   }
   if (last_block<false>(&p.state->recv_ticket[0]) && threadIdx.x == 0) p.state->recv_epoch[0] = epoch;
 }
@@ -275,7 +340,7 @@ __global__ void __launch_bounds__(kThreads, 1) low_latency_dispatch_kernel(const
   extern __shared__ int4 smem[];
   const uint64_t epoch = (p.do_send ? p.state->send_epoch[0] : p.state->recv_epoch[0]) + 1;
   if (p.do_send) dispatch_send(p, epoch, smem);
-  if (p.do_recv) dispatch_recv(p, epoch);
+  if (p.do_recv) dispatch_recv(p, epoch, reinterpret_cast<int*>(smem));
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -291,8 +356,10 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch) {
   const size_t row_bytes = static_cast<size_t>(H) * 2;
   const int num_pairs = El * R;
   constexpr int kUnroll = 4;
-  for (int pair = blockIdx.x * kGroups + g; pair < num_pairs; pair += gridDim.x * kGroups) {
-    const int s = pair % R, i = pair / R;  // neighbouring groups serve different ranks
+  // Pairs go to the blocks first (group 0 of every block, then group 1, ...), so the sends are spread over
+  // all SMs instead of packing four pairs into each of the first blocks.
+  for (int pair = g * gridDim.x + blockIdx.x; pair < num_pairs; pair += gridDim.x * kGroups) {
+    const int s = pair % R, i = pair / R;  // neighbouring blocks serve different ranks
     const int64_t range = p.layout_range[i * R + s];
     const int start = static_cast<int>(range >> 32), count = static_cast<int>(range & 0xFFFFFFFFLL);
     const int e = p.rank * El + i;
@@ -310,11 +377,10 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch) {
         d[u] = nullptr;
         if (j < total) {
           const int r = j / row_int4, c = j - r * row_int4;
+          // The row is inside the pair's range, so it is loaded without waiting for its source index.
+          v[u] = ptx::ld_nc_no_allocate(src_base + j);
           const int t = p.src_info[static_cast<size_t>(i) * RT + start + r];
-          if (t >= 0 && t < T) {
-            v[u] = ptx::ld_nc_no_allocate(src_base + j);
-            d[u] = reinterpret_cast<int4*>(dst_base + static_cast<size_t>(t) * row_bytes) + c;
-          }
+          if (t >= 0 && t < T) d[u] = reinterpret_cast<int4*>(dst_base + static_cast<size_t>(t) * row_bytes) + c;
         }
       }
 #pragma unroll
@@ -443,7 +509,11 @@ int clamp_blocks(long long want, int num_sms) {
 
 int low_latency_dispatch_blocks(const LowLatencyDispatchParams& p, int num_sms) {
   if (p.do_send && p.do_recv) return num_sms;
-  return p.do_send ? clamp_blocks(p.num_tokens, num_sms) : clamp_blocks(p.num_local_experts, num_sms);
+  if (p.do_send) return clamp_blocks(p.num_tokens, num_sms);
+  // The receive: one warp per chunk of a message slot, spread over the blocks first.
+  const long long row_int4 = (p.use_fp8 ? p.hidden : 2LL * p.hidden) / 16;
+  return clamp_blocks(static_cast<long long>(p.num_ranks) * p.T * ((row_int4 + kRecvChunkInt4 - 1) / kRecvChunkInt4),
+                      num_sms);
 }
 
 int low_latency_combine_blocks(const LowLatencyCombineParams& p, int num_sms) {
@@ -455,7 +525,15 @@ int low_latency_combine_blocks(const LowLatencyCombineParams& p, int num_sms) {
 void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, cudaStream_t stream) {
   OPENEP_CHECK(p.num_ranks <= kMaxRanksLL && p.num_topk <= kMaxLowLatencyTopk, ErrorCode::kInternal,
                "low-latency dispatch launched with ", p.num_ranks, " ranks and top-", p.num_topk);
-  const size_t smem = p.do_send ? p.window.layout.msg_bytes : 0;
+  const long long row_int4 = (p.use_fp8 ? p.hidden : 2LL * p.hidden) / 16;
+  const long long units = static_cast<long long>(p.num_ranks) * p.T * ((row_int4 + kRecvChunkInt4 - 1) / kRecvChunkInt4);
+  OPENEP_CHECK(units < (1LL << 31) - 1 - 65536LL * 32, ErrorCode::kInvalidArgument,
+               "low-latency dispatch: R * T * hidden is too large (", units, " receive units)");
+  // Shared memory: the send stages one cast row (payload and scales); the receive holds the range starts
+  // (one int per (local expert, source rank), E in all). The fused kernel reuses the same bytes for both.
+  const size_t send_smem = p.do_send ? p.window.layout.msg_bytes - LowLatencyLayout::kHeaderBytes : 0;
+  const size_t recv_smem = p.do_recv ? sizeof(int) * static_cast<size_t>(p.num_experts) : 0;
+  const size_t smem = send_smem > recv_smem ? send_smem : recv_smem;
   if (smem > 48 * 1024) {
     OPENEP_CUDA_CHECK(cudaFuncSetAttribute(low_latency_dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(smem)));
