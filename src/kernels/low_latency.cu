@@ -20,12 +20,15 @@
 //    (message, chunk of the row) units over all blocks: a warp reads the header (lane k = slot k) and the
 //    chunk once and stores it into every local expert's packed row the token selected (plus, for chunk 0,
 //    the transposed scales, UE8M0 packed here, and the source index).
-//  combine send: warp groups take (local expert, source rank) pairs (spread over all blocks), copy each row of the pair's range into
-//    the source's window at [global expert][source token], then st.release.sys the source's flag of that
-//    global expert = epoch.
-//  combine receive: blocks take tokens; threads k < K wait for the flags of the token's experts only, then
-//    every thread reduces 8 channels over the slots in ascending order with __fmul_rn / __fadd_rn (no FMA),
-//    exactly as the reference, and stores BF16.
+//  combine send: every block computes the rows of each local expert (the end of its last layout range) and
+//    their prefix; warps take (packed row, chunk of the row) units over all SMs (warp-major, so a small
+//    combine still uses every SM), load the chunk, find the row's source rank (binary search over the
+//    ranges) and source token (src_info) and store it into the source's window at [global expert][token].
+//    The last block to finish (acq_rel.sys ticket) fences and st.release.sys's, in every rank's window, the
+//    flag of (my rank) = epoch.
+//  combine receive: blocks take tokens; threads s < R wait (acquire) for every rank's flag of this epoch
+//    once, then per token every thread reduces 8 channels over the slots in ascending order with __fmul_rn /
+//    __fadd_rn (no FMA), exactly as the reference, and stores BF16.
 //  Without the hook one kernel does both halves (send first, then receive, no grid sync); with the hook the
 //  send kernel and the receive kernel are separate launches and nothing runs in between.
 //  Why two halves suffice: a rank starts the send of operation n + 2 only after its receive of n + 1, which
@@ -46,8 +49,6 @@ namespace {
 
 using L = LowLatencyLayout;
 constexpr int kThreads = 1024;
-constexpr int kGroupThreads = 256;                 // combine send: one warp group per (expert, rank) pair
-constexpr int kGroups = kThreads / kGroupThreads;
 constexpr int kMaxRanksLL = 256;
 constexpr float kE4m3Max = 448.0f;
 constexpr float kAmaxFloor = 1e-4f;
@@ -346,62 +347,92 @@ __global__ void __launch_bounds__(kThreads, 1) low_latency_dispatch_kernel(const
 // ---------------------------------------------------------------------------------------------------------
 // combine
 
-__device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch) {
+// Int4 pieces of a BF16 row one warp copies per unit of the combine send (kSendUnroll per lane).
+constexpr int kSendUnroll = 4;
+constexpr int kSendChunkInt4 = 32 * kSendUnroll;
+
+// s_prefix: dynamic shared memory of E_local + 1 ints (rows of the local experts before expert i).
+__device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch, int* s_prefix) {
   const int R = p.num_ranks, El = p.num_local_experts, H = p.hidden, T = p.T;
   const int RT = R * T;
   const int half = static_cast<int>(epoch & 1);
   const L& layout = p.window.layout;
-  const int g = threadIdx.x / kGroupThreads, gt = threadIdx.x % kGroupThreads;
   const int row_int4 = H / 8;
   const size_t row_bytes = static_cast<size_t>(H) * 2;
-  const int num_pairs = El * R;
-  constexpr int kUnroll = 4;
-  // Pairs go to the blocks first (group 0 of every block, then group 1, ...), so the sends are spread over
-  // all SMs instead of packing four pairs into each of the first blocks.
-  for (int pair = g * gridDim.x + blockIdx.x; pair < num_pairs; pair += gridDim.x * kGroups) {
-    const int s = pair % R, i = pair / R;  // neighbouring blocks serve different ranks
-    const int64_t range = p.layout_range[i * R + s];
-    const int start = static_cast<int>(range >> 32), count = static_cast<int>(range & 0xFFFFFFFFLL);
-    const int e = p.rank * El + i;
-    char* dst_base = region(p.window, s) + layout.combine_offset + half * layout.combine_half +
-                     static_cast<size_t>(e) * T * row_bytes;
-    const int4* src_base = reinterpret_cast<const int4*>(p.x) + (static_cast<size_t>(i) * RT + start) * row_int4;
-    const int total = count * row_int4;
-    for (int j0 = gt; j0 < total; j0 += kUnroll * kGroupThreads) {
-      int4 v[kUnroll];
-      int4* d[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int j = j0 + u * kGroupThreads;
-        v[u] = make_int4(0, 0, 0, 0);
-        d[u] = nullptr;
-        if (j < total) {
-          const int r = j / row_int4, c = j - r * row_int4;
-          // The row is inside the pair's range, so it is loaded without waiting for its source index.
-          v[u] = ptx::ld_nc_no_allocate(src_base + j);
-          const int t = p.src_info[static_cast<size_t>(i) * RT + start + r];
-          if (t >= 0 && t < T) d[u] = reinterpret_cast<int4*>(dst_base + static_cast<size_t>(t) * row_bytes) + c;
-        }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  // Rows of local expert i: the end of its last range (ranges are consecutive in source order). Warp 0 scans.
+  if (warp == 0) {
+    int carry = 0;
+    for (int base = 0; base < El; base += 32) {
+      const int i = base + lane;
+      int v = 0;
+      if (i < El) {
+        const int64_t last = p.layout_range[i * R + R - 1];
+        v = static_cast<int>(last >> 32) + static_cast<int>(last & 0xFFFFFFFFLL);
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (d[u] != nullptr) ptx::st_no_allocate(d[u], v[u]);
+      for (int o = 1; o < 32; o <<= 1) {
+        const int n = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += n;
+      }
+      if (i < El) s_prefix[i + 1] = carry + v;
+      carry += __shfl_sync(0xffffffffu, v, 31);
     }
-    ptx::bar_sync(1 + g, kGroupThreads);  // the group's stores are ordered before the release below
-    if (gt == 0) {
-      auto* flag = reinterpret_cast<uint64_t*>(region(p.window, s) + L::kCombineFlags) +
-                   static_cast<size_t>(half) * kMaxExperts + e;
-      ptx::st_release_sys(flag, epoch);
+    if (lane == 0) s_prefix[0] = 0;
+  }
+  __syncthreads();
+  // Units are (packed row, chunk of the row) over all local experts, warp w of block b starting at unit
+  // w * gridDim.x + b: every SM sends, and a hot expert is spread like any other.
+  const int nch = (row_int4 + kSendChunkInt4 - 1) / kSendChunkInt4;
+  const int units = s_prefix[El] * nch;  // rows <= E_local * R * T: fits an int (checked by the launcher)
+  for (int u = warp * gridDim.x + blockIdx.x; u < units; u += gridDim.x * warps) {  // warp-uniform
+    const int q = u / nch, c = u - q * nch;
+    int lo = 0, hi = El - 1;  // local expert: the last i with s_prefix[i] <= q
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (s_prefix[mid] <= q) lo = mid; else hi = mid - 1;
+    }
+    const int i = lo, r = q - s_prefix[i];
+    const int4* src = reinterpret_cast<const int4*>(p.x) + (static_cast<size_t>(i) * RT + r) * row_int4;
+    int4 v[kSendUnroll];
+#pragma unroll
+    for (int k = 0; k < kSendUnroll; ++k) {
+      const int j = c * kSendChunkInt4 + k * 32 + lane;
+      v[k] = j < row_int4 ? ptx::ld_nc_no_allocate(src + j) : make_int4(0, 0, 0, 0);
+    }
+    int slo = 0, shi = R - 1;  // source rank: the last s whose range starts at or before r (empty ranges
+    while (slo < shi) {        // start where the next one starts, so the last such s owns row r)
+      const int mid = (slo + shi + 1) / 2;
+      if (static_cast<int>(p.layout_range[i * R + mid] >> 32) <= r) slo = mid; else shi = mid - 1;
+    }
+    const int s = slo;
+    const int t = p.src_info[static_cast<size_t>(i) * RT + r];
+    if (t < 0 || t >= T) continue;
+    int4* dst = reinterpret_cast<int4*>(region(p.window, s) + layout.combine_offset + half * layout.combine_half +
+                                        (static_cast<size_t>(p.rank * El + i) * T + t) * row_bytes);
+#pragma unroll
+    for (int k = 0; k < kSendUnroll; ++k) {
+      const int j = c * kSendChunkInt4 + k * 32 + lane;
+      if (j < row_int4) ptx::st_no_allocate(dst + j, v[k]);
     }
   }
-  if (last_block<false>(&p.state->send_ticket[1]) && threadIdx.x == 0) p.state->send_epoch[1] = epoch;
+  // The last block (acq_rel.sys ticket: it sees every block's stores) releases one flag per rank.
+  if (last_block<true>(&p.state->send_ticket[1])) {
+    for (int d = threadIdx.x; d < R; d += blockDim.x) {
+      ptx::fence_acq_rel_sys();
+      auto* flag = reinterpret_cast<uint64_t*>(region(p.window, d) + L::kCombineFlags) +
+                   static_cast<size_t>(half) * kMaxExperts + p.rank;
+      ptx::st_release_sys(flag, epoch);
+    }
+    if (threadIdx.x == 0) p.state->send_epoch[1] = epoch;
+  }
 }
 
 __device__ void combine_recv(const LowLatencyCombineParams& p, uint64_t epoch) {
   __shared__ int s_e[kMaxLowLatencyTopk];
   __shared__ float s_w[kMaxLowLatencyTopk];
   __shared__ int s_failed;
-  const int El = p.num_local_experts, H = p.hidden, T = p.T, K = p.num_topk;
+  const int R = p.num_ranks, H = p.hidden, T = p.T, K = p.num_topk;
   const int half = static_cast<int>(epoch & 1);
   const L& layout = p.window.layout;
   const char* my = region(p.window, p.rank);
@@ -410,9 +441,20 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint64_t epoch) {
   const int row_int4 = H / 8;
   constexpr int kBatch = 8;
 
+  // Every rank's send releases its flag in every rank once all its rows have been stored. A block without a
+  // token waits for nothing (it still takes its ticket below).
+  if (threadIdx.x == 0) s_failed = 0;
+  __syncthreads();
+  for (int s = threadIdx.x; blockIdx.x < p.num_tokens && s < R; s += blockDim.x) {
+    const long long t0 = clock64();
+    if (!device::wait_geq(p.wait, flags + s, epoch, s, Phase::kLowLatencyCombine)) s_failed = 1;
+    if (p.wait_stats != nullptr && blockIdx.x == 0)
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + s), static_cast<unsigned long long>(clock64() - t0));
+  }
+  __syncthreads();
+  if (s_failed) return;  // the Buffer is unusable after a timeout; the error is recorded
+
   for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
-    if (threadIdx.x == 0) s_failed = 0;
-    __syncthreads();
     if (threadIdx.x < K) {
       const int k = threadIdx.x;
       int64_t e = read_topk(p.topk_idx, p.topk_int64, static_cast<int64_t>(t) * K + k);
@@ -423,14 +465,6 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint64_t epoch) {
       }
       s_e[k] = static_cast<int>(e);
       s_w[k] = p.topk_weights[static_cast<int64_t>(t) * K + k];
-      if (e >= 0) {
-        const int src = static_cast<int>(e) / El;
-        const long long t0 = clock64();
-        if (!device::wait_geq(p.wait, flags + e, epoch, src, Phase::kLowLatencyCombine)) s_failed = 1;
-        if (p.wait_stats != nullptr)
-          atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + src),
-                    static_cast<unsigned long long>(clock64() - t0));
-      }
     }
     __syncthreads();
     if (s_failed) return;
@@ -478,8 +512,9 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint64_t epoch) {
 }
 
 __global__ void __launch_bounds__(kThreads, 1) low_latency_combine_kernel(const __grid_constant__ LowLatencyCombineParams p) {
+  extern __shared__ int s_dyn[];
   const uint64_t epoch = (p.do_send ? p.state->send_epoch[1] : p.state->recv_epoch[1]) + 1;
-  if (p.do_send) combine_send(p, epoch);
+  if (p.do_send) combine_send(p, epoch, s_dyn);
   if (p.do_recv) combine_recv(p, epoch);
 }
 
@@ -517,9 +552,8 @@ int low_latency_dispatch_blocks(const LowLatencyDispatchParams& p, int num_sms) 
 }
 
 int low_latency_combine_blocks(const LowLatencyCombineParams& p, int num_sms) {
-  if (p.do_send && p.do_recv) return num_sms;
-  const long long pairs = static_cast<long long>(p.num_local_experts) * p.num_ranks;
-  return p.do_send ? clamp_blocks(pairs, num_sms) : clamp_blocks(p.num_tokens, num_sms);
+  if (p.do_send) return num_sms;  // the send spreads (row, chunk) units over every SM
+  return clamp_blocks(p.num_tokens, num_sms);
 }
 
 void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, cudaStream_t stream) {
@@ -544,7 +578,17 @@ void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_bloc
 void launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, cudaStream_t stream) {
   OPENEP_CHECK(p.num_topk <= kMaxLowLatencyTopk, ErrorCode::kInternal, "low-latency combine launched with top-",
                p.num_topk);
-  launch(low_latency_combine_kernel, p, num_blocks, 0, stream);
+  // The send's per-expert row prefix (E_local + 1 ints) in dynamic shared memory; units must fit an int.
+  const size_t smem = p.do_send ? sizeof(int) * (static_cast<size_t>(p.num_local_experts) + 1) : 0;
+  const long long max_units = static_cast<long long>(p.num_local_experts) * p.num_ranks * p.T *
+                              ((p.hidden / 8 + kSendChunkInt4 - 1) / kSendChunkInt4);
+  OPENEP_CHECK(max_units < (1LL << 31) - 1 - 65536LL * 32, ErrorCode::kInvalidArgument,
+               "low-latency combine: E_local * R * T * hidden is too large (", max_units, " send units)");
+  if (smem > 48 * 1024) {
+    OPENEP_CUDA_CHECK(cudaFuncSetAttribute(low_latency_combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem)));
+  }
+  launch(low_latency_combine_kernel, p, num_blocks, smem, stream);
 }
 
 }  // namespace openep::detail

@@ -3,8 +3,8 @@
 //
 //   [signals]  dispatch_flags  uint64 [2 halves][kMaxExperts]: slot s (source rank) holds
 //                              (epoch << 32) | (num_topk of s << 16) | num_tokens of s in that dispatch
-//              combine_flags   uint64 [2 halves][kMaxExperts]: slot e (global expert) holds the epoch of the
-//                              combine whose rows from expert e have all arrived
+//              combine_flags   uint64 [2 halves][kMaxExperts]: slot s (expert-side rank) holds the epoch of
+//                              the combine whose rows from all of rank s's experts have arrived
 //              dispatch_counts int32 [2 halves][kMaxExperts]: slot s * E_local + i holds the rows source s sent
 //                              to local expert i (valid once flag s of the half carries the epoch)
 //   [dispatch] two halves of [R][T] messages, one per (source rank, source token): kHeaderBytes of routing
