@@ -2,8 +2,9 @@
 // low_latency_dispatch / low_latency_combine; semantics in reference/openep/reference.hpp, section
 // "Low-latency dispatch and combine").
 //
-// Dispatch sends one message per (token, top-k slot) with expert >= 0 to the rank owning the expert (FP8 cast
-// fused into the send when use_fp8) and returns the rows in DeepEP's packed per-expert layout:
+// Dispatch sends one message per (token, destination rank) that holds at least one of the token's experts
+// (FP8 cast fused into the send when use_fp8; the message names the token's experts on that rank) and returns
+// one row per (token, top-k slot) with expert >= 0 in DeepEP's packed per-expert layout:
 // [E_local][R * T][hidden], T = num_max_dispatch_tokens_per_rank. Inside one (local expert, source rank) range
 // the rows come in no particular order; the ranges themselves are consecutive in source-rank order (empty
 // ranges start at the running offset), exactly as the reference places them.
@@ -102,8 +103,8 @@ struct LowLatencyCombineOutputs {
 using LowLatencyHook = std::function<void()>;
 
 // Bytes of BufferOptions::num_rdma_bytes the low-latency kernels need for these shapes (a multiple of 128).
-// Our layout (not DeepEP's numbers): signals, two halves of the dispatch receive region
-// [E_local][R][T] messages of 16 + max(2 hidden, hidden + hidden/32) bytes, two halves of the combine receive
+// Our layout (not DeepEP's numbers): signals and counts, two halves of the dispatch receive region
+// [R][T] messages of 128 + max(2 hidden, hidden + hidden/32) bytes, two halves of the combine receive
 // region [E][T][hidden] BF16, and the zero-copy combine buffer [E_local][R*T][hidden] BF16.
 size_t low_latency_buffer_size_hint(int num_max_dispatch_tokens_per_rank, int hidden, int num_ranks,
                                     int num_experts);

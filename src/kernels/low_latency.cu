@@ -6,20 +6,29 @@
 //  the last block to finish (a ticket) stores the new epoch. All ranks issue the same sequence of calls, so
 //  they agree on epochs without talking.
 //  dispatch send: blocks take tokens. Threads k < K claim a slot per (token, slot k) with an atomic on this
-//    rank's per-expert counter; the block casts the token once into shared memory (header with the source
-//    token index, e4m3 payload, float32 scales; or the BF16 row), then all its threads store the K messages
-//    straight into the owners' windows at [local expert][my rank][slot]. The last block to finish (its ticket
-//    is an acq_rel.sys atomic, so it sees every block's stores) st.release.sys's, for every global expert,
-//    (epoch << 32) | count into the owner's dispatch flag (local expert, my rank), and resets the counters.
-//  dispatch receive: blocks take local experts. Threads s < R wait (acquire) for each source's flag of this
-//    epoch, the ranges are laid out in source order (deterministic layout_range, like the reference), and
-//    warps copy the messages into the caller's packed outputs (scales transposed, UE8M0 packed here).
-//  combine send: warp groups take (local expert, source rank) pairs, copy each row of the pair's range into
-//    the source's window at [global expert][source token], then st.release.sys the source's flag of that
-//    global expert = epoch.
-//  combine receive: blocks take tokens; threads k < K wait for the flags of the token's experts only, then
-//    every thread reduces 8 channels over the slots in ascending order with __fmul_rn / __fadd_rn (no FMA),
-//    exactly as the reference, and stores BF16.
+//    rank's per-expert counter; the block casts the token once into shared memory (e4m3 payload, float32
+//    scales; or the BF16 row), then all its threads store ONE message per destination rank at [my rank][token]
+//    of that rank's window: the routing header (per slot k, (local expert << 16) | slot where slot k's expert
+//    lives on that rank, else -1) always, the payload only where the token has an expert. So a row crosses
+//    NVLink once per (token, rank), not once per (token, expert). The last block to finish (its ticket is an
+//    acq_rel.sys atomic, so it sees every block's stores) writes every expert's count into the owner's count
+//    slot (my rank, local expert), then per rank fences and st.release.sys's the flag of (my rank) =
+//    (epoch << 32) | (K << 16) | num_tokens, and resets the counters.
+//  dispatch receive: threads s < R wait (acquire) for each source's flag of this epoch; every block lays out
+//    the ranges of all (local expert, source) pairs in source order from the counts (deterministic
+//    layout_range, like the reference; block 0 writes the handle and the counts). Then warps take
+//    (message, chunk of the row) units over all blocks: a warp reads the header (lane k = slot k) and the
+//    chunk once and stores it into every local expert's packed row the token selected (plus, for chunk 0,
+//    the transposed scales, UE8M0 packed here, and the source index).
+//  combine send: every block computes the rows of each local expert (the end of its last layout range) and
+//    their prefix; warps take (packed row, chunk of the row) units over all SMs (warp-major, so a small
+//    combine still uses every SM), load the chunk, find the row's source rank (binary search over the
+//    ranges) and source token (src_info) and store it into the source's window at [global expert][token].
+//    The last block to finish (acq_rel.sys ticket) fences and st.release.sys's, in every rank's window, the
+//    flag of (my rank) = epoch.
+//  combine receive: blocks take tokens; threads s < R wait (acquire) for every rank's flag of this epoch
+//    once, then per token every thread reduces 8 channels over the slots in ascending order with __fmul_rn /
+//    __fadd_rn (no FMA), exactly as the reference, and stores BF16.
 //  Without the hook one kernel does both halves (send first, then receive, no grid sync); with the hook the
 //  send kernel and the receive kernel are separate launches and nothing runs in between.
 //  Why two halves suffice: a rank starts the send of operation n + 2 only after its receive of n + 1, which
@@ -40,8 +49,6 @@ namespace {
 
 using L = LowLatencyLayout;
 constexpr int kThreads = 1024;
-constexpr int kGroupThreads = 256;                 // combine send: one warp group per (expert, rank) pair
-constexpr int kGroups = kThreads / kGroupThreads;
 constexpr int kMaxRanksLL = 256;
 constexpr float kE4m3Max = 448.0f;
 constexpr float kAmaxFloor = 1e-4f;
@@ -111,42 +118,62 @@ __device__ __forceinline__ void cast_fp8_chunk(const int4 v, bool active, bool r
   if ((threadIdx.x & 15) == 0) *out_scale = scale_inv;
 }
 
+// Routing entry of top-k slot k in a message: (local expert << 16) | slot inside the (expert, source) range.
+static_assert(L::kHeaderBytes == sizeof(int32_t) * kMaxLowLatencyTopk, "one header int32 per top-k slot");
+static_assert(kMaxLowLatencyTopk <= 32, "the receive reads a message's routing header with one warp");
+
+__device__ __forceinline__ int header_entry(const int* s_entry, const int* s_dest, int K, int k, int d) {
+  return k < K && s_dest[k] == d ? s_entry[k] : -1;
+}
+
 __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint64_t epoch, int4* smem) {
-  __shared__ char* s_dst[kMaxLowLatencyTopk];
+  __shared__ int s_entry[kMaxLowLatencyTopk];  // (local expert << 16) | slot, or -1
+  __shared__ int s_dest[kMaxLowLatencyTopk];   // owner rank of slot k's expert, or -1
+  __shared__ int s_has[kMaxRanksLL];           // the token has at least one expert on rank d
+  __shared__ char* s_base[kMaxRanksLL];        // my messages in rank d's window: [my rank][0]
   const int R = p.num_ranks, El = p.num_local_experts, K = p.num_topk, H = p.hidden, T = p.T;
   const int half = static_cast<int>(epoch & 1);
   const L& layout = p.window.layout;
   const int row_bytes = p.use_fp8 ? H : 2 * H;
   const int num_scales = p.use_fp8 ? H / 128 : 0;
-  const int msg_int4 = (16 + row_bytes + num_scales * 4 + 15) / 16;
+  const int payload_int4 = (row_bytes + num_scales * 4 + 15) / 16;
+  const int header_int4 = (K + 3) / 4;  // only the first K entries of the header are written (and read)
+  const int msg_int4 = header_int4 + payload_int4;
+  constexpr int kHeaderInt4 = static_cast<int>(L::kHeaderBytes / 16);
   const int chunks = H / 8;  // int4 chunks of the BF16 row
-  char* payload = reinterpret_cast<char*>(smem) + 16;
+  char* payload = reinterpret_cast<char*>(smem);
   float* scales = reinterpret_cast<float*>(payload + row_bytes);
 
+  for (int d = threadIdx.x; d < R; d += blockDim.x)
+    s_base[d] = region(p.window, d) + layout.dispatch_offset + half * layout.dispatch_half +
+                static_cast<size_t>(p.rank) * T * layout.msg_bytes;
   for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
+    for (int d = threadIdx.x; d < R; d += blockDim.x) s_has[d] = 0;
+    __syncthreads();  // also publishes s_base on the first token
     if (threadIdx.x < K) {
       const int k = threadIdx.x;
       const int64_t e = read_topk(p.topk_idx, p.topk_int64, static_cast<int64_t>(t) * K + k);
-      char* dst = nullptr;
+      int entry = -1, dest = -1;
       if (e < -1 || e >= p.num_experts) {
         device::record_error(p.wait, DeviceErrorCode::kBadExpertIndex, -1, Phase::kLowLatencyDispatch, t, e);
       } else if (e >= 0) {
         const int d = static_cast<int>(e) / El, i = static_cast<int>(e) % El;
         const int slot = atomicAdd(&p.state->slot_counter[e], 1);
         if (slot < T) {
-          dst = region(p.window, d) + layout.dispatch_offset + half * layout.dispatch_half +
-                (static_cast<size_t>(i * R + p.rank) * T + slot) * layout.msg_bytes;
+          entry = (i << 16) | slot;
+          dest = d;
+          s_has[d] = 1;
         } else {
           device::record_error(p.wait, DeviceErrorCode::kCapacityExceeded, d, Phase::kLowLatencyDispatch, T,
                                slot + 1);
         }
       }
-      s_dst[k] = dst;
+      s_entry[k] = entry;
+      s_dest[k] = dest;
     }
-    if (threadIdx.x == 0) smem[0] = make_int4(t, 0, 0, 0);
     const int4* xrow = reinterpret_cast<const int4*>(p.x + static_cast<size_t>(t) * H);
     if (!p.use_fp8) {
-      for (int c = threadIdx.x; c < chunks; c += blockDim.x) smem[1 + c] = ptx::ld_nc_no_allocate(xrow + c);
+      for (int c = threadIdx.x; c < chunks; c += blockDim.x) smem[c] = ptx::ld_nc_no_allocate(xrow + c);
     } else {
       for (int base = 0; base < chunks; base += blockDim.x) {  // uniform trip count: shuffles see all lanes
         const int c = base + threadIdx.x;
@@ -156,117 +183,156 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint64_t epoch,
       }
     }
     __syncthreads();
-    const int total = K * msg_int4;
+    // One message per destination rank at [my rank][t]: the routing header always (a token with no expert
+    // there says so), the payload only where the token has an expert.
+    const int total = R * msg_int4;
     for (int j = threadIdx.x; j < total; j += blockDim.x) {
-      const int k = j / msg_int4, i = j - k * msg_int4;
-      char* dst = s_dst[k];
-      if (dst != nullptr) ptx::st_no_allocate(reinterpret_cast<int4*>(dst) + i, smem[i]);
+      const int d = j / msg_int4, q = j - d * msg_int4;
+      int4* msg = reinterpret_cast<int4*>(s_base[d] + static_cast<size_t>(t) * layout.msg_bytes);
+      if (q < header_int4) {
+        const int k = 4 * q;
+        ptx::st_no_allocate(msg + q, make_int4(header_entry(s_entry, s_dest, K, k, d),
+                                               header_entry(s_entry, s_dest, K, k + 1, d),
+                                               header_entry(s_entry, s_dest, K, k + 2, d),
+                                               header_entry(s_entry, s_dest, K, k + 3, d)));
+      } else if (s_has[d]) {
+        ptx::st_no_allocate(msg + kHeaderInt4 + (q - header_int4), smem[q - header_int4]);
+      }
     }
     __syncthreads();  // shared memory is reused by the next token
   }
 
   if (last_block<true>(&p.state->send_ticket[0])) {
+    // Counts first (every block's messages are visible to this block through the ticket), then per rank one
+    // release of the flag that carries the epoch, this rank's top-k and token count.
     for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) {
       const int count = min(atomicExch(&p.state->slot_counter[e], 0), T);
       const int d = e / El, i = e % El;
+      auto* c = reinterpret_cast<int32_t*>(region(p.window, d) + L::kDispatchCounts) +
+                static_cast<size_t>(half) * kMaxExperts + p.rank * El + i;
+      ptx::st_relaxed_sys(c, count);
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < R; d += blockDim.x) {
+      ptx::fence_acq_rel_sys();
       auto* flag = reinterpret_cast<uint64_t*>(region(p.window, d) + L::kDispatchFlags) +
-                   static_cast<size_t>(half) * kMaxExperts + i * R + p.rank;
-      ptx::st_release_sys(flag, (epoch << 32) | static_cast<uint64_t>(count));
+                   static_cast<size_t>(half) * kMaxExperts + p.rank;
+      ptx::st_release_sys(flag, (epoch << 32) | (static_cast<uint64_t>(K) << 16) |
+                                    static_cast<uint64_t>(p.num_tokens));
     }
     if (threadIdx.x == 0) p.state->send_epoch[0] = epoch;
   }
 }
 
-__device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint64_t epoch) {
-  __shared__ int s_start[kMaxRanksLL + 1];
-  __shared__ int s_count[kMaxRanksLL];
+// Int4 pieces of a payload row one warp copies per unit of the dispatch receive (kRecvUnroll per lane).
+constexpr int kRecvUnroll = 4;
+constexpr int kRecvChunkInt4 = 32 * kRecvUnroll;
+
+__device__ __forceinline__ int dispatch_recv_chunks(const LowLatencyDispatchParams& p) {
+  const int row_int4 = (p.use_fp8 ? p.hidden : 2 * p.hidden) / 16;
+  return (row_int4 + kRecvChunkInt4 - 1) / kRecvChunkInt4;
+}
+
+// s_start: dynamic shared memory of E ints, (local expert i, source s) -> start of the range at i * R + s.
+__device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint64_t epoch, int* s_start) {
+  __shared__ int s_tokens[kMaxRanksLL];
+  __shared__ int s_topk[kMaxRanksLL];
   __shared__ int s_failed;
   const int R = p.num_ranks, El = p.num_local_experts, H = p.hidden, T = p.T;
   const int RT = R * T;
   const int half = static_cast<int>(epoch & 1);
   const L& layout = p.window.layout;
   const int row_bytes = p.use_fp8 ? H : 2 * H;
+  const int row_int4 = row_bytes / 16;
   const int num_scales = p.use_fp8 ? H / 128 : 0;
+  const int words = p.use_ue8m0 ? num_scales / 4 : num_scales;
   const char* my = region(p.window, p.rank);
   const auto* flags = reinterpret_cast<const uint64_t*>(my + L::kDispatchFlags) + static_cast<size_t>(half) * kMaxExperts;
+  const auto* counts = reinterpret_cast<const int32_t*>(my + L::kDispatchCounts) + static_cast<size_t>(half) * kMaxExperts;
   const char* data = my + layout.dispatch_offset + half * layout.dispatch_half;
   const uint64_t target = epoch << 32;
 
-  for (int i = blockIdx.x; i < El; i += gridDim.x) {
-    if (threadIdx.x == 0) s_failed = 0;
-    __syncthreads();
-    for (int s = threadIdx.x; s < R; s += blockDim.x) {
-      const uint64_t* f = flags + i * R + s;
-      const long long t0 = clock64();
-      if (!device::wait_geq(p.wait, f, target, s, Phase::kLowLatencyDispatch)) s_failed = 1;
-      s_count[s] = static_cast<int>(ptx::ld_acquire_sys(f) & 0xFFFFFFFFull);
-      if (p.wait_stats != nullptr)
-        atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + s),
-                  static_cast<unsigned long long>(clock64() - t0));
+  if (threadIdx.x == 0) s_failed = 0;
+  __syncthreads();
+  for (int s = threadIdx.x; s < R; s += blockDim.x) {
+    const long long t0 = clock64();
+    if (!device::wait_geq(p.wait, flags + s, target, s, Phase::kLowLatencyDispatch)) s_failed = 1;
+    const uint64_t v = ptx::ld_acquire_sys(flags + s);
+    s_tokens[s] = static_cast<int>(v & 0xFFFFull);
+    s_topk[s] = static_cast<int>((v >> 16) & 0xFFFFull);
+    if (p.wait_stats != nullptr && blockIdx.x == 0)
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + s), static_cast<unsigned long long>(clock64() - t0));
+  }
+  __syncthreads();
+  if (s_failed) return;  // the Buffer is unusable after a timeout; the error is recorded
+
+  // Ranges in source order (like the reference); block 0 also writes the handle and the counts.
+  for (int i = threadIdx.x; i < El; i += blockDim.x) {
+    int acc = 0;
+    for (int s = 0; s < R; ++s) {
+      const int c = ptx::ld_cg(counts + s * El + i);
+      s_start[i * R + s] = acc;
+      if (blockIdx.x == 0) p.layout_range[i * R + s] = (static_cast<int64_t>(acc) << 32) | static_cast<int64_t>(c);
+      acc += c;
     }
-    __syncthreads();
-    if (s_failed) return;  // the Buffer is unusable after a timeout; the error is recorded
-    if (threadIdx.x == 0) {
-      int acc = 0;
-      for (int s = 0; s < R; ++s) s_start[s] = acc, acc += s_count[s];
-      s_start[R] = acc;
+    if (blockIdx.x == 0) {
       p.packed_count[i] = acc;
       if (p.cumulative_stats != nullptr) atomicAdd(p.cumulative_stats + i, acc);
     }
-    __syncthreads();
-    for (int s = threadIdx.x; s < R; s += blockDim.x)
-      p.layout_range[i * R + s] = (static_cast<int64_t>(s_start[s]) << 32) | static_cast<int64_t>(s_count[s]);
-    const int total = s_start[R];
-    // Every thread of the block takes 16-byte pieces of the expert's rows (kUnroll loads in flight), so a few
-    // rows are copied by the whole block instead of one warp each.
-    const int row_int4 = row_bytes / 16;
-    const int words = p.use_ue8m0 ? num_scales / 4 : num_scales;
-    const int pieces = total * row_int4;
-    constexpr int kUnroll = 4;
-    for (int j0 = threadIdx.x; j0 < pieces; j0 += kUnroll * kThreads) {
-      int4 v[kUnroll];
-      int4* dst[kUnroll];
+  }
+  __syncthreads();
+
+  // Expansion: a warp takes one chunk of one message (source s, token t), reads the chunk once and stores it
+  // into every local expert the token selected (its routing header), plus the scales and the source index.
+  const int lane = threadIdx.x & 31, warps = blockDim.x / 32;
+  const int nch = dispatch_recv_chunks(p);
+  const int units = RT * nch;  // fits an int: checked by the launcher
+  // Warp w of block b starts at unit w * gridDim.x + b: consecutive units go to different SMs, so a small
+  // receive still uses every SM's load/store bandwidth.
+  for (int u = (threadIdx.x / 32) * gridDim.x + blockIdx.x; u < units; u += gridDim.x * warps) {  // warp-uniform
+    const int m = u / nch, c = u - m * nch;
+    const int s = m / T, t = m - s * T;
+    if (t >= s_tokens[s]) continue;
+    const char* msg = data + static_cast<size_t>(m) * layout.msg_bytes;
+    const int entry = lane < s_topk[s] ? ptx::ld_cg(reinterpret_cast<const int32_t*>(msg) + lane) : -1;
+    uint32_t mask = __ballot_sync(0xffffffffu, entry >= 0);
+    if (mask == 0) continue;
+    const int4* src = reinterpret_cast<const int4*>(msg + L::kHeaderBytes);
+    int4 v[kRecvUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int j = j0 + u * kThreads;
-        dst[u] = nullptr;
-        v[u] = make_int4(0, 0, 0, 0);
-        if (j < pieces) {
-          const int r = j / row_int4, c = j - r * row_int4;
-          int s = 0;
-          while (s_start[s + 1] <= r) ++s;
-          const char* m = data + (static_cast<size_t>(i * R + s) * T + (r - s_start[s])) * layout.msg_bytes;
-          v[u] = ptx::ld_cg(reinterpret_cast<const int4*>(m + 16) + c);
-          dst[u] = reinterpret_cast<int4*>(static_cast<char*>(p.packed_x) + (static_cast<size_t>(i) * RT + r) * row_bytes) + c;
+    for (int q = 0; q < kRecvUnroll; ++q) {
+      const int j = c * kRecvChunkInt4 + q * 32 + lane;
+      v[q] = j < row_int4 ? ptx::ld_cg(src + j) : make_int4(0, 0, 0, 0);
+    }
+    const auto* sc = reinterpret_cast<const int32_t*>(msg + L::kHeaderBytes + row_bytes);
+    while (mask != 0) {
+      const int k = __ffs(static_cast<int>(mask)) - 1;
+      mask &= mask - 1;
+      const int ent = __shfl_sync(0xffffffffu, entry, k);
+      const int i = ent >> 16, slot = ent & 0xFFFF;
+      if (i >= El || slot >= T) continue;  // never written by the sender; guards against a corrupt header
+      const size_t row = static_cast<size_t>(i) * RT + s_start[i * R + s] + slot;
+      int4* dst = reinterpret_cast<int4*>(static_cast<char*>(p.packed_x) + row * row_bytes);
+#pragma unroll
+      for (int q = 0; q < kRecvUnroll; ++q) {
+        const int j = c * kRecvChunkInt4 + q * 32 + lane;
+        if (j < row_int4) ptx::st_no_allocate(dst + j, v[q]);
+      }
+      if (c != 0) continue;
+      const size_t r = row - static_cast<size_t>(i) * RT;
+      if (lane == 0) p.src_info[row] = t;
+      for (int w = lane; w < words; w += 32) {
+        if (!p.use_ue8m0) {
+          static_cast<int32_t*>(p.packed_scales)[(static_cast<size_t>(i) * words + w) * RT + r] = ptx::ld_cg(sc + w);
+        } else {
+          uint32_t word = 0;
+#pragma unroll
+          for (int q = 0; q < 4; ++q)
+            word |= ((static_cast<uint32_t>(ptx::ld_cg(sc + 4 * w + q)) >> 23) & 0xFFu) << (8 * q);
+          static_cast<uint32_t*>(p.packed_scales)[(static_cast<size_t>(i) * words + w) * RT + r] = word;
         }
       }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (dst[u] != nullptr) ptx::st_no_allocate(dst[u], v[u]);
     }
-    // Source indices and scales: one thread per (row, word).
-    const int meta = total * (words + 1);
-    for (int j = threadIdx.x; j < meta; j += kThreads) {
-      const int r = j / (words + 1), w = j - r * (words + 1);
-      int s = 0;
-      while (s_start[s + 1] <= r) ++s;
-      const char* m = data + (static_cast<size_t>(i * R + s) * T + (r - s_start[s])) * layout.msg_bytes;
-      if (w == words) {
-        p.src_info[static_cast<size_t>(i) * RT + r] = ptx::ld_cg(reinterpret_cast<const int32_t*>(m));
-        continue;
-      }
-      const auto* sc = reinterpret_cast<const int32_t*>(m + 16 + row_bytes);
-      if (!p.use_ue8m0) {
-        static_cast<int32_t*>(p.packed_scales)[(static_cast<size_t>(i) * words + w) * RT + r] = ptx::ld_cg(sc + w);
-      } else {
-        uint32_t word = 0;
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-          word |= ((static_cast<uint32_t>(ptx::ld_cg(sc + 4 * w + q)) >> 23) & 0xFFu) << (8 * q);
-        static_cast<uint32_t*>(p.packed_scales)[(static_cast<size_t>(i) * words + w) * RT + r] = word;
-      }
-    }
-    __syncthreads();  // s_start / s_count are reused by the next expert
   }
   if (last_block<false>(&p.state->recv_ticket[0]) && threadIdx.x == 0) p.state->recv_epoch[0] = epoch;
 }
@@ -275,67 +341,98 @@ __global__ void __launch_bounds__(kThreads, 1) low_latency_dispatch_kernel(const
   extern __shared__ int4 smem[];
   const uint64_t epoch = (p.do_send ? p.state->send_epoch[0] : p.state->recv_epoch[0]) + 1;
   if (p.do_send) dispatch_send(p, epoch, smem);
-  if (p.do_recv) dispatch_recv(p, epoch);
+  if (p.do_recv) dispatch_recv(p, epoch, reinterpret_cast<int*>(smem));
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // combine
 
-__device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch) {
+// Int4 pieces of a BF16 row one warp copies per unit of the combine send (kSendUnroll per lane).
+constexpr int kSendUnroll = 4;
+constexpr int kSendChunkInt4 = 32 * kSendUnroll;
+
+// s_prefix: dynamic shared memory of E_local + 1 ints (rows of the local experts before expert i).
+__device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch, int* s_prefix) {
   const int R = p.num_ranks, El = p.num_local_experts, H = p.hidden, T = p.T;
   const int RT = R * T;
   const int half = static_cast<int>(epoch & 1);
   const L& layout = p.window.layout;
-  const int g = threadIdx.x / kGroupThreads, gt = threadIdx.x % kGroupThreads;
   const int row_int4 = H / 8;
   const size_t row_bytes = static_cast<size_t>(H) * 2;
-  const int num_pairs = El * R;
-  constexpr int kUnroll = 4;
-  for (int pair = blockIdx.x * kGroups + g; pair < num_pairs; pair += gridDim.x * kGroups) {
-    const int s = pair % R, i = pair / R;  // neighbouring groups serve different ranks
-    const int64_t range = p.layout_range[i * R + s];
-    const int start = static_cast<int>(range >> 32), count = static_cast<int>(range & 0xFFFFFFFFLL);
-    const int e = p.rank * El + i;
-    char* dst_base = region(p.window, s) + layout.combine_offset + half * layout.combine_half +
-                     static_cast<size_t>(e) * T * row_bytes;
-    const int4* src_base = reinterpret_cast<const int4*>(p.x) + (static_cast<size_t>(i) * RT + start) * row_int4;
-    const int total = count * row_int4;
-    for (int j0 = gt; j0 < total; j0 += kUnroll * kGroupThreads) {
-      int4 v[kUnroll];
-      int4* d[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int j = j0 + u * kGroupThreads;
-        v[u] = make_int4(0, 0, 0, 0);
-        d[u] = nullptr;
-        if (j < total) {
-          const int r = j / row_int4, c = j - r * row_int4;
-          const int t = p.src_info[static_cast<size_t>(i) * RT + start + r];
-          if (t >= 0 && t < T) {
-            v[u] = ptx::ld_nc_no_allocate(src_base + j);
-            d[u] = reinterpret_cast<int4*>(dst_base + static_cast<size_t>(t) * row_bytes) + c;
-          }
-        }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  // Rows of local expert i: the end of its last range (ranges are consecutive in source order). Warp 0 scans.
+  if (warp == 0) {
+    int carry = 0;
+    for (int base = 0; base < El; base += 32) {
+      const int i = base + lane;
+      int v = 0;
+      if (i < El) {
+        const int64_t last = p.layout_range[i * R + R - 1];
+        v = static_cast<int>(last >> 32) + static_cast<int>(last & 0xFFFFFFFFLL);
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (d[u] != nullptr) ptx::st_no_allocate(d[u], v[u]);
+      for (int o = 1; o < 32; o <<= 1) {
+        const int n = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += n;
+      }
+      if (i < El) s_prefix[i + 1] = carry + v;
+      carry += __shfl_sync(0xffffffffu, v, 31);
     }
-    ptx::bar_sync(1 + g, kGroupThreads);  // the group's stores are ordered before the release below
-    if (gt == 0) {
-      auto* flag = reinterpret_cast<uint64_t*>(region(p.window, s) + L::kCombineFlags) +
-                   static_cast<size_t>(half) * kMaxExperts + e;
-      ptx::st_release_sys(flag, epoch);
+    if (lane == 0) s_prefix[0] = 0;
+  }
+  __syncthreads();
+  // Units are (packed row, chunk of the row) over all local experts, warp w of block b starting at unit
+  // w * gridDim.x + b: every SM sends, and a hot expert is spread like any other.
+  const int nch = (row_int4 + kSendChunkInt4 - 1) / kSendChunkInt4;
+  const int units = s_prefix[El] * nch;  // rows <= E_local * R * T: fits an int (checked by the launcher)
+  for (int u = warp * gridDim.x + blockIdx.x; u < units; u += gridDim.x * warps) {  // warp-uniform
+    const int q = u / nch, c = u - q * nch;
+    int lo = 0, hi = El - 1;  // local expert: the last i with s_prefix[i] <= q
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (s_prefix[mid] <= q) lo = mid; else hi = mid - 1;
+    }
+    const int i = lo, r = q - s_prefix[i];
+    const int4* src = reinterpret_cast<const int4*>(p.x) + (static_cast<size_t>(i) * RT + r) * row_int4;
+    int4 v[kSendUnroll];
+#pragma unroll
+    for (int k = 0; k < kSendUnroll; ++k) {
+      const int j = c * kSendChunkInt4 + k * 32 + lane;
+      v[k] = j < row_int4 ? ptx::ld_nc_no_allocate(src + j) : make_int4(0, 0, 0, 0);
+    }
+    int slo = 0, shi = R - 1;  // source rank: the last s whose range starts at or before r (empty ranges
+    while (slo < shi) {        // start where the next one starts, so the last such s owns row r)
+      const int mid = (slo + shi + 1) / 2;
+      if (static_cast<int>(p.layout_range[i * R + mid] >> 32) <= r) slo = mid; else shi = mid - 1;
+    }
+    const int s = slo;
+    const int t = p.src_info[static_cast<size_t>(i) * RT + r];
+    if (t < 0 || t >= T) continue;
+    int4* dst = reinterpret_cast<int4*>(region(p.window, s) + layout.combine_offset + half * layout.combine_half +
+                                        (static_cast<size_t>(p.rank * El + i) * T + t) * row_bytes);
+#pragma unroll
+    for (int k = 0; k < kSendUnroll; ++k) {
+      const int j = c * kSendChunkInt4 + k * 32 + lane;
+      if (j < row_int4) ptx::st_no_allocate(dst + j, v[k]);
     }
   }
-  if (last_block<false>(&p.state->send_ticket[1]) && threadIdx.x == 0) p.state->send_epoch[1] = epoch;
+  // The last block (acq_rel.sys ticket: it sees every block's stores) releases one flag per rank.
+  if (last_block<true>(&p.state->send_ticket[1])) {
+    for (int d = threadIdx.x; d < R; d += blockDim.x) {
+      ptx::fence_acq_rel_sys();
+      auto* flag = reinterpret_cast<uint64_t*>(region(p.window, d) + L::kCombineFlags) +
+                   static_cast<size_t>(half) * kMaxExperts + p.rank;
+      ptx::st_release_sys(flag, epoch);
+    }
+    if (threadIdx.x == 0) p.state->send_epoch[1] = epoch;
+  }
 }
 
 __device__ void combine_recv(const LowLatencyCombineParams& p, uint64_t epoch) {
   __shared__ int s_e[kMaxLowLatencyTopk];
   __shared__ float s_w[kMaxLowLatencyTopk];
   __shared__ int s_failed;
-  const int El = p.num_local_experts, H = p.hidden, T = p.T, K = p.num_topk;
+  const int R = p.num_ranks, H = p.hidden, T = p.T, K = p.num_topk;
   const int half = static_cast<int>(epoch & 1);
   const L& layout = p.window.layout;
   const char* my = region(p.window, p.rank);
@@ -344,9 +441,20 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint64_t epoch) {
   const int row_int4 = H / 8;
   constexpr int kBatch = 8;
 
+  // Every rank's send releases its flag in every rank once all its rows have been stored. A block without a
+  // token waits for nothing (it still takes its ticket below).
+  if (threadIdx.x == 0) s_failed = 0;
+  __syncthreads();
+  for (int s = threadIdx.x; blockIdx.x < p.num_tokens && s < R; s += blockDim.x) {
+    const long long t0 = clock64();
+    if (!device::wait_geq(p.wait, flags + s, epoch, s, Phase::kLowLatencyCombine)) s_failed = 1;
+    if (p.wait_stats != nullptr && blockIdx.x == 0)
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + s), static_cast<unsigned long long>(clock64() - t0));
+  }
+  __syncthreads();
+  if (s_failed) return;  // the Buffer is unusable after a timeout; the error is recorded
+
   for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
-    if (threadIdx.x == 0) s_failed = 0;
-    __syncthreads();
     if (threadIdx.x < K) {
       const int k = threadIdx.x;
       int64_t e = read_topk(p.topk_idx, p.topk_int64, static_cast<int64_t>(t) * K + k);
@@ -357,14 +465,6 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint64_t epoch) {
       }
       s_e[k] = static_cast<int>(e);
       s_w[k] = p.topk_weights[static_cast<int64_t>(t) * K + k];
-      if (e >= 0) {
-        const int src = static_cast<int>(e) / El;
-        const long long t0 = clock64();
-        if (!device::wait_geq(p.wait, flags + e, epoch, src, Phase::kLowLatencyCombine)) s_failed = 1;
-        if (p.wait_stats != nullptr)
-          atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + src),
-                    static_cast<unsigned long long>(clock64() - t0));
-      }
     }
     __syncthreads();
     if (s_failed) return;
@@ -412,8 +512,9 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint64_t epoch) {
 }
 
 __global__ void __launch_bounds__(kThreads, 1) low_latency_combine_kernel(const __grid_constant__ LowLatencyCombineParams p) {
+  extern __shared__ int s_dyn[];
   const uint64_t epoch = (p.do_send ? p.state->send_epoch[1] : p.state->recv_epoch[1]) + 1;
-  if (p.do_send) combine_send(p, epoch);
+  if (p.do_send) combine_send(p, epoch, s_dyn);
   if (p.do_recv) combine_recv(p, epoch);
 }
 
@@ -443,19 +544,30 @@ int clamp_blocks(long long want, int num_sms) {
 
 int low_latency_dispatch_blocks(const LowLatencyDispatchParams& p, int num_sms) {
   if (p.do_send && p.do_recv) return num_sms;
-  return p.do_send ? clamp_blocks(p.num_tokens, num_sms) : clamp_blocks(p.num_local_experts, num_sms);
+  if (p.do_send) return clamp_blocks(p.num_tokens, num_sms);
+  // The receive: one warp per chunk of a message slot, spread over the blocks first.
+  const long long row_int4 = (p.use_fp8 ? p.hidden : 2LL * p.hidden) / 16;
+  return clamp_blocks(static_cast<long long>(p.num_ranks) * p.T * ((row_int4 + kRecvChunkInt4 - 1) / kRecvChunkInt4),
+                      num_sms);
 }
 
 int low_latency_combine_blocks(const LowLatencyCombineParams& p, int num_sms) {
-  if (p.do_send && p.do_recv) return num_sms;
-  const long long pairs = static_cast<long long>(p.num_local_experts) * p.num_ranks;
-  return p.do_send ? clamp_blocks(pairs, num_sms) : clamp_blocks(p.num_tokens, num_sms);
+  if (p.do_send) return num_sms;  // the send spreads (row, chunk) units over every SM
+  return clamp_blocks(p.num_tokens, num_sms);
 }
 
 void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, cudaStream_t stream) {
   OPENEP_CHECK(p.num_ranks <= kMaxRanksLL && p.num_topk <= kMaxLowLatencyTopk, ErrorCode::kInternal,
                "low-latency dispatch launched with ", p.num_ranks, " ranks and top-", p.num_topk);
-  const size_t smem = p.do_send ? p.window.layout.msg_bytes : 0;
+  const long long row_int4 = (p.use_fp8 ? p.hidden : 2LL * p.hidden) / 16;
+  const long long units = static_cast<long long>(p.num_ranks) * p.T * ((row_int4 + kRecvChunkInt4 - 1) / kRecvChunkInt4);
+  OPENEP_CHECK(units < (1LL << 31) - 1 - 65536LL * 32, ErrorCode::kInvalidArgument,
+               "low-latency dispatch: R * T * hidden is too large (", units, " receive units)");
+  // Shared memory: the send stages one cast row (payload and scales); the receive holds the range starts
+  // (one int per (local expert, source rank), E in all). The fused kernel reuses the same bytes for both.
+  const size_t send_smem = p.do_send ? p.window.layout.msg_bytes - LowLatencyLayout::kHeaderBytes : 0;
+  const size_t recv_smem = p.do_recv ? sizeof(int) * static_cast<size_t>(p.num_experts) : 0;
+  const size_t smem = send_smem > recv_smem ? send_smem : recv_smem;
   if (smem > 48 * 1024) {
     OPENEP_CUDA_CHECK(cudaFuncSetAttribute(low_latency_dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(smem)));
@@ -466,7 +578,17 @@ void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_bloc
 void launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, cudaStream_t stream) {
   OPENEP_CHECK(p.num_topk <= kMaxLowLatencyTopk, ErrorCode::kInternal, "low-latency combine launched with top-",
                p.num_topk);
-  launch(low_latency_combine_kernel, p, num_blocks, 0, stream);
+  // The send's per-expert row prefix (E_local + 1 ints) in dynamic shared memory; units must fit an int.
+  const size_t smem = p.do_send ? sizeof(int) * (static_cast<size_t>(p.num_local_experts) + 1) : 0;
+  const long long max_units = static_cast<long long>(p.num_local_experts) * p.num_ranks * p.T *
+                              ((p.hidden / 8 + kSendChunkInt4 - 1) / kSendChunkInt4);
+  OPENEP_CHECK(max_units < (1LL << 31) - 1 - 65536LL * 32, ErrorCode::kInvalidArgument,
+               "low-latency combine: E_local * R * T * hidden is too large (", max_units, " send units)");
+  if (smem > 48 * 1024) {
+    OPENEP_CUDA_CHECK(cudaFuncSetAttribute(low_latency_combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem)));
+  }
+  launch(low_latency_combine_kernel, p, num_blocks, smem, stream);
 }
 
 }  // namespace openep::detail

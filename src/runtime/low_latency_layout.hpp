@@ -1,12 +1,16 @@
 // Layout of the low-latency region of the window (BufferOptions::num_rdma_bytes) and the device-side state of
 // the low-latency kernels. Identical on every rank: an offset means the same thing on every peer.
 //
-//   [signals]  dispatch_flags  uint64 [2 halves][kMaxExperts]: slot (local expert i, source s) = i * R + s holds
-//                              (epoch << 32) | rows sent by s to local expert i in that dispatch
-//              combine_flags   uint64 [2 halves][kMaxExperts]: slot e (global expert) holds the epoch of the
-//                              combine whose rows from expert e have all arrived
-//   [dispatch] two halves of [E_local][R][T] messages: 16-byte header (int32 source token), payload (hidden
-//              bytes of e4m3 or 2 * hidden bytes of BF16), then hidden/128 float32 scales when FP8
+//   [signals]  dispatch_flags  uint64 [2 halves][kMaxExperts]: slot s (source rank) holds
+//                              (epoch << 32) | (num_topk of s << 16) | num_tokens of s in that dispatch
+//              combine_flags   uint64 [2 halves][kMaxExperts]: slot s (expert-side rank) holds the epoch of
+//                              the combine whose rows from all of rank s's experts have arrived
+//              dispatch_counts int32 [2 halves][kMaxExperts]: slot s * E_local + i holds the rows source s sent
+//                              to local expert i (valid once flag s of the half carries the epoch)
+//   [dispatch] two halves of [R][T] messages, one per (source rank, source token): kHeaderBytes of routing
+//              (int32 per top-k slot k: (local expert << 16) | slot inside the (expert, source) range, or -1
+//              when slot k's expert is not on this rank), then the payload (hidden bytes of e4m3 or 2 * hidden
+//              bytes of BF16), then hidden/128 float32 scales when FP8
 //   [combine]  two halves of [E][T][hidden] BF16: the row returned by expert e for my token t
 //   [staging]  the zero-copy combine buffer [E_local][R*T][hidden] BF16
 // The signal area does not depend on the shapes, so calls with different shapes never confuse each other:
@@ -24,7 +28,11 @@ struct LowLatencyLayout {
   static constexpr size_t kFlagBytes = sizeof(uint64_t) * 2 * kMaxExperts;
   static constexpr size_t kDispatchFlags = 0;
   static constexpr size_t kCombineFlags = kFlagBytes;
-  static constexpr size_t kSignalBytes = 2 * kFlagBytes;
+  static constexpr size_t kDispatchCounts = 2 * kFlagBytes;
+  static constexpr size_t kCountBytes = sizeof(int32_t) * 2 * kMaxExperts;
+  static constexpr size_t kSignalBytes = 2 * kFlagBytes + kCountBytes;
+  // Routing header of a dispatch message: one int32 per top-k slot (kMaxLowLatencyTopk = 32 slots).
+  static constexpr size_t kHeaderBytes = 128;
 
   size_t msg_bytes = 0;            // one dispatch message
   size_t dispatch_offset = 0, dispatch_half = 0;
@@ -36,14 +44,14 @@ struct LowLatencyLayout {
   static constexpr size_t message_bytes(int hidden) {
     const size_t h = static_cast<size_t>(hidden);
     const size_t fp8 = h + (h / 128) * 4, bf16 = 2 * h;
-    return align(16 + (fp8 > bf16 ? fp8 : bf16), 16);
+    return align(kHeaderBytes + (fp8 > bf16 ? fp8 : bf16), 16);
   }
   static LowLatencyLayout make(int T, int hidden, int R, int E) {
     LowLatencyLayout l;
     const size_t e_local = static_cast<size_t>(E / R);
     l.msg_bytes = message_bytes(hidden);
     l.dispatch_offset = kSignalBytes;
-    l.dispatch_half = align(e_local * R * T * l.msg_bytes, 128);
+    l.dispatch_half = align(static_cast<size_t>(R) * T * l.msg_bytes, 128);
     l.combine_offset = l.dispatch_offset + 2 * l.dispatch_half;
     l.combine_half = align(static_cast<size_t>(E) * T * hidden * 2, 128);
     l.staging_offset = l.combine_offset + 2 * l.combine_half;
