@@ -545,7 +545,8 @@ def ll_inputs(ctx, seed, num_tokens, hidden, num_topk=8, num_experts=LL_E, idx_d
         idx = torch.rand(n, num_experts, generator=g).topk(num_topk, dim=1).indices  # distinct experts per token
         if minus_one:
             idx[torch.rand(n, num_topk, generator=g) < minus_one] = -1
-            idx[:2] = -1  # tokens that go nowhere
+            if n > 4:
+                idx[:2] = -1  # tokens that go nowhere
         i.topk_idx = idx.to(idx_dtype or torch.int64)
         i.topk_weights = torch.rand(n, num_topk, generator=g)
         out.append(i)

@@ -151,7 +151,8 @@ def test_low_latency_size_hint_is_the_cores_requirement():
 @pytest.mark.parametrize("args,needle", [((0, 7168, 8, 288), "num_max_dispatch_tokens_per_rank"),
                                          ((5000, 7168, 8, 288), "num_max_dispatch_tokens_per_rank"),
                                          ((128, 7170, 8, 288), "hidden"), ((128, 7168, 8, 100), "num_experts"),
-                                         ((128, 7168, 0, 288), "num_ranks"), ((128.0, 7168, 8, 288), "expected an int")])
+                                         ((128, 7168, 0, 288), "num_ranks"),
+                                         ((128.0, 7168, 8, 288), "expected an int")])
 def test_low_latency_size_hint_rejects_bad_arguments(args, needle):
     with pytest.raises(openep.OpenEPError) as e:
         openep.Buffer.get_low_latency_rdma_size_hint(*args)
@@ -482,8 +483,8 @@ def test_reference_low_latency_bf16_dispatch_and_combine_hand_case():
     assert out[1] == _bf16_row(0x4040, 8)                          # 1.0 * 3.0
 
 
-@pytest.mark.parametrize("round_scale,ue8m0,byte,scale", [(False, False, 0x7E, 1.0 / 448), (True, False, 0x78, 2.0 ** -8),
-                                                          (True, True, 0x78, None)])
+@pytest.mark.parametrize("round_scale,ue8m0,byte,scale", [(False, False, 0x7E, 1.0 / 448),
+                                                          (True, False, 0x78, 2.0 ** -8), (True, True, 0x78, None)])
 def test_reference_low_latency_fp8_cast_hand_case(round_scale, ue8m0, byte, scale):
     # One token of ones, hidden 512, on rank 0 to expert 0: amax 1 -> scale 1/448 (data 448 = e4m3 0x7E), or with
     # round_scale 2^ceil(log2(1/448)) = 2^-8 (data 256 = 0x78); UE8M0 stores the biased exponent 127 - 8 = 0x77.
