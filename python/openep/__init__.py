@@ -7,8 +7,9 @@ A drop-in for DeepEP V1's ``deep_ep`` package::
 
 Exported (DeepEP's names): :class:`Buffer`, :class:`Config`, :class:`EventOverlap`, :class:`EventHandle`,
 ``topk_idx_t`` (``torch.int64``). OpenEP additions: :class:`OpenEPError` (every error OpenEP raises),
-:class:`OpenEPNotAvailableError` (capabilities that have not landed yet: low-latency and internode modes),
-:func:`compiled_nccl_version`, :func:`loaded_nccl_version`, :class:`IntranodeHandle`, and
+:class:`OpenEPNotAvailableError` (capabilities that have not landed yet: internode and shrink modes, LogFMT),
+:func:`compiled_nccl_version`, :func:`loaded_nccl_version`, :class:`IntranodeHandle`,
+:class:`LowLatencyHandle`, and
 :mod:`openep.reference` (the CPU reference, the specification the tests compare against).
 
 PyTorch is imported lazily: ``import openep`` works without it (Config, size hints, reference).
@@ -17,13 +18,14 @@ PyTorch is imported lazily: ``import openep`` works without it (Config, size hin
 from .errors import ERROR_CODES, OpenEPError, OpenEPNotAvailableError  # noqa: F401  (before _C is loaded)
 from ._loader import NCCL_PRELOADED_FROM, check_nccl_version, nccl_version_message  # noqa: F401
 from ._C import Config, compiled_nccl_version, loaded_nccl_version  # noqa: F401
-from .buffer import Buffer, IntranodeHandle  # noqa: F401
+from .buffer import Buffer, IntranodeHandle, LowLatencyHandle  # noqa: F401
 from .utils import EventHandle, EventOverlap  # noqa: F401
 from . import reference  # noqa: F401
 
 __version__ = "0.1.0"
 
-__all__ = ["Buffer", "Config", "EventOverlap", "EventHandle", "IntranodeHandle", "OpenEPError",
+__all__ = ["Buffer", "Config", "EventOverlap", "EventHandle", "IntranodeHandle", "LowLatencyHandle",
+           "OpenEPError",
            "OpenEPNotAvailableError", "ERROR_CODES", "compiled_nccl_version", "loaded_nccl_version",
            "topk_idx_t", "reference"]
 

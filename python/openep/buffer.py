@@ -2,11 +2,12 @@
 
 Names, argument order, defaults, return tuples and stream semantics follow DeepEP V1
 (../shared/docs/deepep-v1-interface.md sections 2, 4 and 5.11), so code written for ``deep_ep`` runs after
-``import openep as deep_ep`` for everything OpenEP has landed: intranode normal mode (EP 2..8 ranks on one
-NVLink domain). Low-latency and internode methods exist with DeepEP's signatures and raise
-:class:`openep.OpenEPNotAvailableError` until those modes land.
+``import openep as deep_ep`` for everything OpenEP has landed: intranode normal mode and low-latency mode
+(EP 2..8 ranks on one NVLink domain). Internode and shrink-mode methods exist with DeepEP's signatures and raise
+:class:`openep.OpenEPNotAvailableError`.
 
-Streams (DeepEP 5.11), for get_dispatch_layout, dispatch and combine:
+Streams (DeepEP 5.11), for get_dispatch_layout, dispatch and combine (the low-latency rules are stated above
+``Buffer.low_latency_dispatch`` and in its docstring):
   * kernels run on the Buffer's communication stream (``get_comm_stream()``), which first waits for
     ``previous_event`` if given, else for the current stream;
   * ``async_finish=True``: an event is recorded on the communication stream and returned in the EventOverlap,
@@ -30,7 +31,7 @@ from ._torch import torch_module
 from .errors import invalid_argument, not_available
 from .utils import EventHandle, EventOverlap
 
-__all__ = ["Buffer", "IntranodeHandle"]
+__all__ = ["Buffer", "IntranodeHandle", "LowLatencyHandle"]
 
 _IntranodeHandleBase = namedtuple(
     "IntranodeHandle",
@@ -63,6 +64,62 @@ class IntranodeHandle(_IntranodeHandleBase):
     __slots__ = ()
 
 
+_LowLatencyHandleBase = namedtuple(
+    "LowLatencyHandle",
+    ["packed_recv_src_info", "packed_recv_layout_range", "num_max_dispatch_tokens_per_rank", "hidden",
+     "num_experts"])
+
+
+class LowLatencyHandle(_LowLatencyHandleBase):
+    """The handle a low-latency dispatch returns: DeepEP V1's 5-tuple, tensors on the GPU.
+
+    ==  ================================  ==================  ================================================
+    #   name                              shape / dtype       content
+    ==  ================================  ==================  ================================================
+    0   packed_recv_src_info              [E/R, R*T] int32    source token index (row of the source rank's x)
+                                                              of every packed row
+    1   packed_recv_layout_range          [E/R, R] int64      ``(start << 32) | count``: the rows local expert
+                                                              e received from source rank s
+    2   num_max_dispatch_tokens_per_rank  int                 T of the dispatch
+    3   hidden                            int                 H of the dispatch
+    4   num_experts                       int                 E of the dispatch
+    ==  ================================  ==================  ================================================
+
+    The ranges of one expert are consecutive in source-rank order; inside a range the rows come in no
+    particular order. Pass the handle unchanged to :meth:`Buffer.low_latency_combine` (and
+    :meth:`Buffer.get_next_low_latency_combine_buffer`); the tensors must stay unmodified until then.
+    """
+
+    __slots__ = ()
+
+
+def _make_recv_hook(op, core_hook, tensors):
+    """Wraps the core's receive hook as a Python callable that keeps the call's tensors alive until it runs."""
+    keep = [tensors]
+
+    def hook():
+        core_hook()
+        keep.clear()
+
+    hook.__name__ = hook.__qualname__ = f"{op}_recv_hook"
+    hook.__doc__ = (f"Launches the receive kernel of this {op} on the stream that was current at the call (no "
+                    f"host wait). Call it exactly once; the outputs are valid after it in stream order. A second "
+                    f"call, or a call after Buffer.destroy(), raises OpenEPError(code='invalid_argument').")
+    return hook
+
+
+def _wrap_device_memory(owner, address, num_bytes, device):
+    """A 1-D uint8 tensor over ``num_bytes`` of device memory at ``address`` that keeps ``owner`` alive."""
+    torch = torch_module()
+
+    class _Region:  # __cuda_array_interface__ keeps a reference to the owner alive with the tensor
+        buffer = owner
+        __cuda_array_interface__ = {"shape": (num_bytes,), "typestr": "|u1", "data": (address, False),
+                                    "version": 3}
+
+    return torch.as_tensor(_Region(), device=device)
+
+
 def _event_of(previous_event):
     """The EventHandle inside an EventOverlap (DeepEP passes previous_event.event to C++)."""
     if isinstance(previous_event, EventOverlap):
@@ -89,10 +146,13 @@ class Buffer:
             straight into this region, so it must hold the rows this rank receives: see
             :meth:`get_nvl_buffer_size_hint_for_tokens`; a call that does not fit raises
             ``OpenEPError(code="buffer_too_small")`` naming the size needed.
-        num_rdma_bytes: bytes for the low-latency kernels (and future internode mode), a multiple of 128.
-        low_latency_mode: accepted; the low-latency methods raise OpenEPNotAvailableError until they land.
+        num_rdma_bytes: bytes for the low-latency kernels (and future internode mode), a multiple of 128; size
+            it with :meth:`get_low_latency_rdma_size_hint` (OpenEP's requirement; a call that does not fit raises
+            ``OpenEPError(code="buffer_too_small")`` naming the size needed).
+        low_latency_mode: required (True) by the low-latency methods, as in DeepEP. The low-latency kernels use
+            NVLink among the ranks of one NVLink domain (no RDMA path yet).
         num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric: accepted for DeepEP
-            compatibility and ignored (OpenEP uses NCCL symmetric memory, not NVSHMEM or CUDA IPC).
+            compatibility and ignored (OpenEP uses NCCL symmetric memory, not NVSHMEM queue pairs or CUDA IPC).
         explicitly_destroy: if True, :meth:`destroy` must be called; otherwise resources are released when the
             Buffer is garbage-collected (a collective barrier, bounded by ``timeout_seconds``).
         enable_shrink: low-latency failure masking; not available yet (raises when True).
@@ -169,6 +229,7 @@ class Buffer:
                                    "otherwise the Buffer is released when garbage-collected")
         if self.runtime is None:
             raise invalid_argument("Buffer.destroy: the Buffer was already destroyed")
+        self.__dict__.pop("_zero_copy_views", None)
         self.runtime.destroy()
         self.runtime = None
 
@@ -231,8 +292,22 @@ class Buffer:
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts):
-        """Low-latency RDMA bytes (DeepEP 3.4). Not available yet: raises OpenEPNotAvailableError."""
-        raise not_available("Buffer.get_low_latency_rdma_size_hint")
+        """``num_rdma_bytes`` a low-latency Buffer needs for these shapes (a multiple of 128).
+
+        OpenEP's own requirement (``openep::low_latency_buffer_size_hint``), not DeepEP's formula: code that sizes
+        its Buffer with this method keeps working. It covers BF16 and FP8 dispatch and the zero-copy combine
+        buffer; about 1.23x DeepEP's number (T=128, H=7168, E=288: 2,643,853,312 bytes vs DeepEP's
+        2,146,961,792). Unlike DeepEP's, ``num_ranks`` enters it (local expert count).
+
+        Args:
+            num_max_dispatch_tokens_per_rank: T, 1..4096. hidden: H, a positive multiple of 8.
+            num_ranks: R, the group size. num_experts: E, a multiple of R.
+        """
+        op = "get_low_latency_rdma_size_hint"
+        for name, value in (("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
+                            ("hidden", hidden), ("num_ranks", num_ranks), ("num_experts", num_experts)):
+            check_int(op, name, value, 1)
+        return _C.low_latency_buffer_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
     # ------------------------------------------------------------------------------------------------------
     # Utilities (DeepEP 2.9)
@@ -259,14 +334,7 @@ class Buffer:
             raise invalid_argument(f"get_local_buffer_tensor: offset {offset} exceeds the region's {num_bytes} bytes")
         elem = torch.empty((), dtype=dtype).element_size()
         count = (num_bytes - offset) // elem
-        owner = self
-
-        class _Region:  # __cuda_array_interface__ keeps a reference to the Buffer alive with the tensor
-            buffer = owner
-            __cuda_array_interface__ = {"shape": ((num_bytes - offset),), "typestr": "|u1",
-                                        "data": (address + offset, False), "version": 3}
-
-        raw = torch.as_tensor(_Region(), device=self._device_str)
+        raw = _wrap_device_memory(self, address + offset, num_bytes - offset, self._device_str)
         t = raw[:count * elem].view(dtype)
         if size is not None:
             n = 1
@@ -586,8 +654,8 @@ class Buffer:
         return combined_x, combined_w, event
 
     # ------------------------------------------------------------------------------------------------------
-    # Not available yet: internode normal mode and low-latency mode (DeepEP 2.7, 2.8). The signatures are
-    # DeepEP's so that callers fail with a clear message, and so that the implementations can be wired in here.
+    # Not available yet: internode normal mode (DeepEP 2.7). The signatures are DeepEP's so that callers fail
+    # with a clear message, and so that the implementation can be wired in here.
     def internode_dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
                            is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
                            expert_alignment=1, num_worst_tokens=0, config=None, previous_event=None,
@@ -600,28 +668,314 @@ class Buffer:
         """Internode normal combine. Not available yet: raises OpenEPNotAvailableError."""
         raise not_available("internode normal mode (Buffer.internode_combine)")
 
+    # Low-latency mode (DeepEP 2.8, 5.8 - 5.15): decode-sized dispatch/combine among the ranks of one NVLink
+    # domain, CUDA-graph capturable, optional receive hooks.
+    #
+    # Streams (DeepEP 5.10 / 5.11, reproduced exactly): no previous_event, no allocate_on_comm_stream.
+    #   * return_recv_hook=False: the kernel (send and receive in one launch) runs on the communication stream
+    #     after it waits for the current stream. async_finish=False: the current stream then waits for the
+    #     communication stream (no host wait); async_finish=True: an event recorded on the communication
+    #     stream is returned in the EventOverlap, whose extra_tensors keep every input/output alive (no
+    #     record_stream, so it stays graph friendly).
+    #   * return_recv_hook=True: only the send kernel is launched, on the CURRENT stream, and a hook is
+    #     returned; calling it launches the receive kernel on that same stream. The EventOverlap holds None.
+    #     async_finish and return_recv_hook are mutually exclusive.
+    # All low-latency calls of a Buffer must be ordered with each other on the device (the core's rule): calls
+    # without a hook are ordered by the communication stream; before a hook-mode call that follows an
+    # async_finish call, wait for that call's event (event.current_stream_wait()).
+    # Outputs are allocated with torch on the current stream (so inside torch.cuda.graph they come from the
+    # graph's pool); the core never allocates, never waits on the host and never synchronises.
+    def _ll_rt(self, op):
+        rt = self._rt(op)
+        if not getattr(self, "low_latency_mode", False):
+            raise invalid_argument(f"{op}: requires a Buffer created with low_latency_mode=True (DeepEP V1 rule)")
+        return rt
+
+    def _ll_unpack_handle(self, op, handle):
+        if not isinstance(handle, tuple) or len(handle) != 5:
+            raise invalid_argument(f"{op}: handle expected the 5-tuple low_latency_dispatch returns "
+                                   f"(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, "
+                                   f"num_experts), got {type(handle).__name__}"
+                                   + (f" of length {len(handle)}" if isinstance(handle, tuple) else ""))
+        src_info, layout_range, T, hidden, num_experts = handle
+        R, dev = self.group_size, self._device_str
+        check_int(op, "handle.num_max_dispatch_tokens_per_rank", T, 1)
+        check_int(op, "handle.hidden", hidden, 1)
+        check_int(op, "handle.num_experts", num_experts, 1)
+        if num_experts % R != 0:
+            raise invalid_argument(f"{op}: handle.num_experts must be a multiple of the group size {R}, got "
+                                   f"{num_experts}")
+        El = num_experts // R
+        check_tensor(op, "handle.packed_recv_src_info", src_info, ("int32",), (El, R * T), True, dev)
+        check_tensor(op, "handle.packed_recv_layout_range", layout_range, ("int64",), (El, R), True, dev)
+        hd = {"src_info": src_info.data_ptr(), "layout_range": layout_range.data_ptr(),
+              "num_max_dispatch_tokens_per_rank": T, "hidden": hidden, "num_experts": num_experts}
+        return hd, El, T, hidden, num_experts
+
+    def _ll_finish(self, op, compute, async_finish, return_recv_hook, core_hook, tensors):
+        """The EventOverlap and hook of a low-latency call (stream rules above)."""
+        keep = tuple(t for t in tensors if t is not None)
+        if return_recv_hook:
+            return EventOverlap(None), _make_recv_hook(op, core_hook, keep)
+        if async_finish:
+            return EventOverlap(EventHandle(self._comm_stream), extra_tensors=keep), None
+        compute.wait_stream(self._comm_stream)
+        return EventOverlap(None), None
+
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
-        """Zeroes the low-latency signalling areas (DeepEP 2.8). Not available yet."""
-        raise not_available("Buffer.clean_low_latency_buffer")
+        """Resets the low-latency signalling state of this Buffer (DeepEP 2.8). Collective: every rank calls it.
+
+        Enqueued on the CURRENT stream: a device barrier over all ranks, zeroing of every low-latency signal
+        and epoch of this rank, a second barrier. Never waits on the host. OpenEP's low-latency calls clean up
+        after themselves (monotonic epochs), so this is not needed between calls; use it to restart the
+        protocol from a known state (e.g. after using the region through ``get_local_buffer_tensor``).
+
+        Args:
+            num_max_dispatch_tokens_per_rank, hidden, num_experts: the shapes the low-latency calls use (they
+                must fit ``num_rdma_bytes``: :meth:`get_low_latency_rdma_size_hint`).
+        """
+        op = "clean_low_latency_buffer"
+        rt = self._ll_rt(op)
+        check_int(op, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1)
+        check_int(op, "hidden", hidden, 1)
+        check_int(op, "num_experts", num_experts, 1)
+        torch = torch_module()
+        rt.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts,
+                                    torch.cuda.current_stream().cuda_stream)
 
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
                              cumulative_local_expert_recv_stats=None, dispatch_wait_recv_cost_stats=None,
                              use_fp8=True, round_scale=False, use_ue8m0=False, async_finish=False,
                              return_recv_hook=False):
-        """Low-latency dispatch (DeepEP 2.8): returns ``(recv_x, recv_count, handle, event, hook)``. Not available
-        yet: raises OpenEPNotAvailableError."""
-        raise not_available("Buffer.low_latency_dispatch")
+        """Sends this rank's decode tokens to the ranks owning their experts; returns DeepEP's packed layout.
+
+        Collective: every rank calls it with the same ``num_max_dispatch_tokens_per_rank`` (T), hidden size,
+        ``num_experts``, ``use_fp8`` and hook mode, in the same order relative to its other low-latency calls.
+        One message per (token, top-k slot) with an expert >= 0 (a token listing one expert twice arrives
+        twice). Never waits on the host; capturable in a CUDA graph (graph replays stay correct: the buffer
+        half is chosen on the device). At most two low-latency operations may be issued but not yet received
+        (e.g. two micro-batches in hook mode).
+
+        Args:
+            x: ``[N, H]`` bfloat16, contiguous, on the Buffer's GPU; ``0 <= N <= T``. ``H``: a multiple of 8
+                (BF16), of 128 (``use_fp8``) or of 512 (``use_ue8m0``); values finite with ``use_fp8``.
+            topk_idx: ``[N, K]`` int64 (``openep.topk_idx_t``) or int32, contiguous; ``-1`` = no expert;
+                ``1 <= K <= 32``. Expert ``e`` lives on rank ``e // (num_experts // R)``.
+            num_max_dispatch_tokens_per_rank: T, the capacity per source rank (identical on all ranks).
+            num_experts: E, a multiple of the group size R.
+            cumulative_local_expert_recv_stats: optional ``[E/R]`` int32 contiguous; the rows each local expert
+                receives are ADDED to it (zero it yourself).
+            dispatch_wait_recv_cost_stats: optional ``[R]`` int64 contiguous; GPU clock cycles spent waiting
+                for each source rank are ADDED to it.
+            use_fp8: cast to float8_e4m3fn inside the send with one float32 scale per 128 channels
+                (``amax/448``); False: BF16 travels unchanged (round_scale/use_ue8m0 are then ignored, as in
+                DeepEP).
+            round_scale: power-of-two scales (rounded up). use_ue8m0: scales as UE8M0 exponents packed four
+                per int32 (requires round_scale).
+            async_finish: run on the communication stream and return an event (recorded there, holding every
+                input/output in ``extra_tensors``) instead of making the current stream wait.
+            return_recv_hook: launch only the send now, on the CURRENT stream, and return a hook that launches
+                the receive on that stream; between the two OpenEP holds no SM.
+
+        Streams: without a hook the kernel runs on the communication stream after it waits for the current
+        stream, and (without ``async_finish``) the current stream then waits for it. Outputs are allocated on
+        the current stream (inside ``torch.cuda.graph`` from the graph's pool). Low-latency calls must be
+        ordered with each other on the device: before a hook-mode call that follows an ``async_finish`` call,
+        wait for that call's event.
+
+        Returns:
+            ``(recv_x, recv_count, handle, event, hook)``:
+
+            * ``recv_x``: BF16 ``[E/R, R*T, H]`` bfloat16; with ``use_fp8`` a tuple ``(data, scales)``: data
+              ``[E/R, R*T, H]`` float8_e4m3fn and scales ``[E/R, R*T, H/128]`` float32 (``use_ue8m0``:
+              ``[E/R, R*T, H/512]`` int32), the scales stored column-major in the last two dims (a transposed
+              view of ``[E/R, H/128, R*T]``, DeepEP's layout). Row ``i`` of local expert ``e`` is valid for
+              ``i < recv_count[e]``; other rows are garbage. Rows from source rank ``s`` are the range that
+              ``handle`` gives; inside a range the row order is unspecified.
+            * ``recv_count``: ``[E/R]`` int32, valid rows per local expert.
+            * ``handle``: :class:`LowLatencyHandle`, DeepEP's 5-tuple ``(packed_recv_src_info [E/R, R*T]
+              int32 (source token index of each row), packed_recv_layout_range [E/R, R] int64 ((start << 32) |
+              count of the rows from each source rank), T, H, E)``; pass it to :meth:`low_latency_combine`.
+            * ``event``: :class:`EventOverlap` (an event only with ``async_finish``).
+            * ``hook``: with ``return_recv_hook`` a callable taking no arguments, to be called exactly once
+              (outputs are valid only after it has run, in stream order); else None.
+        """
+        op = "low_latency_dispatch"
+        rt = self._ll_rt(op)
+        R, dev = self.group_size, self._device_str
+        T = num_max_dispatch_tokens_per_rank
+        check_int(op, "num_max_dispatch_tokens_per_rank", T, 1)
+        check_int(op, "num_experts", num_experts, 1)
+        if num_experts % R != 0:
+            raise invalid_argument(f"{op}: num_experts must be a multiple of the group size {R}, got {num_experts}")
+        El = num_experts // R
+        check_tensor(op, "x", x, ("bfloat16",), (None, None), True, dev)
+        num_tokens, hidden = x.shape
+        if num_tokens > T:
+            raise invalid_argument(f"{op}: x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank "
+                                   f"= {T}")
+        check_tensor(op, "topk_idx", topk_idx, INDEX_DTYPES, (num_tokens, None), True, dev)
+        num_topk = topk_idx.shape[1]
+        if not 1 <= num_topk <= _C.LOW_LATENCY_MAX_TOPK:
+            raise invalid_argument(f"{op}: topk_idx must have 1..{_C.LOW_LATENCY_MAX_TOPK} columns, got {num_topk}")
+        if cumulative_local_expert_recv_stats is not None:
+            check_tensor(op, "cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats, ("int32",),
+                         (El,), True, dev)
+        if dispatch_wait_recv_cost_stats is not None:
+            check_tensor(op, "dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats, ("int64",), (R,),
+                         True, dev)
+        if async_finish and return_recv_hook:
+            raise invalid_argument(f"{op}: async_finish and return_recv_hook are mutually exclusive (DeepEP V1 rule)")
+        use_fp8 = bool(use_fp8)
+        round_scale = bool(round_scale) and use_fp8
+        use_ue8m0 = bool(use_ue8m0) and use_fp8
+        if use_ue8m0 and not round_scale:
+            raise invalid_argument(f"{op}: use_ue8m0=True requires round_scale=True")
+        multiple = (512 if use_ue8m0 else 128) if use_fp8 else 8
+        if hidden % multiple != 0:
+            mode = "use_fp8 and use_ue8m0" if use_ue8m0 else ("use_fp8" if use_fp8 else "BF16 (use_fp8=False)")
+            raise invalid_argument(f"{op}: hidden must be a multiple of {multiple} with {mode}, got {hidden}")
+
+        torch = torch_module()
+        P = R * T
+        compute = torch.cuda.current_stream()
+        packed_recv_x = torch.empty((El, P, hidden), dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
+                                    device=dev)
+        scales = None
+        if use_fp8:
+            if use_ue8m0:
+                scales = torch.empty((El, hidden // 512, P), dtype=torch.int32, device=dev).transpose(1, 2)
+            else:
+                scales = torch.empty((El, hidden // 128, P), dtype=torch.float32, device=dev).transpose(1, 2)
+        recv_count = torch.empty((El,), dtype=torch.int32, device=dev)
+        src_info = torch.empty((El, P), dtype=torch.int32, device=dev)
+        layout_range = torch.empty((El, R), dtype=torch.int64, device=dev)
+        args = {"x": x.data_ptr(), "num_tokens": num_tokens, "hidden": hidden, "topk_idx": topk_idx.data_ptr(),
+                "topk_int64": int(dtype_name(topk_idx.dtype) == "int64"), "num_topk": num_topk,
+                "num_max_dispatch_tokens_per_rank": T, "num_experts": num_experts, "use_fp8": int(use_fp8),
+                "round_scale": int(round_scale), "use_ue8m0": int(use_ue8m0),
+                "return_recv_hook": int(bool(return_recv_hook))}
+        if cumulative_local_expert_recv_stats is not None:
+            args["cumulative_local_expert_recv_stats"] = cumulative_local_expert_recv_stats.data_ptr()
+        if dispatch_wait_recv_cost_stats is not None:
+            args["dispatch_wait_recv_cost_stats"] = dispatch_wait_recv_cost_stats.data_ptr()
+        hd = {"src_info": src_info.data_ptr(), "layout_range": layout_range.data_ptr()}
+        outs = {"packed_recv_x": packed_recv_x.data_ptr(), "packed_recv_count": recv_count.data_ptr()}
+        if scales is not None:
+            outs["packed_recv_scales"] = scales.data_ptr()
+        if return_recv_hook:
+            stream = compute
+        else:
+            stream = self._comm_stream
+            stream.wait_stream(compute)
+        core_hook = rt.low_latency_dispatch(args, hd, outs, stream.cuda_stream)
+        handle = LowLatencyHandle(src_info, layout_range, T, hidden, num_experts)
+        event, hook = self._ll_finish(op, compute, async_finish, return_recv_hook, core_hook,
+                                      (x, topk_idx, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
+                                       packed_recv_x, scales, recv_count, src_info, layout_range))
+        recv_x = (packed_recv_x, scales) if use_fp8 else packed_recv_x
+        return recv_x, recv_count, handle, event, hook
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False, zero_copy=False,
                             async_finish=False, return_recv_hook=False, out=None,
                             combine_wait_recv_cost_stats=None):
-        """Low-latency combine (DeepEP 2.8): returns ``(combined_x, event, hook)``. Not available yet."""
-        raise not_available("Buffer.low_latency_combine")
+        """Returns the expert outputs to their source ranks and reduces them there (reverse of
+        :meth:`low_latency_dispatch`). Collective; never waits on the host; capturable in a CUDA graph.
+
+        For every token ``t`` of this rank: ``combined_x[t] = bf16(sum over slots k ascending with
+        topk_idx[t, k] >= 0 of topk_weights[t, k] * y(t, k))`` with float32 multiplies and adds (no FMA) and one
+        rounding to bfloat16 at the end, where ``y(t, k)`` is the row the owner of expert ``topk_idx[t, k]``
+        produced for that message. Deterministic (bitwise equal to ``openep.reference.low_latency_combine``).
+        Tokens with no valid slot give 0.
+
+        Args:
+            x: ``[E/R, R*T, H]`` bfloat16 contiguous: the expert outputs in the packed positions of the
+                dispatch's ``recv_x`` (only valid rows are read). With ``zero_copy`` it is not read (may be None).
+            topk_idx: ``[N, K]`` int64/int32 contiguous: the routing of the matching dispatch.
+            topk_weights: ``[N, K]`` float32 contiguous.
+            handle: the :class:`LowLatencyHandle` of the matching dispatch.
+            use_logfmt: LogFMT transport; not available in OpenEP (raises OpenEPNotAvailableError).
+            zero_copy: the rows were written into :meth:`get_next_low_latency_combine_buffer` (before this call,
+                in stream order); then ``x`` is ignored.
+            async_finish, return_recv_hook: as in :meth:`low_latency_dispatch` (mutually exclusive).
+            out: optional ``[N, H]`` bfloat16 contiguous tensor to write into; returned as ``combined_x``.
+            combine_wait_recv_cost_stats: optional ``[R]`` int64; cycles spent waiting per source rank are ADDED.
+
+        Returns:
+            ``(combined_x, event, hook)``: ``[N, H]`` bfloat16 (valid after the receive has run: in stream order,
+            or after the hook); an :class:`EventOverlap`; the hook (callable, exactly once) or None.
+        """
+        op = "low_latency_combine"
+        rt = self._ll_rt(op)
+        if use_logfmt:
+            raise not_available("low_latency_combine(use_logfmt=True) (LogFMT transport)",
+                                "OpenEP's core has no LogFMT encoder; combine transports BF16: pass use_logfmt=False")
+        if async_finish and return_recv_hook:
+            raise invalid_argument(f"{op}: async_finish and return_recv_hook are mutually exclusive (DeepEP V1 rule)")
+        hd, El, T, hidden, num_experts = self._ll_unpack_handle(op, handle)
+        R, dev = self.group_size, self._device_str
+        if x is not None or not zero_copy:
+            check_tensor(op, "x", x, ("bfloat16",), (El, R * T, hidden), True, dev)
+        check_tensor(op, "topk_idx", topk_idx, INDEX_DTYPES, (None, None), True, dev)
+        num_tokens, num_topk = topk_idx.shape
+        if num_tokens > T:
+            raise invalid_argument(f"{op}: topk_idx has {num_tokens} tokens, more than the handle's "
+                                   f"num_max_dispatch_tokens_per_rank = {T}")
+        if not 1 <= num_topk <= _C.LOW_LATENCY_MAX_TOPK:
+            raise invalid_argument(f"{op}: topk_idx must have 1..{_C.LOW_LATENCY_MAX_TOPK} columns, got {num_topk}")
+        check_tensor(op, "topk_weights", topk_weights, ("float32",), (num_tokens, num_topk), True, dev)
+        if out is not None:
+            check_tensor(op, "out", out, ("bfloat16",), (num_tokens, hidden), True, dev)
+        if combine_wait_recv_cost_stats is not None:
+            check_tensor(op, "combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, ("int64",), (R,), True,
+                         dev)
+
+        torch = torch_module()
+        compute = torch.cuda.current_stream()
+        combined_x = out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=dev)
+        args = {"x": x.data_ptr() if x is not None else 0, "topk_idx": topk_idx.data_ptr(),
+                "topk_int64": int(dtype_name(topk_idx.dtype) == "int64"), "topk_weights": topk_weights.data_ptr(),
+                "num_tokens": num_tokens, "num_topk": num_topk, "zero_copy": int(bool(zero_copy)),
+                "return_recv_hook": int(bool(return_recv_hook))}
+        if combine_wait_recv_cost_stats is not None:
+            args["combine_wait_recv_cost_stats"] = combine_wait_recv_cost_stats.data_ptr()
+        if return_recv_hook:
+            stream = compute
+        else:
+            stream = self._comm_stream
+            stream.wait_stream(compute)
+        core_hook = rt.low_latency_combine(args, hd, {"combined_x": combined_x.data_ptr()}, stream.cuda_stream)
+        event, hook = self._ll_finish(op, compute, async_finish, return_recv_hook, core_hook,
+                                      (x, topk_idx, topk_weights, combine_wait_recv_cost_stats, combined_x)
+                                      + tuple(handle[:2]))
+        return combined_x, event, hook
 
     def get_next_low_latency_combine_buffer(self, handle):
-        """The zero-copy combine send buffer (DeepEP 5.12). Not available yet."""
-        raise not_available("Buffer.get_next_low_latency_combine_buffer")
+        """The zero-copy combine input (DeepEP 5.12): a ``[E/R, R*T, H]`` bfloat16 view of this rank's window.
 
+        Write the expert outputs there in the packed positions of the dispatch (ordered before the combine on
+        its stream), then call ``low_latency_combine(..., zero_copy=True)``. Unlike DeepEP's view (row stride
+        larger than H) the rows are contiguous (strides ``[R*T*H, H, 1]``); index it the same way. The memory
+        is the same for every call with the same shapes and belongs to OpenEP between calls: write it only
+        after the previous low-latency combine has been issued on the same stream and before the next one.
+        The view keeps the Buffer's memory alive until :meth:`destroy` (after which it must not be used). No
+        CUDA call is made after the first call for given shapes, so it may be called inside a graph capture.
+        """
+        op = "get_next_low_latency_combine_buffer"
+        rt = self._ll_rt(op)
+        hd, El, T, hidden, num_experts = self._ll_unpack_handle(op, handle)
+        key = (T, hidden, num_experts)
+        cache = self.__dict__.setdefault("_zero_copy_views", {})
+        if key not in cache:
+            torch = torch_module()
+            address = rt.get_next_low_latency_combine_buffer(hd)
+            shape = (El, self.group_size * T, hidden)
+            # the view holds the runtime (not the Buffer: no reference cycle through the cache)
+            cache[key] = _wrap_device_memory(rt, address, El * self.group_size * T * hidden * 2,
+                                             self._device_str).view(torch.bfloat16).view(shape)
+        return cache[key]
+
+    # Shrink mode (failure masking): not available yet.
     def low_latency_update_mask_buffer(self, rank_to_mask, mask=False):
         """Shrink mode: masks or unmasks a rank (DeepEP 2.8). Not available yet."""
         raise not_available("Buffer.low_latency_update_mask_buffer")

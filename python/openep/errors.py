@@ -43,7 +43,7 @@ class OpenEPError(RuntimeError):
 
 
 class OpenEPNotAvailableError(OpenEPError, NotImplementedError):
-    """A DeepEP V1 capability that OpenEP does not provide yet (e.g. low-latency mode while it is landing).
+    """A DeepEP V1 capability that OpenEP does not provide yet (e.g. internode mode, shrink mode, LogFMT).
 
     It is both an :class:`OpenEPError` (``code == "not_available"``) and a ``NotImplementedError``.
     """
@@ -57,8 +57,9 @@ def invalid_argument(message):
     return OpenEPError("OpenEP invalid argument: " + message, "invalid_argument")
 
 
-def not_available(what):
+def not_available(what, detail=None):
     """The OpenEPNotAvailableError for a DeepEP V1 capability that has not landed in OpenEP yet."""
-    return OpenEPNotAvailableError(
-        f"OpenEP not available: {what} is not available yet in OpenEP (low-latency mode is being "
-        f"implemented; the normal-mode API get_dispatch_layout/dispatch/combine works)")
+    if detail is None:
+        detail = ("intranode normal mode (get_dispatch_layout/dispatch/combine) and low-latency mode "
+                  "(low_latency_dispatch/low_latency_combine) work")
+    return OpenEPNotAvailableError(f"OpenEP not available: {what} is not available yet in OpenEP ({detail})")

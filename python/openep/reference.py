@@ -3,14 +3,18 @@
 Thin torch wrappers over the core's reference exposed through the binding (``openep._C.ref_*``): nothing is
 re-implemented here. Inputs may live on any device; results are CPU tensors. Dispatch is bit-exact; combine
 sums in float32 in ascending rank order then adds bias_0 and bias_1, which the GPU kernels reproduce bit for
-bit. The raw functions (``_C.ref_get_dispatch_layout``, ``_C.ref_dispatch``, ``_C.ref_combine``) take and
-return ``bytes`` and need no torch.
+bit. Low-latency dispatch casts to FP8 exactly as the kernels do and places rows in a canonical order
+(source rank, source token, slot); low-latency combine sums in slot order in float32 (no FMA), which the
+kernels reproduce bit for bit. The raw functions (``_C.ref_get_dispatch_layout``, ``_C.ref_dispatch``,
+``_C.ref_combine``, ``_C.ref_low_latency_dispatch``, ``_C.ref_low_latency_combine``) take and return ``bytes``
+and need no torch.
 """
 
 from . import _C
 from ._torch import torch_module
 
-__all__ = ["get_dispatch_layout", "dispatch", "combine", "RefDispatchResult"]
+__all__ = ["get_dispatch_layout", "dispatch", "combine", "RefDispatchResult", "low_latency_dispatch",
+           "low_latency_combine", "RefLowLatencyResult"]
 
 
 def _bytes(t):
@@ -123,3 +127,77 @@ def combine(dispatched, xs, topk_weights=None, bias_0=None, bias_1=None):
                     _tensor(w, torch.float32, (n, dispatched.num_topk)) if len(w) or (
                         topk_weights is not None and n == 0) else None))
     return out
+
+
+class RefLowLatencyResult:
+    """Reference low-latency dispatch over all ranks; :meth:`recv` gives one rank's packed result."""
+
+    def __init__(self, native, num_ranks, num_experts, hidden, T, use_fp8, use_ue8m0, num_tokens):
+        self.native, self.num_ranks, self.num_experts, self.hidden, self.T = native, num_ranks, num_experts, hidden, T
+        self.use_fp8, self.use_ue8m0, self.num_tokens = use_fp8, use_ue8m0, num_tokens
+        self.num_local_experts = num_experts // num_ranks
+
+    def recv(self, rank):
+        """What ``rank`` receives, CPU tensors in the reference's canonical placement (rows of one (expert,
+        source rank) range ordered by source token, then slot; rows beyond the count are zero):
+        ``count`` [E/R] int32; ``packed_x`` [E/R, R*T, H] float8_e4m3fn (use_fp8) or bfloat16; ``scales``
+        [E/R, R*T, H/128] float32 or [E/R, R*T, H/512] int32 (use_ue8m0), LOGICAL layout (contiguous), or None
+        without FP8; ``src_info`` [E/R, R*T] int32 (-1 beyond the count); ``layout_range`` [E/R, R] int64."""
+        torch = torch_module()
+        d = self.native.recv(rank)
+        El, P, H = self.num_local_experts, self.num_ranks * self.T, self.hidden
+        out = {"count": torch.tensor(d["count"], dtype=torch.int32),
+               "src_info": _tensor(d["src_info"], torch.int32, (El, P)),
+               "layout_range": _tensor(d["layout_range"], torch.int64, (El, self.num_ranks)),
+               "scales": None}
+        if self.use_fp8:
+            out["packed_x"] = _tensor(d["packed_x"], torch.uint8, (El, P, H)).view(torch.float8_e4m3fn)
+            if self.use_ue8m0:
+                out["scales"] = _tensor(d["packed_scales_ue8m0"], torch.int32, (El, P, H // 512))
+            else:
+                out["scales"] = _tensor(d["packed_scales"], torch.float32, (El, P, H // 128))
+        else:
+            out["packed_x"] = _tensor(d["packed_x"], torch.uint8, (El, P, 2 * H)).view(torch.bfloat16)
+        return out
+
+
+def low_latency_dispatch(xs, topk_idxs, num_experts, num_max_dispatch_tokens_per_rank, use_fp8=True,
+                         round_scale=False, use_ue8m0=False, topk_weights=None):
+    """Reference low-latency dispatch over all ranks.
+
+    Args:
+        xs: per source rank ``[N_s, H]`` bfloat16 (``N_s <= T``).
+        topk_idxs: per rank ``[N_s, K]`` routing (int64 or int32; -1 = none).
+        num_experts: E (multiple of the number of ranks). num_max_dispatch_tokens_per_rank: T.
+        use_fp8, round_scale, use_ue8m0: as in ``Buffer.low_latency_dispatch`` (round_scale/use_ue8m0 are
+            ignored without use_fp8, as there).
+        topk_weights: per rank ``[N_s, K]`` float32, needed only for :func:`low_latency_combine`.
+    """
+    torch = torch_module()
+    R = len(xs)
+    hidden = xs[0].shape[1]
+    num_topk = topk_idxs[0].shape[1]
+    use_fp8 = bool(use_fp8)
+    round_scale, use_ue8m0 = bool(round_scale) and use_fp8, bool(use_ue8m0) and use_fp8
+    ranks = [(xs[s].shape[0], _bytes(xs[s].to(torch.bfloat16)), _bytes(topk_idxs[s].to(torch.int64)),
+              _bytes(topk_weights[s].to(torch.float32)) if topk_weights is not None else b"") for s in range(R)]
+    native = _C.ref_low_latency_dispatch(R, num_experts, hidden, num_topk, num_max_dispatch_tokens_per_rank,
+                                         use_fp8, round_scale, use_ue8m0, ranks)
+    return RefLowLatencyResult(native, R, num_experts, hidden, num_max_dispatch_tokens_per_rank, use_fp8, use_ue8m0,
+                               [x.shape[0] for x in xs])
+
+
+def low_latency_combine(dispatched, expert_outs):
+    """Reference low-latency combine.
+
+    Args:
+        dispatched: a :class:`RefLowLatencyResult` made with ``topk_weights``.
+        expert_outs: per rank ``d``, ``[E/R, R*T, H]`` bfloat16 expert outputs placed as ``dispatched.recv(d)``
+            places the rows (the reference's placement).
+
+    Returns:
+        per source rank, ``[N_s, H]`` bfloat16 (CPU).
+    """
+    torch = torch_module()
+    res = _C.ref_low_latency_combine(dispatched.native, [_bytes(y.to(torch.bfloat16)) for y in expert_outs])
+    return [_tensor(b, torch.bfloat16, (dispatched.num_tokens[s], dispatched.hidden)) for s, b in enumerate(res)]

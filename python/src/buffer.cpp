@@ -11,6 +11,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <cstring>
+#include <functional>
 #include <initializer_list>
 #include <memory>
 #include <string>
@@ -18,6 +19,7 @@
 #include "openep/buffer.hpp"
 #include "openep/error.hpp"
 #include "openep/group.hpp"
+#include "openep/low_latency.hpp"
 #include "runtime/buffer_impl.hpp"
 
 namespace nb = nanobind;
@@ -100,6 +102,57 @@ openep::DispatchOutputs dispatch_outputs_of(const nb::dict& d) {
   return o;
 }
 
+openep::LowLatencyHandle ll_handle_of(const nb::dict& d) {
+  check_keys(d, {"src_info", "layout_range", "num_max_dispatch_tokens_per_rank", "hidden", "num_experts"},
+             "low-latency handle");
+  openep::LowLatencyHandle h;
+  h.src_info = ptr<int>(d, "src_info");
+  h.layout_range = ptr<int64_t>(d, "layout_range");
+  h.num_max_dispatch_tokens_per_rank = static_cast<int>(num(d, "num_max_dispatch_tokens_per_rank", 0));
+  h.hidden = static_cast<int>(num(d, "hidden", 0));
+  h.num_experts = static_cast<int>(num(d, "num_experts", 0));
+  return h;
+}
+
+openep::LowLatencyDispatchArgs ll_dispatch_args_of(const nb::dict& d) {
+  check_keys(d, {"x", "num_tokens", "hidden", "topk_idx", "topk_int64", "num_topk",
+                 "num_max_dispatch_tokens_per_rank", "num_experts", "use_fp8", "round_scale", "use_ue8m0",
+                 "cumulative_local_expert_recv_stats", "dispatch_wait_recv_cost_stats", "return_recv_hook"},
+             "low_latency_dispatch arguments");
+  openep::LowLatencyDispatchArgs a;
+  a.x = ptr<const uint16_t>(d, "x");
+  a.num_tokens = static_cast<int>(num(d, "num_tokens", 0));
+  a.hidden = static_cast<int>(num(d, "hidden", 0));
+  a.topk_idx = ptr<const void>(d, "topk_idx");
+  a.index_type = num(d, "topk_int64", 1) ? openep::IndexType::kInt64 : openep::IndexType::kInt32;
+  a.num_topk = static_cast<int>(num(d, "num_topk", 0));
+  a.num_max_dispatch_tokens_per_rank = static_cast<int>(num(d, "num_max_dispatch_tokens_per_rank", 0));
+  a.num_experts = static_cast<int>(num(d, "num_experts", 0));
+  a.use_fp8 = num(d, "use_fp8", 1) != 0;
+  a.round_scale = num(d, "round_scale", 0) != 0;
+  a.use_ue8m0 = num(d, "use_ue8m0", 0) != 0;
+  a.cumulative_local_expert_recv_stats = ptr<int>(d, "cumulative_local_expert_recv_stats");
+  a.dispatch_wait_recv_cost_stats = ptr<int64_t>(d, "dispatch_wait_recv_cost_stats");
+  a.return_recv_hook = num(d, "return_recv_hook", 0) != 0;
+  return a;
+}
+
+openep::LowLatencyCombineArgs ll_combine_args_of(const nb::dict& d) {
+  check_keys(d, {"x", "topk_idx", "topk_int64", "topk_weights", "num_tokens", "num_topk", "zero_copy",
+                 "combine_wait_recv_cost_stats", "return_recv_hook"}, "low_latency_combine arguments");
+  openep::LowLatencyCombineArgs a;
+  a.x = ptr<const uint16_t>(d, "x");
+  a.topk_idx = ptr<const void>(d, "topk_idx");
+  a.index_type = num(d, "topk_int64", 1) ? openep::IndexType::kInt64 : openep::IndexType::kInt32;
+  a.topk_weights = ptr<const float>(d, "topk_weights");
+  a.num_tokens = static_cast<int>(num(d, "num_tokens", 0));
+  a.num_topk = static_cast<int>(num(d, "num_topk", 0));
+  a.zero_copy = num(d, "zero_copy", 0) != 0;
+  a.combine_wait_recv_cost_stats = ptr<int64_t>(d, "combine_wait_recv_cost_stats");
+  a.return_recv_hook = num(d, "return_recv_hook", 0) != 0;
+  return a;
+}
+
 // One Group (private NCCL communicator) and the Buffer on it. The Group must outlive the Buffer.
 class Runtime {
  public:
@@ -138,9 +191,49 @@ class Runtime {
   std::unique_ptr<openep::Buffer> buffer_;
 };
 
+// The receive half of a hook-mode low-latency call (openep._C.LowLatencyHook). Holds a reference to its
+// Runtime's Python object so that the Buffer cannot be freed under it; refuses to run after destroy() and
+// refuses a second call (the core's hook must run exactly once).
+struct LowLatencyRecvHook {
+  nb::object owner;  // the Runtime (Python object)
+  Runtime* runtime = nullptr;
+  openep::LowLatencyHook fn;
+  const char* op = "";
+  bool called = false;
+
+  void call() {
+    if (!runtime->alive()) {
+      fail(openep::ErrorCode::kInvalidArgument, std::string(op) +
+               " receive hook: the Buffer was destroyed before the hook was called");
+    }
+    if (called) {
+      fail(openep::ErrorCode::kInvalidArgument, std::string(op) +
+               " receive hook: already called (each hook launches its receive kernel exactly once)");
+    }
+    called = true;
+    fn();
+  }
+};
+
+nb::object make_hook(Runtime& r, openep::LowLatencyHook fn, const char* op) {
+  if (!fn) return nb::none();
+  LowLatencyRecvHook h;
+  h.owner = nb::find(&r);
+  h.runtime = &r;
+  h.fn = std::move(fn);
+  h.op = op;
+  return nb::cast(std::move(h));
+}
+
 }  // namespace
 
 void bind_buffer(nb::module_& m) {
+  nb::class_<LowLatencyRecvHook>(m, "LowLatencyHook",
+                                 "The receive half of a hook-mode low-latency call (internal; openep.Buffer wraps it).")
+      .def("__call__", &LowLatencyRecvHook::call,
+           "Launches the receive kernel on the stream of the call that returned this hook. Exactly once.")
+      .def_prop_ro("called", [](const LowLatencyRecvHook& h) { return h.called; });
+
   m.def("make_unique_id", [] {
     const ncclUniqueId id = openep::Group::make_unique_id();
     return nb::bytes(reinterpret_cast<const char*>(&id), sizeof(id));
@@ -212,6 +305,32 @@ void bind_buffer(nb::module_& m) {
         o.combined_topk_weights = ptr<float>(out, "combined_topk_weights");
         r.buffer().combine(a, handle_of(handle), o, as_stream(stream));
       }, nb::arg("args"), nb::arg("handle"), nb::arg("outputs"), nb::arg("stream"))
+      .def("low_latency_dispatch", [](Runtime& r, nb::dict args, nb::dict handle, nb::dict out, uintptr_t stream) {
+        // Returns a LowLatencyHook (return_recv_hook) or None. The handle dict's pointers must be filled.
+        check_keys(out, {"packed_recv_x", "packed_recv_scales", "packed_recv_count"}, "low_latency_dispatch outputs");
+        const openep::LowLatencyDispatchArgs a = ll_dispatch_args_of(args);
+        openep::LowLatencyHandle h = ll_handle_of(handle);
+        openep::LowLatencyDispatchOutputs o;
+        o.packed_recv_x = ptr<void>(out, "packed_recv_x");
+        o.packed_recv_scales = ptr<void>(out, "packed_recv_scales");
+        o.packed_recv_count = ptr<int>(out, "packed_recv_count");
+        return make_hook(r, r.buffer().low_latency_dispatch(a, h, o, as_stream(stream)), "low_latency_dispatch");
+      }, nb::arg("args"), nb::arg("handle"), nb::arg("outputs"), nb::arg("stream"))
+      .def("low_latency_combine", [](Runtime& r, nb::dict args, nb::dict handle, nb::dict out, uintptr_t stream) {
+        check_keys(out, {"combined_x"}, "low_latency_combine outputs");
+        const openep::LowLatencyCombineArgs a = ll_combine_args_of(args);
+        const openep::LowLatencyHandle h = ll_handle_of(handle);
+        openep::LowLatencyCombineOutputs o;
+        o.combined_x = ptr<uint16_t>(out, "combined_x");
+        return make_hook(r, r.buffer().low_latency_combine(a, h, o, as_stream(stream)), "low_latency_combine");
+      }, nb::arg("args"), nb::arg("handle"), nb::arg("outputs"), nb::arg("stream"))
+      .def("get_next_low_latency_combine_buffer", [](Runtime& r, nb::dict handle) {
+        // Device address of the [E_local][R*T][hidden] BF16 zero-copy combine input (contiguous rows).
+        return reinterpret_cast<uintptr_t>(r.buffer().get_next_low_latency_combine_buffer(ll_handle_of(handle)));
+      }, nb::arg("handle"))
+      .def("clean_low_latency_buffer", [](Runtime& r, int T, int hidden, int num_experts, uintptr_t stream) {
+        r.buffer().clean_low_latency_buffer(T, hidden, num_experts, as_stream(stream));
+      }, nb::arg("num_max_dispatch_tokens_per_rank"), nb::arg("hidden"), nb::arg("num_experts"), nb::arg("stream"))
       .def("barrier", [](Runtime& r, uintptr_t stream) { r.buffer().barrier(as_stream(stream)); }, nb::arg("stream"))
       .def("synchronize", [](Runtime& r, uintptr_t stream) {
         openep::Buffer& b = r.buffer();

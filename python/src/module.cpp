@@ -7,6 +7,8 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <string>
 
 #include "openep/buffer.hpp"
@@ -157,6 +159,22 @@ Buffer.get_nvl_buffer_size_hint_for_tokens.)doc")
   m.def("intranode_buffer_size_hint", &openep::intranode_buffer_size_hint, nb::arg("num_ranks"),
         nb::arg("max_tokens_per_rank"), nb::arg("hidden"), nb::arg("x_elem_bytes"), nb::arg("num_scales"),
         nb::arg("num_topk"));
+  m.def("low_latency_buffer_size_hint", &openep::low_latency_buffer_size_hint,
+        nb::arg("num_max_dispatch_tokens_per_rank"), nb::arg("hidden"), nb::arg("num_ranks"), nb::arg("num_experts"),
+        "openep::low_latency_buffer_size_hint: num_rdma_bytes the low-latency kernels need (a multiple of 128).");
+  m.def("deepep_low_latency_rdma_size_hint", [](int64_t T, int64_t hidden, int64_t num_experts) {
+          // DeepEP V1's formula (deepep-v1-interface.md 3.4), for comparison only: OpenEP sizes with its own.
+          const int64_t S = hidden / 128;
+          const int64_t dispatch_msg = 16 + std::max(hidden * 2, hidden + S * 4);
+          const int64_t combine_msg = S * 4 + hidden * 2;
+          const int64_t send = std::max(T * dispatch_msg, num_experts * T * combine_msg);
+          const int64_t recv = std::max(num_experts * T * dispatch_msg, num_experts * T * combine_msg);
+          const int64_t sig = (num_experts * 4 + 127) / 128 * 128;
+          const int64_t total = 2 * send + 2 * recv + 2 * sig;
+          return (total + 128) / 128 * 128;
+        }, nb::arg("num_max_dispatch_tokens_per_rank"), nb::arg("hidden"), nb::arg("num_experts"));
+  m.attr("LOW_LATENCY_MAX_TOKENS_PER_RANK") = openep::kMaxLowLatencyTokensPerRank;
+  m.attr("LOW_LATENCY_MAX_TOPK") = openep::kMaxLowLatencyTopk;
 }
 
 }  // namespace

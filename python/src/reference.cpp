@@ -60,6 +60,13 @@ nb::dict recv_dict(const ref::RankRecv& r) {
   return d;
 }
 
+// A reference low-latency dispatch over all ranks, kept for the matching reference combine.
+struct RefLowLatency {
+  ref::LowLatencyConfig cfg;
+  std::vector<ref::LowLatencyInput> inputs;
+  std::vector<ref::LowLatencyRecv> recv;
+};
+
 }  // namespace
 
 void bind_reference(nb::module_& m) {
@@ -138,4 +145,72 @@ void bind_reference(nb::module_& m) {
         nb::arg("dispatched"), nb::arg("ranks"), nb::arg("bias_0"), nb::arg("bias_1"),
         "openep::ref::combine. ranks[d] = (x bf16 bytes [num_recv][H], topk_weights float32 bytes); bias lists "
         "empty or one bf16 bytes [N][H] per rank. Returns [(x bf16 bytes, weights float32 bytes)] per rank.");
+
+  nb::class_<RefLowLatency>(m, "RefLowLatency", "Result of ref_low_latency_dispatch (all ranks), input of "
+                            "ref_low_latency_combine.")
+      .def("recv", [](const RefLowLatency& r, int rank) {
+        if (rank < 0 || rank >= static_cast<int>(r.recv.size())) throw std::invalid_argument("rank out of range");
+        const ref::LowLatencyRecv& v = r.recv[rank];
+        nb::dict d;
+        d["count"] = v.count;
+        d["packed_x"] = to_bytes(v.packed_x);
+        d["packed_scales"] = to_bytes(v.packed_scales);
+        d["packed_scales_ue8m0"] = to_bytes(v.packed_scales_ue8m0);
+        d["src_info"] = to_bytes(v.src_info);
+        d["layout_range"] = to_bytes(v.layout_range);
+        return d;
+      }, nb::arg("rank"),
+      "What `rank` receives (reference placement): count (list [E_local]), packed_x bytes [E_local][R*T][row bytes], "
+      "packed_scales float32 bytes [E_local][R*T][hidden/128] (logical layout; empty unless FP8 without UE8M0), "
+      "packed_scales_ue8m0 uint32 bytes [E_local][R*T][hidden/512] (empty unless UE8M0), src_info int32 bytes "
+      "[E_local][R*T] (-1 beyond count), layout_range int64 bytes [E_local][R].");
+
+  m.def("ref_low_latency_dispatch",
+        [](int num_ranks, int num_experts, int hidden, int num_topk, int T, bool use_fp8, bool round_scale,
+           bool use_ue8m0, std::vector<std::tuple<int, nb::bytes, nb::bytes, nb::bytes>> ranks) {
+          RefLowLatency r;
+          r.cfg.num_ranks = num_ranks;
+          r.cfg.num_experts = num_experts;
+          r.cfg.hidden = hidden;
+          r.cfg.num_topk = num_topk;
+          r.cfg.num_max_dispatch_tokens_per_rank = T;
+          r.cfg.use_fp8 = use_fp8;
+          r.cfg.round_scale = round_scale;
+          r.cfg.use_ue8m0 = use_ue8m0;
+          for (auto& [n, x, idx, w] : ranks) {
+            ref::LowLatencyInput in;
+            in.num_tokens = n;
+            in.x = from_bytes<uint16_t>(x, "x");
+            in.topk_idx = from_bytes<int64_t>(idx, "topk_idx");
+            in.topk_weights = from_bytes<float>(w, "topk_weights");
+            r.inputs.push_back(std::move(in));
+          }
+          {
+            nb::gil_scoped_release release;
+            r.recv = ref::low_latency_dispatch(r.inputs, r.cfg);
+          }
+          return r;
+        },
+        nb::arg("num_ranks"), nb::arg("num_experts"), nb::arg("hidden"), nb::arg("num_topk"),
+        nb::arg("num_max_dispatch_tokens_per_rank"), nb::arg("use_fp8"), nb::arg("round_scale"), nb::arg("use_ue8m0"),
+        nb::arg("ranks"),
+        "openep::ref::low_latency_dispatch over all ranks. ranks[s] = (num_tokens, x bf16 bytes [N][H], topk_idx "
+        "int64 bytes [N][K], topk_weights float32 bytes [N][K] (may be empty when only dispatch is checked)).");
+
+  m.def("ref_low_latency_combine",
+        [](const RefLowLatency& r, std::vector<nb::bytes> expert_out) {
+          std::vector<std::vector<uint16_t>> eo;
+          for (auto& b : expert_out) eo.push_back(from_bytes<uint16_t>(b, "expert_out"));
+          std::vector<std::vector<uint16_t>> out;
+          {
+            nb::gil_scoped_release release;
+            out = ref::low_latency_combine(eo, r.recv, r.inputs, r.cfg);
+          }
+          std::vector<nb::bytes> res;
+          for (const auto& o : out) res.push_back(to_bytes(o));
+          return res;
+        },
+        nb::arg("dispatched"), nb::arg("expert_out"),
+        "openep::ref::low_latency_combine with the reference's own placement. expert_out[d] = bf16 bytes "
+        "[E_local][R*T][H] of rank d, rows placed as dispatched.recv(d) says. Returns bf16 bytes [N_s][H] per rank.");
 }

@@ -20,9 +20,12 @@ class Context:
         nvl = openep.Buffer.get_nvl_buffer_size_hint_for_tokens(world_size, 2 * self.max_tokens, HIDDEN, 2,
                                                                  HIDDEN // 128, TOPK)
         self.buffer = openep.Buffer(group, num_nvl_bytes=nvl, explicitly_destroy=True)
+        self.ll = None  # the low-latency Buffer, created by the first low-latency case (ll_buffer)
 
     def close(self):
         self.buffer.destroy()
+        if self.ll is not None:
+            self.ll.destroy()
 
 
 def _num_tokens(rank):
@@ -418,16 +421,6 @@ def local_buffer_tensor(ctx):
         assert e.code == "invalid_argument"
 
 
-def low_latency_not_available(ctx):
-    for call in (lambda: ctx.buffer.low_latency_dispatch(None, None, 128, EXPERTS),
-                 lambda: ctx.buffer.clean_low_latency_buffer(128, HIDDEN, EXPERTS)):
-        try:
-            call()
-            raise AssertionError("low-latency call did not raise")
-        except NotImplementedError as e:
-            assert isinstance(e, openep.OpenEPNotAvailableError) and "not available yet" in str(e)
-
-
 def moe_layer_end_to_end(ctx):
     """A small MoE layer written against the DeepEP V1 API (router, dispatch, per-expert matmul, combine) equals
     the same layer computed densely on one GPU without communication."""
@@ -510,3 +503,500 @@ def torch_group_undisturbed(ctx):
     finally:
         other.destroy()
     dist.barrier(group=ctx.group)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Low-latency mode. The reference (openep.reference.low_latency_*, the core's) places the rows of one
+# (expert, source rank) range in (source token, slot) order; the kernels place them in any order inside the
+# range (the ranges themselves are consecutive in source-rank order, as in the reference). So dispatch is
+# compared per range after sorting by src_info (bytes and scales bit for bit), and combine bit for bit (the
+# kernels sum in the reference's order). Expert outputs are a function of (global expert, source rank, source
+# token, channel), so the reference and the GPU get the same rows wherever each placed them.
+LL_T, LL_E = 128, 32          # 16 local experts on 2 ranks
+LL_HIDDENS = (2048, 4096, 7168)
+MASK32 = 0xFFFFFFFF
+
+
+def ll_buffer(ctx):
+    """The low-latency Buffer shared by the low-latency cases (collective creation on first use)."""
+    if ctx.ll is None:
+        rdma = max(openep.Buffer.get_low_latency_rdma_size_hint(LL_T, h, ctx.R, LL_E) for h in LL_HIDDENS)
+        ctx.ll = openep.Buffer(ctx.group, num_rdma_bytes=rdma, low_latency_mode=True,
+                               num_qps_per_rank=LL_E // ctx.R, explicitly_destroy=True)
+    return ctx.ll
+
+
+class LLInput:
+    pass
+
+
+def ll_inputs(ctx, seed, num_tokens, hidden, num_topk=8, num_experts=LL_E, idx_dtype=None, minus_one=0.2):
+    """Inputs of every rank (CPU), identical on all ranks. num_tokens: an int or one per rank."""
+    torch = ctx.torch
+    out = []
+    for s in range(ctx.R):
+        g = torch.Generator().manual_seed(seed * 1000 + s)
+        n = num_tokens[s] if isinstance(num_tokens, (tuple, list)) else num_tokens
+        i = LLInput()
+        # magnitudes vary per 128-channel block so that the FP8 scales differ
+        mag = torch.exp(torch.randn(n, max(hidden // 128, 1), 1, generator=g) * 2)
+        x = torch.randn(n, max(hidden // 128, 1), min(hidden, 128), generator=g) * mag
+        i.x = x.reshape(n, hidden).to(torch.bfloat16)
+        idx = torch.rand(n, num_experts, generator=g).topk(num_topk, dim=1).indices  # distinct experts per token
+        if minus_one:
+            idx[torch.rand(n, num_topk, generator=g) < minus_one] = -1
+            if n > 4:
+                idx[:2] = -1  # tokens that go nowhere
+        i.topk_idx = idx.to(idx_dtype or torch.int64)
+        i.topk_weights = torch.rand(n, num_topk, generator=g)
+        out.append(i)
+    return out
+
+
+def ll_reference(inputs, num_experts, T, use_fp8, round_scale=False, use_ue8m0=False):
+    return ref.low_latency_dispatch([i.x for i in inputs], [i.topk_idx for i in inputs], num_experts, T,
+                                    use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0,
+                                    topk_weights=[i.topk_weights for i in inputs])
+
+
+def _ranges(rng, i, R):
+    return [(int(rng[i, s]) >> 32, int(rng[i, s]) & MASK32) for s in range(R)]
+
+
+def _canonical_rows(torch, src, rng, i, R):
+    """Row indices of local expert i ordered like the reference: by source rank (range), then source token."""
+    parts = []
+    for start, count in _ranges(rng, i, R):
+        if count:
+            parts.append(torch.argsort(src[i, start:start + count], stable=True) + start)
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+
+def ll_check_dispatch(ctx, result, want_ref, inputs, use_fp8, use_ue8m0=False):
+    """Checks one rank's low_latency_dispatch result against the reference; returns the CPU (src, rng)."""
+    torch = ctx.torch
+    recv_x, recv_count, handle = result[:3]
+    R, T, hidden, E = ctx.R, want_ref.T, want_ref.hidden, want_ref.num_experts
+    El, P = E // R, R * T
+    want = want_ref.recv(ctx.rank)
+    assert isinstance(handle, openep.LowLatencyHandle) and len(handle) == 5
+    assert tuple(handle[2:]) == (T, hidden, E)
+    assert recv_count.dtype == torch.int32 and recv_count.shape == (El,)
+    count = recv_count.cpu()
+    assert torch.equal(count, want["count"]), f"recv_count {count.tolist()} != {want['count'].tolist()}"
+    src, rng = handle.packed_recv_src_info.cpu(), handle.packed_recv_layout_range.cpu()
+    assert src.shape == (El, P) and src.dtype == torch.int32 and rng.shape == (El, R) and rng.dtype == torch.int64
+    wrng = want["layout_range"]
+    assert torch.equal(rng & MASK32, wrng & MASK32), "layout_range counts differ"
+    nz = (wrng & MASK32) != 0
+    assert torch.equal(rng[nz], wrng[nz]), "layout_range starts differ"
+    if use_fp8:
+        data, scales = recv_x
+        S = hidden // 512 if use_ue8m0 else hidden // 128
+        assert data.dtype == torch.float8_e4m3fn and data.shape == (El, P, hidden)
+        assert scales.dtype == (torch.int32 if use_ue8m0 else torch.float32) and scales.shape == (El, P, S)
+        assert scales.stride() == (P * S, 1, P), f"scales must be column-major in the last two dims: {scales.stride()}"
+        got_scales = scales.cpu().contiguous().view(torch.int32)
+        want_scales = want["scales"].contiguous().view(torch.int32)
+        row_bytes = hidden
+    else:
+        data = recv_x
+        assert data.dtype == torch.bfloat16 and data.shape == (El, P, hidden)
+        row_bytes = 2 * hidden
+    got_x = data.cpu().contiguous().view(torch.uint8).reshape(El, P, row_bytes)
+    want_x = want["packed_x"].contiguous().view(torch.uint8).reshape(El, P, row_bytes)
+    for i in range(El):
+        n = int(count[i])
+        if n == 0:
+            continue
+        perm = _canonical_rows(torch, src, rng, i, R)
+        assert perm.numel() == n
+        assert torch.equal(src[i, perm], want["src_info"][i, :n]), f"expert {i}: src_info differs"
+        assert torch.equal(got_x[i, perm], want_x[i, :n]), f"expert {i}: payload differs from the reference"
+        if use_fp8:
+            assert torch.equal(got_scales[i, perm], want_scales[i, :n]), f"expert {i}: scales differ"
+            # independent sanity check: the dequantized rows are the source rows within FP8 rounding
+            deq = _dequantize(torch, got_x[i, perm].view(torch.float8_e4m3fn), scales.cpu()[i][perm], use_ue8m0)
+            srcs = torch.cat([torch.full((c,), s) for s, (_, c) in enumerate(_ranges(rng, i, R))])
+            x = torch.stack([inputs[int(s)].x[int(t)] for s, t in zip(srcs, src[i, perm])]).float()
+            scale = _scale_per_channel(torch, scales.cpu()[i][perm], use_ue8m0)
+            err = (deq - x).abs()
+            assert bool((err <= x.abs() / 15 + scale / 512).all()), f"expert {i}: dequantized rows too far from x"
+    return src, rng
+
+
+def _scale_per_channel(torch, scales, use_ue8m0):
+    if use_ue8m0:  # byte k of int32 word p holds the biased exponent of scale 4p + k
+        b = scales.contiguous().view(torch.uint8).to(torch.int32)
+        scales = (b << 23).view(torch.float32)
+    return scales.float().repeat_interleave(128, dim=-1)
+
+
+def _dequantize(torch, data, scales, use_ue8m0):
+    return data.float() * _scale_per_channel(torch, scales, use_ue8m0)
+
+
+def expert_rows(torch, e, s, t, hidden):
+    """Deterministic BF16 expert output rows for (global expert e, source rank s, source tokens t [n])."""
+    key = ((e * 1000003 + s * 7919) + t.to(torch.int64)) * 2654435761 % (1 << 31)
+    h = (key[:, None] + torch.arange(hidden, dtype=torch.int64)[None, :] * 40503) % 65521
+    return ((h.to(torch.float32) - 32760.0) / 8192.0).to(torch.bfloat16)
+
+
+def expert_out(torch, rank, R, T, hidden, num_experts, src, rng, row_fn=None):
+    """[E/R, R*T, H] BF16 expert outputs of `rank` for a layout (CPU src/rng); rows outside the ranges are NaN
+    (so a kernel that reads them poisons its result)."""
+    El = num_experts // R
+    y = torch.full((El, R * T, hidden), float("nan"), dtype=torch.bfloat16)
+    for i in range(El):
+        for s, (start, count) in enumerate(_ranges(rng, i, R)):
+            if count:
+                t = src[i, start:start + count]
+                y[i, start:start + count] = (row_fn or (lambda e, s_, t_: expert_rows(torch, e, s_, t_, hidden)))(
+                    rank * El + i, s, t)
+    return y
+
+
+def ll_expected_combine(ctx, want_ref, row_fn=None):
+    torch = ctx.torch
+    outs = []
+    for d in range(ctx.R):
+        w = want_ref.recv(d)
+        outs.append(expert_out(torch, d, ctx.R, want_ref.T, want_ref.hidden, want_ref.num_experts, w["src_info"],
+                               w["layout_range"], row_fn))
+    return ref.low_latency_combine(want_ref, outs)[ctx.rank]
+
+
+def _gpu(ctx, i):
+    return i.x.to(ctx.device), i.topk_idx.to(ctx.device), i.topk_weights.to(ctx.device)
+
+
+def ll_round_trip(ctx, seed, num_tokens, hidden, use_fp8, round_scale=False, use_ue8m0=False, hook=False,
+                  idx_dtype=None, use_out=False, with_stats=False):
+    """One dispatch + combine through the Python API, both checked against the reference."""
+    torch = ctx.torch
+    b = ll_buffer(ctx)
+    inputs = ll_inputs(ctx, seed, num_tokens, hidden, idx_dtype=idx_dtype)
+    want = ll_reference(inputs, LL_E, LL_T, use_fp8, round_scale, use_ue8m0)
+    x, idx, w = _gpu(ctx, inputs[ctx.rank])
+    El = LL_E // ctx.R
+    stats = torch.zeros(El, dtype=torch.int32, device=ctx.device) if with_stats else None
+    wait = torch.zeros(ctx.R, dtype=torch.int64, device=ctx.device) if with_stats else None
+    res = b.low_latency_dispatch(x, idx, LL_T, LL_E, cumulative_local_expert_recv_stats=stats,
+                                 dispatch_wait_recv_cost_stats=wait, use_fp8=use_fp8, round_scale=round_scale,
+                                 use_ue8m0=use_ue8m0, return_recv_hook=hook)
+    assert res[3].event is None
+    assert callable(res[4]) if hook else res[4] is None
+    if hook:
+        res[4]()
+    src, rng = ll_check_dispatch(ctx, res, want, inputs, use_fp8, use_ue8m0)
+    if with_stats:
+        assert torch.equal(stats.cpu(), want.recv(ctx.rank)["count"]), "cumulative_local_expert_recv_stats"
+        assert bool((wait.cpu() >= 0).all()), "dispatch_wait_recv_cost_stats"
+    y = expert_out(torch, ctx.rank, ctx.R, LL_T, hidden, LL_E, src, rng).to(ctx.device)
+    out = torch.full((x.shape[0], hidden), float("nan"), dtype=torch.bfloat16, device=ctx.device) if use_out else None
+    cwait = torch.zeros(ctx.R, dtype=torch.int64, device=ctx.device) if with_stats else None
+    combined, event, chook = b.low_latency_combine(y, idx, w, res[2], return_recv_hook=hook, out=out,
+                                                   combine_wait_recv_cost_stats=cwait)
+    assert event.event is None
+    if hook:
+        chook()
+    if use_out:
+        assert combined is out
+    assert combined.shape == (x.shape[0], hidden) and combined.dtype == torch.bfloat16
+    expect = ll_expected_combine(ctx, want)
+    assert _bytes_equal(combined, expect), "low_latency_combine differs from the reference (bitwise)"
+    if with_stats:
+        assert bool((cwait.cpu() >= 0).all()), "combine_wait_recv_cost_stats"
+    return res, combined
+
+
+def ll_dispatch_combine_bf16(ctx):
+    torch = ctx.torch
+    ll_round_trip(ctx, 201, (128, 7), 2048, use_fp8=False, use_out=True, with_stats=True)
+    ll_round_trip(ctx, 202, (1, 0), 7168, use_fp8=False, idx_dtype=torch.int32)
+    ll_round_trip(ctx, 203, (128, 128), 4096, use_fp8=False, use_out=True)
+    ll_round_trip(ctx, 204, (0, 0), 2048, use_fp8=False)
+
+
+def ll_dispatch_combine_fp8(ctx):
+    seed = 210
+    for round_scale, use_ue8m0 in ((False, False), (True, False), (True, True)):
+        seed += 1
+        ll_round_trip(ctx, seed, (128, 64), 2048, use_fp8=True, round_scale=round_scale, use_ue8m0=use_ue8m0,
+                      with_stats=True, use_out=True)
+    ll_round_trip(ctx, 215, (100, 128), 7168, use_fp8=True, idx_dtype=ctx.torch.int32)
+    # round_scale / use_ue8m0 are ignored without FP8 (DeepEP behaviour): BF16 rows, no scales
+    ll_round_trip(ctx, 216, (64, 32), 2048, use_fp8=False, round_scale=True, use_ue8m0=True)
+
+
+def ll_hook_mode_equals_non_hook(ctx):
+    """Hook and non-hook mode give the same results; two hooked micro-batches can be in flight; a hook runs
+    exactly once."""
+    torch = ctx.torch
+    b = ll_buffer(ctx)
+    for use_fp8 in (False, True):
+        res_a, comb_a = ll_round_trip(ctx, 220 + use_fp8, (96, 128), 2048, use_fp8=use_fp8, hook=False)
+        res_b, comb_b = ll_round_trip(ctx, 220 + use_fp8, (96, 128), 2048, use_fp8=use_fp8, hook=True)
+        assert torch.equal(res_a[1].cpu(), res_b[1].cpu())
+        assert _bytes_equal(comb_a, comb_b), "hook mode combine differs from non-hook mode"
+    # two micro-batches: send 0, send 1, receive 0, receive 1; then the combines the same way
+    ins = [ll_inputs(ctx, 230 + mb, (80, 120), 2048) for mb in range(2)]
+    wants = [ll_reference(i, LL_E, LL_T, True) for i in ins]
+    gpu = [_gpu(ctx, i[ctx.rank]) for i in ins]
+    res = [b.low_latency_dispatch(g[0], g[1], LL_T, LL_E, return_recv_hook=True) for g in gpu]
+    for r in res:
+        r[4]()
+    try:
+        res[0][4]()
+        raise AssertionError("a hook ran twice")
+    except openep.OpenEPError as e:
+        assert e.code == "invalid_argument" and "already called" in str(e), str(e)
+    combos = []
+    for mb in range(2):
+        src, rng = ll_check_dispatch(ctx, res[mb], wants[mb], ins[mb], True)
+        y = expert_out(torch, ctx.rank, ctx.R, LL_T, 2048, LL_E, src, rng).to(ctx.device)
+        combos.append(b.low_latency_combine(y, gpu[mb][1], gpu[mb][2], res[mb][2], return_recv_hook=True))
+    for c in combos:
+        c[2]()
+    for mb in range(2):
+        assert _bytes_equal(combos[mb][0], ll_expected_combine(ctx, wants[mb])), f"micro-batch {mb} combine"
+
+
+def ll_zero_copy_combine(ctx):
+    """Expert outputs written into get_next_low_latency_combine_buffer(); x (all NaN here) is not read."""
+    torch = ctx.torch
+    b = ll_buffer(ctx)
+    for seed, use_fp8, hook in ((240, False, False), (241, True, True)):
+        inputs = ll_inputs(ctx, seed, (128, 33), 4096)
+        want = ll_reference(inputs, LL_E, LL_T, use_fp8)
+        x, idx, w = _gpu(ctx, inputs[ctx.rank])
+        res = b.low_latency_dispatch(x, idx, LL_T, LL_E, use_fp8=use_fp8, return_recv_hook=hook)
+        if hook:
+            res[4]()
+        src, rng = ll_check_dispatch(ctx, res, want, inputs, use_fp8)
+        buf = b.get_next_low_latency_combine_buffer(res[2])
+        El = LL_E // ctx.R
+        assert buf.dtype == torch.bfloat16 and buf.shape == (El, ctx.R * LL_T, 4096) and buf.is_cuda
+        assert buf.device == torch.device(ctx.device)
+        assert b.get_next_low_latency_combine_buffer(res[2]).data_ptr() == buf.data_ptr()
+        buf.copy_(expert_out(torch, ctx.rank, ctx.R, LL_T, 4096, LL_E, src, rng).to(ctx.device))
+        nan_x = torch.full(buf.shape, float("nan"), dtype=torch.bfloat16, device=ctx.device)
+        out = torch.full((x.shape[0], 4096), float("nan"), dtype=torch.bfloat16, device=ctx.device)
+        combined, _, chook = b.low_latency_combine(nan_x, idx, w, res[2], zero_copy=True, out=out,
+                                                   return_recv_hook=hook)
+        if hook:
+            chook()
+        assert combined is out
+        assert _bytes_equal(combined, ll_expected_combine(ctx, want)), "zero-copy combine differs"
+
+
+def ll_async_finish_and_streams(ctx):
+    """async_finish returns an event holding the tensors; without a hook the call waits for the CURRENT stream
+    (comm stream runs it); with a hook the send runs on the current stream."""
+    torch = ctx.torch
+    b = ll_buffer(ctx)
+    hidden = 2048
+    # async_finish: event + extra_tensors, current stream waits only when asked
+    inputs = ll_inputs(ctx, 250, (128, 100), hidden)
+    want = ll_reference(inputs, LL_E, LL_T, True)
+    x, idx, w = _gpu(ctx, inputs[ctx.rank])
+    res = b.low_latency_dispatch(x, idx, LL_T, LL_E, async_finish=True)
+    ev = res[3]
+    assert ev.event is not None and res[4] is None
+    assert any(t is x for t in ev.extra_tensors) and any(t is res[1] for t in ev.extra_tensors)
+    ev.current_stream_wait()
+    src, rng = ll_check_dispatch(ctx, res, want, inputs, True)
+    y = expert_out(torch, ctx.rank, ctx.R, LL_T, hidden, LL_E, src, rng).to(ctx.device)
+    combined, ev2, hook = b.low_latency_combine(y, idx, w, res[2], async_finish=True)
+    assert hook is None and ev2.event is not None
+    with ev2:
+        pass
+    assert _bytes_equal(combined, ll_expected_combine(ctx, want))
+    # the current stream (a side stream whose x is written after a long device sleep) is waited for
+    for hook_mode in (False, True):
+        inputs = ll_inputs(ctx, 251 + hook_mode, (128, 77), hidden)
+        want = ll_reference(inputs, LL_E, LL_T, False)
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            x = torch.zeros(inputs[ctx.rank].x.shape, dtype=torch.bfloat16, device=ctx.device)
+            idx = inputs[ctx.rank].topk_idx.to(ctx.device)
+            torch.cuda._sleep(200_000_000)  # ~0.1 s of device time before x gets its value
+            x.copy_(inputs[ctx.rank].x.to(ctx.device, non_blocking=True))
+            res = b.low_latency_dispatch(x, idx, LL_T, LL_E, use_fp8=False, return_recv_hook=hook_mode)
+            if hook_mode:
+                res[4]()
+            side.synchronize()
+        ll_check_dispatch(ctx, res, want, inputs, False)
+    # async_finish and return_recv_hook together are refused
+    try:
+        b.low_latency_dispatch(x, idx, LL_T, LL_E, async_finish=True, return_recv_hook=True)
+        raise AssertionError("async_finish with return_recv_hook accepted")
+    except openep.OpenEPError as e:
+        assert e.code == "invalid_argument" and "mutually exclusive" in str(e)
+
+
+def ll_errors(ctx):
+    """Low-latency errors arrive as OpenEPError with the core's code and message; the Buffer stays usable."""
+    torch = ctx.torch
+    b = ll_buffer(ctx)
+    inputs = ll_inputs(ctx, 260, 16, 2048)
+    x, idx, w = _gpu(ctx, inputs[ctx.rank])
+    for fn, code, needle in (
+            (lambda: ctx.buffer.low_latency_dispatch(x, idx, LL_T, LL_E), "invalid_argument", "low_latency_mode=True"),
+            (lambda: b.low_latency_dispatch(x, idx, 4096, LL_E), "buffer_too_small", "num_rdma_bytes"),
+            (lambda: b.low_latency_dispatch(x.float(), idx, LL_T, LL_E), "invalid_argument", "x expected dtype"),
+            (lambda: b.low_latency_dispatch(x, idx, 8, LL_E), "invalid_argument", "more than"),
+    ):
+        try:
+            fn()
+            raise AssertionError(f"no error (expected {code}: {needle})")
+        except openep.OpenEPError as e:
+            assert e.code == code and needle in str(e), (e.code, str(e))
+    res = b.low_latency_dispatch(x, idx, LL_T, LL_E)
+    try:
+        b.low_latency_combine(res[0][0], idx, w, res[2])  # FP8 data where BF16 expert outputs are expected
+        raise AssertionError("FP8 x accepted by combine")
+    except openep.OpenEPError as e:
+        assert e.code == "invalid_argument" and "x expected dtype bfloat16" in str(e)
+    try:
+        b.low_latency_combine(None, idx, w, res[2], use_logfmt=True)
+        raise AssertionError("use_logfmt accepted")
+    except openep.OpenEPNotAvailableError as e:
+        assert "LogFMT" in str(e)
+    # still usable; clean_low_latency_buffer (collective, current stream) then a correct round trip
+    b.clean_low_latency_buffer(LL_T, 2048, LL_E)
+    torch.cuda.synchronize()
+    ll_round_trip(ctx, 261, (50, 60), 2048, use_fp8=True)
+
+
+def _graph_step(b, static, f_local, hook):
+    recv_x, count, handle, _, hk = b.low_latency_dispatch(static["x"], static["idx"], LL_T, LL_E, use_fp8=False,
+                                                          return_recv_hook=hook)
+    if hook:
+        hk()
+    y = (recv_x.float() * f_local[:, None, None]).to(recv_x.dtype)  # expert e scales its rows by f[e]
+    combined, _, hk = b.low_latency_combine(y, static["idx"], static["w"], handle, return_recv_hook=hook)
+    if hook:
+        hk()
+    return recv_x, count, handle, combined
+
+
+def ll_cuda_graph_replays(ctx):
+    """Dispatch + expert compute + combine captured once with torch.cuda.graph (hook and non-hook), replayed
+    with new tokens, routing and weights before every replay; every replay equals the reference."""
+    torch = ctx.torch
+    b = ll_buffer(ctx)
+    N, hidden, replays = 48, 2048, 20
+    El = LL_E // ctx.R
+    f = 1.0 + torch.arange(LL_E, dtype=torch.float32) / 16.0  # exact in float32
+    f_local = f[ctx.rank * El:(ctx.rank + 1) * El].to(ctx.device)
+
+    def row_fn_for(inputs):
+        return lambda e, s, t: (inputs[s].x[t.long()].float() * f[e]).to(torch.bfloat16)
+
+    for hook in (False, True):
+        first = ll_inputs(ctx, 300 + hook, N, hidden)
+        static = {"x": first[ctx.rank].x.to(ctx.device), "idx": first[ctx.rank].topk_idx.to(ctx.device),
+                  "w": first[ctx.rank].topk_weights.to(ctx.device)}
+        # warm-up on a side stream (torch.cuda.graph recipe), then capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            _graph_step(b, static, f_local, hook)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            recv_x, count, handle, combined = _graph_step(b, static, f_local, hook)
+        for r in range(replays):
+            inputs = ll_inputs(ctx, 310 + 100 * hook + r, N, hidden)
+            static["x"].copy_(inputs[ctx.rank].x.to(ctx.device))
+            static["idx"].copy_(inputs[ctx.rank].topk_idx.to(ctx.device))
+            static["w"].copy_(inputs[ctx.rank].topk_weights.to(ctx.device))
+            graph.replay()
+            torch.cuda.synchronize()
+            want = ll_reference(inputs, LL_E, LL_T, False)
+            ll_check_dispatch(ctx, (recv_x, count, handle), want, inputs, False)
+            expect = ll_expected_combine(ctx, want, row_fn_for(inputs))
+            assert _bytes_equal(combined, expect), f"hook={hook} replay {r}: combine differs from the reference"
+            if r % 7 == 3:  # eager calls between replays keep working
+                ll_round_trip(ctx, 400 + r, (20, 30), hidden, use_fp8=True, hook=bool(r % 2))
+        del graph
+    torch.cuda.synchronize()
+
+
+def ll_decode_moe_example(ctx):
+    """A DeepEP-style decode loop (router, low_latency_dispatch, per-expert batched matmul on the packed layout,
+    low_latency_combine), written against the DeepEP V1 API with `import openep as deep_ep`, equals a dense
+    single-GPU torch reference of the same layer at every step, within a justified BF16 bound.
+
+    Tolerance (per element): dispatch and the combine reduction are exact apart from roundings (BF16 dispatch,
+    fp32 sum in slot order, one final bf16 rounding). The only other difference is the expert GEMM: torch.bmm
+    over the packed rows vs the reference's einsum may accumulate in a different fp32 order, so an expert row
+    y may differ by one bf16 ulp (<= 2^-7 |y|) plus the fp32 accumulation error bound (H * 2^-24 * |x| @ |W|,
+    twice for the two orders). Hence |got - want| <= 2^-8 |want| (final rounding) + sum_k |w_k| (2^-7 |y_k| +
+    2 H 2^-24 (|x| @ |W_e|)); the assertion uses twice that. A wrong expert, weight or row gives errors of
+    order |y| (about 100x the bound).
+    """
+    import openep as deep_ep
+    import torch.distributed as dist
+    torch = ctx.torch
+    R, rank = ctx.R, ctx.rank
+    H, E, K, T, steps = 1024, 16, 4, 128, 4
+    # the bound below assumes one fp32 accumulation per GEMM output (no bf16 split-K partial sums)
+    saved_reduced = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    El = E // R
+    g = torch.Generator().manual_seed(4321)  # same weights on every rank
+    router = (torch.randn(H, E, generator=g) / H ** 0.5).to(ctx.device)
+    W = (torch.randn(E, H, H, generator=g) / H ** 0.5).to(torch.bfloat16).to(ctx.device)
+    num_rdma_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(T, H, R, E)
+    buffer = deep_ep.Buffer(ctx.group, 0, num_rdma_bytes, low_latency_mode=True, num_qps_per_rank=E // R,
+                            explicitly_destroy=True)
+    try:
+        gx = torch.Generator().manual_seed(77 + rank)
+        x = torch.randn(96 - 8 * rank, H, generator=gx).to(torch.bfloat16).to(ctx.device)
+        for step in range(steps):
+            return_recv_hook = step % 2 == 1
+            # router
+            probs = torch.softmax(x.float() @ router, dim=-1)
+            topk_weights, topk_idx = probs.topk(K, dim=-1)
+            topk_weights = topk_weights / topk_weights.sum(-1, keepdim=True)
+            topk_idx = topk_idx.to(deep_ep.topk_idx_t)
+            # dispatch (BF16), experts on the packed layout, combine
+            recv_x, recv_count, handle, event, hook = buffer.low_latency_dispatch(
+                x, topk_idx, T, E, use_fp8=False, async_finish=False, return_recv_hook=return_recv_hook)
+            if return_recv_hook:
+                hook()
+            y = torch.bmm(recv_x, W[rank * El:(rank + 1) * El])  # [E_local, R*T, H]; rows >= recv_count unused
+            combined_x, event, hook = buffer.low_latency_combine(y, topk_idx, topk_weights, handle,
+                                                                 return_recv_hook=return_recv_hook)
+            if return_recv_hook:
+                hook()
+            # dense single-GPU reference of the same layer
+            ye = torch.einsum("nh,ehd->ned", x, W)                       # [N, E, H] bf16
+            ye_sel = torch.gather(ye, 1, topk_idx[:, :, None].expand(-1, -1, H)).float()  # [N, K, H]
+            want = torch.zeros(x.shape[0], H, dtype=torch.float32, device=ctx.device)
+            for k in range(K):
+                want = want + topk_weights[:, k, None] * ye_sel[:, k]
+            absxw = torch.einsum("nh,ehd->ned", x.float().abs(), W.float().abs())
+            absxw_sel = torch.gather(absxw, 1, topk_idx[:, :, None].expand(-1, -1, H))
+            bound = 2 ** -8 * want.abs() + (topk_weights[:, :, None].abs() *
+                                            (2 ** -7 * ye_sel.abs() + 2 * H * 2 ** -24 * absxw_sel)).sum(1)
+            diff = (combined_x.float() - want).abs()
+            assert combined_x.shape == (x.shape[0], H) and combined_x.dtype == torch.bfloat16
+            assert bool((diff <= 2 * bound).all()), (
+                f"step {step}: decode MoE output differs: max diff {diff.max().item()}, "
+                f"max excess {(diff - 2 * bound).max().item()}")
+            # every (token, slot) selection of the group arrived exactly once somewhere
+            got, sent = recv_count.sum().to(torch.int64).reshape(1), (topk_idx >= 0).sum().reshape(1)
+            dist.all_reduce(got, group=ctx.group)
+            dist.all_reduce(sent, group=ctx.group)
+            assert int(got) == int(sent), f"step {step}: {int(got)} rows received, {int(sent)} selections sent"
+            # next decode step: RMS-normalised output as the new hidden state
+            xf = combined_x.float()
+            x = (xf / xf.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)).to(torch.bfloat16)
+    finally:
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = saved_reduced
+        buffer.destroy()

@@ -134,11 +134,29 @@ def test_token_size_hint_grows_with_tokens_and_is_aligned():
         h(0, 16, 128)
 
 
-def test_low_latency_size_hint_not_available_yet():
-    with pytest.raises(openep.OpenEPNotAvailableError) as e:
-        openep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 288)
-    assert isinstance(e.value, NotImplementedError) and isinstance(e.value, openep.OpenEPError)
-    assert e.value.code == "not_available" and "not available yet" in str(e.value)
+def test_low_latency_size_hint_is_the_cores_requirement():
+    h = openep.Buffer.get_low_latency_rdma_size_hint
+    for args in ((128, 7168, 8, 288), (128, 7168, 2, 32), (1, 8, 2, 2), (1024, 4096, 4, 64)):
+        v = h(*args)
+        assert v == _C.low_latency_buffer_size_hint(*args) and v % 128 == 0
+    # OpenEP needs the two receive halves of every message size plus the zero-copy buffer: more than DeepEP's
+    # formula, whose worked example (interface spec 3.4) is checked here so the comparison in the docs holds.
+    assert _C.deepep_low_latency_rdma_size_hint(128, 7168, 288) == 2146961792
+    assert h(128, 7168, 8, 288) == 2643853312
+    # dispatch receive region alone: 2 halves x E x T messages of 16 + 2H bytes (BF16 is the larger message)
+    assert h(128, 7168, 8, 288) > 2 * 288 * 128 * (16 + 2 * 7168)
+    assert h(256, 7168, 8, 288) > h(128, 7168, 8, 288) > h(128, 4096, 8, 288)
+
+
+@pytest.mark.parametrize("args,needle", [((0, 7168, 8, 288), "num_max_dispatch_tokens_per_rank"),
+                                         ((5000, 7168, 8, 288), "num_max_dispatch_tokens_per_rank"),
+                                         ((128, 7170, 8, 288), "hidden"), ((128, 7168, 8, 100), "num_experts"),
+                                         ((128, 7168, 0, 288), "num_ranks"),
+                                         ((128.0, 7168, 8, 288), "expected an int")])
+def test_low_latency_size_hint_rejects_bad_arguments(args, needle):
+    with pytest.raises(openep.OpenEPError) as e:
+        openep.Buffer.get_low_latency_rdma_size_hint(*args)
+    assert e.value.code == "invalid_argument" and needle in str(e.value)
 
 
 # ---- Buffer argument validation that needs no GPU ----------------------------------------------------------
@@ -172,8 +190,6 @@ def test_buffer_shrink_mode_not_available_yet():
 
 
 @pytest.mark.parametrize("method,args", [
-    ("low_latency_dispatch", (None, None, 128, 288)), ("low_latency_combine", (None, None, None, None)),
-    ("clean_low_latency_buffer", (128, 7168, 288)), ("get_next_low_latency_combine_buffer", (None,)),
     ("low_latency_update_mask_buffer", (1,)), ("low_latency_query_mask_buffer", (None,)),
     ("low_latency_clean_mask_buffer", ()), ("internode_dispatch", (None,)), ("internode_combine", (None, None))])
 def test_unlanded_methods_raise_not_available(method, args):
@@ -286,3 +302,199 @@ def test_every_public_method_has_a_docstring(cls):
                if n != "__init__" and not (getattr(f, "__doc__", None) or "").strip()]
     # methods inherited from object/RuntimeError carry their own docstrings; ours must too
     assert not missing, f"{cls.__name__}: no docstring on {missing}"
+
+
+# ---- low-latency mode: DeepEP signatures and argument checks that need no GPU --------------------------------
+def _params(fn):
+    import inspect
+    return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+_E = object()  # "no default"
+
+
+def _sig(*items):
+    return [(n, d) if d is not _E else (n, __import__("inspect").Parameter.empty) for n, d in items]
+
+
+# DeepEP V1's signatures (interface spec 2.1, 2.3, 2.8): names, order and defaults.
+DEEPEP_SIGNATURES = {
+    "low_latency_dispatch": _sig(("self", _E), ("x", _E), ("topk_idx", _E), ("num_max_dispatch_tokens_per_rank", _E),
+                                 ("num_experts", _E), ("cumulative_local_expert_recv_stats", None),
+                                 ("dispatch_wait_recv_cost_stats", None), ("use_fp8", True), ("round_scale", False),
+                                 ("use_ue8m0", False), ("async_finish", False), ("return_recv_hook", False)),
+    "low_latency_combine": _sig(("self", _E), ("x", _E), ("topk_idx", _E), ("topk_weights", _E), ("handle", _E),
+                                ("use_logfmt", False), ("zero_copy", False), ("async_finish", False),
+                                ("return_recv_hook", False), ("out", None), ("combine_wait_recv_cost_stats", None)),
+    "get_next_low_latency_combine_buffer": _sig(("self", _E), ("handle", _E)),
+    "clean_low_latency_buffer": _sig(("self", _E), ("num_max_dispatch_tokens_per_rank", _E), ("hidden", _E),
+                                     ("num_experts", _E)),
+    "get_low_latency_rdma_size_hint": _sig(("num_max_dispatch_tokens_per_rank", _E), ("hidden", _E),
+                                           ("num_ranks", _E), ("num_experts", _E)),
+}
+
+
+@pytest.mark.parametrize("method", sorted(DEEPEP_SIGNATURES))
+def test_low_latency_signatures_match_deepep(method):
+    assert _params(getattr(openep.Buffer, method)) == DEEPEP_SIGNATURES[method]
+
+
+def test_buffer_constructor_signature_matches_deepep():
+    want = _sig(("self", _E), ("group", _E), ("num_nvl_bytes", 0), ("num_rdma_bytes", 0), ("low_latency_mode", False),
+                ("num_qps_per_rank", 24), ("allow_nvlink_for_low_latency_mode", True), ("allow_mnnvl", False),
+                ("use_fabric", False), ("explicitly_destroy", False), ("enable_shrink", False), ("comm", None))
+    assert _params(openep.Buffer.__init__)[:len(want)] == want
+    assert isinstance(openep.Buffer.__dict__["get_low_latency_rdma_size_hint"], staticmethod)
+
+
+class _LLTensor(_FakeTensor):
+    def data_ptr(self):
+        return 0
+
+
+def _ll_buffer(low_latency_mode=True, R=2):
+    """A Buffer object without a GPU: the low-latency argument checks run before anything touches the device."""
+    buf = object.__new__(openep.Buffer)
+    buf.runtime = object()
+    buf.group_size, buf.rank, buf._device_str, buf.low_latency_mode = R, 0, "cuda:0", low_latency_mode
+    return buf
+
+
+T_, H_, E_ = 128, 1024, 8  # 2 ranks -> 4 local experts
+
+
+def _dispatch_args(**over):
+    a = dict(x=_LLTensor((64, H_)), topk_idx=_LLTensor((64, 4), "torch.int64"), num_max_dispatch_tokens_per_rank=T_,
+             num_experts=E_)
+    a.update(over)
+    return a
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"x": _LLTensor((64, H_), "torch.float32")}, "x expected dtype bfloat16, got float32"),
+    ({"x": _LLTensor((64, H_), contiguous=False)}, "x must be contiguous"),
+    ({"x": _LLTensor((64, H_), device="cuda:1")}, "x expected on device cuda:0"),
+    ({"x": _LLTensor((129, H_)), "topk_idx": _LLTensor((129, 4), "torch.int64")},
+     "more than num_max_dispatch_tokens_per_rank = 128"),
+    ({"topk_idx": _LLTensor((63, 4), "torch.int64")}, "topk_idx expected shape [64, *]"),
+    ({"topk_idx": _LLTensor((64, 4), "torch.float32")}, "topk_idx expected dtype int64 or int32"),
+    ({"topk_idx": _LLTensor((64, 33), "torch.int64")}, "topk_idx must have 1..32 columns"),
+    ({"num_experts": 7}, "num_experts must be a multiple of the group size 2"),
+    ({"num_max_dispatch_tokens_per_rank": 0}, "num_max_dispatch_tokens_per_rank must be >= 1"),
+    ({"cumulative_local_expert_recv_stats": _LLTensor((8,), "torch.int32")},
+     "cumulative_local_expert_recv_stats expected shape [4]"),
+    ({"dispatch_wait_recv_cost_stats": _LLTensor((2,), "torch.int32")},
+     "dispatch_wait_recv_cost_stats expected dtype int64"),
+    ({"async_finish": True, "return_recv_hook": True}, "mutually exclusive"),
+    ({"use_ue8m0": True}, "use_ue8m0=True requires round_scale=True"),
+    ({"x": _LLTensor((64, 1000))}, "hidden must be a multiple of 128 with use_fp8"),
+    ({"x": _LLTensor((64, 1152)), "round_scale": True, "use_ue8m0": True}, "hidden must be a multiple of 512"),
+    ({"x": _LLTensor((64, 1004)), "use_fp8": False}, "hidden must be a multiple of 8 with BF16"),
+])
+def test_low_latency_dispatch_argument_checks(over, needle):
+    a = _dispatch_args(**over)
+    if "x" in over and "topk_idx" not in over:
+        a["topk_idx"] = _LLTensor((a["x"].shape[0], 4), "torch.int64")
+    with pytest.raises(openep.OpenEPError) as e:
+        _ll_buffer().low_latency_dispatch(**a)
+    assert e.value.code == "invalid_argument", str(e.value)
+    assert needle in str(e.value) and str(e.value).startswith("OpenEP invalid argument: low_latency_dispatch:")
+
+
+def test_low_latency_methods_require_low_latency_mode():
+    buf = _ll_buffer(low_latency_mode=False)
+    handle = openep.LowLatencyHandle(_LLTensor((4, 256), "torch.int32"), _LLTensor((4, 2), "torch.int64"), T_, H_, E_)
+    calls = [lambda: buf.low_latency_dispatch(**_dispatch_args()),
+             lambda: buf.low_latency_combine(None, None, None, handle),
+             lambda: buf.get_next_low_latency_combine_buffer(handle),
+             lambda: buf.clean_low_latency_buffer(T_, H_, E_)]
+    for call in calls:
+        with pytest.raises(openep.OpenEPError) as e:
+            call()
+        assert e.value.code == "invalid_argument" and "low_latency_mode=True" in str(e.value)
+
+
+def _ll_handle(El=4, R=2, T=T_, H=H_, E=E_, src_dtype="torch.int32"):
+    return openep.LowLatencyHandle(_LLTensor((El, R * T), src_dtype), _LLTensor((El, R), "torch.int64"), T, H, E)
+
+
+def _combine_args(**over):
+    a = dict(x=_LLTensor((4, 2 * T_, H_)), topk_idx=_LLTensor((64, 4), "torch.int64"),
+             topk_weights=_LLTensor((64, 4), "torch.float32"), handle=_ll_handle())
+    a.update(over)
+    return a
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"handle": _ll_handle()[:4]}, "handle expected the 5-tuple"),
+    ({"handle": _ll_handle(src_dtype="torch.int64")}, "handle.packed_recv_src_info expected dtype int32"),
+    ({"handle": _ll_handle(El=3)}, "handle.packed_recv_src_info expected shape [4, 256]"),
+    ({"x": _LLTensor((4, 2 * T_, 512))}, "x expected shape [4, 256, 1024], got [4, 256, 512]"),
+    ({"x": None}, "x expected a tensor"),
+    ({"topk_weights": _LLTensor((64, 4), "torch.bfloat16")}, "topk_weights expected dtype float32"),
+    ({"topk_weights": _LLTensor((64, 3), "torch.float32")}, "topk_weights expected shape [64, 4]"),
+    ({"topk_idx": _LLTensor((129, 4), "torch.int64")}, "more than the handle's num_max_dispatch_tokens_per_rank"),
+    ({"out": _LLTensor((64, 512))}, "out expected shape [64, 1024]"),
+    ({"combine_wait_recv_cost_stats": _LLTensor((3,), "torch.int64")}, "combine_wait_recv_cost_stats expected shape"),
+    ({"async_finish": True, "return_recv_hook": True}, "mutually exclusive"),
+])
+def test_low_latency_combine_argument_checks(over, needle):
+    with pytest.raises(openep.OpenEPError) as e:
+        _ll_buffer().low_latency_combine(**_combine_args(**over))
+    assert e.value.code == "invalid_argument", str(e.value)
+    assert needle in str(e.value) and str(e.value).startswith("OpenEP invalid argument: low_latency_combine:")
+
+
+def test_low_latency_combine_logfmt_is_not_available():
+    with pytest.raises(openep.OpenEPNotAvailableError) as e:
+        _ll_buffer().low_latency_combine(**_combine_args(use_logfmt=True))
+    assert e.value.code == "not_available" and "LogFMT" in str(e.value) and "use_logfmt=False" in str(e.value)
+
+
+def test_low_latency_handle_is_deepeps_5_tuple():
+    h = _ll_handle()
+    assert isinstance(h, tuple) and len(h) == 5
+    src, rng, T, H, E = h
+    assert (T, H, E) == (T_, H_, E_) and h.packed_recv_src_info is src and h.packed_recv_layout_range is rng
+    assert h.num_max_dispatch_tokens_per_rank == T_ and h.hidden == H_ and h.num_experts == E_
+
+
+# ---- the low-latency CPU reference through the binding (hand-computed cases) -------------------------------
+def _bf16_row(v, n):
+    return struct.pack(f"<{n}H", *([v] * n))
+
+
+def test_reference_low_latency_bf16_dispatch_and_combine_hand_case():
+    # 2 ranks, 2 experts (one per rank), T = 2, hidden 8 BF16, top-1. Rank 0: t0 -> e1, t1 -> e0. Rank 1: t0 -> e0.
+    ranks = [(2, _bf16_row(0x3F80, 8) + _bf16_row(0x4000, 8), _i64(1, 0), struct.pack("<2f", 0.5, 0.25)),
+             (1, _bf16_row(0x4040, 8), _i64(0), struct.pack("<f", 1.0))]
+    r = _C.ref_low_latency_dispatch(2, 2, 8, 1, 2, False, True, True, ranks)  # scale flags ignored without FP8
+    r0, r1 = r.recv(0), r.recv(1)
+    assert r0["count"] == [2] and r1["count"] == [1]
+    assert struct.unpack("<4i", r0["src_info"]) == (1, 0, -1, -1)
+    assert struct.unpack("<2q", r0["layout_range"]) == ((0 << 32) | 1, (1 << 32) | 1)
+    assert struct.unpack("<2q", r1["layout_range"])[0] == (0 << 32) | 1
+    assert struct.unpack("<2q", r1["layout_range"])[1] & 0xFFFFFFFF == 0
+    assert r0["packed_x"][:32] == _bf16_row(0x4000, 8) + _bf16_row(0x4040, 8)  # rank 0's t1, then rank 1's t0
+    assert r0["packed_scales"] == b"" and r0["packed_scales_ue8m0"] == b""
+    # combine: each expert returns the row it received
+    out = _C.ref_low_latency_combine(r, [r0["packed_x"], r1["packed_x"]])
+    assert out[0] == _bf16_row(0x3F00, 8) + _bf16_row(0x3F00, 8)  # 0.5 * 1.0, 0.25 * 2.0
+    assert out[1] == _bf16_row(0x4040, 8)                          # 1.0 * 3.0
+
+
+@pytest.mark.parametrize("round_scale,ue8m0,byte,scale", [(False, False, 0x7E, 1.0 / 448),
+                                                          (True, False, 0x78, 2.0 ** -8), (True, True, 0x78, None)])
+def test_reference_low_latency_fp8_cast_hand_case(round_scale, ue8m0, byte, scale):
+    # One token of ones, hidden 512, on rank 0 to expert 0: amax 1 -> scale 1/448 (data 448 = e4m3 0x7E), or with
+    # round_scale 2^ceil(log2(1/448)) = 2^-8 (data 256 = 0x78); UE8M0 stores the biased exponent 127 - 8 = 0x77.
+    H = 512
+    ranks = [(1, _bf16_row(0x3F80, H), _i64(0), b""), (0, b"", b"", b"")]
+    r = _C.ref_low_latency_dispatch(2, 2, H, 1, 1, True, round_scale, ue8m0, ranks).recv(0)
+    assert r["count"] == [1]
+    assert r["packed_x"][:H] == bytes([byte]) * H
+    if ue8m0:
+        assert r["packed_scales"] == b""
+        assert struct.unpack("<1I", r["packed_scales_ue8m0"][:4])[0] == 0x77777777
+    else:
+        assert struct.unpack("<4f", r["packed_scales"][:16]) == (struct.unpack("<f", struct.pack("<f", scale))[0],) * 4

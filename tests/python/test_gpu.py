@@ -82,8 +82,36 @@ def test_get_local_buffer_tensor():
     _run("local_buffer_tensor")
 
 
-def test_low_latency_not_available_yet():
-    _run("low_latency_not_available")
+def test_low_latency_dispatch_combine_bf16():
+    _run("ll_dispatch_combine_bf16")
+
+
+def test_low_latency_dispatch_combine_fp8_each_scale_option():
+    _run("ll_dispatch_combine_fp8")
+
+
+def test_low_latency_hook_mode_equals_non_hook():
+    _run("ll_hook_mode_equals_non_hook")
+
+
+def test_low_latency_zero_copy_combine():
+    _run("ll_zero_copy_combine")
+
+
+def test_low_latency_async_finish_and_streams():
+    _run("ll_async_finish_and_streams")
+
+
+def test_low_latency_errors_and_clean():
+    _run("ll_errors")
+
+
+def test_low_latency_cuda_graph_capture_and_replays():
+    _run("ll_cuda_graph_replays")
+
+
+def test_low_latency_decode_moe_example_matches_single_gpu():
+    _run("ll_decode_moe_example")
 
 
 def test_torch_group_undisturbed_and_two_buffers():
