@@ -296,8 +296,7 @@ class Buffer:
 
         OpenEP's own requirement (``openep::low_latency_buffer_size_hint``), not DeepEP's formula: code that sizes
         its Buffer with this method keeps working. It covers BF16 and FP8 dispatch and the zero-copy combine
-        buffer; about 1.23x DeepEP's number (T=128, H=7168, E=288: 2,643,853,312 bytes vs DeepEP's
-        2,146,961,792). Unlike DeepEP's, ``num_ranks`` enters it (local expert count).
+        buffer (T=128, H=7168, E=288, EP2: 1,615,396,864 bytes; DeepEP's formula gives 2,146,961,792). Unlike DeepEP's, ``num_ranks`` enters it (local expert count).
 
         Args:
             num_max_dispatch_tokens_per_rank: T, 1..4096. hidden: H, a positive multiple of 8.

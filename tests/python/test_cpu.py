@@ -139,12 +139,13 @@ def test_low_latency_size_hint_is_the_cores_requirement():
     for args in ((128, 7168, 8, 288), (128, 7168, 2, 32), (1, 8, 2, 2), (1024, 4096, 4, 64)):
         v = h(*args)
         assert v == _C.low_latency_buffer_size_hint(*args) and v % 128 == 0
-    # OpenEP needs the two receive halves of every message size plus the zero-copy buffer: more than DeepEP's
-    # formula, whose worked example (interface spec 3.4) is checked here so the comparison in the docs holds.
+    # OpenEP's layout (two dispatch receive halves of R x T per-rank messages, two combine receive halves and the
+    # zero-copy buffer) at the headline shape, next to DeepEP's formula, whose worked example (interface spec
+    # 3.4) is checked here so the comparison in the docs holds.
     assert _C.deepep_low_latency_rdma_size_hint(128, 7168, 288) == 2146961792
-    assert h(128, 7168, 8, 288) == 2643853312
-    # dispatch receive region alone: 2 halves x E x T messages of 16 + 2H bytes (BF16 is the larger message)
-    assert h(128, 7168, 8, 288) > 2 * 288 * 128 * (16 + 2 * 7168)
+    assert h(128, 7168, 8, 288) == 1615396864
+    # the combine receive region alone: 2 halves x E x T BF16 rows
+    assert h(128, 7168, 8, 288) > 2 * 288 * 128 * 2 * 7168
     assert h(256, 7168, 8, 288) > h(128, 7168, 8, 288) > h(128, 4096, 8, 288)
 
 
