@@ -143,7 +143,21 @@ def test_low_latency_size_hint_is_the_cores_requirement():
     # zero-copy buffer) at the headline shape, next to DeepEP's formula, whose worked example (interface spec
     # 3.4) is checked here so the comparison in the docs holds.
     assert _C.deepep_low_latency_rdma_size_hint(128, 7168, 288) == 2146961792
-    assert h(128, 7168, 8, 288) == 1615396864
+    # Recomputed from the layout documented in src/runtime/low_latency_layout.hpp (not read back from the core):
+    # signal area (2 flag tables of 2 x 8192 uint64 + 2 x 8192 int32 counts), two dispatch halves of R x T
+    # messages (128-byte routing header + the larger of the BF16 row and the FP8 row with its scales), two
+    # combine halves of E x T BF16 rows, and the zero-copy buffer [E/R][R x T][H] BF16.
+    def align(v, a):
+        return (v + a - 1) // a * a
+
+    def layout_bytes(T, H, R, E):
+        signals = 2 * 8 * 2 * 8192 + 4 * 2 * 8192
+        msg = align(128 + max(2 * H, H + H // 128 * 4), 16)
+        return align(signals + 2 * align(R * T * msg, 128) + 2 * align(E * T * H * 2, 128) + (E // R) * R * T * H * 2,
+                     128)
+
+    assert h(128, 7168, 8, 288) == layout_bytes(128, 7168, 8, 288) == 1615396864
+    assert h(128, 7168, 2, 32) == layout_bytes(128, 7168, 2, 32)
     # the combine receive region alone: 2 halves x E x T BF16 rows
     assert h(128, 7168, 8, 288) > 2 * 288 * 128 * 2 * 7168
     assert h(256, 7168, 8, 288) > h(128, 7168, 8, 288) > h(128, 4096, 8, 288)
