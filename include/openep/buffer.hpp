@@ -34,6 +34,17 @@ struct BufferOptions {
   bool low_latency_mode = false;
   // Every device-side wait on a peer gives up after this long and reports rank, peer and phase.
   double timeout_seconds = 10.0;
+  // Opt-in to the network for a Group whose ranks span several NVLink domains (nodes). Ignored when every
+  // rank shares one NVLink domain: a single-node Buffer never touches the network, whatever this says.
+  // false (default): such a Group is refused with kUnsupported.
+  // true: REQUIRES low_latency_mode, num_nvl_bytes == 0 and RDMA NICs that NCCL can drive with GIN (its
+  //   GPU-initiated networking). The Buffer then asks NCCL for GIN signals, reserves a send staging area of
+  //   about num_rdma_bytes / 2 more window memory, and the low-latency operations move every message with
+  //   GIN puts (same outputs and handle as over NVLink); normal-mode operations fail with kUnsupported.
+  //   Creation fails with kUnsupported naming NCCL's reason when the fabric offers no GIN.
+  // NOT YET RUN ON A REAL NETWORK: the test machines have no RDMA NICs, so this path builds and its
+  // selection is unit-tested, but it has never moved a byte. Treat it as experimental.
+  bool allow_network = false;
 };
 
 // get_dispatch_layout arguments. All pointers are device pointers on the Buffer's device.
@@ -54,7 +65,8 @@ class Buffer {
  public:
   // Collective over the Group. REQUIRES: the Group outlives the Buffer; every rank passes equal options.
   // Fails with kVersionMismatch if the loaded NCCL differs from the one OpenEP was compiled with, and with
-  // kUnsupported if the ranks do not all share one NVLink domain (internode mode is not implemented yet).
+  // kUnsupported if the ranks do not all share one NVLink domain, unless options.allow_network selects the
+  // network (GIN) low-latency path (see BufferOptions::allow_network; not yet run on a real network).
   Buffer(Group& group, const BufferOptions& options);
   // Drains the communication stream, then releases the window and device memory. Never throws.
   ~Buffer();

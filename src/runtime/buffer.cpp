@@ -8,9 +8,13 @@
 
 #include "kernels/intranode_launch.hpp"
 #include "kernels/launch.hpp"
+#include "kernels/low_latency_gin_launch.hpp"
 #include "runtime/buffer_impl.hpp"
 #include "runtime/check.hpp"
+#include "runtime/low_latency_gin.hpp"
+#include "runtime/low_latency_gin_layout.hpp"
 #include "runtime/low_latency_layout.hpp"
+#include "runtime/transport.hpp"
 
 namespace openep {
 
@@ -104,34 +108,56 @@ Buffer::Buffer(Group& group, const BufferOptions& options) : impl_(std::make_uni
   OPENEP_CHECK(group.num_nvlink_ranks() > 0, ErrorCode::kUnsupported,
                "NCCL reports no NVLink (LSA) team: symmetric memory is unavailable (needs cuMem, "
                "NCCL_WIN_ENABLE=1 and CUDA P2P between the GPUs)");
-  OPENEP_CHECK(group.num_nvlink_ranks() == m.num_ranks, ErrorCode::kUnsupported, "the Group's ", m.num_ranks,
-               " ranks span several NVLink domains (NVLink team of ", group.num_nvlink_ranks(),
-               "); internode mode is not implemented yet");
-  OPENEP_CHECK(m.num_ranks <= detail::kMaxNvlinkPeers, ErrorCode::kUnsupported, "NVLink domain of ", m.num_ranks,
-               " ranks exceeds the supported ", detail::kMaxNvlinkPeers);
+  // One NVLink domain: kNvlink (GIN never requested). Several: kUnsupported unless allow_network and
+  // low-latency mode select the network path (kGin, not yet run on a real network).
+  detail::TransportQuery query;
+  query.num_ranks = m.num_ranks;
+  query.num_nvlink_ranks = group.num_nvlink_ranks();
+  query.low_latency_mode = options.low_latency_mode;
+  query.allow_network = options.allow_network;
+  query.num_nvl_bytes = options.num_nvl_bytes;
+  query.num_rdma_bytes = options.num_rdma_bytes;
+  m.transport = detail::select_transport(query);
+  const bool network = m.transport == detail::Transport::kGin;
+  if (!network) {
+    OPENEP_CHECK(m.num_ranks <= detail::kMaxNvlinkPeers, ErrorCode::kUnsupported, "NVLink domain of ", m.num_ranks,
+                 " ranks exceeds the supported ", detail::kMaxNvlinkPeers);
+  }
 
   OPENEP_CUDA_CHECK(cudaSetDevice(m.device));
   ncclComm_t comm = group.comm();
 
   // Capability check and device communicator (LSA only: GIN stays off on one node, see nccl-device-api.md 4).
-  ncclDevCommRequirements reqs = {};
-  reqs.lsaBarrierCount = 1;
-  OPENEP_NCCL_CHECK(ncclDevCommCreate(comm, &reqs, &m.dev_comm));
-  m.dev_comm_created = true;
+  if (!network) {
+    ncclDevCommRequirements reqs = {};
+    reqs.lsaBarrierCount = 1;
+    OPENEP_NCCL_CHECK(ncclDevCommCreate(comm, &reqs, &m.dev_comm));
+    m.dev_comm_created = true;
+  } else {
+    detail::create_gin_dev_comm(m, comm);  // GIN signals; fails with kUnsupported naming NCCL's reason
+  }
 
   // One symmetric window for everything, zeroed before registration (registration is a world barrier, so
-  // every peer's window is zero before anyone can write into it).
+  // every peer's window is zero before anyone can write into it). kGin appends its send staging area.
   m.window_layout = detail::WindowLayout::make(options.num_nvl_bytes, options.num_rdma_bytes);
-  OPENEP_NCCL_CHECK(ncclMemAlloc(&m.window_memory, m.window_layout.total_bytes));
-  OPENEP_CUDA_CHECK(cudaMemset(m.window_memory, 0, m.window_layout.total_bytes));
+  size_t window_bytes = m.window_layout.total_bytes;
+  if (network) {
+    m.gin_staging_offset = window_bytes;
+    window_bytes += detail::LowLatencyGinLayout::area_bytes(options.num_rdma_bytes);
+  }
+  OPENEP_NCCL_CHECK(ncclMemAlloc(&m.window_memory, window_bytes));
+  OPENEP_CUDA_CHECK(cudaMemset(m.window_memory, 0, window_bytes));
   OPENEP_CUDA_CHECK(cudaDeviceSynchronize());
-  OPENEP_NCCL_CHECK(ncclCommWindowRegister(comm, m.window_memory, m.window_layout.total_bytes, &m.window,
-                                           NCCL_WIN_DEFAULT));
+  OPENEP_NCCL_CHECK(ncclCommWindowRegister(comm, m.window_memory, window_bytes, &m.window, NCCL_WIN_DEFAULT));
   OPENEP_CHECK(m.window != nullptr, ErrorCode::kNccl, "ncclCommWindowRegister returned no window");
 
   OPENEP_CUDA_CHECK(cudaStreamCreateWithPriority(&m.comm_stream, cudaStreamNonBlocking, -1));
   OPENEP_CUDA_CHECK(cudaMalloc(&m.peer_bases_device, sizeof(char*) * m.num_ranks));
-  detail::launch_query_peer_bases(m.window, m.num_ranks, m.peer_bases_device, m.comm_stream);
+  if (!network) {
+    detail::launch_query_peer_bases(m.window, m.num_ranks, m.peer_bases_device, m.comm_stream);
+  } else {
+    detail::launch_query_own_base(m.window, m.rank, m.num_ranks, m.peer_bases_device, m.comm_stream);
+  }
   m.peer_bases.resize(m.num_ranks);
   OPENEP_CUDA_CHECK(cudaMemcpyAsync(m.peer_bases.data(), m.peer_bases_device, sizeof(char*) * m.num_ranks,
                                     cudaMemcpyDeviceToHost, m.comm_stream));
@@ -200,6 +226,10 @@ void Buffer::get_dispatch_layout(const LayoutArgs& args, cudaStream_t stream) {
 void Buffer::barrier(cudaStream_t stream) {
   Impl& m = *impl_;
   m.check_usable();
+  if (m.transport == detail::Transport::kGin) {  // network path: GIN signals (not yet run on a real network)
+    detail::gin_barrier(m, stream);
+    return;
+  }
   detail::BarrierParams p{};
   p.peer_bases = m.peer_bases_device;
   p.barrier_offset = m.window_layout.barrier_offset;

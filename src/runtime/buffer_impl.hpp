@@ -11,6 +11,7 @@
 
 #include "openep/buffer.hpp"
 #include "runtime/device_error.hpp"
+#include "runtime/transport.hpp"
 
 namespace openep::detail {
 struct HostCounters;
@@ -83,6 +84,11 @@ struct Buffer::Impl {
   int64_t host_seq = 0;                                  // last exact-mode prepare issued
   int num_device_sms = 0;
   detail::LowLatencyState* ll_state = nullptr;           // device memory, zeroed (when num_rdma_bytes > 0)
+  // How the kernels reach peers, decided once at creation (runtime/transport.hpp). kGin: a multi-node Group
+  // in low-latency mode with allow_network; NOT YET RUN ON A REAL NETWORK. Then dev_comm has GIN contexts,
+  // peer_bases holds only this rank's own base, and the window ends with the GIN staging area.
+  detail::Transport transport = detail::Transport::kNvlink;
+  size_t gin_staging_offset = 0;                         // kGin: window offset of LowLatencyGinLayout
 
   detail::WaitContext wait_context() const {
     return detail::WaitContext{&local_state->error_claim, error_record_device,

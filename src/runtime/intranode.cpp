@@ -68,6 +68,10 @@ void validate_handle_arrays(const IntranodeHandle& h) {
 }
 
 detail::WindowRef window_ref(const Buffer::Impl& m) {
+  // Every normal-mode operation builds its window through here before it launches anything.
+  OPENEP_CHECK(m.transport == detail::Transport::kNvlink, ErrorCode::kUnsupported,
+               "normal-mode (intranode) operations need every rank in one NVLink domain; this Buffer spans "
+               "several and uses the network transport, which serves the low-latency operations only");
   return detail::WindowRef{m.peer_bases_device, m.window_layout.nvl_offset, m.window_layout.barrier_offset};
 }
 

@@ -1,11 +1,13 @@
 // Host side of the low-latency operations: sizing, validation, launches and the receive hooks.
 #include <cstdint>
 
+#include "kernels/low_latency_gin_launch.hpp"
 #include "kernels/low_latency_launch.hpp"
 #include "openep/buffer.hpp"
 #include "openep/low_latency.hpp"
 #include "runtime/buffer_impl.hpp"
 #include "runtime/check.hpp"
+#include "runtime/low_latency_gin.hpp"
 #include "runtime/low_latency_layout.hpp"
 
 namespace openep {
@@ -132,6 +134,9 @@ LowLatencyHook Buffer::low_latency_dispatch(const LowLatencyDispatchArgs& a, Low
   p.cumulative_stats = a.cumulative_local_expert_recv_stats;
   p.wait_stats = a.dispatch_wait_recv_cost_stats;
   p.wait = m.wait_context();
+  if (m.transport == detail::Transport::kGin) {  // network path (not yet run on a real network)
+    return detail::low_latency_dispatch_gin(m, p, a.return_recv_hook, stream);
+  }
   p.do_send = true;
   p.do_recv = !a.return_recv_hook;
   detail::launch_low_latency_dispatch(p, detail::low_latency_dispatch_blocks(p, m.num_device_sms), stream);
@@ -173,6 +178,9 @@ LowLatencyHook Buffer::low_latency_combine(const LowLatencyCombineArgs& a, const
   p.combined_x = out.combined_x;
   p.wait_stats = a.combine_wait_recv_cost_stats;
   p.wait = m.wait_context();
+  if (m.transport == detail::Transport::kGin) {  // network path (not yet run on a real network)
+    return detail::low_latency_combine_gin(m, p, a.zero_copy, a.return_recv_hook, stream);
+  }
   p.do_send = true;
   p.do_recv = !a.return_recv_hook;
   detail::launch_low_latency_combine(p, detail::low_latency_combine_blocks(p, m.num_device_sms), stream);
@@ -206,6 +214,7 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
   detail::validate_low_latency_shapes(num_max_dispatch_tokens_per_rank, hidden, num_experts, m.num_ranks,
                                       m.options.num_rdma_bytes);
   barrier(stream);
+  if (m.transport == detail::Transport::kGin) detail::launch_gin_reset_signals(m.dev_comm, m.num_ranks, stream);
   OPENEP_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(m.window_memory) + m.window_layout.rdma_offset, 0,
                                     LowLatencyLayout::kSignalBytes, stream));
   OPENEP_CUDA_CHECK(cudaMemsetAsync(m.ll_state, 0, sizeof(detail::LowLatencyState), stream));

@@ -1,0 +1,39 @@
+// Bounded wait on an NCCL GIN signal (network path; NOT YET RUN ON A REAL NETWORK, no RDMA NICs on the
+// test machines). NCCL's waitSignal spins forever; this polls readSignal (acquire) under the same timeout,
+// early exit and error record as device::wait_geq (wait.cuh), so a lost signal names rank, peer and phase.
+//
+// Signals only grow between resets, so the condition is "value - target >= 0" in wrap-around arithmetic
+// (the rolling comparison NCCL uses too).
+#pragma once
+
+#include <nccl_device.h>
+
+#include <cstdint>
+
+#include "device/ptx.cuh"
+#include "device/wait.cuh"
+#include "runtime/device_error.hpp"
+
+namespace openep::device {
+
+// REQUIRES: gin was built from a device communicator with ginContextCount > 0.
+__device__ __forceinline__ bool wait_signal_geq(const WaitContext& ctx, const ncclGin& gin, ncclGinSignal_t signal,
+                                                uint64_t target, int peer, detail::Phase phase) {
+  uint64_t v = gin.readSignal(signal);  // acquire: the puts this signal covers are visible after it
+  if (static_cast<int64_t>(v - target) >= 0) return true;
+  const uint64_t start = ptx::globaltimer_ns();
+  for (uint32_t iter = 1;; ++iter) {
+    v = gin.readSignal(signal);
+    if (static_cast<int64_t>(v - target) >= 0) return true;
+    if ((iter & 63u) == 0) {
+      if (error_recorded(ctx)) return false;
+      if (ptx::globaltimer_ns() - start > ctx.timeout_ns) {
+        record_error(ctx, detail::DeviceErrorCode::kTimeout, peer, phase, static_cast<int64_t>(target),
+                     static_cast<int64_t>(v));
+        return false;
+      }
+    }
+  }
+}
+
+}  // namespace openep::device

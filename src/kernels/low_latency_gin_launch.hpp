@@ -1,0 +1,76 @@
+// Launchers of the network (GIN) low-latency kernels, src/kernels/low_latency_gin.cu (protocol there).
+// Used only by a Buffer created with Transport::kGin (runtime/transport.hpp). NOT YET RUN ON A REAL NETWORK:
+// the test machines have no RDMA NICs, so these kernels are compiled and linked but have never executed.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+#include <nccl_device.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/low_latency_launch.hpp"
+#include "runtime/device_error.hpp"
+#include "runtime/low_latency_gin_layout.hpp"
+
+namespace openep::detail {
+
+// Where the GIN kernels find the window: (window, offset) addressing, the same offsets on every rank.
+struct GinWindow {
+  ncclDevComm dev_comm;       // created with gin_dev_comm_requirements(); ginContextCount > 0 (host-checked)
+  ncclWindow_t window;        // the Buffer's one registered window
+  size_t region_offset;       // window offset of the low-latency region (LowLatencyLayout offsets start here)
+  size_t staging_offset;      // window offset of the GIN staging area (LowLatencyGinLayout offsets start here)
+  LowLatencyGinLayout staging;
+};
+
+// Dispatch send over GIN. `base` is exactly what the NVLink launcher would get (do_send = true); only its
+// send-side fields are read, and the receive is left to the NVLink receive kernel (see the protocol).
+struct LowLatencyGinDispatchParams {
+  LowLatencyDispatchParams base;
+  GinWindow gin;
+};
+
+// Combine send over GIN. `stage_x`: base.x is the caller's array (copy each row into the zero-copy area
+// first); false when base.x already is the zero-copy area (zero_copy = true).
+struct LowLatencyGinCombineParams {
+  LowLatencyCombineParams base;
+  GinWindow gin;
+  bool stage_x;
+};
+
+// The bounded wait for GIN signals that stands in front of the NVLink receive kernels: one block, thread s
+// polls source s's signal until it reaches the epoch the receive will work on, timing out with
+// (rank, peer = s, phase).
+struct GinSignalWaitParams {
+  ncclDevComm dev_comm;
+  LowLatencyState* state;
+  int kind;                   // 0 = dispatch, 1 = combine (index into the LowLatencyState arrays)
+  int rank, num_ranks;
+  int64_t* wait_stats;        // [num_ranks] accumulated wait cycles, or nullptr
+  WaitContext wait;
+};
+
+// Barrier over GIN signals (Buffer::barrier on a kGin Buffer): signal every rank, wait for every rank.
+struct GinBarrierParams {
+  ncclDevComm dev_comm;
+  uint64_t* epoch;            // device memory: completed barriers (monotonic)
+  int rank, num_ranks;
+  WaitContext wait;
+};
+
+int low_latency_gin_dispatch_blocks(const LowLatencyGinDispatchParams& p, int num_sms);
+int low_latency_gin_combine_blocks(const LowLatencyGinCombineParams& p, int num_sms);
+void launch_low_latency_gin_dispatch_send(const LowLatencyGinDispatchParams& p, int num_blocks, cudaStream_t stream);
+void launch_low_latency_gin_combine_send(const LowLatencyGinCombineParams& p, int num_blocks, cudaStream_t stream);
+void launch_gin_signal_wait(const GinSignalWaitParams& p, cudaStream_t stream);
+void launch_gin_barrier(const GinBarrierParams& p, cudaStream_t stream);
+// Zeroes the dispatch and combine signals (not the barrier ones) on every context. REQUIRES: no traffic
+// targets them (clean_low_latency_buffer calls it between two barriers).
+void launch_gin_reset_signals(const ncclDevComm& dev_comm, int num_ranks, cudaStream_t stream);
+// Fills peer_bases[p] = nullptr for every p except peer_bases[rank] = this rank's own window base (the
+// receive kernels read only their own region; a non-LSA peer has no valid LSA pointer).
+void launch_query_own_base(ncclWindow_t window, int rank, int num_ranks, char** peer_bases, cudaStream_t stream);
+
+}  // namespace openep::detail

@@ -1,0 +1,124 @@
+// Host side of the network (GIN) low-latency path. NOT YET RUN ON A REAL NETWORK: the test machines have no
+// RDMA NICs, so this code is compiled and linked, and its policy is CPU-tested, but it has never executed.
+#include "runtime/low_latency_gin.hpp"
+
+#include <nccl_device.h>
+
+#include "kernels/low_latency_gin_launch.hpp"
+#include "runtime/check.hpp"
+#include "runtime/low_latency_gin_layout.hpp"
+#include "runtime/transport.hpp"
+
+namespace openep::detail {
+namespace {
+
+GinWindow gin_window(const Buffer::Impl& m, int T, int hidden) {
+  GinWindow g{};
+  g.dev_comm = m.dev_comm;
+  g.window = m.window;
+  g.region_offset = m.window_layout.rdma_offset;
+  g.staging_offset = m.gin_staging_offset;
+  g.staging = LowLatencyGinLayout::make(T, hidden, m.num_ranks);
+  // Holds whenever the shapes fit num_rdma_bytes (checked before): staging <= one dispatch half.
+  const size_t area = LowLatencyGinLayout::area_bytes(m.options.num_rdma_bytes);
+  OPENEP_CHECK(g.staging.used <= area, ErrorCode::kInternal, "GIN staging of T = ", T, ", hidden = ", hidden,
+               " needs ", g.staging.used, " bytes, the area has ", area);
+  return g;
+}
+
+GinSignalWaitParams signal_wait_params(const Buffer::Impl& m, int kind, int64_t* wait_stats) {
+  GinSignalWaitParams w{};
+  w.dev_comm = m.dev_comm;
+  w.state = m.ll_state;
+  w.kind = kind;
+  w.rank = m.rank;
+  w.num_ranks = m.num_ranks;
+  w.wait_stats = wait_stats;
+  w.wait = m.wait_context();
+  return w;
+}
+
+}  // namespace
+
+void create_gin_dev_comm(Buffer::Impl& m, ncclComm_t comm) {
+  const ncclDevCommRequirements reqs = gin_dev_comm_requirements(m.num_ranks);
+  const ncclResult_t res = ncclDevCommCreate(comm, &reqs, &m.dev_comm);
+  OPENEP_CHECK(res == ncclSuccess, ErrorCode::kUnsupported, "BufferOptions::allow_network: ncclDevCommCreate "
+               "with GIN failed (", ncclGetErrorString(res), ": ", ncclGetLastError(comm), "); the network path "
+               "needs RDMA NICs with NCCL's GIN support. NCCL may have left the communicator unusable: destroy "
+               "the Group");
+  m.dev_comm_created = true;
+  OPENEP_CHECK(m.dev_comm.ginContextCount > 0, ErrorCode::kUnsupported, "BufferOptions::allow_network: NCCL "
+               "created the device communicator without GIN contexts (ginContextCount = 0, expected > 0); "
+               "check NCCL_GIN_ENABLE and the RDMA NICs");
+  OPENEP_CHECK(m.dev_comm.ginSignalCount >= GinSignals::count(m.num_ranks), ErrorCode::kUnsupported,
+               "NCCL gave ", m.dev_comm.ginSignalCount, " GIN signals, the network path needs ",
+               GinSignals::count(m.num_ranks));
+}
+
+LowLatencyHook low_latency_dispatch_gin(Buffer::Impl& m, LowLatencyDispatchParams p, bool return_recv_hook,
+                                        cudaStream_t stream) {
+  LowLatencyGinDispatchParams send{};
+  send.base = p;
+  send.base.do_send = true;
+  send.base.do_recv = false;
+  send.gin = gin_window(m, p.T, p.hidden);
+  launch_low_latency_gin_dispatch_send(send, low_latency_gin_dispatch_blocks(send, m.num_device_sms), stream);
+
+  p.do_send = false;  // the NVLink receive kernel, unchanged: by the time it runs every flag has landed
+  p.do_recv = true;
+  const GinSignalWaitParams wait = signal_wait_params(m, 0, p.wait_stats);
+  Buffer::Impl* mp = &m;
+  auto receive = [mp, p, wait, stream]() {
+    launch_gin_signal_wait(wait, stream);
+    launch_low_latency_dispatch(p, low_latency_dispatch_blocks(p, mp->num_device_sms), stream);
+  };
+  if (!return_recv_hook) {
+    receive();
+    return {};
+  }
+  return [mp, receive]() {
+    mp->check_usable();
+    receive();
+  };
+}
+
+LowLatencyHook low_latency_combine_gin(Buffer::Impl& m, LowLatencyCombineParams p, bool zero_copy,
+                                       bool return_recv_hook, cudaStream_t stream) {
+  LowLatencyGinCombineParams send{};
+  send.base = p;
+  send.base.do_send = true;
+  send.base.do_recv = false;
+  send.gin = gin_window(m, p.T, p.hidden);
+  send.stage_x = !zero_copy;
+  launch_low_latency_gin_combine_send(send, low_latency_gin_combine_blocks(send, m.num_device_sms), stream);
+
+  p.do_send = false;
+  p.do_recv = true;
+  const GinSignalWaitParams wait = signal_wait_params(m, 1, p.wait_stats);
+  Buffer::Impl* mp = &m;
+  auto receive = [mp, p, wait, stream]() {
+    launch_gin_signal_wait(wait, stream);
+    launch_low_latency_combine(p, low_latency_combine_blocks(p, mp->num_device_sms), stream);
+  };
+  if (!return_recv_hook) {
+    receive();
+    return {};
+  }
+  return [mp, receive]() {
+    mp->check_usable();
+    receive();
+  };
+}
+
+void gin_barrier(Buffer::Impl& m, cudaStream_t stream) {
+  GinBarrierParams p{};
+  p.dev_comm = m.dev_comm;
+  p.epoch = &m.local_state->barrier_epoch[kHostBarrierSlot];
+  p.rank = m.rank;
+  p.num_ranks = m.num_ranks;
+  p.wait = m.wait_context();
+  launch_gin_barrier(p, stream);
+}
+
+}  // namespace openep::detail

@@ -1,0 +1,126 @@
+// Transport policy (runtime/transport.hpp) and the GIN staging layout, on the CPU. The GIN path itself has
+// never run (no RDMA NICs on the test machines); these tests pin down when it is selected and how its
+// window area is sized.
+#include <gtest/gtest.h>
+
+#include <set>
+#include <string>
+
+#include "openep/buffer.hpp"
+#include "openep/error.hpp"
+#include "openep/low_latency.hpp"
+#include "runtime/low_latency_gin_layout.hpp"
+#include "runtime/low_latency_layout.hpp"
+#include "runtime/transport.hpp"
+
+namespace openep::detail {
+namespace {
+
+TransportQuery query(int num_ranks, int num_nvlink_ranks, bool low_latency_mode, bool allow_network) {
+  TransportQuery q;
+  q.num_ranks = num_ranks;
+  q.num_nvlink_ranks = num_nvlink_ranks;
+  q.low_latency_mode = low_latency_mode;
+  q.allow_network = allow_network;
+  q.num_nvl_bytes = 0;
+  q.num_rdma_bytes = 1 << 20;
+  return q;
+}
+
+void expect_refused(const TransportQuery& q, ErrorCode code, const std::string& needle) {
+  try {
+    const Transport t = select_transport(q);
+    ADD_FAILURE() << "expected an openep::Error containing '" << needle << "', got " << transport_name(t);
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), code) << e.what();
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << "message was: " << e.what();
+  }
+}
+
+TEST(TransportPolicy, SingleNodeNeverRequestsGinWhateverTheOptions) {
+  for (int ranks : {1, 2, 4, 8, 72}) {
+    for (bool ll : {false, true}) {
+      for (bool allow : {false, true}) {
+        TransportQuery q = query(ranks, ranks, ll, allow);
+        q.num_nvl_bytes = 4096;  // the network-only field checks must not apply on one node
+        EXPECT_EQ(select_transport(q), Transport::kNvlink) << ranks << " ranks, ll " << ll << ", allow " << allow;
+      }
+    }
+  }
+}
+
+TEST(TransportPolicy, MultiNodeWithoutOptInIsRefusedNamingTheOption) {
+  expect_refused(query(16, 8, true, false), ErrorCode::kUnsupported, "BufferOptions::allow_network");
+  expect_refused(query(16, 8, false, false), ErrorCode::kUnsupported, "BufferOptions::allow_network");
+  expect_refused(query(2, 1, true, false), ErrorCode::kUnsupported, "span several NVLink domains");
+}
+
+TEST(TransportPolicy, MultiNodeWithOptInSelectsGinOnlyInLowLatencyMode) {
+  EXPECT_EQ(select_transport(query(16, 8, true, true)), Transport::kGin);
+  EXPECT_EQ(select_transport(query(2, 1, true, true)), Transport::kGin);
+  expect_refused(query(16, 8, false, true), ErrorCode::kUnsupported, "low_latency_mode is false");
+}
+
+TEST(TransportPolicy, NetworkPathValidatesItsOptions) {
+  TransportQuery q = query(16, 8, true, true);
+  q.num_nvl_bytes = 128;
+  expect_refused(q, ErrorCode::kInvalidArgument, "num_nvl_bytes must be 0");
+  q = query(16, 8, true, true);
+  q.num_rdma_bytes = 0;
+  expect_refused(q, ErrorCode::kInvalidArgument, "num_rdma_bytes must be > 0");
+  expect_refused(query(512, 8, true, true), ErrorCode::kUnsupported, "up to 256 ranks");
+}
+
+TEST(TransportPolicy, AllowNetworkIsOffByDefault) { EXPECT_FALSE(BufferOptions{}.allow_network); }
+
+TEST(GinRequirements, AskForSignalsOnlyAndTheSameOnEveryRank) {
+  const ncclDevCommRequirements r = gin_dev_comm_requirements(16);
+  EXPECT_EQ(r.ginSignalCount, GinSignals::count(16));
+  EXPECT_EQ(r.ginCounterCount, 0);
+  EXPECT_FALSE(r.ginForceEnable);
+  EXPECT_FALSE(r.lsaMultimem);  // multicast stays off
+  EXPECT_EQ(r.resourceRequirementsList, nullptr);
+  EXPECT_EQ(r.teamRequirementsList, nullptr);
+  EXPECT_EQ(r.lsaBarrierCount, 0);
+}
+
+TEST(GinSignals, IdsAreDistinctAndInRange) {
+  for (int R : {2, 3, 16, kMaxGinRanks}) {
+    std::set<int> ids;
+    for (int s = 0; s < R; ++s) {
+      ids.insert(GinSignals::dispatch(s));
+      ids.insert(GinSignals::combine(R, s));
+      ids.insert(GinSignals::barrier(R, s));
+      EXPECT_LT(GinSignals::dispatch(s), GinSignals::num_resettable(R));
+      EXPECT_LT(GinSignals::combine(R, s), GinSignals::num_resettable(R));
+      EXPECT_GE(GinSignals::barrier(R, s), GinSignals::num_resettable(R));  // barriers are never reset
+    }
+    EXPECT_EQ(static_cast<int>(ids.size()), GinSignals::count(R));
+    EXPECT_EQ(*ids.rbegin(), GinSignals::count(R) - 1);
+  }
+}
+
+// For every shape the low-latency region holds (num_rdma_bytes = the size hint), the GIN staging of that
+// shape fits the area the Buffer reserves, and its offsets are aligned for int4 stores.
+TEST(LowLatencyGinLayout, StagingFitsTheReservedAreaForEveryShapeTheRegionHolds) {
+  for (int R : {2, 3, 8, 16, 64, 256}) {
+    for (int T : {1, 7, 128, 1024}) {
+      for (int hidden : {128, 2048, 7168, 8192}) {
+        const int E = R * 4;
+        const size_t rdma = low_latency_buffer_size_hint(T, hidden, R, E);
+        const LowLatencyGinLayout g = LowLatencyGinLayout::make(T, hidden, R);
+        EXPECT_LE(g.used, LowLatencyGinLayout::area_bytes(rdma)) << R << " ranks, T " << T << ", hidden " << hidden;
+        EXPECT_EQ(g.payload_bytes % 16, 0u);
+        EXPECT_EQ(g.payload_offset % 16, 0u);
+        EXPECT_EQ(g.header_offset % 128, 0u);
+        EXPECT_GE(g.payload_bytes, static_cast<size_t>(2 * hidden));  // a BF16 row fits
+      }
+    }
+  }
+  EXPECT_GE(LowLatencyGinLayout::kControlBytes,
+            LowLatencyGinLayout::kCombineFlags + sizeof(uint64_t) * kMaxGinRanks);
+  EXPECT_EQ(LowLatencyGinLayout::kControlBytes % 4096, 0u);
+}
+
+}  // namespace
+}  // namespace openep::detail
