@@ -1,8 +1,12 @@
 """Times openep's Python API (the drop-in deep_ep surface) on all local GPUs, one process per GPU.
 
-Each op is timed on the host around the call plus torch.cuda.synchronize() (so Python, argument checks,
-allocation, the exact-mode host wait and the kernels are all inside), median of --iters after --warmup; the
-slowest rank's median is printed as one JSON line per op. Compare with bench/openep_bench (C++, event-timed)
+Three timings per op, each the median of --iters (after --warmup), the slowest rank's median, one JSON line
+per op:
+  synced     host time around the call plus torch.cuda.synchronize() (Python, argument checks, allocation,
+             the exact-mode host wait and the kernels, one call at a time);
+  host_call  host time of the call alone (what the API costs the CPU; the exact-mode host wait is inside);
+  gpu        CUDA-event time on the current stream around each call, calls issued back to back (what the
+             GPU spends per call when the host keeps ahead, as in a real pipeline). Compare with bench/openep_bench (C++, event-timed)
 on the same card to see the Python layer's cost.
 
     python3 bench/python_api_bench.py --tokens 4096 --hidden 7168 --topk 8 --experts 256 --num-sms 24
@@ -45,19 +49,51 @@ def worker(rank, world, port, a, results):
         "dispatch_bf16_cached": lambda: buf.dispatch(x, handle=handle),
         "combine_bf16": lambda: buf.combine(out[0], handle),
     }
+    if a.ll_tokens > 0:  # low-latency mode: a second Buffer (DeepEP: one mode per Buffer)
+        rdma = deep_ep.Buffer.get_low_latency_rdma_size_hint(a.ll_tokens, a.hidden, world, a.ll_experts)
+        ll = deep_ep.Buffer(dist.group.WORLD, num_rdma_bytes=rdma, low_latency_mode=True,
+                            num_qps_per_rank=a.ll_experts // world, explicitly_destroy=True)
+        lx = torch.randn(a.ll_tokens, a.hidden, device="cuda", generator=g).to(torch.bfloat16)
+        lscores = torch.rand(a.ll_tokens, a.ll_experts, device="cuda", generator=g)
+        lidx = lscores.topk(a.topk, dim=1).indices.to(deep_ep.topk_idx_t)
+        lw = torch.rand(a.ll_tokens, a.topk, device="cuda", generator=g)
+        lrecv, _, lhandle, _, _ = ll.low_latency_dispatch(lx, lidx, a.ll_tokens, a.ll_experts, use_fp8=False)
+        ops["ll_dispatch_fp8"] = lambda: ll.low_latency_dispatch(lx, lidx, a.ll_tokens, a.ll_experts)
+        ops["ll_dispatch_bf16"] = lambda: ll.low_latency_dispatch(lx, lidx, a.ll_tokens, a.ll_experts,
+                                                                  use_fp8=False)
+        ops["ll_combine_bf16"] = lambda: ll.low_latency_combine(lrecv, lidx, lw, lhandle)
     res = {}
     for name, fn in ops.items():
-        times = []
+        synced, host_call, gpu = [], [], []
+        # (1) synced: host time of call + torch.cuda.synchronize(), one call at a time.
         for i in range(a.warmup + a.iters):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             fn()
+            t1 = time.perf_counter()
             torch.cuda.synchronize()
             if i >= a.warmup:
-                times.append((time.perf_counter() - t0) * 1e6)
-        res[name] = statistics.median(times)
+                synced.append((time.perf_counter() - t0) * 1e6)
+                host_call.append((t1 - t0) * 1e6)
+        # (2) gpu: calls issued back to back (no host sync in between), each bracketed by CUDA events on the
+        # current stream (with async_finish=False the current stream waits for the communication stream, so the
+        # end event covers the kernels); the ranks start together after a barrier.
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(a.iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(a.iters)]
+        torch.cuda.synchronize()
+        dist.barrier()
+        for i in range(a.iters):
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize()
+        gpu = [starts[i].elapsed_time(ends[i]) * 1e3 for i in range(a.iters)]
+        res[name] = {"synced": statistics.median(synced), "host_call": statistics.median(host_call),
+                     "gpu": statistics.median(gpu)}
     results.put((rank, res, torch.cuda.get_device_name()))
     buf.destroy()
+    if a.ll_tokens > 0:
+        ll.destroy()
     dist.destroy_process_group()
 
 
@@ -68,6 +104,8 @@ def main():
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--num-sms", type=int, default=24)
+    p.add_argument("--ll-tokens", type=int, default=128, help="low-latency ops at this many tokens (0: skip)")
+    p.add_argument("--ll-experts", type=int, default=288)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     a = p.parse_args()
@@ -94,11 +132,11 @@ def main():
         pr.join()
     gpu = got[0][2]
     for name in got[0][1]:
-        us = max(r[1][name] for r in got)
-        print(json.dumps({"bench": "python_api", "op": name, "gpu": gpu, "ranks": world, "tokens": a.tokens,
-                          "hidden": a.hidden, "topk": a.topk, "experts": a.experts, "num_sms": a.num_sms,
-                          "us_host_median_slowest_rank": round(us, 1)}))
-
+        row = {"bench": "python_api", "op": name, "gpu": gpu, "ranks": world, "tokens": a.tokens,
+               "hidden": a.hidden, "topk": a.topk, "experts": a.experts, "num_sms": a.num_sms}
+        for key in ("synced", "host_call", "gpu"):
+            row[f"us_{key}_median_slowest_rank"] = round(max(r[1][name][key] for r in got), 1)
+        print(json.dumps(row))
 
 if __name__ == "__main__":
     main()

@@ -93,6 +93,16 @@ class LowLatencyHandle(_LowLatencyHandleBase):
     __slots__ = ()
 
 
+def _env_flag(name):
+    """True for 1/true/yes/on, False when unset or 0/false/no/off/empty; anything else is an error."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise invalid_argument(f"{name}: expected 0/1/true/false/yes/no/on/off, got {os.environ[name]!r}")
+
+
 def _make_recv_hook(op, core_hook, tensors):
     """Wraps the core's receive hook as a Python callable that keeps the call's tensors alive until it runs."""
     keep = [tensors]
@@ -150,7 +160,7 @@ class Buffer:
             it with :meth:`get_low_latency_rdma_size_hint` (OpenEP's requirement; a call that does not fit raises
             ``OpenEPError(code="buffer_too_small")`` naming the size needed).
         low_latency_mode: required (True) by the low-latency methods, as in DeepEP. The low-latency kernels use
-            NVLink among the ranks of one NVLink domain (no RDMA path yet).
+            NVLink among the ranks of one NVLink domain; ranks on other nodes need ``allow_network``.
         num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric: accepted for DeepEP
             compatibility and ignored (OpenEP uses NCCL symmetric memory, not NVSHMEM queue pairs or CUDA IPC).
         explicitly_destroy: if True, :meth:`destroy` must be called; otherwise resources are released when the
@@ -159,6 +169,11 @@ class Buffer:
         comm: an mpi4py communicator to use instead of ``group`` for the unique-id exchange.
         timeout_seconds: OpenEP extension: how long a device-side wait on a peer may take before it is reported
             as ``OpenEPError(code="timeout")`` (default 10 s, or ``OPENEP_TIMEOUT_SECONDS``).
+        allow_network: OpenEP extension (default False, or ``OPENEP_ALLOW_NETWORK=1``): lets a low-latency Buffer
+            whose ranks span several NVLink domains (nodes) use the network path over NCCL GIN. EXPERIMENTAL: that
+            path builds but has never run on a real network (no RDMA NICs on the test machines). Ignored when all
+            ranks share one NVLink domain (NVLink is always used there); without it such a group raises
+            ``OpenEPError(code="unsupported")``; normal mode across nodes is not available either way.
 
     Attributes (DeepEP's): ``rank``, ``group``, ``group_size``, ``num_nvl_bytes``, ``num_rdma_bytes``,
     ``low_latency_mode``, ``explicitly_destroy``, ``enable_shrink``, ``runtime`` (None after destroy()).
@@ -169,7 +184,8 @@ class Buffer:
 
     def __init__(self, group, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
                  allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, use_fabric=False,
-                 explicitly_destroy=False, enable_shrink=False, comm=None, timeout_seconds=None):
+                 explicitly_destroy=False, enable_shrink=False, comm=None, timeout_seconds=None,
+                 allow_network=None):
         self.runtime = None
         # Checks that need no GPU come first.
         if group is None and comm is None:
@@ -186,6 +202,10 @@ class Buffer:
             timeout_seconds = float(os.environ.get("OPENEP_TIMEOUT_SECONDS", "10"))
         if not (0 < timeout_seconds <= 3600):
             raise invalid_argument(f"Buffer: timeout_seconds must be in (0, 3600], got {timeout_seconds}")
+        if allow_network is None:
+            allow_network = _env_flag("OPENEP_ALLOW_NETWORK")
+        if not isinstance(allow_network, bool):
+            raise invalid_argument(f"Buffer: allow_network expected a bool or None, got {type(allow_network).__name__}")
         check_nccl_version()
 
         torch = torch_module()
@@ -200,6 +220,7 @@ class Buffer:
         self.explicitly_destroy = explicitly_destroy
         self.enable_shrink = enable_shrink
         self.timeout_seconds = timeout_seconds
+        self.allow_network = allow_network
         self._device = torch.cuda.current_device()
         self._device_str = f"cuda:{self._device}"
 
@@ -213,7 +234,7 @@ class Buffer:
         else:
             uid = comm.bcast(uid, root=0)
         self.runtime = _C.Runtime(uid, self.rank, self.group_size, self._device, num_nvl_bytes, num_rdma_bytes,
-                                  bool(low_latency_mode), float(timeout_seconds))
+                                  bool(low_latency_mode), float(timeout_seconds), allow_network)
         self._comm_stream = torch.cuda.ExternalStream(self.runtime.comm_stream, device=self._device)
 
     # ------------------------------------------------------------------------------------------------------

@@ -157,7 +157,7 @@ openep::LowLatencyCombineArgs ll_combine_args_of(const nb::dict& d) {
 class Runtime {
  public:
   Runtime(nb::bytes unique_id, int rank, int num_ranks, int device, size_t num_nvl_bytes, size_t num_rdma_bytes,
-          bool low_latency_mode, double timeout_seconds) {
+          bool low_latency_mode, double timeout_seconds, bool allow_network) {
     if (unique_id.size() != sizeof(ncclUniqueId)) {
       fail(openep::ErrorCode::kInvalidArgument, "unique_id must be " + std::to_string(sizeof(ncclUniqueId)) +
                                                     " bytes, got " + std::to_string(unique_id.size()));
@@ -169,6 +169,7 @@ class Runtime {
     o.num_rdma_bytes = num_rdma_bytes;
     o.low_latency_mode = low_latency_mode;
     o.timeout_seconds = timeout_seconds;
+    o.allow_network = allow_network;
     nb::gil_scoped_release release;
     group_ = openep::Group::create(id, rank, num_ranks, device);
     buffer_ = std::make_unique<openep::Buffer>(*group_, o);
@@ -240,9 +241,10 @@ void bind_buffer(nb::module_& m) {
   }, "A fresh NCCL unique id (128 bytes) for Runtime(); create it on one rank and ship it to the others.");
 
   nb::class_<Runtime>(m, "Runtime", "openep::Group + openep::Buffer (internal; use openep.Buffer).")
-      .def(nb::init<nb::bytes, int, int, int, size_t, size_t, bool, double>(), nb::arg("unique_id"),
+      .def(nb::init<nb::bytes, int, int, int, size_t, size_t, bool, double, bool>(), nb::arg("unique_id"),
            nb::arg("rank"), nb::arg("num_ranks"), nb::arg("device"), nb::arg("num_nvl_bytes"),
-           nb::arg("num_rdma_bytes"), nb::arg("low_latency_mode"), nb::arg("timeout_seconds"))
+           nb::arg("num_rdma_bytes"), nb::arg("low_latency_mode"), nb::arg("timeout_seconds"),
+           nb::arg("allow_network") = false)
       .def("destroy", &Runtime::destroy)
       .def_prop_ro("alive", &Runtime::alive)
       .def_prop_ro("rank", [](Runtime& r) { return r.buffer().rank(); })

@@ -952,8 +952,10 @@ def ll_decode_moe_example(ctx):
     router = (torch.randn(H, E, generator=g) / H ** 0.5).to(ctx.device)
     W = (torch.randn(E, H, H, generator=g) / H ** 0.5).to(torch.bfloat16).to(ctx.device)
     num_rdma_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(T, H, R, E)
+    # allow_network=True: on one node it must be ignored (NVLink is used; the results below prove it works)
     buffer = deep_ep.Buffer(ctx.group, 0, num_rdma_bytes, low_latency_mode=True, num_qps_per_rank=E // R,
-                            explicitly_destroy=True)
+                            explicitly_destroy=True, allow_network=True)
+    assert buffer.allow_network is True
     try:
         gx = torch.Generator().manual_seed(77 + rank)
         x = torch.randn(96 - 8 * rank, H, generator=gx).to(torch.bfloat16).to(ctx.device)

@@ -199,6 +199,29 @@ def test_buffer_rejects_bad_sizes_before_touching_the_gpu(kwargs, needle):
     assert e.value.code == "invalid_argument" and needle in str(e.value)
 
 
+def test_buffer_rejects_a_non_bool_allow_network():
+    with pytest.raises(openep.OpenEPError) as e:
+        openep.Buffer(_FakeGroup(), allow_network=1)
+    assert e.value.code == "invalid_argument" and "allow_network expected a bool or None, got int" in str(e.value)
+
+
+def test_buffer_rejects_a_malformed_openep_allow_network(monkeypatch):
+    monkeypatch.setenv("OPENEP_ALLOW_NETWORK", "maybe")
+    with pytest.raises(openep.OpenEPError) as e:
+        openep.Buffer(_FakeGroup())
+    assert e.value.code == "invalid_argument" and "OPENEP_ALLOW_NETWORK" in str(e.value) and "maybe" in str(e.value)
+
+
+@pytest.mark.parametrize("value,want", [("", False), ("0", False), ("off", False), ("1", True), ("TRUE", True),
+                                        (" yes ", True)])
+def test_env_flag_parsing(monkeypatch, value, want):
+    from openep.buffer import _env_flag
+    monkeypatch.setenv("OPENEP_TEST_FLAG", value)
+    assert _env_flag("OPENEP_TEST_FLAG") is want
+    monkeypatch.delenv("OPENEP_TEST_FLAG")
+    assert _env_flag("OPENEP_TEST_FLAG") is False
+
+
 def test_buffer_shrink_mode_not_available_yet():
     with pytest.raises(openep.OpenEPNotAvailableError):
         openep.Buffer(_FakeGroup(), enable_shrink=True)
