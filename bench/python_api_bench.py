@@ -62,6 +62,88 @@ def worker(rank, world, port, a, results):
         ops["ll_dispatch_bf16"] = lambda: ll.low_latency_dispatch(lx, lidx, a.ll_tokens, a.ll_experts,
                                                                   use_fp8=False)
         ops["ll_combine_bf16"] = lambda: ll.low_latency_combine(lrecv, lidx, lw, lhandle)
+    if a.breakdown:  # host cost of the pieces of a call (rank 0 prints; every op still runs on both ranks)
+        import timeit
+
+        class TimedRuntime:  # wraps Buffer.runtime: accumulates the host time spent inside the core's calls
+            def __init__(self, rt):
+                self._rt, self.t, self.n = rt, 0.0, 0
+
+            def __getattr__(self, name):
+                f = getattr(self._rt, name)
+                if not callable(f):
+                    return f
+
+                def timed(*args, **kw):
+                    t0 = time.perf_counter()
+                    try:
+                        return f(*args, **kw)
+                    finally:
+                        self.t += time.perf_counter() - t0
+                        self.n += 1
+                return timed
+
+        buffers = [buf] + ([ll] if a.ll_tokens > 0 else [])
+        for b in buffers:
+            b.runtime = TimedRuntime(b.runtime)
+        for name, fn in ops.items():
+            for b in buffers:
+                b.runtime.t, b.runtime.n = 0.0, 0
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(a.iters):
+                fn()
+            total = time.perf_counter() - t0
+            torch.cuda.synchronize()
+            core = sum(b.runtime.t for b in buffers)
+            if rank == 0:
+                print(f"breakdown {name}: host per call {total / a.iters * 1e6:.1f} us, inside the core "
+                      f"{core / a.iters * 1e6:.1f} us ({sum(b.runtime.n for b in buffers) / a.iters:.1f} core calls)",
+                      flush=True)
+        for b in buffers:
+            b.runtime = b.runtime._rt
+        if rank == 0:
+            comm = torch.cuda.ExternalStream(buf.runtime.comm_stream)
+            cur = torch.cuda.current_stream()
+            ev = torch.cuda.Event()
+            dev = torch.device("cuda", rank)
+            from openep._checks import check_tensor
+            micro = {
+                "torch.cuda.current_stream()": lambda: torch.cuda.current_stream(),
+                "torch._C._cuda_getCurrentRawStream(i)": lambda: torch._C._cuda_getCurrentRawStream(rank),
+                "comm.wait_stream(cur)": lambda: comm.wait_stream(cur),
+                "reused event record+wait": lambda: (ev.record(cur), comm.wait_event(ev)),
+                "torch.empty(1024, device=str)": lambda: torch.empty(1024, device=f"cuda:{rank}"),
+                "torch.empty(1024, device=obj)": lambda: torch.empty(1024, device=dev),
+                "check_tensor": lambda: check_tensor("op", "x", x, ("bfloat16",), (a.tokens, None), True,
+                                                     f"cuda:{rank}"),
+                "x.data_ptr()": lambda: x.data_ptr(),
+                "str(x.device)": lambda: str(x.device),
+                "str(x.dtype)": lambda: str(x.dtype),
+                "tuple(x.shape)": lambda: tuple(x.shape),
+                "x.is_contiguous()": lambda: x.is_contiguous(),
+            }
+            for k, f in micro.items():
+                n = 2000
+                print(f"micro {k}: {timeit.timeit(f, number=n) / n * 1e6:.2f} us", flush=True)
+            torch.cuda.synchronize()
+    if a.profile:  # cProfile of the host side of each named op on rank 0 (both ranks call it: it is collective)
+        import cProfile
+        import pstats
+        for name in a.profile.split(","):
+            fn = ops[name]
+            for _ in range(a.warmup):
+                fn()
+            torch.cuda.synchronize()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(a.iters):
+                fn()
+            prof.disable()
+            torch.cuda.synchronize()
+            if rank == 0:
+                print(f"==== profile of {name}: {a.iters} calls, rank 0 (tottime = own time) ====", flush=True)
+                pstats.Stats(prof).sort_stats("tottime").print_stats(18)
     res = {}
     for name, fn in ops.items():
         synced, host_call, gpu = [], [], []
@@ -106,6 +188,8 @@ def main():
     p.add_argument("--num-sms", type=int, default=24)
     p.add_argument("--ll-tokens", type=int, default=128, help="low-latency ops at this many tokens (0: skip)")
     p.add_argument("--ll-experts", type=int, default=288)
+    p.add_argument("--breakdown", action="store_true", help="host cost of the core calls and of torch pieces")
+    p.add_argument("--profile", default="", help="comma-separated ops to run under cProfile first (rank 0 prints)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     a = p.parse_args()

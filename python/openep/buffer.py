@@ -27,7 +27,7 @@ from collections import namedtuple
 from . import _C
 from ._checks import INDEX_DTYPES, SCALE_DTYPES, check_int, check_tensor, dtype_name, element_size
 from ._loader import check_nccl_version
-from ._torch import torch_module
+from ._torch import current_raw_stream, torch_module
 from .errors import invalid_argument, not_available
 from .utils import EventHandle, EventOverlap
 
@@ -60,8 +60,8 @@ class IntranodeHandle(_IntranodeHandleBase):
     ``N_recv = num_worst_tokens`` and the real count is ``rank_prefix_matrix[R-1, rank]``.
     The tensors must stay unmodified while the handle is used (combine, cached dispatch).
     """
-
-    __slots__ = ()
+    # No __slots__: a handle made by Buffer.dispatch carries its already-checked core form (_openep_checked),
+    # so combine and cached dispatch skip re-validating it (~10 us per call).
 
 
 _LowLatencyHandleBase = namedtuple(
@@ -89,8 +89,7 @@ class LowLatencyHandle(_LowLatencyHandleBase):
     particular order. Pass the handle unchanged to :meth:`Buffer.low_latency_combine` (and
     :meth:`Buffer.get_next_low_latency_combine_buffer`); the tensors must stay unmodified until then.
     """
-
-    __slots__ = ()
+    # No __slots__: see IntranodeHandle (_openep_checked).
 
 
 def _env_flag(name):
@@ -222,7 +221,8 @@ class Buffer:
         self.timeout_seconds = timeout_seconds
         self.allow_network = allow_network
         self._device = torch.cuda.current_device()
-        self._device_str = f"cuda:{self._device}"
+        self._dev = torch.device("cuda", self._device)  # a device object: cheaper than a string per torch.empty
+        self._token = object()  # marks the handles this Buffer made (their checked form is reused)
 
         # One NCCL unique id from rank 0 of the group, shipped through the group itself.
         uid = _C.make_unique_id() if self.rank == 0 else None
@@ -235,7 +235,8 @@ class Buffer:
             uid = comm.bcast(uid, root=0)
         self.runtime = _C.Runtime(uid, self.rank, self.group_size, self._device, num_nvl_bytes, num_rdma_bytes,
                                   bool(low_latency_mode), float(timeout_seconds), allow_network)
-        self._comm_stream = torch.cuda.ExternalStream(self.runtime.comm_stream, device=self._device)
+        self._comm_ptr = self.runtime.comm_stream
+        self._comm_stream = torch.cuda.ExternalStream(self._comm_ptr, device=self._device)
 
     # ------------------------------------------------------------------------------------------------------
     # Lifetime
@@ -354,7 +355,7 @@ class Buffer:
             raise invalid_argument(f"get_local_buffer_tensor: offset {offset} exceeds the region's {num_bytes} bytes")
         elem = torch.empty((), dtype=dtype).element_size()
         count = (num_bytes - offset) // elem
-        raw = _wrap_device_memory(self, address + offset, num_bytes - offset, self._device_str)
+        raw = _wrap_device_memory(self, address + offset, num_bytes - offset, self._dev)
         t = raw[:count * elem].view(dtype)
         if size is not None:
             n = 1
@@ -374,16 +375,21 @@ class Buffer:
     # ------------------------------------------------------------------------------------------------------
     # Stream plumbing (DeepEP 5.11)
     def _begin(self, op, previous_event, async_finish, allocate_on_comm_stream):
-        torch = torch_module()
+        """Orders the communication stream after the caller's work; returns the caller's stream for _finish.
+
+        Hot path: raw stream addresses and one reused event in the core (Runtime.stream_wait), no torch Stream
+        or Event objects (those cost ~6-8 us each per call)."""
         if allocate_on_comm_stream and (previous_event is None or not async_finish):
             raise invalid_argument(f"{op}: allocate_on_comm_stream=True requires previous_event and "
                                    f"async_finish=True (DeepEP V1 rule)")
-        compute = torch.cuda.current_stream()
+        compute = current_raw_stream(self._device)
+        # the torch Stream object is only needed to record_stream the outputs on it (allocate_on_comm_stream)
+        compute_obj = torch_module().cuda.current_stream() if allocate_on_comm_stream else None
         if previous_event is not None:
             _event_of(previous_event).stream_wait(self._comm_stream)
         else:
-            self._comm_stream.wait_stream(compute)
-        return compute
+            self.runtime.stream_wait(self._comm_ptr, compute)
+        return compute, compute_obj
 
     def _alloc_context(self, allocate_on_comm_stream):
         if allocate_on_comm_stream:
@@ -391,16 +397,17 @@ class Buffer:
         return contextlib.nullcontext()
 
     def _finish(self, compute, async_finish, allocate_on_comm_stream, tensors):
-        torch = torch_module()
+        compute_ptr, compute_obj = compute
         if async_finish:
+            torch = torch_module()
             event = EventHandle(self._comm_stream)
             for t in tensors:
                 if isinstance(t, torch.Tensor):
                     t.record_stream(self._comm_stream)
                     if allocate_on_comm_stream:
-                        t.record_stream(compute)
+                        t.record_stream(compute_obj)
             return EventOverlap(event)
-        compute.wait_stream(self._comm_stream)
+        self.runtime.stream_wait(compute_ptr, self._comm_ptr)
         return EventOverlap(None)
 
     # ------------------------------------------------------------------------------------------------------
@@ -424,14 +431,14 @@ class Buffer:
         """
         op = "get_dispatch_layout"
         rt = self._rt(op)
-        check_tensor(op, "topk_idx", topk_idx, INDEX_DTYPES, (None, None), True, self._device_str)
+        check_tensor(op, "topk_idx", topk_idx, INDEX_DTYPES, (None, None), True, self._dev)
         check_int(op, "num_experts", num_experts, 1)
         torch = torch_module()
         num_tokens, num_topk = topk_idx.shape
         R = self.group_size
         compute = self._begin(op, previous_event, async_finish, allocate_on_comm_stream)
         with self._alloc_context(allocate_on_comm_stream):
-            dev = self._device_str
+            dev = self._dev
             num_tokens_per_rank = torch.empty((R,), dtype=torch.int32, device=dev)
             num_tokens_per_expert = torch.empty((num_experts,), dtype=torch.int32, device=dev)
             is_token_in_rank = torch.empty((num_tokens, R), dtype=torch.bool, device=dev)
@@ -453,7 +460,7 @@ class Buffer:
             x, scales = x
         else:
             scales = None
-        check_tensor(op, "x", x, None, (None, None), True, self._device_str)
+        check_tensor(op, "x", x, None, (None, None), True, self._dev)
         esize = element_size(x)
         if esize not in (1, 2):
             raise invalid_argument(f"{op}: x expected 2-byte (bfloat16) or 1-byte (float8_e4m3fn) elements, got "
@@ -464,7 +471,7 @@ class Buffer:
             if esize != 1:
                 raise invalid_argument(f"{op}: x_scales given, so x expected 1-byte (float8_e4m3fn) elements, got "
                                        f"{dtype_name(x.dtype)}")
-            check_tensor(op, "x_scales", scales, SCALE_DTYPES, (x.shape[0], None), False, self._device_str)
+            check_tensor(op, "x_scales", scales, SCALE_DTYPES, (x.shape[0], None), False, self._dev)
         return x, scales
 
     def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
@@ -512,7 +519,7 @@ class Buffer:
             return self._cached_dispatch(rt, x, scales, handle, config, previous_event, async_finish,
                                          allocate_on_comm_stream)
         torch = torch_module()
-        R, dev = self.group_size, self._device_str
+        R, dev = self.group_size, self._dev
         num_tokens, hidden = x.shape
         for name, t in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
                         ("num_tokens_per_expert", num_tokens_per_expert)):
@@ -558,6 +565,7 @@ class Buffer:
             rt.dispatch(args, hd, outs, stream)
             handle = IntranodeHandle(rank_prefix_matrix, num_tokens_per_src, None, recv_src_idx, is_token_in_rank,
                                      send_pos)
+            handle._openep_checked = (self._token, hd)  # hd holds exactly what _unpack_handle would build
             event = self._finish(compute, async_finish, allocate_on_comm_stream,
                                  (x, scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
                                   num_tokens_per_expert, recv_x, recv_scales, recv_topk_idx, recv_topk_weights)
@@ -577,20 +585,23 @@ class Buffer:
 
     def _recv_tensors(self, x, scales, num_recv):
         torch = torch_module()
-        recv_x = torch.empty((num_recv, x.shape[1]), dtype=x.dtype, device=self._device_str)
+        recv_x = torch.empty((num_recv, x.shape[1]), dtype=x.dtype, device=self._dev)
         outs = {"recv_x": recv_x.data_ptr()}
         recv_scales = None
         if scales is not None:
-            recv_scales = torch.empty((num_recv, scales.shape[1]), dtype=scales.dtype, device=self._device_str)
+            recv_scales = torch.empty((num_recv, scales.shape[1]), dtype=scales.dtype, device=self._dev)
             outs["recv_x_scales"] = recv_scales.data_ptr()
         return recv_x, recv_scales, outs
 
     def _unpack_handle(self, op, handle):
+        checked = getattr(handle, "_openep_checked", None)
+        if checked is not None and checked[0] is self._token:
+            return checked[1]
         if not isinstance(handle, tuple) or len(handle) != 6:
             raise invalid_argument(f"{op}: handle expected the 6-tuple an intranode dispatch returns, got "
                                    f"{type(handle).__name__}")
         rank_prefix_matrix, num_tokens_per_src, _, recv_src_idx, is_token_in_rank, send_pos = handle
-        R, dev = self.group_size, self._device_str
+        R, dev = self.group_size, self._dev
         check_tensor(op, "handle.rank_prefix_matrix", rank_prefix_matrix, ("int32",), (R, R), True, dev)
         check_tensor(op, "handle.num_tokens_per_src", num_tokens_per_src, ("int32",), (R,), True, dev)
         check_tensor(op, "handle.recv_src_idx", recv_src_idx, ("int32",), (None,), True, dev)
@@ -642,7 +653,7 @@ class Buffer:
         config = self.get_combine_config(self.group_size) if config is None else config
         hd = self._unpack_handle(op, handle)
         torch = torch_module()
-        dev = self._device_str
+        dev = self._dev
         num_recv, num_tokens = hd["num_recv_tokens"], hd["num_tokens"]
         check_tensor(op, "x", x, ("bfloat16",), (num_recv, None), True, dev)
         hidden = x.shape[1]
@@ -712,13 +723,16 @@ class Buffer:
         return rt
 
     def _ll_unpack_handle(self, op, handle):
+        checked = getattr(handle, "_openep_checked", None)
+        if checked is not None and checked[0] is self._token:
+            return checked[1]
         if not isinstance(handle, tuple) or len(handle) != 5:
             raise invalid_argument(f"{op}: handle expected the 5-tuple low_latency_dispatch returns "
                                    f"(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, "
                                    f"num_experts), got {type(handle).__name__}"
                                    + (f" of length {len(handle)}" if isinstance(handle, tuple) else ""))
         src_info, layout_range, T, hidden, num_experts = handle
-        R, dev = self.group_size, self._device_str
+        R, dev = self.group_size, self._dev
         check_int(op, "handle.num_max_dispatch_tokens_per_rank", T, 1)
         check_int(op, "handle.hidden", hidden, 1)
         check_int(op, "handle.num_experts", num_experts, 1)
@@ -739,7 +753,7 @@ class Buffer:
             return EventOverlap(None), _make_recv_hook(op, core_hook, keep)
         if async_finish:
             return EventOverlap(EventHandle(self._comm_stream), extra_tensors=keep), None
-        compute.wait_stream(self._comm_stream)
+        self.runtime.stream_wait(compute, self._comm_ptr)
         return EventOverlap(None), None
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
@@ -822,7 +836,7 @@ class Buffer:
         """
         op = "low_latency_dispatch"
         rt = self._ll_rt(op)
-        R, dev = self.group_size, self._device_str
+        R, dev = self.group_size, self._dev
         T = num_max_dispatch_tokens_per_rank
         check_int(op, "num_max_dispatch_tokens_per_rank", T, 1)
         check_int(op, "num_experts", num_experts, 1)
@@ -858,7 +872,7 @@ class Buffer:
 
         torch = torch_module()
         P = R * T
-        compute = torch.cuda.current_stream()
+        compute = current_raw_stream(self._device)
         packed_recv_x = torch.empty((El, P, hidden), dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
                                     device=dev)
         scales = None
@@ -880,16 +894,18 @@ class Buffer:
         if dispatch_wait_recv_cost_stats is not None:
             args["dispatch_wait_recv_cost_stats"] = dispatch_wait_recv_cost_stats.data_ptr()
         hd = {"src_info": src_info.data_ptr(), "layout_range": layout_range.data_ptr()}
+        hd_full = dict(hd, num_max_dispatch_tokens_per_rank=T, hidden=hidden, num_experts=num_experts)
         outs = {"packed_recv_x": packed_recv_x.data_ptr(), "packed_recv_count": recv_count.data_ptr()}
         if scales is not None:
             outs["packed_recv_scales"] = scales.data_ptr()
         if return_recv_hook:
             stream = compute
         else:
-            stream = self._comm_stream
-            stream.wait_stream(compute)
-        core_hook = rt.low_latency_dispatch(args, hd, outs, stream.cuda_stream)
+            stream = self._comm_ptr
+            rt.stream_wait(stream, compute)
+        core_hook = rt.low_latency_dispatch(args, hd, outs, stream)
         handle = LowLatencyHandle(src_info, layout_range, T, hidden, num_experts)
+        handle._openep_checked = (self._token, (hd_full, El, T, hidden, num_experts))  # = _ll_unpack_handle's
         event, hook = self._ll_finish(op, compute, async_finish, return_recv_hook, core_hook,
                                       (x, topk_idx, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
                                        packed_recv_x, scales, recv_count, src_info, layout_range))
@@ -933,7 +949,7 @@ class Buffer:
         if async_finish and return_recv_hook:
             raise invalid_argument(f"{op}: async_finish and return_recv_hook are mutually exclusive (DeepEP V1 rule)")
         hd, El, T, hidden, num_experts = self._ll_unpack_handle(op, handle)
-        R, dev = self.group_size, self._device_str
+        R, dev = self.group_size, self._dev
         if x is not None or not zero_copy:
             check_tensor(op, "x", x, ("bfloat16",), (El, R * T, hidden), True, dev)
         check_tensor(op, "topk_idx", topk_idx, INDEX_DTYPES, (None, None), True, dev)
@@ -951,7 +967,7 @@ class Buffer:
                          dev)
 
         torch = torch_module()
-        compute = torch.cuda.current_stream()
+        compute = current_raw_stream(self._device)
         combined_x = out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=dev)
         args = {"x": x.data_ptr() if x is not None else 0, "topk_idx": topk_idx.data_ptr(),
                 "topk_int64": int(dtype_name(topk_idx.dtype) == "int64"), "topk_weights": topk_weights.data_ptr(),
@@ -962,9 +978,9 @@ class Buffer:
         if return_recv_hook:
             stream = compute
         else:
-            stream = self._comm_stream
-            stream.wait_stream(compute)
-        core_hook = rt.low_latency_combine(args, hd, {"combined_x": combined_x.data_ptr()}, stream.cuda_stream)
+            stream = self._comm_ptr
+            rt.stream_wait(stream, compute)
+        core_hook = rt.low_latency_combine(args, hd, {"combined_x": combined_x.data_ptr()}, stream)
         event, hook = self._ll_finish(op, compute, async_finish, return_recv_hook, core_hook,
                                       (x, topk_idx, topk_weights, combine_wait_recv_cost_stats, combined_x)
                                       + tuple(handle[:2]))
@@ -992,7 +1008,7 @@ class Buffer:
             shape = (El, self.group_size * T, hidden)
             # the view holds the runtime (not the Buffer: no reference cycle through the cache)
             cache[key] = _wrap_device_memory(rt, address, El * self.group_size * T * hidden * 2,
-                                             self._device_str).view(torch.bfloat16).view(shape)
+                                             self._dev).view(torch.bfloat16).view(shape)
         return cache[key]
 
     # Shrink mode (failure masking): not available yet.

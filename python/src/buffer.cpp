@@ -21,6 +21,7 @@
 #include "openep/group.hpp"
 #include "openep/low_latency.hpp"
 #include "runtime/buffer_impl.hpp"
+#include "runtime/check.hpp"
 
 namespace nb = nanobind;
 
@@ -173,6 +174,23 @@ class Runtime {
     nb::gil_scoped_release release;
     group_ = openep::Group::create(id, rank, num_ranks, device);
     buffer_ = std::make_unique<openep::Buffer>(*group_, o);
+    OPENEP_CUDA_CHECK(cudaSetDevice(device));
+    OPENEP_CUDA_CHECK(cudaEventCreateWithFlags(&order_event_, cudaEventDisableTiming));
+  }
+  ~Runtime() {
+    if (order_event_) cudaEventDestroy(order_event_);  // never throws; an error here has no one to report to
+  }
+  Runtime(const Runtime&) = delete;
+  Runtime& operator=(const Runtime&) = delete;
+
+  // Makes `waiter` wait (on the device, no host wait) for the work enqueued so far on `waited`. One reused
+  // event: cudaStreamWaitEvent takes the event's state at the call, so the next record cannot affect this wait;
+  // under stream capture the pair becomes a graph edge, as with torch's Stream.wait_stream. The streams must
+  // belong to the Buffer's device. Costs ~1-2 us instead of ~6 us for torch's wait_stream (a new event each).
+  void stream_wait(uintptr_t waiter, uintptr_t waited) {
+    buffer();  // refuses after destroy()
+    OPENEP_CUDA_CHECK(cudaEventRecord(order_event_, as_stream(waited)));
+    OPENEP_CUDA_CHECK(cudaStreamWaitEvent(as_stream(waiter), order_event_, 0));
   }
 
   openep::Buffer& buffer() {
@@ -190,6 +208,7 @@ class Runtime {
 
   std::unique_ptr<openep::Group> group_;
   std::unique_ptr<openep::Buffer> buffer_;
+  cudaEvent_t order_event_ = nullptr;
 };
 
 // The receive half of a hook-mode low-latency call (openep._C.LowLatencyHook). Holds a reference to its
@@ -246,6 +265,8 @@ void bind_buffer(nb::module_& m) {
            nb::arg("num_rdma_bytes"), nb::arg("low_latency_mode"), nb::arg("timeout_seconds"),
            nb::arg("allow_network") = false)
       .def("destroy", &Runtime::destroy)
+      .def("stream_wait", &Runtime::stream_wait, nb::arg("waiter"), nb::arg("waited"),
+           "Makes stream `waiter` wait for the work enqueued so far on stream `waited` (cudaStream_t addresses).")
       .def_prop_ro("alive", &Runtime::alive)
       .def_prop_ro("rank", [](Runtime& r) { return r.buffer().rank(); })
       .def_prop_ro("num_ranks", [](Runtime& r) { return r.buffer().num_ranks(); })

@@ -394,7 +394,7 @@ def _ll_buffer(low_latency_mode=True, R=2):
     """A Buffer object without a GPU: the low-latency argument checks run before anything touches the device."""
     buf = object.__new__(openep.Buffer)
     buf.runtime = object()
-    buf.group_size, buf.rank, buf._device_str, buf.low_latency_mode = R, 0, "cuda:0", low_latency_mode
+    buf.group_size, buf.rank, buf._dev, buf.low_latency_mode = R, 0, "cuda:0", low_latency_mode
     return buf
 
 
