@@ -19,21 +19,9 @@ namespace openep::device {
 // REQUIRES: gin was built from a device communicator with ginContextCount > 0.
 __device__ __forceinline__ bool wait_signal_geq(const WaitContext& ctx, const ncclGin& gin, ncclGinSignal_t signal,
                                                 uint64_t target, int peer, detail::Phase phase) {
-  uint64_t v = gin.readSignal(signal);  // acquire: the puts this signal covers are visible after it
-  if (static_cast<int64_t>(v - target) >= 0) return true;
-  const uint64_t start = ptx::globaltimer_ns();
-  for (uint32_t iter = 1;; ++iter) {
-    v = gin.readSignal(signal);
-    if (static_cast<int64_t>(v - target) >= 0) return true;
-    if ((iter & 63u) == 0) {
-      if (error_recorded(ctx)) return false;
-      if (ptx::globaltimer_ns() - start > ctx.timeout_ns) {
-        record_error(ctx, detail::DeviceErrorCode::kTimeout, peer, phase, static_cast<int64_t>(target),
-                     static_cast<int64_t>(v));
-        return false;
-      }
-    }
-  }
+  return poll_until(
+      ctx, [&gin, signal]() { return gin.readSignal(signal); },  // acquire: the covered puts are visible after it
+      [target](uint64_t v) { return static_cast<int64_t>(v - target) >= 0; }, target, peer, phase);
 }
 
 }  // namespace openep::device

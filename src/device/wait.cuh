@@ -38,16 +38,18 @@ __device__ __forceinline__ bool error_recorded(const WaitContext& ctx) {
   return ptx::ld_volatile(ctx.error_claim) != 0;
 }
 
-// Waits until *counter >= target. Returns false (after recording a timeout naming `peer` and `phase`) if
-// that does not happen within the timeout, or if another thread already recorded an error.
-__device__ __forceinline__ bool wait_geq(const WaitContext& ctx, const uint64_t* counter, uint64_t target, int peer,
-                                         detail::Phase phase) {
-  uint64_t v = ptx::ld_acquire_sys(counter);
-  if (v >= target) return true;
+// Polls `read()` until `reached(value)`. Returns false (after recording a timeout naming `peer`, `phase`,
+// `target` and the last value seen) if that does not happen within the timeout, or as soon as another thread
+// of this GPU has recorded an error. Every wait on a peer goes through here (ARCHITECTURE.md D4).
+template <typename Read, typename Reached>
+__device__ __forceinline__ bool poll_until(const WaitContext& ctx, Read read, Reached reached, uint64_t target,
+                                           int peer, detail::Phase phase) {
+  uint64_t v = read();
+  if (reached(v)) return true;
   const uint64_t start = ptx::globaltimer_ns();
   for (uint32_t iter = 1;; ++iter) {
-    v = ptx::ld_acquire_sys(counter);
-    if (v >= target) return true;
+    v = read();
+    if (reached(v)) return true;
     if ((iter & 63u) == 0) {
       if (error_recorded(ctx)) return false;
       if (ptx::globaltimer_ns() - start > ctx.timeout_ns) {
@@ -57,6 +59,15 @@ __device__ __forceinline__ bool wait_geq(const WaitContext& ctx, const uint64_t*
       }
     }
   }
+}
+
+// Waits until *counter >= target (an acquire load at system scope: the writes the peer released before
+// raising the counter are visible after it). See poll_until for the failure path.
+__device__ __forceinline__ bool wait_geq(const WaitContext& ctx, const uint64_t* counter, uint64_t target, int peer,
+                                         detail::Phase phase) {
+  return poll_until(
+      ctx, [counter]() { return ptx::ld_acquire_sys(counter); }, [target](uint64_t v) { return v >= target; },
+      target, peer, phase);
 }
 
 }  // namespace openep::device

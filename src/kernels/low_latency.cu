@@ -38,8 +38,11 @@
 #include <cuda_fp8.h>
 
 #include "device/copy.cuh"
+#include "device/fp8.cuh"
 #include "device/ptx.cuh"
+#include "device/ticket.cuh"
 #include "device/wait.cuh"
+#include "kernels/low_latency_rows.cuh"
 #include "kernels/low_latency_launch.hpp"
 #include "openep/low_latency.hpp"
 #include "runtime/check.hpp"
@@ -50,8 +53,6 @@ namespace {
 using L = LowLatencyLayout;
 constexpr int kThreads = 1024;
 constexpr int kMaxRanksLL = 256;
-constexpr float kE4m3Max = 448.0f;
-constexpr float kAmaxFloor = 1e-4f;
 
 __device__ __forceinline__ char* region(const LowLatencyWindow& w, int rank) {
   return w.peer_bases[rank] + w.region_offset;
@@ -61,62 +62,8 @@ __device__ __forceinline__ int64_t read_topk(const void* p, bool i64, int64_t id
   return i64 ? static_cast<const int64_t*>(p)[idx] : static_cast<int64_t>(static_cast<const int32_t*>(p)[idx]);
 }
 
-// True on every thread of the last block of the grid to get here. The ticket is reset by that block.
-// kSystem: the last block publishes other blocks' peer writes (needs system scope); else it only stores an epoch.
-template <bool kSystem>
-__device__ __forceinline__ bool last_block(uint32_t* ticket) {
-  __shared__ int s_last;
-  __syncthreads();  // the block's writes are ordered before thread 0's release
-  if (threadIdx.x == 0) {
-    const uint32_t prev = kSystem ? ptx::atom_add_acq_rel_sys(ticket, 1u) : ptx::atom_add_acq_rel_gpu(ticket, 1u);
-    s_last = prev == gridDim.x - 1;
-    if (s_last) *ticket = 0;
-  }
-  __syncthreads();
-  return s_last != 0;
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // dispatch
-
-// Casts 8 BF16 values (one int4) of a 128-channel block held by 16 consecutive lanes; writes 8 e4m3 bytes
-// and, on the block's first lane, the scale. All 32 lanes must call it (shuffles).
-__device__ __forceinline__ void cast_fp8_chunk(const int4 v, bool active, bool round_scale, uint2* out_bytes,
-                                               float* out_scale) {
-  const uint32_t w[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
-                         static_cast<uint32_t>(v.w)};
-  float f[8];
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    f[2 * q] = __uint_as_float(w[q] << 16);
-    f[2 * q + 1] = __uint_as_float(w[q] & 0xFFFF0000u);
-  }
-  float amax = 0.0f;
-#pragma unroll
-  for (int q = 0; q < 8; ++q) amax = fmaxf(amax, fabsf(f[q]));
-#pragma unroll
-  for (int o = 8; o >= 1; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  amax = fmaxf(amax, kAmaxFloor);
-  float scale, scale_inv;
-  if (!round_scale) {
-    scale_inv = __fdiv_rn(amax, kE4m3Max);
-    scale = __fdiv_rn(kE4m3Max, amax);
-  } else {
-    const uint32_t u = __float_as_uint(__fdiv_rn(amax, kE4m3Max));
-    const uint32_t exponent_field = ((u >> 23) & 0xFFu) + ((u & 0x7FFFFFu) != 0 ? 1u : 0u);
-    scale_inv = __uint_as_float(exponent_field << 23);
-    scale = __fdiv_rn(1.0f, scale_inv);
-  }
-  if (!active) return;
-  uint32_t packed[2] = {0, 0};
-#pragma unroll
-  for (int q = 0; q < 8; ++q) {
-    const uint32_t b = __nv_cvt_float_to_fp8(__fmul_rn(f[q], scale), __NV_SATFINITE, __NV_E4M3);
-    packed[q / 4] |= (b & 0xFFu) << (8 * (q % 4));
-  }
-  *out_bytes = make_uint2(packed[0], packed[1]);
-  if ((threadIdx.x & 15) == 0) *out_scale = scale_inv;
-}
 
 // Routing entry of top-k slot k in a message: (local expert << 16) | slot inside the (expert, source) range.
 static_assert(L::kHeaderBytes == sizeof(int32_t) * kMaxLowLatencyTopk, "one header int32 per top-k slot");
@@ -179,7 +126,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint64_t epoch,
         const int c = base + threadIdx.x;
         const bool active = c < chunks;
         const int4 v = active ? ptx::ld_nc_no_allocate(xrow + c) : make_int4(0, 0, 0, 0);
-        cast_fp8_chunk(v, active, p.round_scale, reinterpret_cast<uint2*>(payload) + c, scales + c / 16);
+        device::cast_fp8_chunk(v, active, p.round_scale, reinterpret_cast<uint2*>(payload) + c, scales + c / 16);
       }
     }
     __syncthreads();
@@ -202,7 +149,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint64_t epoch,
     __syncthreads();  // shared memory is reused by the next token
   }
 
-  if (last_block<true>(&p.state->send_ticket[0])) {
+  if (device::last_block<true>(&p.state->send_ticket[0])) {
     // Counts first (every block's messages are visible to this block through the ticket), then per rank one
     // release of the flag that carries the epoch, this rank's top-k and token count.
     for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) {
@@ -334,7 +281,7 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint64_t epoch,
       }
     }
   }
-  if (last_block<false>(&p.state->recv_ticket[0]) && threadIdx.x == 0) p.state->recv_epoch[0] = epoch;
+  if (device::last_block<false>(&p.state->recv_ticket[0]) && threadIdx.x == 0) p.state->recv_epoch[0] = epoch;
 }
 
 __global__ void __launch_bounds__(kThreads, 1) low_latency_dispatch_kernel(const __grid_constant__ LowLatencyDispatchParams p) {
@@ -360,39 +307,14 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch, i
   const int row_int4 = H / 8;
   const size_t row_bytes = static_cast<size_t>(H) * 2;
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  // Rows of local expert i: the end of its last range (ranges are consecutive in source order). Warp 0 scans.
-  if (warp == 0) {
-    int carry = 0;
-    for (int base = 0; base < El; base += 32) {
-      const int i = base + lane;
-      int v = 0;
-      if (i < El) {
-        const int64_t last = p.layout_range[i * R + R - 1];
-        v = static_cast<int>(last >> 32) + static_cast<int>(last & 0xFFFFFFFFLL);
-      }
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int n = __shfl_up_sync(0xffffffffu, v, o);
-        if (lane >= o) v += n;
-      }
-      if (i < El) s_prefix[i + 1] = carry + v;
-      carry += __shfl_sync(0xffffffffu, v, 31);
-    }
-    if (lane == 0) s_prefix[0] = 0;
-  }
-  __syncthreads();
+  scan_expert_rows(p.layout_range, El, R, s_prefix);
   // Units are (packed row, chunk of the row) over all local experts, warp w of block b starting at unit
   // w * gridDim.x + b: every SM sends, and a hot expert is spread like any other.
   const int nch = (row_int4 + kSendChunkInt4 - 1) / kSendChunkInt4;
   const int units = s_prefix[El] * nch;  // rows <= E_local * R * T: fits an int (checked by the launcher)
   for (int u = warp * gridDim.x + blockIdx.x; u < units; u += gridDim.x * warps) {  // warp-uniform
     const int q = u / nch, c = u - q * nch;
-    int lo = 0, hi = El - 1;  // local expert: the last i with s_prefix[i] <= q
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (s_prefix[mid] <= q) lo = mid; else hi = mid - 1;
-    }
-    const int i = lo, r = q - s_prefix[i];
+    const int i = local_expert_of_row(s_prefix, El, q), r = q - s_prefix[i];
     const int4* src = reinterpret_cast<const int4*>(p.x) + (static_cast<size_t>(i) * RT + r) * row_int4;
     int4 v[kSendUnroll];
 #pragma unroll
@@ -400,12 +322,7 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch, i
       const int j = c * kSendChunkInt4 + k * 32 + lane;
       v[k] = j < row_int4 ? ptx::ld_nc_no_allocate(src + j) : make_int4(0, 0, 0, 0);
     }
-    int slo = 0, shi = R - 1;  // source rank: the last s whose range starts at or before r (empty ranges
-    while (slo < shi) {        // start where the next one starts, so the last such s owns row r)
-      const int mid = (slo + shi + 1) / 2;
-      if (static_cast<int>(p.layout_range[i * R + mid] >> 32) <= r) slo = mid; else shi = mid - 1;
-    }
-    const int s = slo;
+    const int s = source_rank_of_row(p.layout_range, R, i, r);
     const int t = p.src_info[static_cast<size_t>(i) * RT + r];
     if (t < 0 || t >= T) continue;
     int4* dst = reinterpret_cast<int4*>(region(p.window, s) + layout.combine_offset + half * layout.combine_half +
@@ -417,7 +334,7 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch, i
     }
   }
   // The last block (acq_rel.sys ticket: it sees every block's stores) releases one flag per rank.
-  if (last_block<true>(&p.state->send_ticket[1])) {
+  if (device::last_block<true>(&p.state->send_ticket[1])) {
     for (int d = threadIdx.x; d < R; d += blockDim.x) {
       ptx::fence_acq_rel_sys();
       auto* flag = reinterpret_cast<uint64_t*>(region(p.window, d) + L::kCombineFlags) +
@@ -508,7 +425,7 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint64_t epoch) {
     }
     __syncthreads();  // s_e / s_w are reused by the next token
   }
-  if (last_block<false>(&p.state->recv_ticket[1]) && threadIdx.x == 0) p.state->recv_epoch[1] = epoch;
+  if (device::last_block<false>(&p.state->recv_ticket[1]) && threadIdx.x == 0) p.state->recv_epoch[1] = epoch;
 }
 
 __global__ void __launch_bounds__(kThreads, 1) low_latency_combine_kernel(const __grid_constant__ LowLatencyCombineParams p) {

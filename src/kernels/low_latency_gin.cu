@@ -41,8 +41,11 @@
 #include <nccl_device.h>
 
 #include "device/gin_wait.cuh"
+#include "device/fp8.cuh"
 #include "device/ptx.cuh"
+#include "device/ticket.cuh"
 #include "device/wait.cuh"
+#include "kernels/low_latency_rows.cuh"
 #include "kernels/low_latency_gin_launch.hpp"
 #include "openep/low_latency.hpp"
 #include "runtime/check.hpp"
@@ -55,8 +58,6 @@ using L = LowLatencyLayout;
 using G = LowLatencyGinLayout;
 constexpr int kThreads = 512;  // send kernels: one block per SM; fewer threads than NVLink's 1024 leave
                                // room for the GIN descriptor code's registers
-constexpr float kE4m3Max = 448.0f;
-constexpr float kAmaxFloor = 1e-4f;
 static_assert(L::kHeaderBytes == sizeof(int32_t) * kMaxLowLatencyTopk, "one header int32 per top-k slot");
 
 // NCCL's ncclGin reads past its tables when the device communicator has no context (nccl-device-api.md
@@ -69,66 +70,12 @@ __device__ __forceinline__ void flush_block(const ncclDevComm& dc) {
   for (int c = 0; c < dc.ginContextCount; ++c) ncclGin(dc, c).flush(ncclCoopCta());
 }
 
-// True on every thread of the last block of the grid to get here; that block resets the ticket. The
-// acq_rel.sys ticket orders every block's posted puts (and staging stores) before the last block's signals.
-__device__ __forceinline__ bool last_block(uint32_t* ticket) {
-  __shared__ int s_last;
-  __syncthreads();  // the block's posts and stores are ordered before thread 0's release
-  if (threadIdx.x == 0) {
-    const uint32_t prev = ptx::atom_add_acq_rel_sys(ticket, 1u);  // pairs with the other blocks' releases
-    s_last = prev == gridDim.x - 1;
-    if (s_last) *ticket = 0;
-  }
-  __syncthreads();
-  return s_last != 0;
-}
-
 __device__ __forceinline__ char* local_base(const GinWindow& g) {
   return static_cast<char*>(ncclGetLocalPointer(g.window, 0));
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // dispatch send
-
-// The e4m3 cast of 8 BF16 values held by one lane; 16 consecutive lanes hold a 128-channel block. Same
-// arithmetic as the NVLink send (low_latency.cu, kept in step by hand: that file stays untouched until GPU
-// time exists to re-verify a shared helper), so both transports produce identical bytes.
-__device__ __forceinline__ void cast_fp8_chunk(const int4 v, bool active, bool round_scale, uint2* out_bytes,
-                                               float* out_scale) {
-  const uint32_t w[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
-                         static_cast<uint32_t>(v.w)};
-  float f[8];
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    f[2 * q] = __uint_as_float(w[q] << 16);
-    f[2 * q + 1] = __uint_as_float(w[q] & 0xFFFF0000u);
-  }
-  float amax = 0.0f;
-#pragma unroll
-  for (int q = 0; q < 8; ++q) amax = fmaxf(amax, fabsf(f[q]));
-#pragma unroll
-  for (int o = 8; o >= 1; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  amax = fmaxf(amax, kAmaxFloor);
-  float scale, scale_inv;
-  if (!round_scale) {
-    scale_inv = __fdiv_rn(amax, kE4m3Max);
-    scale = __fdiv_rn(kE4m3Max, amax);
-  } else {
-    const uint32_t u = __float_as_uint(__fdiv_rn(amax, kE4m3Max));
-    const uint32_t exponent_field = ((u >> 23) & 0xFFu) + ((u & 0x7FFFFFu) != 0 ? 1u : 0u);
-    scale_inv = __uint_as_float(exponent_field << 23);
-    scale = __fdiv_rn(1.0f, scale_inv);
-  }
-  if (!active) return;
-  uint32_t packed[2] = {0, 0};
-#pragma unroll
-  for (int q = 0; q < 8; ++q) {
-    const uint32_t b = __nv_cvt_float_to_fp8(__fmul_rn(f[q], scale), __NV_SATFINITE, __NV_E4M3);
-    packed[q / 4] |= (b & 0xFFu) << (8 * (q % 4));
-  }
-  *out_bytes = make_uint2(packed[0], packed[1]);
-  if ((threadIdx.x & 15) == 0) *out_scale = scale_inv;
-}
 
 __device__ __forceinline__ int header_entry(const int* s_entry, const int* s_dest, int K, int k, int d) {
   return k < K && s_dest[k] == d ? s_entry[k] : -1;
@@ -201,7 +148,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int c = b + threadIdx.x;
         const bool active = c < chunks;
         const int4 v = active ? ptx::ld_nc_no_allocate(xrow + c) : make_int4(0, 0, 0, 0);
-        cast_fp8_chunk(v, active, p.round_scale, reinterpret_cast<uint2*>(payload) + c, scales + c / 16);
+        device::cast_fp8_chunk(v, active, p.round_scale, reinterpret_cast<uint2*>(payload) + c, scales + c / 16);
       }
     }
     __syncthreads();  // s_entry / s_dest / s_has are complete
@@ -228,7 +175,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   flush_block(g.dev_comm);  // this block's sources may be reused once the kernel ends
 
-  if (last_block(&p.state->send_ticket[0])) {
+  if (device::last_block<true>(&p.state->send_ticket[0])) {
     auto* counts = reinterpret_cast<int32_t*>(base + stage + G::kCounts);
     auto* flags = reinterpret_cast<uint64_t*>(base + stage + G::kDispatchFlags);
     for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x)
@@ -273,41 +220,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   char* const base = local_base(g);
   const size_t rows_off = g.region_offset + layout.staging_offset;  // the zero-copy area: [E_local][R*T] rows
-  // Rows of local expert i: the end of its last range (ranges are consecutive in source order). Warp 0 scans.
-  if (warp == 0) {
-    int carry = 0;
-    for (int b = 0; b < El; b += 32) {
-      const int i = b + lane;
-      int v = 0;
-      if (i < El) {
-        const int64_t last = p.layout_range[i * R + R - 1];
-        v = static_cast<int>(last >> 32) + static_cast<int>(last & 0xFFFFFFFFLL);
-      }
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int n = __shfl_up_sync(0xffffffffu, v, o);
-        if (lane >= o) v += n;
-      }
-      if (i < El) s_prefix[i + 1] = carry + v;
-      carry += __shfl_sync(0xffffffffu, v, 31);
-    }
-    if (lane == 0) s_prefix[0] = 0;
-  }
-  __syncthreads();
+  scan_expert_rows(p.layout_range, El, R, s_prefix);
   const int rows = s_prefix[El];
   for (int q = warp * gridDim.x + blockIdx.x; q < rows; q += gridDim.x * warps) {  // warp-uniform
-    int lo = 0, hi = El - 1;  // local expert: the last i with s_prefix[i] <= q
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (s_prefix[mid] <= q) lo = mid; else hi = mid - 1;
-    }
-    const int i = lo, r = q - s_prefix[i];
-    int slo = 0, shi = R - 1;  // source rank: the last s whose range starts at or before r
-    while (slo < shi) {
-      const int mid = (slo + shi + 1) / 2;
-      if (static_cast<int>(p.layout_range[i * R + mid] >> 32) <= r) slo = mid; else shi = mid - 1;
-    }
-    const int s = slo;
+    const int i = local_expert_of_row(s_prefix, El, q), r = q - s_prefix[i];
+    const int s = source_rank_of_row(p.layout_range, R, i, r);
     const size_t row = static_cast<size_t>(i) * RT + r;
     const int t = p.src_info[row];
     if (t < 0 || t >= T) continue;
@@ -325,7 +242,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   flush_block(g.dev_comm);
 
-  if (last_block(&p.state->send_ticket[1])) {
+  if (device::last_block<true>(&p.state->send_ticket[1])) {
     auto* flags = reinterpret_cast<uint64_t*>(base + g.staging_offset + G::kCombineFlags);
     for (int d = threadIdx.x; d < R; d += blockDim.x) flags[d] = epoch;
     __syncthreads();

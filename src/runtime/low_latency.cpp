@@ -97,6 +97,24 @@ void require_state(const Buffer::Impl& m) {
                "Buffer has 0");
 }
 
+// Launches the send half and, unless `hook`, the receive half in the same kernel. With `hook` the receive
+// half is returned as the hook: it launches the same kernel with only the receive half, on the same stream.
+// `launch(params, num_device_sms, stream)` launches one kernel of the operation.
+template <typename Params, typename Launch>
+LowLatencyHook send_then_receive(Buffer::Impl& m, Params p, bool hook, cudaStream_t stream, Launch launch) {
+  p.do_send = true;
+  p.do_recv = !hook;
+  launch(p, m.num_device_sms, stream);
+  if (!hook) return {};
+  p.do_send = false;
+  p.do_recv = true;
+  Buffer::Impl* mp = &m;
+  return [mp, p, stream, launch]() {
+    mp->check_usable();
+    launch(p, mp->num_device_sms, stream);
+  };
+}
+
 }  // namespace
 
 LowLatencyHook Buffer::low_latency_dispatch(const LowLatencyDispatchArgs& a, LowLatencyHandle& h,
@@ -137,17 +155,10 @@ LowLatencyHook Buffer::low_latency_dispatch(const LowLatencyDispatchArgs& a, Low
   if (m.transport == detail::Transport::kGin) {  // network path (not yet run on a real network)
     return detail::low_latency_dispatch_gin(m, p, a.return_recv_hook, stream);
   }
-  p.do_send = true;
-  p.do_recv = !a.return_recv_hook;
-  detail::launch_low_latency_dispatch(p, detail::low_latency_dispatch_blocks(p, m.num_device_sms), stream);
-  if (!a.return_recv_hook) return {};
-  p.do_send = false;
-  p.do_recv = true;
-  Impl* mp = &m;
-  return [mp, p, stream]() {
-    mp->check_usable();
-    detail::launch_low_latency_dispatch(p, detail::low_latency_dispatch_blocks(p, mp->num_device_sms), stream);
-  };
+  return send_then_receive(m, p, a.return_recv_hook, stream,
+                           [](const detail::LowLatencyDispatchParams& q, int num_sms, cudaStream_t s) {
+                             detail::launch_low_latency_dispatch(q, detail::low_latency_dispatch_blocks(q, num_sms), s);
+                           });
 }
 
 LowLatencyHook Buffer::low_latency_combine(const LowLatencyCombineArgs& a, const LowLatencyHandle& h,
@@ -181,17 +192,10 @@ LowLatencyHook Buffer::low_latency_combine(const LowLatencyCombineArgs& a, const
   if (m.transport == detail::Transport::kGin) {  // network path (not yet run on a real network)
     return detail::low_latency_combine_gin(m, p, a.zero_copy, a.return_recv_hook, stream);
   }
-  p.do_send = true;
-  p.do_recv = !a.return_recv_hook;
-  detail::launch_low_latency_combine(p, detail::low_latency_combine_blocks(p, m.num_device_sms), stream);
-  if (!a.return_recv_hook) return {};
-  p.do_send = false;
-  p.do_recv = true;
-  Impl* mp = &m;
-  return [mp, p, stream]() {
-    mp->check_usable();
-    detail::launch_low_latency_combine(p, detail::low_latency_combine_blocks(p, mp->num_device_sms), stream);
-  };
+  return send_then_receive(m, p, a.return_recv_hook, stream,
+                           [](const detail::LowLatencyCombineParams& q, int num_sms, cudaStream_t s) {
+                             detail::launch_low_latency_combine(q, detail::low_latency_combine_blocks(q, num_sms), s);
+                           });
 }
 
 uint16_t* Buffer::get_next_low_latency_combine_buffer(const LowLatencyHandle& h) {

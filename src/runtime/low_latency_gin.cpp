@@ -38,6 +38,20 @@ GinSignalWaitParams signal_wait_params(const Buffer::Impl& m, int kind, int64_t*
   return w;
 }
 
+// Runs `receive` now, or (hook mode) returns it as the hook, which first checks that the Buffer is usable.
+template <typename Receive>
+LowLatencyHook receive_now_or_as_hook(Buffer::Impl& m, bool hook, Receive receive) {
+  if (!hook) {
+    receive();
+    return {};
+  }
+  Buffer::Impl* mp = &m;
+  return [mp, receive]() {
+    mp->check_usable();
+    receive();
+  };
+}
+
 }  // namespace
 
 void create_gin_dev_comm(Buffer::Impl& m, ncclComm_t comm) {
@@ -68,19 +82,12 @@ LowLatencyHook low_latency_dispatch_gin(Buffer::Impl& m, LowLatencyDispatchParam
   p.do_send = false;  // the NVLink receive kernel, unchanged: by the time it runs every flag has landed
   p.do_recv = true;
   const GinSignalWaitParams wait = signal_wait_params(m, 0, p.wait_stats);
-  Buffer::Impl* mp = &m;
+  const Buffer::Impl* mp = &m;
   auto receive = [mp, p, wait, stream]() {
     launch_gin_signal_wait(wait, stream);
     launch_low_latency_dispatch(p, low_latency_dispatch_blocks(p, mp->num_device_sms), stream);
   };
-  if (!return_recv_hook) {
-    receive();
-    return {};
-  }
-  return [mp, receive]() {
-    mp->check_usable();
-    receive();
-  };
+  return receive_now_or_as_hook(m, return_recv_hook, receive);
 }
 
 LowLatencyHook low_latency_combine_gin(Buffer::Impl& m, LowLatencyCombineParams p, bool zero_copy,
@@ -96,19 +103,12 @@ LowLatencyHook low_latency_combine_gin(Buffer::Impl& m, LowLatencyCombineParams 
   p.do_send = false;
   p.do_recv = true;
   const GinSignalWaitParams wait = signal_wait_params(m, 1, p.wait_stats);
-  Buffer::Impl* mp = &m;
+  const Buffer::Impl* mp = &m;
   auto receive = [mp, p, wait, stream]() {
     launch_gin_signal_wait(wait, stream);
     launch_low_latency_combine(p, low_latency_combine_blocks(p, mp->num_device_sms), stream);
   };
-  if (!return_recv_hook) {
-    receive();
-    return {};
-  }
-  return [mp, receive]() {
-    mp->check_usable();
-    receive();
-  };
+  return receive_now_or_as_hook(m, return_recv_hook, receive);
 }
 
 void gin_barrier(Buffer::Impl& m, cudaStream_t stream) {
