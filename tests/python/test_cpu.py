@@ -536,3 +536,37 @@ def test_reference_low_latency_fp8_cast_hand_case(round_scale, ue8m0, byte, scal
         assert struct.unpack("<1I", r["packed_scales_ue8m0"][:4])[0] == 0x77777777
     else:
         assert struct.unpack("<4f", r["packed_scales"][:16]) == (struct.unpack("<f", struct.pack("<f", scale))[0],) * 4
+
+
+def _fake_buffer(R=2):
+    buf = object.__new__(openep.Buffer)
+    buf.runtime = object()
+    buf.group_size, buf.rank, buf._dev, buf.low_latency_mode = R, 0, "cuda:0", True
+    buf._token = object()
+    return buf
+
+
+def test_a_handle_skips_revalidation_only_in_the_buffer_that_made_it():
+    buf, other = _fake_buffer(), _fake_buffer()
+    marker = {"made_by": "buf"}
+    h = openep.IntranodeHandle(None, None, None, None, None, None)  # contents that would fail validation
+    h._openep_checked = (buf._token, marker)
+    assert buf._unpack_handle("combine", h) is marker
+    with pytest.raises(openep.OpenEPError) as e:
+        other._unpack_handle("combine", h)  # another Buffer validates it in full
+    assert e.value.code == "invalid_argument" and "handle.rank_prefix_matrix expected a tensor" in str(e.value)
+    with pytest.raises(openep.OpenEPError):
+        buf._unpack_handle("combine", h._replace(reserved=None))  # a copy carries no mark
+    with pytest.raises(openep.OpenEPError):
+        buf._unpack_handle("combine", tuple(h))  # nor does a plain tuple
+
+
+def test_a_low_latency_handle_skips_revalidation_only_in_the_buffer_that_made_it():
+    buf, other = _fake_buffer(), _fake_buffer()
+    marker = ({"made_by": "buf"}, 4, 128, 1024, 8)
+    h = openep.LowLatencyHandle(None, None, 128, 1024, 8)
+    h._openep_checked = (buf._token, marker)
+    assert buf._ll_unpack_handle("low_latency_combine", h) is marker
+    with pytest.raises(openep.OpenEPError) as e:
+        other._ll_unpack_handle("low_latency_combine", h)
+    assert "handle.packed_recv_src_info expected a tensor" in str(e.value)
