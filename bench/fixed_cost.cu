@@ -19,17 +19,9 @@
 
 #include "device/ptx.cuh"
 #include "device/ticket.cuh"
+#include "runtime/check.hpp"
 
 namespace {
-
-#define CHECK(x)                                                                                   \
-  do {                                                                                             \
-    cudaError_t e_ = (x);                                                                          \
-    if (e_ != cudaSuccess) {                                                                       \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));      \
-      std::exit(1);                                                                                \
-    }                                                                                              \
-  } while (0)
 
 __global__ void empty_kernel() {}
 
@@ -71,22 +63,22 @@ __global__ void pingpong_kernel(uint64_t* my_flag, uint64_t* peer_flag, int roun
 
 double median_us(cudaStream_t s, int reps, const std::function<void()>& fn) {
   for (int i = 0; i < 10; ++i) fn();
-  CHECK(cudaStreamSynchronize(s));
+  OPENEP_CUDA_CHECK(cudaStreamSynchronize(s));
   std::vector<cudaEvent_t> ev(2 * reps);
-  for (auto& e : ev) CHECK(cudaEventCreate(&e));
+  for (auto& e : ev) OPENEP_CUDA_CHECK(cudaEventCreate(&e));
   for (int i = 0; i < reps; ++i) {
-    CHECK(cudaEventRecord(ev[2 * i], s));
+    OPENEP_CUDA_CHECK(cudaEventRecord(ev[2 * i], s));
     fn();
-    CHECK(cudaEventRecord(ev[2 * i + 1], s));
+    OPENEP_CUDA_CHECK(cudaEventRecord(ev[2 * i + 1], s));
   }
-  CHECK(cudaStreamSynchronize(s));
+  OPENEP_CUDA_CHECK(cudaStreamSynchronize(s));
   std::vector<double> us(reps);
   for (int i = 0; i < reps; ++i) {
     float ms = 0;
-    CHECK(cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]));
+    OPENEP_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]));
     us[i] = ms * 1e3;
   }
-  for (auto& e : ev) CHECK(cudaEventDestroy(e));
+  for (auto& e : ev) OPENEP_CUDA_CHECK(cudaEventDestroy(e));
   std::sort(us.begin(), us.end());
   return us[us.size() / 2];
 }
@@ -99,33 +91,33 @@ int main(int argc, char** argv) {
     if (std::strcmp(argv[i], "--reps") == 0 && i + 1 < argc) reps = std::atoi(argv[++i]);
   }
   int n = 0;
-  CHECK(cudaGetDeviceCount(&n));
+  OPENEP_CUDA_CHECK(cudaGetDeviceCount(&n));
   if (n < 2) {
     std::printf("openep_fixed_cost: needs 2 GPUs\n");
     return 77;
   }
   cudaDeviceProp prop{};
-  CHECK(cudaGetDeviceProperties(&prop, 0));
+  OPENEP_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   const int sms = prop.multiProcessorCount;
-  CHECK(cudaSetDevice(1));
-  CHECK(cudaDeviceEnablePeerAccess(0, 0));
+  OPENEP_CUDA_CHECK(cudaSetDevice(1));
+  OPENEP_CUDA_CHECK(cudaDeviceEnablePeerAccess(0, 0));
   uint64_t* flag1 = nullptr;
   int* counts1 = nullptr;
-  CHECK(cudaMalloc(&flag1, 64));
-  CHECK(cudaMalloc(&counts1, 288 * sizeof(int)));
-  CHECK(cudaMemset(flag1, 0, 64));
+  OPENEP_CUDA_CHECK(cudaMalloc(&flag1, 64));
+  OPENEP_CUDA_CHECK(cudaMalloc(&counts1, 288 * sizeof(int)));
+  OPENEP_CUDA_CHECK(cudaMemset(flag1, 0, 64));
   cudaStream_t s1;
-  CHECK(cudaStreamCreateWithFlags(&s1, cudaStreamNonBlocking));
-  CHECK(cudaSetDevice(0));
-  CHECK(cudaDeviceEnablePeerAccess(1, 0));
+  OPENEP_CUDA_CHECK(cudaStreamCreateWithFlags(&s1, cudaStreamNonBlocking));
+  OPENEP_CUDA_CHECK(cudaSetDevice(0));
+  OPENEP_CUDA_CHECK(cudaDeviceEnablePeerAccess(1, 0));
   uint64_t* flag0 = nullptr;
   uint32_t* ticket = nullptr;
-  CHECK(cudaMalloc(&flag0, 64));
-  CHECK(cudaMalloc(&ticket, 64));
-  CHECK(cudaMemset(flag0, 0, 64));
-  CHECK(cudaMemset(ticket, 0, 64));
+  OPENEP_CUDA_CHECK(cudaMalloc(&flag0, 64));
+  OPENEP_CUDA_CHECK(cudaMalloc(&ticket, 64));
+  OPENEP_CUDA_CHECK(cudaMemset(flag0, 0, 64));
+  OPENEP_CUDA_CHECK(cudaMemset(ticket, 0, 64));
   cudaStream_t s0;
-  CHECK(cudaStreamCreateWithFlags(&s0, cudaStreamNonBlocking));
+  OPENEP_CUDA_CHECK(cudaStreamCreateWithFlags(&s0, cudaStreamNonBlocking));
 
   auto coop = [&](void (*kernel)(), int blocks, int threads) {
     cudaLaunchConfig_t cfg{};
@@ -137,7 +129,7 @@ int main(int argc, char** argv) {
     attr.val.cooperative = 1;
     cfg.attrs = &attr;
     cfg.numAttrs = 1;
-    CHECK(cudaLaunchKernelEx(&cfg, kernel));
+    OPENEP_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel));
   };
   std::printf("%-44s %10s\n", "case (GPU 0, event-timed median)", "us");
   auto row = [](const std::string& name, double us) { std::printf("%-44s %10.2f\n", name.c_str(), us); };
@@ -156,24 +148,24 @@ int main(int argc, char** argv) {
       median_us(s0, reps, [&] { remote_flag_kernel<<<1, 1024, 0, s0>>>(counts1, flag1 + 1, ++epoch); }));
   // Ping-pong: GPU 1 answers, GPU 0 starts; both kernels run concurrently (different GPUs).
   const int rounds = 1000;
-  CHECK(cudaMemset(flag0, 0, 64));
-  CHECK(cudaSetDevice(1));
-  CHECK(cudaMemset(flag1, 0, 64));
-  CHECK(cudaDeviceSynchronize());
+  OPENEP_CUDA_CHECK(cudaMemset(flag0, 0, 64));
+  OPENEP_CUDA_CHECK(cudaSetDevice(1));
+  OPENEP_CUDA_CHECK(cudaMemset(flag1, 0, 64));
+  OPENEP_CUDA_CHECK(cudaDeviceSynchronize());
   pingpong_kernel<<<1, 32, 0, s1>>>(flag1, flag0, rounds, false, 0);
-  CHECK(cudaGetLastError());
-  CHECK(cudaSetDevice(0));
+  OPENEP_CUDA_CHECK(cudaGetLastError());
+  OPENEP_CUDA_CHECK(cudaSetDevice(0));
   cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  CHECK(cudaEventRecord(a, s0));
+  OPENEP_CUDA_CHECK(cudaEventCreate(&a));
+  OPENEP_CUDA_CHECK(cudaEventCreate(&b));
+  OPENEP_CUDA_CHECK(cudaEventRecord(a, s0));
   pingpong_kernel<<<1, 32, 0, s0>>>(flag0, flag1, rounds, true, 0);
-  CHECK(cudaEventRecord(b, s0));
-  CHECK(cudaEventSynchronize(b));
+  OPENEP_CUDA_CHECK(cudaEventRecord(b, s0));
+  OPENEP_CUDA_CHECK(cudaEventSynchronize(b));
   float ms = 0;
-  CHECK(cudaEventElapsedTime(&ms, a, b));
+  OPENEP_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
   row("NVLink flag round trip (ping-pong, per round)", ms * 1e3 / rounds);
-  CHECK(cudaSetDevice(1));
-  CHECK(cudaDeviceSynchronize());
+  OPENEP_CUDA_CHECK(cudaSetDevice(1));
+  OPENEP_CUDA_CHECK(cudaDeviceSynchronize());
   return 0;
 }
