@@ -5,7 +5,7 @@
 #include <cstdint>
 
 #include "device/wait.cuh"
-#include "runtime/buffer_impl.hpp"
+#include "protocol/window_layout.hpp"
 
 namespace openep::device {
 
@@ -24,11 +24,11 @@ __device__ __forceinline__ bool barrier_block(const BarrierRef& b, const WaitCon
   __syncthreads();
   const int p = threadIdx.x;
   if (p < b.num_ranks) {
-    auto* remote = reinterpret_cast<uint64_t*>(b.peer_bases[p] + b.barrier_offset) +
-                   b.slot * detail::kMaxNvlinkPeers + b.rank;
+    auto* remote = reinterpret_cast<uint64_t*>(
+        b.peer_bases[p] + detail::WindowLayout::barrier_counter(b.barrier_offset, b.slot, b.rank));
     ptx::red_add_release_sys(remote, 1);  // pairs with the peer's ld_acquire_sys in wait_geq
-    const auto* local = reinterpret_cast<const uint64_t*>(b.peer_bases[b.rank] + b.barrier_offset) +
-                        b.slot * detail::kMaxNvlinkPeers + p;
+    const auto* local = reinterpret_cast<const uint64_t*>(
+        b.peer_bases[b.rank] + detail::WindowLayout::barrier_counter(b.barrier_offset, b.slot, p));
     if (!wait_geq(wait, local, target, p, phase)) failed = 1;
   }
   __syncthreads();

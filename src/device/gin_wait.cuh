@@ -12,7 +12,7 @@
 
 #include "device/ptx.cuh"
 #include "device/wait.cuh"
-#include "runtime/device_error.hpp"
+#include "protocol/device_error.hpp"
 
 namespace openep::device {
 

@@ -10,7 +10,7 @@
 #include <cstdint>
 
 #include "device/ptx.cuh"
-#include "runtime/device_error.hpp"
+#include "protocol/device_error.hpp"
 
 namespace openep::device {
 

@@ -23,8 +23,8 @@
 #include "device/copy.cuh"
 #include "device/wait.cuh"
 #include "kernels/intranode_launch.hpp"
+#include "protocol/intranode_layout.hpp"
 #include "runtime/check.hpp"
-#include "runtime/intranode_layout.hpp"
 
 namespace openep::detail {
 namespace {
@@ -38,6 +38,10 @@ __device__ __forceinline__ char* region(const WindowRef& w, int rank) { return w
 template <typename T>
 __device__ __forceinline__ T* at(const WindowRef& w, int rank, size_t offset) {
   return reinterpret_cast<T*>(region(w, rank) + offset);
+}
+// An int32 of my header that peers wrote (read after the barrier's acquire; volatile: never cached).
+__device__ __forceinline__ int header_int(const PrepareParams& p, size_t offset) {
+  return *reinterpret_cast<const volatile int32_t*>(region(p.window, p.rank) + offset);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -77,31 +81,27 @@ __device__ __forceinline__ void publish_counts(const PrepareParams& p) {
   const int R = p.num_ranks, E_local = p.num_experts / R;
   for (int i = threadIdx.x; i < R * R; i += blockDim.x) {
     const int peer = i / R, d = i % R;
-    at<int32_t>(p.window, peer, L::kCountsOffset)[p.rank * L::kMaxRanks + d] = p.num_tokens_per_rank[d];
+    *at<int32_t>(p.window, peer, L::count(p.rank, d)) = p.num_tokens_per_rank[d];
   }
   for (int peer = threadIdx.x; peer < R; peer += blockDim.x)
-    at<int32_t>(p.window, peer, L::kNumTokensOffset)[p.rank] = p.num_tokens;
+    *at<int32_t>(p.window, peer, L::num_tokens(p.rank)) = p.num_tokens;
   for (int i = threadIdx.x; i < R * E_local; i += blockDim.x) {
     const int peer = i / E_local, e = i % E_local;
-    at<int32_t>(p.window, peer, L::kExpertCountsOffset)[p.rank * L::kMaxLocalExperts + e] =
-        p.num_tokens_per_expert[peer * E_local + e];
+    *at<int32_t>(p.window, peer, L::expert_count(p.rank, e)) = p.num_tokens_per_expert[peer * E_local + e];
   }
 }
 
 // Computes rank_prefix_matrix, num_tokens_per_src and the receive counts from my header.
 __device__ __forceinline__ void compute_receive_side(const PrepareParams& p) {
   const int R = p.num_ranks, E_local = p.num_experts / R;
-  const volatile int32_t* counts = at<int32_t>(p.window, p.rank, L::kCountsOffset);
-  const volatile int32_t* ntok = at<int32_t>(p.window, p.rank, L::kNumTokensOffset);
-  const volatile int32_t* ecounts = at<int32_t>(p.window, p.rank, L::kExpertCountsOffset);
   for (int j = threadIdx.x; j < R; j += blockDim.x) {
     int acc = 0;
-    for (int i = 0; i < R; ++i) p.rank_prefix_matrix[i * R + j] = (acc += counts[i * L::kMaxRanks + j]);
-    p.num_tokens_per_src[j] = ntok[j];
+    for (int i = 0; i < R; ++i) p.rank_prefix_matrix[i * R + j] = (acc += header_int(p, L::count(i, j)));
+    p.num_tokens_per_src[j] = header_int(p, L::num_tokens(j));
   }
   for (int e = threadIdx.x; e < E_local; e += blockDim.x) {
     int sum = 0;
-    for (int s = 0; s < R; ++s) sum += ecounts[s * L::kMaxLocalExperts + e];
+    for (int s = 0; s < R; ++s) sum += header_int(p, L::expert_count(s, e));
     const int a = p.expert_alignment;
     const int aligned = (sum + a - 1) / a * a;
     if (p.num_recv_tokens_per_expert) p.num_recv_tokens_per_expert[e] = aligned;
@@ -109,7 +109,7 @@ __device__ __forceinline__ void compute_receive_side(const PrepareParams& p) {
   }
   if (threadIdx.x == 0) {
     int total = 0;
-    for (int s = 0; s < R; ++s) total += counts[s * L::kMaxRanks + p.rank];
+    for (int s = 0; s < R; ++s) total += header_int(p, L::count(s, p.rank));
     if (p.host) p.host->num_recv_tokens = total;
     if (p.num_worst_tokens > 0 && total > p.num_worst_tokens)
       device::record_error(p.wait, DeviceErrorCode::kWorstTokensExceeded, -1, Phase::kDispatchCounts,
@@ -123,12 +123,11 @@ __device__ __forceinline__ void compute_receive_side(const PrepareParams& p) {
 // send_pos[t][d] for every destination: base offset plus rank among my tokens going to d.
 __device__ __forceinline__ void compute_send_positions(const PrepareParams& p, int* s_scan) {
   const int R = p.num_ranks, N = p.num_tokens;
-  const volatile int32_t* counts = at<int32_t>(p.window, p.rank, L::kCountsOffset);
   const int per_thread = (N + kPrepareThreads - 1) / kPrepareThreads;
   const int t0 = min(N, threadIdx.x * per_thread), t1 = min(N, t0 + per_thread);
   for (int d = 0; d < R; ++d) {
     int base = 0;
-    for (int s = 0; s < p.rank; ++s) base += counts[s * L::kMaxRanks + d];
+    for (int s = 0; s < p.rank; ++s) base += header_int(p, L::count(s, d));
     int mine = 0;
     for (int t = t0; t < t1; ++t) mine += p.is_token_in_rank[static_cast<int64_t>(t) * R + d] ? 1 : 0;
     int total = 0;
@@ -206,7 +205,7 @@ __device__ __forceinline__ void send_token(const DispatchParams& p, int t, int d
       p.recv_x_scales[static_cast<int64_t>(row) * p.num_scales + j] = TokenMeta::scale(p, t, j);
     return;
   }
-  char* rec = region(p.window, d) + L::kDataOffset + static_cast<int64_t>(row) * p.record_bytes;
+  char* rec = region(p.window, d) + L::dispatch_record(row, p.record_bytes);
   device::copy_warp<device::Source::kInput>(reinterpret_cast<int4*>(rec), src, row_int4, lane);
   int32_t* meta = reinterpret_cast<int32_t*>(rec + L::align16(p.row_bytes));
   if (lane == 0) meta[0] = t;
@@ -243,17 +242,17 @@ __device__ void dispatch_sender(const DispatchParams& p, uint64_t epoch) {
     // Publish chunk c to every peer: range first, then the flag (release covers the block's stores).
     if (threadIdx.x < R && threadIdx.x != p.rank) {
       const int peer = threadIdx.x;
-      int32_t* range = at<int32_t>(p.window, peer, L::kDispatchRangesOffset) + 2 * (p.rank * L::kMaxChunks + c);
+      int32_t* range = at<int32_t>(p.window, peer, L::dispatch_range(p.rank, c));
       range[0] = s_count[peer] ? s_first[peer] : 0;
       range[1] = s_count[peer];
-      ptx::st_release_sys(at<uint64_t>(p.window, peer, L::kDispatchFlagsOffset) + p.rank * L::kMaxChunks + c, epoch);
+      ptx::st_release_sys(at<uint64_t>(p.window, peer, L::dispatch_flag(p.rank, c)), epoch);
     }
   }
 }
 
 // One warp copies received row `row` from the window into the outputs.
 __device__ __forceinline__ void receive_row(const DispatchParams& p, int row, int lane) {
-  const char* rec = region(p.window, p.rank) + L::kDataOffset + static_cast<int64_t>(row) * p.record_bytes;
+  const char* rec = region(p.window, p.rank) + L::dispatch_record(row, p.record_bytes);
   int4* dst = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + static_cast<int64_t>(row) * p.row_bytes);
   device::copy_warp<device::Source::kWindow>(dst, reinterpret_cast<const int4*>(rec), p.row_bytes / 16, lane);
   const int32_t* meta = reinterpret_cast<const int32_t*>(rec + L::align16(p.row_bytes));
@@ -276,9 +275,9 @@ __device__ void dispatch_receiver(const DispatchParams& p, uint64_t epoch) {
     const int c = q / (R - 1), si = q % (R - 1), s = si < p.rank ? si : si + 1;
     if (c >= L::num_chunks(p.num_tokens_per_src[s])) continue;
     if (threadIdx.x == 0) {
-      const uint64_t* flag = at<uint64_t>(p.window, p.rank, L::kDispatchFlagsOffset) + s * L::kMaxChunks + c;
+      const uint64_t* flag = at<uint64_t>(p.window, p.rank, L::dispatch_flag(s, c));
       s_ok = device::wait_geq(p.wait, flag, epoch, s, Phase::kDispatchData);
-      const int32_t* range = at<int32_t>(p.window, p.rank, L::kDispatchRangesOffset) + 2 * (s * L::kMaxChunks + c);
+      const int32_t* range = at<int32_t>(p.window, p.rank, L::dispatch_range(s, c));
       s_first = ptx::ld_cg(range), s_count = ptx::ld_cg(range + 1);
     }
     __syncthreads();
@@ -332,7 +331,7 @@ __device__ void combine_sender(const CombineParams& p, uint64_t epoch) {
     char* dst_region = region(p.window, s);
     for (int row = r0 + warp; row < r1; row += kCombineWarps) {
       const int t = p.recv_src_idx[row];
-      char* slot = dst_region + L::kDataOffset + (static_cast<int64_t>(p.rank) * p.stage_rows + t) * p.record_bytes;
+      char* slot = dst_region + L::combine_stage(p.rank, t, p.stage_rows, p.record_bytes);
       device::copy_warp<device::Source::kInput>(reinterpret_cast<int4*>(slot),
                                                 reinterpret_cast<const int4*>(p.x + static_cast<int64_t>(row) * p.hidden),
                                                 row_int4, lane);
@@ -343,7 +342,7 @@ __device__ void combine_sender(const CombineParams& p, uint64_t epoch) {
     }
     __syncthreads();
     if (threadIdx.x == 0)
-      ptx::st_release_sys(at<uint64_t>(p.window, s, L::kCombineFlagsOffset) + p.rank * L::kMaxChunks + b, epoch);
+      ptx::st_release_sys(at<uint64_t>(p.window, s, L::combine_flag(p.rank, b)), epoch);
   }
 }
 
@@ -406,7 +405,7 @@ __device__ __forceinline__ void reduce_token(const CombineParams& p, const char*
 #pragma unroll
   for (int d = 0; d < kR; ++d) {
     const int pos = d < R ? p.send_pos[static_cast<int64_t>(t) * R + d] : -1;
-    const char* slot = my_region + L::kDataOffset + (static_cast<int64_t>(d) * p.stage_rows + t) * p.record_bytes;
+    const char* slot = my_region + L::combine_stage(d, t, p.stage_rows, p.record_bytes);
     const bool own = d == p.rank;
     src[d] = pos < 0 ? nullptr
              : own   ? reinterpret_cast<const int4*>(p.x + static_cast<int64_t>(pos) * p.hidden)
@@ -452,9 +451,9 @@ __device__ __forceinline__ bool wait_returned_rows(const CombineParams& p, int d
   const int block_rows = L::chunk_tokens(p.num_tokens);
   const int b0 = (first - lo) / block_rows, b1 = (last - lo) / block_rows;
   bool ok = true;
-  const uint64_t* flags = at<uint64_t>(p.window, p.rank, L::kCombineFlagsOffset) + d * L::kMaxChunks;
   for (int b = b0 + lane; b <= b1; b += 32)
-    if (!device::wait_geq(p.wait, flags + b, epoch, d, Phase::kCombineData)) ok = false;
+    if (!device::wait_geq(p.wait, at<uint64_t>(p.window, p.rank, L::combine_flag(d, b)), epoch, d, Phase::kCombineData))
+      ok = false;
   return __all_sync(0xffffffffu, ok);
 }
 

@@ -6,16 +6,10 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "runtime/device_error.hpp"
+#include "protocol/device_error.hpp"
+#include "protocol/intranode_layout.hpp"
 
 namespace openep::detail {
-
-// Pinned, device-mapped host memory the prepare kernel fills in exact mode.
-struct HostCounters {
-  int64_t seq;                      // written last: the host_seq of the prepare that filled the rest
-  int32_t num_recv_tokens;
-  int32_t num_recv_tokens_per_expert[1024];   // aligned counts, [E_local]
-};
 
 struct WindowRef {
   char* const* peer_bases;          // [R] device table of LSA window bases

@@ -8,7 +8,7 @@
 #include <cstdint>
 
 #include "openep/buffer.hpp"
-#include "runtime/device_error.hpp"
+#include "protocol/device_error.hpp"
 
 namespace openep::detail {
 

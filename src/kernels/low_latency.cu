@@ -1,5 +1,5 @@
 // Low-latency (decode) dispatch and combine over NVLink (LSA peer pointers). Layout of the window region in
-// src/runtime/low_latency_layout.hpp.
+// src/protocol/low_latency_layout.hpp.
 //
 // Protocol (per operation; epochs are monotonic and live in device memory, nothing is reset between calls):
 //  Every kernel works on epoch = (completed kernels of its kind and side) + 1 and on data half (epoch & 1);
@@ -91,9 +91,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint64_t epoch,
   char* payload = reinterpret_cast<char*>(smem);
   float* scales = reinterpret_cast<float*>(payload + row_bytes);
 
-  for (int d = threadIdx.x; d < R; d += blockDim.x)
-    s_base[d] = region(p.window, d) + layout.dispatch_offset + half * layout.dispatch_half +
-                static_cast<size_t>(p.rank) * T * layout.msg_bytes;
+  for (int d = threadIdx.x; d < R; d += blockDim.x) s_base[d] = region(p.window, d) + layout.dispatch_message(half, p.rank, 0);
   for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
     for (int d = threadIdx.x; d < R; d += blockDim.x) s_has[d] = 0;
     __syncthreads();  // also publishes s_base on the first token
@@ -155,15 +153,13 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint64_t epoch,
     for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) {
       const int count = min(atomicExch(&p.state->slot_counter[e], 0), T);
       const int d = e / El, i = e % El;
-      auto* c = reinterpret_cast<int32_t*>(region(p.window, d) + L::kDispatchCounts) +
-                static_cast<size_t>(half) * kMaxExperts + p.rank * El + i;
+      auto* c = reinterpret_cast<int32_t*>(region(p.window, d) + L::dispatch_count(half, p.rank * El + i));
       ptx::st_relaxed_sys(c, count);
     }
     __syncthreads();
     for (int d = threadIdx.x; d < R; d += blockDim.x) {
       ptx::fence_acq_rel_sys();
-      auto* flag = reinterpret_cast<uint64_t*>(region(p.window, d) + L::kDispatchFlags) +
-                   static_cast<size_t>(half) * kMaxExperts + p.rank;
+      auto* flag = reinterpret_cast<uint64_t*>(region(p.window, d) + L::dispatch_flag(half, p.rank));
       ptx::st_release_sys(flag, (epoch << 32) | (static_cast<uint64_t>(K) << 16) |
                                     static_cast<uint64_t>(p.num_tokens));
     }
@@ -194,9 +190,8 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint64_t epoch,
   const int num_scales = p.use_fp8 ? H / 128 : 0;
   const int words = p.use_ue8m0 ? num_scales / 4 : num_scales;
   const char* my = region(p.window, p.rank);
-  const auto* flags = reinterpret_cast<const uint64_t*>(my + L::kDispatchFlags) + static_cast<size_t>(half) * kMaxExperts;
-  const auto* counts = reinterpret_cast<const int32_t*>(my + L::kDispatchCounts) + static_cast<size_t>(half) * kMaxExperts;
-  const char* data = my + layout.dispatch_offset + half * layout.dispatch_half;
+  const auto* flags = reinterpret_cast<const uint64_t*>(my + L::dispatch_flag(half, 0));
+  const auto* counts = reinterpret_cast<const int32_t*>(my + L::dispatch_count(half, 0));
   const uint64_t target = epoch << 32;
 
   if (threadIdx.x == 0) s_failed = 0;
@@ -240,7 +235,7 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint64_t epoch,
     const int m = u / nch, c = u - m * nch;
     const int s = m / T, t = m - s * T;
     if (t >= s_tokens[s]) continue;
-    const char* msg = data + static_cast<size_t>(m) * layout.msg_bytes;
+    const char* msg = my + layout.dispatch_message(half, s, t);
     const int entry = lane < s_topk[s] ? ptx::ld_cg(reinterpret_cast<const int32_t*>(msg) + lane) : -1;
     uint32_t mask = __ballot_sync(0xffffffffu, entry >= 0);
     if (mask == 0) continue;
@@ -305,7 +300,6 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch, i
   const int half = static_cast<int>(epoch & 1);
   const L& layout = p.window.layout;
   const int row_int4 = H / 8;
-  const size_t row_bytes = static_cast<size_t>(H) * 2;
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   scan_expert_rows(p.layout_range, El, R, s_prefix);
   // Units are (packed row, chunk of the row) over all local experts, warp w of block b starting at unit
@@ -325,8 +319,7 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch, i
     const int s = source_rank_of_row(p.layout_range, R, i, r);
     const int t = p.src_info[static_cast<size_t>(i) * RT + r];
     if (t < 0 || t >= T) continue;
-    int4* dst = reinterpret_cast<int4*>(region(p.window, s) + layout.combine_offset + half * layout.combine_half +
-                                        (static_cast<size_t>(p.rank * El + i) * T + t) * row_bytes);
+    int4* dst = reinterpret_cast<int4*>(region(p.window, s) + layout.combine_row(half, p.rank * El + i, t));
 #pragma unroll
     for (int k = 0; k < kSendUnroll; ++k) {
       const int j = c * kSendChunkInt4 + k * 32 + lane;
@@ -337,8 +330,7 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch, i
   if (device::last_block<true>(&p.state->send_ticket[1])) {
     for (int d = threadIdx.x; d < R; d += blockDim.x) {
       ptx::fence_acq_rel_sys();
-      auto* flag = reinterpret_cast<uint64_t*>(region(p.window, d) + L::kCombineFlags) +
-                   static_cast<size_t>(half) * kMaxExperts + p.rank;
+      auto* flag = reinterpret_cast<uint64_t*>(region(p.window, d) + L::combine_flag(half, p.rank));
       ptx::st_release_sys(flag, epoch);
     }
     if (threadIdx.x == 0) p.state->send_epoch[1] = epoch;
@@ -353,8 +345,8 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint64_t epoch) {
   const int half = static_cast<int>(epoch & 1);
   const L& layout = p.window.layout;
   const char* my = region(p.window, p.rank);
-  const auto* flags = reinterpret_cast<const uint64_t*>(my + L::kCombineFlags) + static_cast<size_t>(half) * kMaxExperts;
-  const auto* data = reinterpret_cast<const int4*>(my + layout.combine_offset + half * layout.combine_half);
+  const auto* flags = reinterpret_cast<const uint64_t*>(my + L::combine_flag(half, 0));
+  const auto* data = reinterpret_cast<const int4*>(my + layout.combine_row(half, 0, 0));
   const int row_int4 = H / 8;
   constexpr int kBatch = 8;
 

@@ -48,8 +48,8 @@
 #include "kernels/low_latency_rows.cuh"
 #include "kernels/low_latency_gin_launch.hpp"
 #include "openep/low_latency.hpp"
+#include "protocol/low_latency_gin_layout.hpp"
 #include "runtime/check.hpp"
-#include "runtime/transport.hpp"
 
 namespace openep::detail {
 namespace {
@@ -127,16 +127,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int header_int4 = (K + 3) / 4;  // only the first K header entries are written and read
   const int chunks = H / 8;             // int4 chunks of the BF16 row
   char* const base = local_base(g);
-  const size_t stage = g.staging_offset;                                   // window offsets from here on
-  const size_t dst_half = g.region_offset + layout.dispatch_offset + half * layout.dispatch_half +
-                          static_cast<size_t>(p.rank) * T * layout.msg_bytes;  // [my rank][0] in every rank
+  const size_t stage = g.staging_offset;  // window offsets from here on
 
   for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
     for (int d = threadIdx.x; d < R; d += blockDim.x) s_has[d] = 0;
     __syncthreads();
     route_token(p, t, s_entry, s_dest, s_has);
     // Cast (or copy) the row straight into its staging payload row.
-    const size_t payload_off = stage + g.staging.payload_offset + static_cast<size_t>(t) * g.staging.payload_bytes;
+    const size_t payload_off = stage + g.staging.payload(t);
     char* payload = base + payload_off;
     const int4* xrow = reinterpret_cast<const int4*>(p.x + static_cast<size_t>(t) * H);
     if (!p.use_fp8) {
@@ -155,16 +153,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     // One routing header per destination at staging [d][t] (a token with no expert on d says so).
     for (int j = threadIdx.x; j < R * header_int4; j += blockDim.x) {
       const int d = j / header_int4, q = j - d * header_int4, k = 4 * q;
-      int4* hdr = reinterpret_cast<int4*>(base + stage + g.staging.header_offset +
-                                          (static_cast<size_t>(d) * T + t) * L::kHeaderBytes);
+      int4* hdr = reinterpret_cast<int4*>(base + stage + g.staging.header(d, t));
       hdr[q] = make_int4(header_entry(s_entry, s_dest, K, k, d), header_entry(s_entry, s_dest, K, k + 1, d),
                          header_entry(s_entry, s_dest, K, k + 2, d), header_entry(s_entry, s_dest, K, k + 3, d));
     }
     __syncthreads();  // the staging stores of the whole block happen before the posts below
     for (int d = threadIdx.x; d < R; d += blockDim.x) {
       const ncclGin gin(g.dev_comm, d);  // context of receiver d (see the protocol)
-      const size_t dst = dst_half + static_cast<size_t>(t) * layout.msg_bytes;
-      const size_t hdr = stage + g.staging.header_offset + (static_cast<size_t>(d) * T + t) * L::kHeaderBytes;
+      const size_t dst = g.region_offset + layout.dispatch_message(half, p.rank, t);  // [my rank][t] at d
+      const size_t hdr = stage + g.staging.header(d, t);
       gin.put(world, d, g.window, dst, g.window, hdr, static_cast<size_t>(header_int4) * 16);
       if (s_has[d]) {
         gin.put(world, d, g.window, dst + L::kHeaderBytes, g.window, payload_off,
@@ -176,8 +173,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   flush_block(g.dev_comm);  // this block's sources may be reused once the kernel ends
 
   if (device::last_block<true>(&p.state->send_ticket[0])) {
-    auto* counts = reinterpret_cast<int32_t*>(base + stage + G::kCounts);
-    auto* flags = reinterpret_cast<uint64_t*>(base + stage + G::kDispatchFlags);
+    auto* counts = reinterpret_cast<int32_t*>(base + stage + G::counts_of(0, El));
+    auto* flags = reinterpret_cast<uint64_t*>(base + stage + G::dispatch_flag(0));
     for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x)
       counts[e] = min(atomicExch(&p.state->slot_counter[e], 0), T);
     for (int d = threadIdx.x; d < R; d += blockDim.x)
@@ -186,12 +183,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int d = threadIdx.x; d < R; d += blockDim.x) {
       const ncclGin gin(g.dev_comm, d);
       const size_t region = g.region_offset;
-      gin.put(world, d, g.window,
-              region + L::kDispatchCounts + (static_cast<size_t>(half) * kMaxExperts + p.rank * El) * 4,
-              g.window, stage + G::kCounts + static_cast<size_t>(d) * El * 4, static_cast<size_t>(El) * 4);
+      gin.put(world, d, g.window, region + L::dispatch_count(half, p.rank * El), g.window,
+              stage + G::counts_of(d, El), static_cast<size_t>(El) * 4);
       // The signal lands after the counts and every message this rank put to d (same context, same peer).
-      gin.put(world, d, g.window, region + L::kDispatchFlags + (static_cast<size_t>(half) * kMaxExperts + p.rank) * 8,
-              g.window, stage + G::kDispatchFlags + static_cast<size_t>(d) * 8, sizeof(uint64_t),
+      gin.put(world, d, g.window, region + L::dispatch_flag(half, p.rank), g.window, stage + G::dispatch_flag(d),
+              sizeof(uint64_t),
               ncclGin_SignalAdd{static_cast<ncclGinSignal_t>(GinSignals::dispatch(p.rank)), 1});
     }
     flush_block(g.dev_comm);
@@ -219,7 +215,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const size_t row_bytes = static_cast<size_t>(H) * 2;
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   char* const base = local_base(g);
-  const size_t rows_off = g.region_offset + layout.staging_offset;  // the zero-copy area: [E_local][R*T] rows
   scan_expert_rows(p.layout_range, El, R, s_prefix);
   const int rows = s_prefix[El];
   for (int q = warp * gridDim.x + blockIdx.x; q < rows; q += gridDim.x * warps) {  // warp-uniform
@@ -230,28 +225,25 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (t < 0 || t >= T) continue;
     if (gp.stage_x) {  // the put source must lie in the window: copy the caller's row into the zero-copy area
       const int4* src = reinterpret_cast<const int4*>(p.x) + row * row_int4;
-      int4* dst = reinterpret_cast<int4*>(base + rows_off) + row * row_int4;
+      int4* dst = reinterpret_cast<int4*>(base + g.region_offset + layout.zero_copy_row(row));
       for (int j = lane; j < row_int4; j += 32) dst[j] = ptx::ld_nc_no_allocate(src + j);
     }
     // Warp coop: the put syncs the warp (covering its lanes' stores), lane 0 posts.
     const ncclGin gin(g.dev_comm, s);
-    gin.put(world, s, g.window,
-            g.region_offset + layout.combine_offset + half * layout.combine_half +
-                (static_cast<size_t>(p.rank * El + i) * T + t) * row_bytes,
-            g.window, rows_off + row * row_bytes, row_bytes, ncclGin_None{}, ncclGin_None{}, ncclCoopWarp{});
+    gin.put(world, s, g.window, g.region_offset + layout.combine_row(half, p.rank * El + i, t), g.window,
+            g.region_offset + layout.zero_copy_row(row), row_bytes, ncclGin_None{}, ncclGin_None{}, ncclCoopWarp{});
   }
   flush_block(g.dev_comm);
 
   if (device::last_block<true>(&p.state->send_ticket[1])) {
-    auto* flags = reinterpret_cast<uint64_t*>(base + g.staging_offset + G::kCombineFlags);
+    auto* flags = reinterpret_cast<uint64_t*>(base + g.staging_offset + G::combine_flag(0));
     for (int d = threadIdx.x; d < R; d += blockDim.x) flags[d] = epoch;
     __syncthreads();
     for (int d = threadIdx.x; d < R; d += blockDim.x) {
       const ncclGin gin(g.dev_comm, d);
       // The signal lands after every row this rank put to d (same context, same peer).
-      gin.put(world, d, g.window,
-              g.region_offset + L::kCombineFlags + (static_cast<size_t>(half) * kMaxExperts + p.rank) * 8,
-              g.window, g.staging_offset + G::kCombineFlags + static_cast<size_t>(d) * 8, sizeof(uint64_t),
+      gin.put(world, d, g.window, g.region_offset + L::combine_flag(half, p.rank), g.window,
+              g.staging_offset + G::combine_flag(d), sizeof(uint64_t),
               ncclGin_SignalAdd{static_cast<ncclGinSignal_t>(GinSignals::combine(R, p.rank)), 1});
     }
     flush_block(g.dev_comm);

@@ -11,8 +11,8 @@
 #include <cstdint>
 
 #include "kernels/low_latency_launch.hpp"
-#include "runtime/device_error.hpp"
-#include "runtime/low_latency_gin_layout.hpp"
+#include "protocol/device_error.hpp"
+#include "protocol/low_latency_gin_layout.hpp"
 
 namespace openep::detail {
 

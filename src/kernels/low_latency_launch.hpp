@@ -6,8 +6,8 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "runtime/device_error.hpp"
-#include "runtime/low_latency_layout.hpp"
+#include "protocol/device_error.hpp"
+#include "protocol/low_latency_layout.hpp"
 
 namespace openep::detail {
 

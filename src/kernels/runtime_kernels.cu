@@ -8,7 +8,7 @@
 // which records (rank, peer, phase=barrier) and ends the kernel.
 #include "device/barrier.cuh"
 #include "kernels/launch.hpp"
-#include "runtime/buffer_impl.hpp"
+#include "protocol/limits.hpp"
 #include "runtime/check.hpp"
 
 namespace openep::detail {

@@ -12,8 +12,8 @@
 #include "runtime/buffer_impl.hpp"
 #include "runtime/check.hpp"
 #include "runtime/low_latency_gin.hpp"
-#include "runtime/low_latency_gin_layout.hpp"
-#include "runtime/low_latency_layout.hpp"
+#include "protocol/low_latency_gin_layout.hpp"
+#include "protocol/low_latency_layout.hpp"
 #include "runtime/transport.hpp"
 
 namespace openep {

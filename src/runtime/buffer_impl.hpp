@@ -10,7 +10,8 @@
 #include <vector>
 
 #include "openep/buffer.hpp"
-#include "runtime/device_error.hpp"
+#include "protocol/device_error.hpp"
+#include "protocol/window_layout.hpp"
 #include "runtime/transport.hpp"
 
 namespace openep::detail {
@@ -20,41 +21,8 @@ struct LowLatencyState;
 
 namespace openep::detail {
 
-inline constexpr int kNumBarrierSlots = 16;       // independent barrier counters (one per concurrent user)
-inline constexpr int kHostBarrierSlot = 0;        // Buffer::barrier()
-inline constexpr int kIntranodeBarrierSlot = 1;   // intranode dispatch/combine prepare kernels
-inline constexpr int kMaxNvlinkPeers = 72;        // largest NVLink domain addressed through LSA pointers
-inline constexpr size_t kWindowAlignment = 4096;  // NCCL_WIN_REQUIRED_ALIGNMENT; also our region alignment
-
 // Throws kVersionMismatch naming both versions unless they are equal.
 void check_nccl_version(int compiled, int loaded);
-
-inline constexpr size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
-
-// Layout of the symmetric window; identical on every rank, so an offset means the same on every peer.
-struct WindowLayout {
-  size_t barrier_offset = 0;   // uint64 [kNumBarrierSlots][kMaxNvlinkPeers]: arrivals from each peer
-  size_t nvl_offset = 0;       // normal-mode region, num_nvl_bytes
-  size_t rdma_offset = 0;      // low-latency region, num_rdma_bytes
-  size_t total_bytes = 0;
-
-  static WindowLayout make(size_t num_nvl_bytes, size_t num_rdma_bytes) {
-    WindowLayout l;
-    l.barrier_offset = 0;
-    l.nvl_offset = align_up(sizeof(uint64_t) * kNumBarrierSlots * kMaxNvlinkPeers, kWindowAlignment);
-    l.rdma_offset = align_up(l.nvl_offset + num_nvl_bytes, kWindowAlignment);
-    l.total_bytes = align_up(l.rdma_offset + num_rdma_bytes, kWindowAlignment);
-    return l;
-  }
-};
-
-// Device memory private to this rank (not in the window).
-struct LocalState {
-  uint64_t barrier_epoch[kNumBarrierSlots];   // completed barriers per slot (monotonic)
-  uint64_t op_epoch;                          // intranode operations started (monotonic)
-  int32_t error_claim;                        // see device_error.hpp
-  int32_t pad;
-};
 
 }  // namespace openep::detail
 

@@ -8,7 +8,7 @@
 #include "openep/buffer.hpp"
 #include "runtime/buffer_impl.hpp"
 #include "runtime/check.hpp"
-#include "runtime/intranode_layout.hpp"
+#include "protocol/intranode_layout.hpp"
 
 namespace openep {
 

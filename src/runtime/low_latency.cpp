@@ -8,7 +8,7 @@
 #include "runtime/buffer_impl.hpp"
 #include "runtime/check.hpp"
 #include "runtime/low_latency_gin.hpp"
-#include "runtime/low_latency_layout.hpp"
+#include "protocol/low_latency_layout.hpp"
 
 namespace openep {
 

@@ -6,7 +6,7 @@
 
 #include "kernels/low_latency_gin_launch.hpp"
 #include "runtime/check.hpp"
-#include "runtime/low_latency_gin_layout.hpp"
+#include "protocol/low_latency_gin_layout.hpp"
 #include "runtime/transport.hpp"
 
 namespace openep::detail {

@@ -17,6 +17,9 @@
 #include <nccl.h>
 #include <nccl_device.h>
 
+#include "protocol/limits.hpp"
+#include "protocol/low_latency_gin_layout.hpp"
+
 namespace openep::detail {
 
 enum class Transport : int { kNvlink = 0, kGin = 1 };
@@ -37,22 +40,6 @@ struct TransportQuery {
 // message names the option or field to change. A single-node Group always gets kNvlink, whatever
 // allow_network says. Does not check num_nvlink_ranks > 0 (the Buffer checks that first, unchanged).
 Transport select_transport(const TransportQuery& q);
-
-// Largest Group the GIN low-latency path addresses (its signal table and staging are sized by it).
-inline constexpr int kMaxGinRanks = 256;
-
-// GIN signal ids of the low-latency path, per context (one id per source rank and purpose). The sender
-// posts every put and signal to receiver d on context (d mod ginContextCount), so a signal covers all the
-// data the sender put to d before it (NCCL orders a signal after earlier puts on the same context to the
-// same peer), and the receiver polls only its own context.
-struct GinSignals {
-  static constexpr int dispatch(int src) { return src; }
-  static constexpr int combine(int num_ranks, int src) { return num_ranks + src; }
-  static constexpr int barrier(int num_ranks, int src) { return 2 * num_ranks + src; }
-  static constexpr int count(int num_ranks) { return 3 * num_ranks; }
-  // dispatch and combine ids are reset by clean_low_latency_buffer; barrier ids are never reset.
-  static constexpr int num_resettable(int num_ranks) { return 2 * num_ranks; }
-};
 
 // The device-communicator requirements of a kGin Buffer: user signals only (GIN turns on through them and
 // through the multi-node Group); no counters, no multimem, no LSA barriers (the kernels do not use them).

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/device_error.hpp"
+#include "protocol/device_error.hpp"
 
 #define TEST_CUDA_CHECK(expr)                                                                        \
   do {                                                                                               \

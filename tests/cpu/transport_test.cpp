@@ -9,8 +9,8 @@
 #include "openep/buffer.hpp"
 #include "openep/error.hpp"
 #include "openep/low_latency.hpp"
-#include "runtime/low_latency_gin_layout.hpp"
-#include "runtime/low_latency_layout.hpp"
+#include "protocol/low_latency_gin_layout.hpp"
+#include "protocol/low_latency_layout.hpp"
 #include "runtime/transport.hpp"
 
 namespace openep::detail {

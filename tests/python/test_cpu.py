@@ -143,7 +143,7 @@ def test_low_latency_size_hint_is_the_cores_requirement():
     # zero-copy buffer) at the headline shape, next to DeepEP's formula, whose worked example (interface spec
     # 3.4) is checked here so the comparison in the docs holds.
     assert _C.deepep_low_latency_rdma_size_hint(128, 7168, 288) == 2146961792
-    # Recomputed from the layout documented in src/runtime/low_latency_layout.hpp (not read back from the core):
+    # Recomputed from the layout documented in src/protocol/low_latency_layout.hpp (not read back from the core):
     # signal area (2 flag tables of 2 x 8192 uint64 + 2 x 8192 int32 counts), two dispatch halves of R x T
     # messages (128-byte routing header + the larger of the BF16 row and the FP8 row with its scales), two
     # combine halves of E x T BF16 rows, and the zero-copy buffer [E/R][R x T][H] BF16.

@@ -1,6 +1,7 @@
 // Layout of the normal-mode (intranode) region of the symmetric window. Host and device use this one struct;
-// no offset arithmetic happens anywhere else. Identical on every rank for identical call shapes, so an
-// offset computed locally addresses the same thing in a peer's window.
+// kernels take the offset of a named slot from it and do no offset arithmetic of their own. Identical on
+// every rank for identical call shapes, so an offset computed locally addresses the same thing in a peer's
+// window. Offsets are relative to the start of the region (WindowLayout::nvl_offset).
 //
 //   header (fixed size):
 //     int32  counts[kMaxRanks][kMaxRanks]         counts[s][d]: tokens rank s sends to rank d (row s written by s)
@@ -17,11 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define OPENEP_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define OPENEP_HOST_DEVICE inline
-#endif
+#include "protocol/host_device.hpp"
 
 namespace openep::detail {
 
@@ -42,6 +39,38 @@ struct IntranodeLayout {
       (kCombineFlagsOffset + sizeof(uint64_t) * kMaxRanks * kMaxChunks + 4095) / 4096 * 4096;
 
   OPENEP_HOST_DEVICE static size_t align16(size_t v) { return (v + 15) / 16 * 16; }
+
+  // ---- named slots (byte offsets in the region) ----
+  // int32: tokens rank s sends to rank d (row s of the count matrix).
+  OPENEP_HOST_DEVICE static size_t count(int s, int d) {
+    return kCountsOffset + sizeof(int32_t) * (static_cast<size_t>(s) * kMaxRanks + d);
+  }
+  // int32: token count of rank s.
+  OPENEP_HOST_DEVICE static size_t num_tokens(int s) { return kNumTokensOffset + sizeof(int32_t) * s; }
+  // int32: tokens rank s sends to the region owner's local expert e.
+  OPENEP_HOST_DEVICE static size_t expert_count(int s, int e) {
+    return kExpertCountsOffset + sizeof(int32_t) * (static_cast<size_t>(s) * kMaxLocalExperts + e);
+  }
+  // uint64: op epoch once source s's dispatch chunk c has landed here.
+  OPENEP_HOST_DEVICE static size_t dispatch_flag(int s, int c) {
+    return kDispatchFlagsOffset + sizeof(uint64_t) * (static_cast<size_t>(s) * kMaxChunks + c);
+  }
+  // int32[2]: (first row, row count) of source s's dispatch chunk c here.
+  OPENEP_HOST_DEVICE static size_t dispatch_range(int s, int c) {
+    return kDispatchRangesOffset + sizeof(int32_t) * 2 * (static_cast<size_t>(s) * kMaxChunks + c);
+  }
+  // uint64: op epoch once rank d has returned row block b of the region owner's tokens.
+  OPENEP_HOST_DEVICE static size_t combine_flag(int d, int b) {
+    return kCombineFlagsOffset + sizeof(uint64_t) * (static_cast<size_t>(d) * kMaxChunks + b);
+  }
+  // Dispatch record of receive row `row`.
+  OPENEP_HOST_DEVICE static size_t dispatch_record(int64_t row, size_t record_bytes) {
+    return kDataOffset + static_cast<size_t>(row) * record_bytes;
+  }
+  // Combine stage slot (d, t): rank d's row for the region owner's token t.
+  OPENEP_HOST_DEVICE static size_t combine_stage(int d, int64_t t, int64_t stage_rows, size_t record_bytes) {
+    return kDataOffset + static_cast<size_t>(static_cast<int64_t>(d) * stage_rows + t) * record_bytes;
+  }
 
   // Chunk size (tokens) a rank with num_tokens tokens uses; every rank derives it from the exchanged counts.
   OPENEP_HOST_DEVICE static int chunk_tokens(int num_tokens) {
@@ -70,6 +99,13 @@ struct IntranodeLayout {
   OPENEP_HOST_DEVICE static int64_t combine_stage_rows(size_t nvl_bytes, size_t record_bytes, int num_ranks) {
     return nvl_bytes <= kDataOffset ? 0 : static_cast<int64_t>((nvl_bytes - kDataOffset) / (record_bytes * num_ranks));
   }
+};
+
+// Pinned, device-mapped host memory the intranode prepare kernel fills in exact mode (the host polls `seq`).
+struct HostCounters {
+  int64_t seq;                      // written last: the host_seq of the prepare that filled the rest
+  int32_t num_recv_tokens;
+  int32_t num_recv_tokens_per_expert[IntranodeLayout::kMaxLocalExperts];   // aligned counts, [E_local]
 };
 
 }  // namespace openep::detail

@@ -1,5 +1,6 @@
 // Layout of the low-latency region of the window (BufferOptions::num_rdma_bytes) and the device-side state of
-// the low-latency kernels. Identical on every rank: an offset means the same thing on every peer.
+// the low-latency kernels. Identical on every rank: an offset means the same thing on every peer. Offsets are
+// relative to the start of the region (WindowLayout::rdma_offset); kernels take them from the named slots.
 //
 //   [signals]  dispatch_flags  uint64 [2 halves][kMaxExperts]: slot s (source rank) holds
 //                              (epoch << 32) | (num_topk of s << 16) | num_tokens of s in that dispatch
@@ -21,6 +22,7 @@
 #include <cstdint>
 
 #include "openep/types.hpp"
+#include "protocol/host_device.hpp"
 
 namespace openep::detail {
 
@@ -35,10 +37,36 @@ struct LowLatencyLayout {
   static constexpr size_t kHeaderBytes = 128;
 
   size_t msg_bytes = 0;            // one dispatch message
+  size_t row_bytes = 0;            // one BF16 combine row (2 * hidden)
   size_t dispatch_offset = 0, dispatch_half = 0;
   size_t combine_offset = 0, combine_half = 0;
   size_t staging_offset = 0;
   size_t total = 0;
+  int T = 0;                       // num_max_dispatch_tokens_per_rank
+
+  // ---- named slots (byte offsets in the region) ----
+  // uint64: (epoch << 32) | (K << 16) | num_tokens of source `src`'s dispatch in half `half`.
+  OPENEP_HOST_DEVICE static size_t dispatch_flag(int half, int src) {
+    return kDispatchFlags + sizeof(uint64_t) * (static_cast<size_t>(half) * kMaxExperts + src);
+  }
+  // uint64: epoch of the combine whose rows from all of rank `src`'s experts have arrived, half `half`.
+  OPENEP_HOST_DEVICE static size_t combine_flag(int half, int src) {
+    return kCombineFlags + sizeof(uint64_t) * (static_cast<size_t>(half) * kMaxExperts + src);
+  }
+  // int32: rows source s sent to local expert i, at index s * E_local + i (`index`), half `half`.
+  OPENEP_HOST_DEVICE static size_t dispatch_count(int half, int index) {
+    return kDispatchCounts + sizeof(int32_t) * (static_cast<size_t>(half) * kMaxExperts + index);
+  }
+  // The dispatch message of (source rank src, source token t) in half `half`.
+  OPENEP_HOST_DEVICE size_t dispatch_message(int half, int src, int t) const {
+    return dispatch_offset + half * dispatch_half + (static_cast<size_t>(src) * T + t) * msg_bytes;
+  }
+  // The combine row returned by global expert e for my token t, half `half`.
+  OPENEP_HOST_DEVICE size_t combine_row(int half, int e, int t) const {
+    return combine_offset + half * combine_half + (static_cast<size_t>(e) * T + t) * row_bytes;
+  }
+  // Row `row` of the zero-copy combine buffer [E_local][R*T].
+  OPENEP_HOST_DEVICE size_t zero_copy_row(size_t row) const { return staging_offset + row * row_bytes; }
 
   static constexpr size_t align(size_t v, size_t a) { return (v + a - 1) / a * a; }
   static constexpr size_t message_bytes(int hidden) {
@@ -50,6 +78,8 @@ struct LowLatencyLayout {
     LowLatencyLayout l;
     const size_t e_local = static_cast<size_t>(E / R);
     l.msg_bytes = message_bytes(hidden);
+    l.row_bytes = 2 * static_cast<size_t>(hidden);
+    l.T = T;
     l.dispatch_offset = kSignalBytes;
     l.dispatch_half = align(static_cast<size_t>(R) * T * l.msg_bytes, 128);
     l.combine_offset = l.dispatch_offset + 2 * l.dispatch_half;

@@ -1,4 +1,5 @@
-// The host-visible error slot a kernel writes when it gives up (timeout) or finds invalid input.
+// The host-visible error slot a kernel writes when it gives up (timeout) or finds invalid input. Shared by
+// the runtime (which reads it and raises openep::Error) and the kernels (device/wait.cuh writes it).
 //
 // Protocol: a claim word in device memory and a record in pinned, device-mapped host memory, both zeroed at
 // Buffer creation. The first device thread that fails claims the word with a device-scope CAS (0 -> code),
