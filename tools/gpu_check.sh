@@ -1,57 +1,92 @@
 #!/usr/bin/env bash
-# One-call GPU check for a lent GPU machine: configure and build with all cores, CPU tests, GPU tests,
-# multi-GPU tests, the quick benchmark, then a short summary table (printed last).
-#   OPENEP_COMMIT=<sha> OUT=<dir> [OPENEP_PIP_CHECK=1] bash tools/gpu_check.sh [openep_bench arguments...]
-# OPENEP_PIP_CHECK=1 also runs `pip install .` (no build isolation, no index: the machine's nanobind,
-# scikit-build-core, torch and NCCL wheel) and the Python tests (tests/python, CPU and 2-GPU parts).
-# Logs and the benchmark's JSON lines go to $OUT (default ./gpu_check_out).
+# One-call GPU check for a lent GPU machine: configure and build with all cores, then the test steps, then a
+# short summary table (printed last). Every step has a time limit and logs to $OUT/<step>.log.
+#   OPENEP_COMMIT=<sha> OUT=<dir> [OPENEP_STEPS=...] [OPENEP_PIP_CHECK=1] bash tools/gpu_check.sh [openep_bench args...]
+# Steps (OPENEP_STEPS, comma-separated; default: all of them except sanitizer):
+#   build      configure + build (incremental when the build folder is already there)
+#   cpu        CPU tests (label cpu)
+#   gpu        single-GPU tests (label gpu)
+#   vrank      virtual-rank suites on ONE GPU: runtime, intranode, overlap/graph at EP2/4/8, low latency at
+#              EP2/4/8/16, the fabric itself (label vrank, without the soak)
+#   soak       the randomized virtual-rank soak (>= 10,000 operations against the reference)
+#   fakenode   fake NCCL nodes: 2x1 and 4x1 on one GPU, 2x2 with 2+ GPUs (label fakenode)
+#   mgpu       one process per GPU (needs 2+ GPUs; skipped otherwise)
+#   sanitizer  compute-sanitizer racecheck and memcheck over virtual-rank tests at EP4 (OPENEP_SANITIZER_FILTER)
+#   bench      the benchmark (needs 2+ GPUs)
+# OPENEP_PIP_CHECK=1 also runs `pip install .` and the Python tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 BUILD_DIR=${BUILD_DIR:-build}
+STEPS=",${OPENEP_STEPS:-build,cpu,gpu,vrank,soak,fakenode,mgpu,bench},"
 commit=${OPENEP_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 declare -a names results
-step() {  # step NAME COMMAND...: runs, logs to $OUT/NAME.log, records the outcome
-  local name=$1; shift
+want() { [[ "$STEPS" == *",$1,"* ]]; }
+step() {  # step NAME SECONDS COMMAND...: runs under a time limit, logs to $OUT/NAME.log, records the outcome
+  local name=$1 limit=$2; shift 2
   local t0=$SECONDS
-  "$@" >"$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   local outcome="ok"
-  if [ $rc -ne 0 ]; then outcome="FAILED (rc $rc)"; fi
-  if grep -q "Skipped" "$OUT/$name.log" 2>/dev/null && [ "$name" != build ]; then
-    if grep -q "0 tests failed" "$OUT/$name.log" && grep -q "(Skipped)" "$OUT/$name.log"; then outcome="SKIPPED"; fi
-  fi
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then outcome="TIMED OUT after $limit s"
+  elif [ $rc -ne 0 ]; then outcome="FAILED (rc $rc)"; fi
+  if [ $rc -eq 0 ] && grep -q "0 tests failed" "$OUT/$name.log" 2>/dev/null && grep -q "(Skipped)" "$OUT/$name.log" &&
+     ! grep -qE "Test +#[0-9]+: .* Passed" "$OUT/$name.log"; then outcome="SKIPPED"; fi
   names+=("$name"); results+=("$outcome ($((SECONDS - t0)) s)")
-  echo "== $name: $outcome"; tail -n 25 "$OUT/$name.log"
+  echo "== $name: $outcome ($((SECONDS - t0)) s)"; tail -n 15 "$OUT/$name.log"
   return $rc
 }
 nvidia-smi -L | tee "$OUT/gpus.txt"
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 num_gpus=$(nvidia-smi -L | grep -c '^GPU ')
-step configure cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release
-step build cmake --build "$BUILD_DIR" -j "$(nproc)"
-step cpu_tests ctest --test-dir "$BUILD_DIR" -L cpu --output-on-failure
-step gpu_tests ctest --test-dir "$BUILD_DIR" -L '^gpu$' -V
-step mgpu_tests ctest --test-dir "$BUILD_DIR" -L mgpu -V
-cp -r "$BUILD_DIR/mgpu_logs" "$OUT/" 2>/dev/null
-if [ "${OPENEP_PIP_CHECK:-0}" = 1 ]; then
-  step pip_install python3 -m pip install -v . --no-build-isolation --no-deps --no-index
-  step python_tests python3 -m pytest -v -rs tests/python
+if want build; then
+  step configure 120 cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release
+  step build 900 cmake --build "$BUILD_DIR" -j "$(nproc)"
 fi
-step bench python3 tools/launch.py --min-gpus 2 --timeout 400 --log-dir "$OUT/bench_logs" -- \
+want cpu && step cpu_tests 120 ctest --test-dir "$BUILD_DIR" -L cpu --output-on-failure
+want gpu && step gpu_tests 300 ctest --test-dir "$BUILD_DIR" -L '^gpu$' -V
+want vrank && step vrank_tests "${OPENEP_VRANK_LIMIT:-1500}" ctest --test-dir "$BUILD_DIR" -L vrank -LE soak -V
+want soak && step soak 900 ctest --test-dir "$BUILD_DIR" -L soak -V
+want fakenode && { step fake_node_tests 700 ctest --test-dir "$BUILD_DIR" -L fakenode -V;
+                   cp -r "$BUILD_DIR/fake_node_logs" "$OUT/" 2>/dev/null; }
+want mgpu && { step mgpu_tests 700 ctest --test-dir "$BUILD_DIR" -L mgpu -V; cp -r "$BUILD_DIR/mgpu_logs" "$OUT/" 2>/dev/null; }
+if want sanitizer; then
+  # EP4 virtual ranks under the sanitizer. Waits stay bounded (timeout_seconds), so a tool that serialised the
+  # ranks' kernels would show as timeout errors, not as a hang.
+  filter=${OPENEP_SANITIZER_FILTER:-'IntranodeVrank.MatchesReference/tokens127*/EP4:IntranodeVrank.MatchesReference/tokens300*/EP4:IntranodeVrank.MatchesReference/tokens513*/EP4:LowLatencyVrank.MatchesReference/tokens128_T128_hidden2048*/EP4:LowLatencyVrank.HookModeAndZeroCopy/tokens64*/EP4:LowLatencyVrank.HookModeAndZeroCopy/tokens33*/EP4'}
+  for tool in racecheck memcheck; do
+    step "sanitizer_$tool" 600 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+      "$BUILD_DIR/tests/openep_vrank_tests" "--gtest_filter=$filter"
+  done
+fi
+if [ "${OPENEP_PIP_CHECK:-0}" = 1 ]; then
+  step pip_install 900 python3 -m pip install -v . --no-build-isolation --no-deps --no-index
+  step python_tests 900 python3 -m pytest -v -rs tests/python
+fi
+want bench && step bench 450 python3 tools/launch.py --min-gpus 2 --timeout 400 --log-dir "$OUT/bench_logs" -- \
   "$BUILD_DIR/bench/openep_bench" --commit "$commit" --results "$OUT/results.jsonl" "$@"
 echo
 echo "================ OpenEP GPU check: $num_gpus x $card, commit $commit ================"
-for f in cpu_tests gpu_tests mgpu_tests; do
+for f in cpu_tests gpu_tests vrank_tests soak fake_node_tests mgpu_tests; do
   [ -f "$OUT/$f.log" ] && grep -E "tests passed|tests failed" "$OUT/$f.log" | sed "s/^/$f: /"
 done
+for f in vrank_tests fake_node_tests; do
+  [ -f "$OUT/$f.log" ] && grep -E "^\[==========\] .* ran|^\[  PASSED  \]|^\[  FAILED  \]" "$OUT/$f.log" |
+    awk -v f=$f '/PASSED/{p+=$4} /FAILED  \] [0-9]/{x+=$4} END{printf "%s: gtest cases passed %d, failed %d\n", f, p, x}'
+done
+[ -f "$OUT/soak.log" ] && grep -E "^soak:" "$OUT/soak.log" | tail -12
+for t in racecheck memcheck; do
+  [ -f "$OUT/sanitizer_$t.log" ] && grep -E "ERROR SUMMARY|RACECHECK SUMMARY|hazard|tests ran|PASSED|FAILED" "$OUT/sanitizer_$t.log" |
+    tail -4 | sed "s/^/sanitizer $t: /"
+done
 # gtest cases that skipped inside a passing CTest test (e.g. the multi-node GIN test on one node): named here
-skipped=$(cat "$OUT/gpu_tests.log" "$OUT/mgpu_tests.log" 2>/dev/null |
+skipped=$(cat "$OUT"/gpu_tests.log "$OUT"/vrank_tests.log "$OUT"/mgpu_tests.log "$OUT"/fake_node_tests.log 2>/dev/null |
           grep -oE '\[  SKIPPED \] [A-Za-z0-9_./]+ \(' | sed -E 's/^\[  SKIPPED \] //; s/ \($//' | sort -u | tr '\n' ' ')
 [ -n "$skipped" ] && echo "gtest cases skipped (by design or missing hardware): $skipped"
+grep -hE "^\[  FAILED  \] [A-Za-z]" "$OUT"/*.log 2>/dev/null | sort -u | head -30
 [ -f "$OUT/python_tests.log" ] && grep -E "passed|failed" "$OUT/python_tests.log" | tail -1 | sed "s/^/python_tests: /"
-grep -E "^(layout|dispatch|combine|ll_|op )" "$OUT/bench.log" || true
-printf '%-12s %s\n' "step" "result"
-for i in "${!names[@]}"; do printf '%-12s %s\n' "${names[$i]}" "${results[$i]}"; done
+[ -f "$OUT/bench.log" ] && { grep -E "^(layout|dispatch|combine|ll_|op )" "$OUT/bench.log" || true; }
+printf '%-18s %s\n' "step" "result"
+for i in "${!names[@]}"; do printf '%-18s %s\n' "${names[$i]}" "${results[$i]}"; done

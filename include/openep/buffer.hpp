@@ -134,6 +134,7 @@ class Buffer {
   Impl& impl() noexcept { return *impl_; }
 
  private:
+  void init(Group& group, const BufferOptions& options);
   std::unique_ptr<Impl> impl_;
 };
 

@@ -4,6 +4,9 @@
 // unique id (C++ users, tests), or splits a private one from a communicator the caller already has (the
 // Python package splits from PyTorch's ProcessGroupNCCL), so OpenEP's windows and any abort stay away
 // from the caller's communicator.
+//
+// Internally a Group reaches its peers through a fabric (src/runtime/fabric.hpp): NCCL for every Group made
+// here; openep/testing.hpp makes Groups of virtual ranks (N ranks in one process on one GPU) for tests.
 #pragma once
 
 #include <nccl.h>
@@ -11,6 +14,14 @@
 #include <memory>
 
 #include "openep/types.hpp"
+
+namespace openep::detail {
+class Fabric;
+}  // namespace openep::detail
+
+namespace openep::testing {
+class VirtualFabric;
+}  // namespace openep::testing
 
 namespace openep {
 
@@ -38,12 +49,19 @@ class Group {
   // Ranks that share this rank's NVLink domain (NCCL's LSA team), and this rank's index in it.
   int num_nvlink_ranks() const noexcept { return lsa_size_; }
   int nvlink_rank() const noexcept { return lsa_rank_; }
-  // The communicator, owned by this Group. Valid until the Group is destroyed.
+  // The communicator, owned by this Group. Valid until the Group is destroyed. nullptr for a Group of
+  // virtual ranks (openep/testing.hpp), which has no NCCL communicator.
   ncclComm_t comm() const noexcept { return comm_; }
 
+  // Internal: how OpenEP's Buffer reaches the peers (src/runtime/fabric.hpp).
+  detail::Fabric& fabric() const noexcept { return *fabric_; }
+
  private:
+  friend class testing::VirtualFabric;
   Group(ncclComm_t comm, int device);
+  explicit Group(std::shared_ptr<detail::Fabric> fabric);  // virtual ranks; owns no communicator
   ncclComm_t comm_ = nullptr;
+  std::shared_ptr<detail::Fabric> fabric_;
   int rank_ = 0, num_ranks_ = 0, device_ = 0, lsa_size_ = 0, lsa_rank_ = 0;
 };
 

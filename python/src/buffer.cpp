@@ -275,7 +275,7 @@ void bind_buffer(nb::module_& m) {
       .def("local_buffer", [](Runtime& r, bool rdma) {
         // (device address, bytes) of this rank's normal-mode (or low-latency) region of the symmetric window.
         openep::Buffer::Impl& m = r.buffer().impl();
-        char* base = static_cast<char*>(m.window_memory);
+        char* base = m.win.local;
         const size_t off = rdma ? m.window_layout.rdma_offset : m.window_layout.nvl_offset;
         const size_t bytes = rdma ? m.options.num_rdma_bytes : m.options.num_nvl_bytes;
         return std::make_tuple(reinterpret_cast<uintptr_t>(base + off), bytes);

@@ -429,9 +429,25 @@ __global__ void __launch_bounds__(kThreads, 1) low_latency_combine_kernel(const 
 
 // The fused kernels (send and receive in one launch) wait inside the kernel for work other blocks of the same
 // grid publish, so every block must be resident at once: they are launched cooperatively, which guarantees
-// that (or fails to launch) even when other kernels share the GPU. One 1024-thread block per SM.
+// that (or fails to launch) even when other kernels share the GPU. One 1024-thread block per SM. When several
+// ranks share the GPU (virtual ranks), their fused grids must also fit together: checked here against the
+// kernel's occupancy, so an impossible launch is a clear error instead of a hang.
 template <typename Params>
-void launch(void (*kernel)(Params), const Params& p, int num_blocks, size_t smem, cudaStream_t stream) {
+void launch(void (*kernel)(Params), const Params& p, int num_blocks, size_t smem, const GridBudget& grids,
+            cudaStream_t stream) {
+  const bool cooperative = p.do_send && p.do_recv;
+  // One rank per GPU: the cooperative launch itself refuses a grid that cannot be resident (and the grid is
+  // at most one block per SM); the occupancy query is only needed when several ranks share the GPU.
+  if (cooperative && grids.grids_per_device > 1) {
+    int per_sm = 0;
+    OPENEP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+    const long long resident = static_cast<long long>(per_sm) * grids.device_sms;
+    const long long needed = static_cast<long long>(num_blocks) * grids.grids_per_device;
+    OPENEP_CHECK(needed <= resident, ErrorCode::kUnsupported, "low-latency fused kernel: ", grids.grids_per_device,
+                 " rank(s) on this GPU x ", num_blocks, " blocks of ", kThreads, " threads (", smem,
+                 " bytes of shared memory) cannot be co-resident: the GPU holds ", resident, " such blocks (",
+                 per_sm, " per SM x ", grids.device_sms, " SMs); lower the grid (virtual ranks: max_blocks_per_rank)");
+  }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(num_blocks);
   cfg.blockDim = dim3(kThreads);
@@ -439,7 +455,7 @@ void launch(void (*kernel)(Params), const Params& p, int num_blocks, size_t smem
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeCooperative;
-  attr[0].val.cooperative = p.do_send && p.do_recv ? 1 : 0;
+  attr[0].val.cooperative = cooperative ? 1 : 0;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   OPENEP_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
@@ -465,7 +481,8 @@ int low_latency_combine_blocks(const LowLatencyCombineParams& p, int num_sms) {
   return clamp_blocks(p.num_tokens, num_sms);
 }
 
-void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, cudaStream_t stream) {
+void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, const GridBudget& grids,
+                                 cudaStream_t stream) {
   OPENEP_CHECK(p.num_ranks <= kMaxRanksLL && p.num_topk <= kMaxLowLatencyTopk, ErrorCode::kInternal,
                "low-latency dispatch launched with ", p.num_ranks, " ranks and top-", p.num_topk);
   const long long row_int4 = (p.use_fp8 ? p.hidden : 2LL * p.hidden) / 16;
@@ -481,10 +498,11 @@ void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_bloc
     OPENEP_CUDA_CHECK(cudaFuncSetAttribute(low_latency_dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(smem)));
   }
-  launch(low_latency_dispatch_kernel, p, num_blocks, smem, stream);
+  launch(low_latency_dispatch_kernel, p, num_blocks, smem, grids, stream);
 }
 
-void launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, cudaStream_t stream) {
+void launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, const GridBudget& grids,
+                                cudaStream_t stream) {
   OPENEP_CHECK(p.num_topk <= kMaxLowLatencyTopk, ErrorCode::kInternal, "low-latency combine launched with top-",
                p.num_topk);
   // The send's per-expert row prefix (E_local + 1 ints) in dynamic shared memory; units must fit an int.
@@ -497,7 +515,7 @@ void launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks
     OPENEP_CUDA_CHECK(cudaFuncSetAttribute(low_latency_combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(smem)));
   }
-  launch(low_latency_combine_kernel, p, num_blocks, smem, stream);
+  launch(low_latency_combine_kernel, p, num_blocks, smem, grids, stream);
 }
 
 }  // namespace openep::detail

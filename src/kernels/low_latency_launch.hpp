@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/grid.hpp"
 #include "protocol/device_error.hpp"
 #include "protocol/low_latency_layout.hpp"
 
@@ -56,8 +57,12 @@ struct LowLatencyCombineParams {
 // Grid sizes: fused (send + receive) kernels use every SM; send-only and receive-only kernels what they need.
 int low_latency_dispatch_blocks(const LowLatencyDispatchParams& p, int num_sms);
 int low_latency_combine_blocks(const LowLatencyCombineParams& p, int num_sms);
-void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, cudaStream_t stream);
-void launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, cudaStream_t stream);
+// `grids`: the Buffer's grid budget; a fused (cooperative) launch whose grids cannot all be co-resident with
+// grids.grids_per_device - 1 others of the same size fails with kUnsupported instead of hanging.
+void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, const GridBudget& grids,
+                                 cudaStream_t stream);
+void launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, const GridBudget& grids,
+                                cudaStream_t stream);
 
 }  // namespace openep::detail
 

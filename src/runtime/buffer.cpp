@@ -8,10 +8,10 @@
 
 #include "kernels/intranode_launch.hpp"
 #include "kernels/launch.hpp"
-#include "kernels/low_latency_gin_launch.hpp"
 #include "runtime/buffer_impl.hpp"
 #include "runtime/check.hpp"
 #include "runtime/low_latency_gin.hpp"
+#include "runtime/nccl_fabric.hpp"
 #include "protocol/low_latency_gin_layout.hpp"
 #include "protocol/low_latency_layout.hpp"
 #include "runtime/transport.hpp"
@@ -41,9 +41,6 @@ namespace {
 // Logs instead of throwing: used on teardown paths.
 void warn_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) std::fprintf(stderr, "OpenEP: %s failed during teardown: %s\n", what, cudaGetErrorString(err));
-}
-void warn_nccl(ncclResult_t res, const char* what) {
-  if (res != ncclSuccess) std::fprintf(stderr, "OpenEP: %s failed during teardown: %s\n", what, ncclGetErrorString(res));
 }
 
 }  // namespace
@@ -90,9 +87,42 @@ void Buffer::Impl::check_usable() {
   raise_device_error();
 }
 
+namespace {
+
+// Releases everything a (possibly partly constructed) Buffer holds. Never throws.
+void release(Buffer::Impl& m) noexcept {
+  if (m.comm_stream) warn_cuda(cudaStreamSynchronize(m.comm_stream), "cudaStreamSynchronize");
+  if (m.fabric) {
+    detail::Fabric& f = *m.fabric;
+    f.close_window(m.win);
+    f.free_device(m.peer_bases_device);
+    f.free_device(m.local_state);
+    f.free_device(m.ll_state);
+    f.free_device(m.layout_workspace);
+    f.free_mapped(m.error_record);
+    f.free_mapped(m.host_counters);
+  }
+  m.peer_bases_device = nullptr, m.local_state = nullptr, m.ll_state = nullptr, m.layout_workspace = nullptr;
+  m.error_record = nullptr, m.host_counters = nullptr;
+  if (m.comm_stream) warn_cuda(cudaStreamDestroy(m.comm_stream), "cudaStreamDestroy");
+  m.comm_stream = nullptr;
+}
+
+}  // namespace
+
 Buffer::Buffer(Group& group, const BufferOptions& options) : impl_(std::make_unique<Impl>()) {
+  try {
+    init(group, options);
+  } catch (...) {
+    release(*impl_);  // e.g. a device communicator NCCL created before failing: nothing leaks
+    throw;
+  }
+}
+
+void Buffer::init(Group& group, const BufferOptions& options) {
   Impl& m = *impl_;
   m.group = &group;
+  m.fabric = &group.fabric();
   m.options = options;
   m.rank = group.rank();
   m.num_ranks = group.num_ranks();
@@ -125,60 +155,41 @@ Buffer::Buffer(Group& group, const BufferOptions& options) : impl_(std::make_uni
   }
 
   OPENEP_CUDA_CHECK(cudaSetDevice(m.device));
-  ncclComm_t comm = group.comm();
-
-  // Capability check and device communicator (LSA only: GIN stays off on one node, see nccl-device-api.md 4).
-  if (!network) {
-    ncclDevCommRequirements reqs = {};
-    reqs.lsaBarrierCount = 1;
-    OPENEP_NCCL_CHECK(ncclDevCommCreate(comm, &reqs, &m.dev_comm));
-    m.dev_comm_created = true;
-  } else {
-    detail::create_gin_dev_comm(m, comm);  // GIN signals; fails with kUnsupported naming NCCL's reason
-  }
-
-  // One symmetric window for everything, zeroed before registration (registration is a world barrier, so
-  // every peer's window is zero before anyone can write into it). kGin appends its send staging area.
-  m.window_layout = detail::WindowLayout::make(options.num_nvl_bytes, options.num_rdma_bytes);
-  size_t window_bytes = m.window_layout.total_bytes;
-  if (network) {
-    m.gin_staging_offset = window_bytes;
-    window_bytes += detail::LowLatencyGinLayout::area_bytes(options.num_rdma_bytes);
-  }
-  OPENEP_NCCL_CHECK(ncclMemAlloc(&m.window_memory, window_bytes));
-  OPENEP_CUDA_CHECK(cudaMemset(m.window_memory, 0, window_bytes));
-  OPENEP_CUDA_CHECK(cudaDeviceSynchronize());
-  OPENEP_NCCL_CHECK(ncclCommWindowRegister(comm, m.window_memory, window_bytes, &m.window, NCCL_WIN_DEFAULT));
-  OPENEP_CHECK(m.window != nullptr, ErrorCode::kNccl, "ncclCommWindowRegister returned no window");
-
+  OPENEP_CUDA_CHECK(cudaDeviceGetAttribute(&m.num_device_sms, cudaDevAttrMultiProcessorCount, m.device));
+  m.grids = m.fabric->grid_budget(m.num_device_sms);
   OPENEP_CUDA_CHECK(cudaStreamCreateWithPriority(&m.comm_stream, cudaStreamNonBlocking, -1));
-  OPENEP_CUDA_CHECK(cudaMalloc(&m.peer_bases_device, sizeof(char*) * m.num_ranks));
-  if (!network) {
-    detail::launch_query_peer_bases(m.window, m.num_ranks, m.peer_bases_device, m.comm_stream);
-  } else {
-    detail::launch_query_own_base(m.window, m.rank, m.num_ranks, m.peer_bases_device, m.comm_stream);
-  }
-  m.peer_bases.resize(m.num_ranks);
-  OPENEP_CUDA_CHECK(cudaMemcpyAsync(m.peer_bases.data(), m.peer_bases_device, sizeof(char*) * m.num_ranks,
-                                    cudaMemcpyDeviceToHost, m.comm_stream));
 
-  OPENEP_CUDA_CHECK(cudaMalloc(&m.local_state, sizeof(detail::LocalState)));
+  // Private state first: on virtual ranks nothing after the window exchange may synchronise the device.
+  detail::Fabric& f = *m.fabric;
+  m.peer_bases_device = static_cast<char**>(f.alloc_device(sizeof(char*) * m.num_ranks));
+  m.local_state = static_cast<detail::LocalState*>(f.alloc_device(sizeof(detail::LocalState)));
   OPENEP_CUDA_CHECK(cudaMemsetAsync(m.local_state, 0, sizeof(detail::LocalState), m.comm_stream));
-  OPENEP_CUDA_CHECK(cudaMalloc(&m.layout_workspace, sizeof(int) * detail::layout_workspace_ints()));
+  m.layout_workspace = static_cast<int*>(f.alloc_device(sizeof(int) * detail::layout_workspace_ints()));
   OPENEP_CUDA_CHECK(
       cudaMemsetAsync(m.layout_workspace, 0, sizeof(int) * detail::layout_workspace_ints(), m.comm_stream));
-  OPENEP_CUDA_CHECK(cudaHostAlloc(&m.error_record, sizeof(detail::DeviceError), cudaHostAllocMapped));
+  void* view = nullptr;
+  m.error_record = static_cast<detail::DeviceError*>(f.alloc_mapped(sizeof(detail::DeviceError), &view));
+  m.error_record_device = static_cast<detail::DeviceError*>(view);
   std::memset(static_cast<void*>(m.error_record), 0, sizeof(detail::DeviceError));
-  OPENEP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&m.error_record_device), m.error_record, 0));
-  OPENEP_CUDA_CHECK(cudaHostAlloc(&m.host_counters, sizeof(detail::HostCounters), cudaHostAllocMapped));
+  m.host_counters = static_cast<detail::HostCounters*>(f.alloc_mapped(sizeof(detail::HostCounters), &view));
+  m.host_counters_device = static_cast<detail::HostCounters*>(view);
   std::memset(static_cast<void*>(m.host_counters), 0, sizeof(detail::HostCounters));
-  OPENEP_CUDA_CHECK(
-      cudaHostGetDevicePointer(reinterpret_cast<void**>(&m.host_counters_device), m.host_counters, 0));
   if (options.num_rdma_bytes > 0) {
-    OPENEP_CUDA_CHECK(cudaMalloc(&m.ll_state, sizeof(detail::LowLatencyState)));
+    m.ll_state = static_cast<detail::LowLatencyState*>(f.alloc_device(sizeof(detail::LowLatencyState)));
     OPENEP_CUDA_CHECK(cudaMemsetAsync(m.ll_state, 0, sizeof(detail::LowLatencyState), m.comm_stream));
   }
-  OPENEP_CUDA_CHECK(cudaDeviceGetAttribute(&m.num_device_sms, cudaDevAttrMultiProcessorCount, m.device));
+
+  // One window for everything (collective; every peer's window is zero before any rank returns). kGin
+  // appends its send staging area.
+  m.window_layout = detail::WindowLayout::make(options.num_nvl_bytes, options.num_rdma_bytes);
+  detail::WindowRequest req;
+  req.bytes = m.window_layout.total_bytes;
+  req.gin = network;
+  if (network) {
+    m.gin_staging_offset = req.bytes;
+    req.bytes += detail::LowLatencyGinLayout::area_bytes(options.num_rdma_bytes);
+  }
+  f.open_window(req, m.comm_stream, m.peer_bases_device, m.win);
   OPENEP_CUDA_CHECK(cudaStreamSynchronize(m.comm_stream));
 }
 
@@ -189,26 +200,15 @@ Buffer::~Buffer() {
   if (m.comm_stream) {
     // Make sure no peer still writes into our window before it is released (nccl-device-api.md 1.6). The
     // barrier is bounded by the timeout, so a dead peer delays teardown but cannot hang it.
-    if (!m.failed && m.error_record && m.error_record->code == 0 && m.window) {
+    if (!m.failed && m.error_record && m.error_record->code == 0 && m.win.local) {
       try {
         barrier(m.comm_stream);
       } catch (const std::exception& e) {
         std::fprintf(stderr, "OpenEP: final barrier failed: %s\n", e.what());
       }
     }
-    warn_cuda(cudaStreamSynchronize(m.comm_stream), "cudaStreamSynchronize");
   }
-  ncclComm_t comm = m.group->comm();
-  if (m.window) warn_nccl(ncclCommWindowDeregister(comm, m.window), "ncclCommWindowDeregister");
-  if (m.window_memory) warn_nccl(ncclMemFree(m.window_memory), "ncclMemFree");
-  if (m.dev_comm_created) warn_nccl(ncclDevCommDestroy(comm, &m.dev_comm), "ncclDevCommDestroy");
-  if (m.peer_bases_device) warn_cuda(cudaFree(m.peer_bases_device), "cudaFree");
-  if (m.local_state) warn_cuda(cudaFree(m.local_state), "cudaFree");
-  if (m.ll_state) warn_cuda(cudaFree(m.ll_state), "cudaFree");
-  if (m.layout_workspace) warn_cuda(cudaFree(m.layout_workspace), "cudaFree");
-  if (m.error_record) warn_cuda(cudaFreeHost(m.error_record), "cudaFreeHost");
-  if (m.host_counters) warn_cuda(cudaFreeHost(m.host_counters), "cudaFreeHost");
-  if (m.comm_stream) warn_cuda(cudaStreamDestroy(m.comm_stream), "cudaStreamDestroy");
+  release(m);
 }
 
 int Buffer::rank() const noexcept { return impl_->rank; }

@@ -12,6 +12,7 @@
 #include "openep/buffer.hpp"
 #include "protocol/device_error.hpp"
 #include "protocol/window_layout.hpp"
+#include "runtime/fabric.hpp"
 #include "runtime/transport.hpp"
 
 namespace openep::detail {
@@ -30,16 +31,13 @@ namespace openep {
 
 struct Buffer::Impl {
   Group* group = nullptr;
+  detail::Fabric* fabric = nullptr;            // group->fabric(): NCCL, or virtual ranks (runtime/fabric.hpp)
   BufferOptions options;
   int rank = 0, num_ranks = 0, device = 0;
 
-  ncclDevComm dev_comm{};
-  bool dev_comm_created = false;
-  void* window_memory = nullptr;               // ncclMemAlloc'ed, window_layout.total_bytes
-  ncclWindow_t window = nullptr;
+  detail::FabricWindow win;                    // this rank's window, its peer table, the device communicator
   detail::WindowLayout window_layout;
-  std::vector<char*> peer_bases;               // [num_ranks] device addresses of each peer's window (LSA)
-  char** peer_bases_device = nullptr;          // same table in device memory
+  char** peer_bases_device = nullptr;          // [num_ranks] device table of each peer's window base
 
   detail::LocalState* local_state = nullptr;   // device memory
   int* layout_workspace = nullptr;             // device memory, zeroed; kernels leave it zeroed
@@ -51,10 +49,11 @@ struct Buffer::Impl {
   detail::HostCounters* host_counters_device = nullptr;  // device view
   int64_t host_seq = 0;                                  // last exact-mode prepare issued
   int num_device_sms = 0;
+  detail::GridBudget grids;                              // largest grid per kernel (fabric's grid_budget)
   detail::LowLatencyState* ll_state = nullptr;           // device memory, zeroed (when num_rdma_bytes > 0)
   // How the kernels reach peers, decided once at creation (runtime/transport.hpp). kGin: a multi-node Group
-  // in low-latency mode with allow_network; NOT YET RUN ON A REAL NETWORK. Then dev_comm has GIN contexts,
-  // peer_bases holds only this rank's own base, and the window ends with the GIN staging area.
+  // in low-latency mode with allow_network; NOT YET RUN ON A REAL NETWORK. Then win.dev_comm has GIN contexts,
+  // the peer table holds only this rank's own base, and the window ends with the GIN staging area.
   detail::Transport transport = detail::Transport::kNvlink;
   size_t gin_staging_offset = 0;                         // kGin: window offset of LowLatencyGinLayout
 

@@ -6,6 +6,7 @@
 #include <cstdio>
 
 #include "runtime/check.hpp"
+#include "runtime/nccl_fabric.hpp"
 
 namespace openep {
 
@@ -16,12 +17,24 @@ ncclUniqueId Group::make_unique_id() {
 }
 
 Group::Group(ncclComm_t comm, int device) : comm_(comm), device_(device) {
-  OPENEP_NCCL_CHECK(ncclCommUserRank(comm_, &rank_));
-  OPENEP_NCCL_CHECK(ncclCommCount(comm_, &num_ranks_));
-  const ncclTeam_t lsa = ncclTeamLsa(comm_);
-  // A zeroed team means NCCL's symmetric-memory setup is unavailable (nccl-device-api.md 1.5).
-  lsa_size_ = lsa.nRanks;
-  lsa_rank_ = lsa.rank;
+  try {
+    fabric_ = std::make_shared<detail::NcclFabric>(comm_, device_);
+  } catch (...) {
+    (void)ncclCommDestroy(comm_);  // the Group is not constructed, so its destructor will not run
+    throw;
+  }
+  rank_ = fabric_->rank();
+  num_ranks_ = fabric_->num_ranks();
+  lsa_size_ = fabric_->num_nvlink_ranks();
+  lsa_rank_ = fabric_->nvlink_rank();
+}
+
+Group::Group(std::shared_ptr<detail::Fabric> fabric) : fabric_(std::move(fabric)) {
+  device_ = fabric_->device();
+  rank_ = fabric_->rank();
+  num_ranks_ = fabric_->num_ranks();
+  lsa_size_ = fabric_->num_nvlink_ranks();
+  lsa_rank_ = fabric_->nvlink_rank();
 }
 
 std::unique_ptr<Group> Group::create(const ncclUniqueId& id, int rank, int num_ranks, int device) {
@@ -51,6 +64,7 @@ std::unique_ptr<Group> Group::split_from(ncclComm_t parent, int device) {
 }
 
 Group::~Group() {
+  fabric_.reset();
   if (comm_ == nullptr) return;
   // Collective finalize would block if a peer died; destroy is local. Errors are reported, not thrown.
   const ncclResult_t res = ncclCommDestroy(comm_);

@@ -30,11 +30,15 @@ size_t intranode_buffer_size_hint(int num_ranks, int max_tokens_per_rank, int hi
 
 namespace {
 
+// Blocks of a normal-mode kernel: config.num_sms, at most the fabric's grid budget (all SMs on a real GPU; on
+// virtual ranks a share of the GPU, to which a larger num_sms is reduced: openep/testing.hpp).
 int num_blocks(const Config& c, const Buffer::Impl& m) {
   OPENEP_CHECK_ARG(c.num_sms >= 2 && c.num_sms % 2 == 0, "config.num_sms must be even and >= 2, got ", c.num_sms);
   OPENEP_CHECK_ARG(c.num_sms <= m.num_device_sms, "config.num_sms (", c.num_sms, ") exceeds the device's ",
                    m.num_device_sms, " SMs");
-  return c.num_sms;
+  if (c.num_sms <= m.grids.max_blocks) return c.num_sms;
+  OPENEP_CHECK(m.grids.clamp, ErrorCode::kInternal, "grid budget ", m.grids.max_blocks, " below the device's SMs");
+  return m.grids.max_blocks;
 }
 
 size_t dispatch_record_bytes(const DispatchArgs& a, bool with_topk) {

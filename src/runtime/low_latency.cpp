@@ -99,19 +99,19 @@ void require_state(const Buffer::Impl& m) {
 
 // Launches the send half and, unless `hook`, the receive half in the same kernel. With `hook` the receive
 // half is returned as the hook: it launches the same kernel with only the receive half, on the same stream.
-// `launch(params, num_device_sms, stream)` launches one kernel of the operation.
+// `launch(params, grid budget, stream)` launches one kernel of the operation.
 template <typename Params, typename Launch>
 LowLatencyHook send_then_receive(Buffer::Impl& m, Params p, bool hook, cudaStream_t stream, Launch launch) {
   p.do_send = true;
   p.do_recv = !hook;
-  launch(p, m.num_device_sms, stream);
+  launch(p, m.grids, stream);
   if (!hook) return {};
   p.do_send = false;
   p.do_recv = true;
   Buffer::Impl* mp = &m;
   return [mp, p, stream, launch]() {
     mp->check_usable();
-    launch(p, mp->num_device_sms, stream);
+    launch(p, mp->grids, stream);
   };
 }
 
@@ -156,8 +156,9 @@ LowLatencyHook Buffer::low_latency_dispatch(const LowLatencyDispatchArgs& a, Low
     return detail::low_latency_dispatch_gin(m, p, a.return_recv_hook, stream);
   }
   return send_then_receive(m, p, a.return_recv_hook, stream,
-                           [](const detail::LowLatencyDispatchParams& q, int num_sms, cudaStream_t s) {
-                             detail::launch_low_latency_dispatch(q, detail::low_latency_dispatch_blocks(q, num_sms), s);
+                           [](const detail::LowLatencyDispatchParams& q, const detail::GridBudget& g, cudaStream_t s) {
+                             detail::launch_low_latency_dispatch(q, detail::low_latency_dispatch_blocks(q, g.max_blocks),
+                                                                 g, s);
                            });
 }
 
@@ -193,8 +194,9 @@ LowLatencyHook Buffer::low_latency_combine(const LowLatencyCombineArgs& a, const
     return detail::low_latency_combine_gin(m, p, a.zero_copy, a.return_recv_hook, stream);
   }
   return send_then_receive(m, p, a.return_recv_hook, stream,
-                           [](const detail::LowLatencyCombineParams& q, int num_sms, cudaStream_t s) {
-                             detail::launch_low_latency_combine(q, detail::low_latency_combine_blocks(q, num_sms), s);
+                           [](const detail::LowLatencyCombineParams& q, const detail::GridBudget& g, cudaStream_t s) {
+                             detail::launch_low_latency_combine(q, detail::low_latency_combine_blocks(q, g.max_blocks),
+                                                                g, s);
                            });
 }
 
@@ -206,7 +208,7 @@ uint16_t* Buffer::get_next_low_latency_combine_buffer(const LowLatencyHandle& h)
                                       m.options.num_rdma_bytes);
   const LowLatencyLayout l = LowLatencyLayout::make(h.num_max_dispatch_tokens_per_rank, h.hidden, m.num_ranks,
                                                     h.num_experts);
-  return reinterpret_cast<uint16_t*>(static_cast<char*>(m.window_memory) + m.window_layout.rdma_offset +
+  return reinterpret_cast<uint16_t*>(m.win.local + m.window_layout.rdma_offset +
                                      l.staging_offset);
 }
 
@@ -218,8 +220,8 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
   detail::validate_low_latency_shapes(num_max_dispatch_tokens_per_rank, hidden, num_experts, m.num_ranks,
                                       m.options.num_rdma_bytes);
   barrier(stream);
-  if (m.transport == detail::Transport::kGin) detail::launch_gin_reset_signals(m.dev_comm, m.num_ranks, stream);
-  OPENEP_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(m.window_memory) + m.window_layout.rdma_offset, 0,
+  if (m.transport == detail::Transport::kGin) detail::launch_gin_reset_signals(m.win.dev_comm, m.num_ranks, stream);
+  OPENEP_CUDA_CHECK(cudaMemsetAsync(m.win.local + m.window_layout.rdma_offset, 0,
                                     LowLatencyLayout::kSignalBytes, stream));
   OPENEP_CUDA_CHECK(cudaMemsetAsync(m.ll_state, 0, sizeof(detail::LowLatencyState), stream));
   barrier(stream);

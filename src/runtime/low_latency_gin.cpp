@@ -14,8 +14,8 @@ namespace {
 
 GinWindow gin_window(const Buffer::Impl& m, int T, int hidden) {
   GinWindow g{};
-  g.dev_comm = m.dev_comm;
-  g.window = m.window;
+  g.dev_comm = m.win.dev_comm;
+  g.window = m.win.nccl_window;
   g.region_offset = m.window_layout.rdma_offset;
   g.staging_offset = m.gin_staging_offset;
   g.staging = LowLatencyGinLayout::make(T, hidden, m.num_ranks);
@@ -28,7 +28,7 @@ GinWindow gin_window(const Buffer::Impl& m, int T, int hidden) {
 
 GinSignalWaitParams signal_wait_params(const Buffer::Impl& m, int kind, int64_t* wait_stats) {
   GinSignalWaitParams w{};
-  w.dev_comm = m.dev_comm;
+  w.dev_comm = m.win.dev_comm;
   w.state = m.ll_state;
   w.kind = kind;
   w.rank = m.rank;
@@ -54,22 +54,6 @@ LowLatencyHook receive_now_or_as_hook(Buffer::Impl& m, bool hook, Receive receiv
 
 }  // namespace
 
-void create_gin_dev_comm(Buffer::Impl& m, ncclComm_t comm) {
-  const ncclDevCommRequirements reqs = gin_dev_comm_requirements(m.num_ranks);
-  const ncclResult_t res = ncclDevCommCreate(comm, &reqs, &m.dev_comm);
-  OPENEP_CHECK(res == ncclSuccess, ErrorCode::kUnsupported, "BufferOptions::allow_network: ncclDevCommCreate "
-               "with GIN failed (", ncclGetErrorString(res), ": ", ncclGetLastError(comm), "); the network path "
-               "needs RDMA NICs with NCCL's GIN support. NCCL may have left the communicator unusable: destroy "
-               "the Group");
-  m.dev_comm_created = true;
-  OPENEP_CHECK(m.dev_comm.ginContextCount > 0, ErrorCode::kUnsupported, "BufferOptions::allow_network: NCCL "
-               "created the device communicator without GIN contexts (ginContextCount = 0, expected > 0); "
-               "check NCCL_GIN_ENABLE and the RDMA NICs");
-  OPENEP_CHECK(m.dev_comm.ginSignalCount >= GinSignals::count(m.num_ranks), ErrorCode::kUnsupported,
-               "NCCL gave ", m.dev_comm.ginSignalCount, " GIN signals, the network path needs ",
-               GinSignals::count(m.num_ranks));
-}
-
 LowLatencyHook low_latency_dispatch_gin(Buffer::Impl& m, LowLatencyDispatchParams p, bool return_recv_hook,
                                         cudaStream_t stream) {
   LowLatencyGinDispatchParams send{};
@@ -77,7 +61,7 @@ LowLatencyHook low_latency_dispatch_gin(Buffer::Impl& m, LowLatencyDispatchParam
   send.base.do_send = true;
   send.base.do_recv = false;
   send.gin = gin_window(m, p.T, p.hidden);
-  launch_low_latency_gin_dispatch_send(send, low_latency_gin_dispatch_blocks(send, m.num_device_sms), stream);
+  launch_low_latency_gin_dispatch_send(send, low_latency_gin_dispatch_blocks(send, m.grids.max_blocks), stream);
 
   p.do_send = false;  // the NVLink receive kernel, unchanged: by the time it runs every flag has landed
   p.do_recv = true;
@@ -85,7 +69,7 @@ LowLatencyHook low_latency_dispatch_gin(Buffer::Impl& m, LowLatencyDispatchParam
   const Buffer::Impl* mp = &m;
   auto receive = [mp, p, wait, stream]() {
     launch_gin_signal_wait(wait, stream);
-    launch_low_latency_dispatch(p, low_latency_dispatch_blocks(p, mp->num_device_sms), stream);
+    launch_low_latency_dispatch(p, low_latency_dispatch_blocks(p, mp->grids.max_blocks), mp->grids, stream);
   };
   return receive_now_or_as_hook(m, return_recv_hook, receive);
 }
@@ -98,7 +82,7 @@ LowLatencyHook low_latency_combine_gin(Buffer::Impl& m, LowLatencyCombineParams 
   send.base.do_recv = false;
   send.gin = gin_window(m, p.T, p.hidden);
   send.stage_x = !zero_copy;
-  launch_low_latency_gin_combine_send(send, low_latency_gin_combine_blocks(send, m.num_device_sms), stream);
+  launch_low_latency_gin_combine_send(send, low_latency_gin_combine_blocks(send, m.grids.max_blocks), stream);
 
   p.do_send = false;
   p.do_recv = true;
@@ -106,14 +90,14 @@ LowLatencyHook low_latency_combine_gin(Buffer::Impl& m, LowLatencyCombineParams 
   const Buffer::Impl* mp = &m;
   auto receive = [mp, p, wait, stream]() {
     launch_gin_signal_wait(wait, stream);
-    launch_low_latency_combine(p, low_latency_combine_blocks(p, mp->num_device_sms), stream);
+    launch_low_latency_combine(p, low_latency_combine_blocks(p, mp->grids.max_blocks), mp->grids, stream);
   };
   return receive_now_or_as_hook(m, return_recv_hook, receive);
 }
 
 void gin_barrier(Buffer::Impl& m, cudaStream_t stream) {
   GinBarrierParams p{};
-  p.dev_comm = m.dev_comm;
+  p.dev_comm = m.win.dev_comm;
   p.epoch = &m.local_state->barrier_epoch[kHostBarrierSlot];
   p.rank = m.rank;
   p.num_ranks = m.num_ranks;

@@ -1,4 +1,4 @@
-// Host side of the network (GIN) low-latency path: device-communicator creation, the launch sequences of
+// Host side of the network (GIN) low-latency path: the launch sequences of
 // dispatch and combine, and the barrier. Used only when Buffer::Impl::transport is kGin.
 // NOT YET RUN ON A REAL NETWORK (no RDMA NICs on the test machines): compiled and linked only.
 #pragma once
@@ -11,9 +11,7 @@
 
 namespace openep::detail {
 
-// ncclDevCommCreate with gin_dev_comm_requirements(); sets m.dev_comm and m.dev_comm_created. Throws
-// kUnsupported naming NCCL's reason when NCCL cannot give GIN (no RDMA NIC / GIN plugin) or gives no context.
-void create_gin_dev_comm(Buffer::Impl& m, ncclComm_t comm);
+// The GIN device communicator is created by the NCCL fabric (runtime/nccl_fabric.cpp) with the window.
 
 // The low-latency operations over GIN. `p` is the Params the NVLink path would launch (validated, filled);
 // the outputs and the handle are the same. Send: the GIN send kernel. Receive: the bounded GIN signal wait,

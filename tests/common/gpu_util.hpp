@@ -21,24 +21,64 @@ namespace openep::test {
 
 inline constexpr unsigned char kPoisonByte = 0xA5;
 
-// Owning device array of T.
+// This host thread's stream for the tests' own copies, fills and allocations (non-blocking, created on first
+// use, destroyed when the thread ends). Test helpers never use the legacy default stream or device-wide
+// synchronisation: on virtual ranks (several ranks' threads on one GPU) a device-wide wait would wait for the
+// other ranks' kernels, which may be spinning on this rank.
+inline cudaStream_t test_stream() {
+  struct Holder {
+    cudaStream_t s = nullptr;
+    ~Holder() {
+      if (s) (void)cudaStreamDestroy(s);
+    }
+  };
+  thread_local Holder h;
+  if (!h.s) TEST_CUDA_CHECK(cudaStreamCreateWithFlags(&h.s, cudaStreamNonBlocking));
+  return h.s;
+}
+
+// Synchronous copies and fills on test_stream() (they return when done).
+inline void copy_to_device(void* dst, const void* src, size_t bytes) {
+  if (!bytes) return;
+  TEST_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, test_stream()));
+  TEST_CUDA_CHECK(cudaStreamSynchronize(test_stream()));
+}
+inline void copy_to_host(void* dst, const void* src, size_t bytes) {
+  if (!bytes) return;
+  TEST_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, test_stream()));
+  TEST_CUDA_CHECK(cudaStreamSynchronize(test_stream()));
+}
+inline void copy_device_to_device(void* dst, const void* src, size_t bytes) {
+  if (!bytes) return;
+  TEST_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, test_stream()));
+  TEST_CUDA_CHECK(cudaStreamSynchronize(test_stream()));
+}
+inline void fill_device(void* dst, int byte, size_t bytes) {
+  if (!bytes) return;
+  TEST_CUDA_CHECK(cudaMemsetAsync(dst, byte, bytes, test_stream()));
+  TEST_CUDA_CHECK(cudaStreamSynchronize(test_stream()));
+}
+
+// Owning device array of T (stream-ordered allocation on test_stream(); no device-wide synchronisation).
+// REQUIRES: no kernel still uses the array when it is destroyed (synchronise the stream that used it first).
 template <typename T>
 class DeviceArray {
  public:
   DeviceArray() = default;
   explicit DeviceArray(size_t n) : n_(n) {
-    if (n_) TEST_CUDA_CHECK(cudaMalloc(&p_, n_ * sizeof(T)));
+    if (n_) {
+      TEST_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&p_), n_ * sizeof(T), test_stream()));
+      TEST_CUDA_CHECK(cudaStreamSynchronize(test_stream()));  // usable from any stream from here on
+    }
   }
   explicit DeviceArray(const std::vector<T>& v) : DeviceArray(v.size()) { upload(v); }
-  ~DeviceArray() {
-    if (p_) cudaFree(p_);
-  }
+  ~DeviceArray() { release(); }
   DeviceArray(const DeviceArray&) = delete;
   DeviceArray& operator=(const DeviceArray&) = delete;
   DeviceArray(DeviceArray&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr, o.n_ = 0; }
   DeviceArray& operator=(DeviceArray&& o) noexcept {
     if (this != &o) {
-      if (p_) cudaFree(p_);
+      release();
       p_ = o.p_, n_ = o.n_;
       o.p_ = nullptr, o.n_ = 0;
     }
@@ -47,22 +87,22 @@ class DeviceArray {
 
   T* get() const { return p_; }
   size_t size() const { return n_; }
-  void upload(const std::vector<T>& v) {
-    if (n_) TEST_CUDA_CHECK(cudaMemcpy(p_, v.data(), n_ * sizeof(T), cudaMemcpyHostToDevice));
-  }
+  void upload(const std::vector<T>& v) { copy_to_device(p_, v.data(), (v.size() < n_ ? v.size() : n_) * sizeof(T)); }
   std::vector<T> download() const {
     std::vector<T> v(n_);
-    if (n_) TEST_CUDA_CHECK(cudaMemcpy(v.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost));
+    copy_to_host(v.data(), p_, n_ * sizeof(T));
     return v;
   }
-  // Fills with kPoisonByte so that an element the kernel forgot to write is detected. Waits for the fill:
-  // cudaMemset runs on the legacy stream, which does not order against OpenEP's non-blocking streams.
-  void poison() {
-    if (n_) TEST_CUDA_CHECK(cudaMemset(p_, kPoisonByte, n_ * sizeof(T)));
-    TEST_CUDA_CHECK(cudaDeviceSynchronize());
-  }
+  // Fills with kPoisonByte so that an element the kernel forgot to write is detected. Returns when the fill
+  // is done, so it is ordered before anything enqueued afterwards on any stream.
+  void poison() { fill_device(p_, kPoisonByte, n_ * sizeof(T)); }
+  void zero() { fill_device(p_, 0, n_ * sizeof(T)); }
 
  private:
+  void release() {
+    if (p_) (void)cudaFreeAsync(p_, test_stream());
+    p_ = nullptr;
+  }
   T* p_ = nullptr;
   size_t n_ = 0;
 };

@@ -1,22 +1,16 @@
 // Multi-GPU test environment: one process per GPU, started by tools/launch.py, which sets RANK, WORLD_SIZE,
 // LOCAL_RANK and OPENEP_UNIQUE_ID_FILE. Rank 0 writes the NCCL unique id to that file; the others read it.
+// Tests written for both modes use common/ranks.hpp instead (rank_env(), world_group(), host_barrier()).
 #pragma once
 
 #include <nccl.h>
 
-#include <memory>
-
-#include "openep/group.hpp"
+#include "common/ranks.hpp"
 
 namespace openep::test {
 
-struct MgpuEnv {
-  int rank = 0, world_size = 1, local_rank = 0;
-};
-
-// The process's environment and its world Group (created once in main()).
-const MgpuEnv& mgpu_env();
-Group& world_group();
+// Same as rank_env() (kept for tests that only ever run with one process per GPU).
+const RankEnv& mgpu_env();
 
 // Exchanges an NCCL unique id through the launcher's file. `tag` distinguishes several ids in one run.
 ncclUniqueId exchange_unique_id(const char* tag);

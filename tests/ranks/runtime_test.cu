@@ -1,5 +1,6 @@
-// Runtime on several GPUs: Buffer creation, the device barrier, layout through the Buffer, errors that
-// surface as openep::Error (a stalled peer within the timeout, a bad expert id), and Group::split_from.
+// Runtime on several ranks (one process per GPU, or virtual ranks on one GPU; common/ranks.hpp): Buffer
+// creation, the device barrier, layout through the Buffer, errors that surface as openep::Error (a stalled
+// peer within the timeout, a bad expert id), and Group::split_from (NCCL only).
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -7,7 +8,7 @@
 #include <vector>
 
 #include "common/gpu_util.hpp"
-#include "common/mgpu.hpp"
+#include "common/ranks.hpp"
 #include "common/routing.hpp"
 #include "openep/buffer.hpp"
 #include "openep/error.hpp"
@@ -16,14 +17,6 @@
 namespace openep::test {
 namespace {
 
-// Host-side rendezvous of all ranks through an NCCL all-reduce on the world communicator.
-void host_barrier() {
-  DeviceArray<int> one(1);
-  TEST_CUDA_CHECK(cudaMemset(one.get(), 0, sizeof(int)));
-  ASSERT_EQ(ncclAllReduce(one.get(), one.get(), 1, ncclInt, ncclSum, world_group().comm(), nullptr), ncclSuccess);
-  TEST_CUDA_CHECK(cudaDeviceSynchronize());
-}
-
 BufferOptions small_options(double timeout_seconds = 10.0) {
   BufferOptions o;
   o.num_nvl_bytes = 1 << 20;
@@ -31,19 +24,21 @@ BufferOptions small_options(double timeout_seconds = 10.0) {
   return o;
 }
 
-TEST(BufferMgpu, BarrierRoundTripsManyTimes) {
+}  // namespace
+
+OPENEP_RANKS_TEST(Buffer, BarrierRoundTripsManyTimes) {
   Buffer buffer(world_group(), small_options());
-  EXPECT_EQ(buffer.rank(), mgpu_env().rank);
-  EXPECT_EQ(buffer.num_ranks(), mgpu_env().world_size);
+  EXPECT_EQ(buffer.rank(), rank_env().rank);
+  EXPECT_EQ(buffer.num_ranks(), rank_env().world_size);
   for (int i = 0; i < 200; ++i) buffer.barrier(buffer.comm_stream());
   EXPECT_NO_THROW(buffer.synchronize(buffer.comm_stream()));
 }
 
-TEST(BufferMgpu, LayoutMatchesReferenceOnEveryRank) {
+OPENEP_RANKS_TEST(Buffer, LayoutMatchesReferenceOnEveryRank) {
   Buffer buffer(world_group(), small_options());
   const int R = buffer.num_ranks();
   const int N = 4096, K = 8, E = 256;
-  const std::vector<int64_t> topk = uniform_routing(N, K, E, 100 + mgpu_env().rank);
+  const std::vector<int64_t> topk = uniform_routing(N, K, E, 100 + rank_env().rank);
   const ref::Layout expected = ref::get_dispatch_layout(topk, N, K, E, R);
   DeviceArray<int64_t> d_topk(topk);
   DeviceArray<int> per_rank(R), per_expert(E);
@@ -62,15 +57,15 @@ TEST(BufferMgpu, LayoutMatchesReferenceOnEveryRank) {
   EXPECT_EQ(per_rank.download(), expected.num_tokens_per_rank);
   EXPECT_EQ(per_expert.download(), expected.num_tokens_per_expert);
   std::vector<uint8_t> mask(in_rank.size());
-  TEST_CUDA_CHECK(cudaMemcpy(mask.data(), in_rank.get(), mask.size(), cudaMemcpyDeviceToHost));
+  copy_to_host(mask.data(), in_rank.get(), mask.size());
   EXPECT_EQ(mask, expected.is_token_in_rank);
 }
 
-TEST(BufferMgpu, StalledPeerYieldsTimeoutErrorInsteadOfHang) {
+OPENEP_RANKS_TEST(Buffer, StalledPeerYieldsTimeoutErrorInsteadOfHang) {
   const double timeout_s = 2.0;
   {
     Buffer buffer(world_group(), small_options(timeout_s));
-    if (mgpu_env().rank == 0) {
+    if (rank_env().rank == 0) {
       // Every other rank skips this barrier: rank 0 must get an error naming a peer, within the timeout.
       const auto start = std::chrono::steady_clock::now();
       buffer.barrier(buffer.comm_stream());
@@ -100,7 +95,7 @@ TEST(BufferMgpu, StalledPeerYieldsTimeoutErrorInsteadOfHang) {
   host_barrier();
 }
 
-TEST(BufferMgpu, BadExpertIdSurfacesAtSynchronize) {
+OPENEP_RANKS_TEST(Buffer, BadExpertIdSurfacesAtSynchronize) {
   Buffer buffer(world_group(), small_options());
   const int R = buffer.num_ranks();
   std::vector<int64_t> topk = uniform_routing(64, 2, 8 * R, 5);
@@ -128,8 +123,9 @@ TEST(BufferMgpu, BadExpertIdSurfacesAtSynchronize) {
   host_barrier();
 }
 
-TEST(GroupMgpu, SplitFromExistingCommunicatorWorks) {
-  auto split = Group::split_from(world_group().comm(), mgpu_env().local_rank);
+// Needs the NCCL communicator of a real Group: one process per GPU only.
+OPENEP_MGPU_TEST(Group, SplitFromExistingCommunicatorWorks) {
+  auto split = Group::split_from(world_group().comm(), rank_env().local_rank);
   EXPECT_EQ(split->rank(), world_group().rank());
   EXPECT_EQ(split->num_ranks(), world_group().num_ranks());
   EXPECT_EQ(split->num_nvlink_ranks(), split->num_ranks());
@@ -141,5 +137,4 @@ TEST(GroupMgpu, SplitFromExistingCommunicatorWorks) {
   host_barrier();  // the parent communicator still works
 }
 
-}  // namespace
 }  // namespace openep::test

@@ -1,12 +1,13 @@
-// Streams, events and CUDA graphs on several GPUs: CommScope ordering (previous_event, async_finish) and a
-// captured worst-case dispatch + cached dispatch + combine replayed with new data, all against the reference.
+// Streams, events and CUDA graphs on several ranks (one process per GPU, or virtual ranks on one GPU;
+// common/ranks.hpp): CommScope ordering (previous_event, async_finish) and a captured worst-case dispatch +
+// cached dispatch + combine replayed with new data, all against the reference.
 #include <gtest/gtest.h>
 
 #include <cstring>
 #include <vector>
 
 #include "common/gpu_util.hpp"
-#include "common/mgpu.hpp"
+#include "common/ranks.hpp"
 #include "common/routing.hpp"
 #include "openep/buffer.hpp"
 #include "openep/error.hpp"
@@ -160,11 +161,23 @@ void check(Rank& k, const ref::RankRecv& e, const ref::CombineOutput* c, const D
   }
 }
 
-TEST(OverlapMgpu, CommScopeOrdersAgainstComputeStreamAndPreviousEvent) {
+}  // namespace
+
+OPENEP_RANKS_TEST(Overlap, CommScopeOrdersAgainstComputeStreamAndPreviousEvent) {
   Buffer buffer(world_group(), options());
   const int R = buffer.num_ranks(), me = buffer.rank(), N = 512, E = 16 * R;
-  const auto inputs = make_inputs(R, N, E, 3);
-  const auto expect = ref::dispatch(inputs, config(R, E));
+  struct Ref {
+    std::vector<ref::RankInput> inputs;
+    std::vector<ref::RankRecv> expect;
+  };
+  const auto world = once_per_world<Ref>([&] {
+    Ref r;
+    r.inputs = make_inputs(R, N, E, 3);
+    r.expect = ref::dispatch(r.inputs, config(R, E));
+    return r;
+  });
+  const auto& inputs = world->inputs;
+  const auto& expect = world->expect;
   Stream compute, other;
   for (int variant = 0; variant < 2; ++variant) {
     SCOPED_TRACE(variant == 0 ? "ordered after compute_stream" : "ordered after previous_event");
@@ -207,7 +220,7 @@ TEST(OverlapMgpu, CommScopeOrdersAgainstComputeStreamAndPreviousEvent) {
   }
 }
 
-TEST(OverlapMgpu, EmptyEventIsRejected) {
+OPENEP_RANKS_TEST(Overlap, EmptyEventIsRejected) {
   Buffer buffer(world_group(), options());
   Event empty;
   StreamOptions so;
@@ -221,15 +234,16 @@ TEST(OverlapMgpu, EmptyEventIsRejected) {
   EXPECT_THROW(empty.wait(nullptr), Error);
 }
 
-// Worst-case dispatch, cached dispatch and combine captured once, replayed with new routing and data.
-TEST(GraphMgpu, CapturedWorstCaseCachedDispatchAndCombineReplayWithChangingData) {
+// Worst-case dispatch, cached dispatch and combine captured once, replayed with new routing and data. Capture
+// is thread-local: on virtual ranks other rank threads keep calling CUDA while this one captures.
+OPENEP_RANKS_TEST(Graph, CapturedWorstCaseCachedDispatchAndCombineReplayWithChangingData) {
   Buffer buffer(world_group(), options());
   const int R = buffer.num_ranks(), me = buffer.rank(), N = 300, E = 16 * R;
   Rank k(R, me, N, E, N * R);
   Stream s;
   // Capture (inputs need not be valid yet: nothing runs until the first replay).
   cudaGraph_t graph = nullptr;
-  TEST_CUDA_CHECK(cudaStreamBeginCapture(s.s, cudaStreamCaptureModeGlobal));
+  TEST_CUDA_CHECK(cudaStreamBeginCapture(s.s, cudaStreamCaptureModeThreadLocal));
   try {
     buffer.get_dispatch_layout(k.layout_args(), s.s);
     const DispatchArgs a = k.dispatch_args(N * R);
@@ -250,12 +264,24 @@ TEST(GraphMgpu, CapturedWorstCaseCachedDispatchAndCombineReplayWithChangingData)
   TEST_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   for (int replay = 0; replay < 10; ++replay) {
     SCOPED_TRACE("replay " + std::to_string(replay));
-    const auto inputs = make_inputs(R, N, E, 1000 + replay);
-    const auto cfg = config(R, E);
-    const auto expect = ref::dispatch(inputs, cfg);
-    std::vector<ref::CombineInput> cin(R);
-    for (int r = 0; r < R; ++r) cin[r].x = as_bf16(expect[r].x), cin[r].topk_weights = expect[r].topk_weights;
-    const auto cexp = ref::combine(cin, expect, inputs, cfg);
+    struct Ref {
+      std::vector<ref::RankInput> inputs;
+      std::vector<ref::RankRecv> expect;
+      std::vector<ref::CombineOutput> cexp;
+    };
+    const auto world = once_per_world<Ref>([&] {
+      Ref r;
+      r.inputs = make_inputs(R, N, E, 1000 + replay);
+      const auto cfg = config(R, E);
+      r.expect = ref::dispatch(r.inputs, cfg);
+      std::vector<ref::CombineInput> cin(R);
+      for (int q = 0; q < R; ++q) cin[q].x = as_bf16(r.expect[q].x), cin[q].topk_weights = r.expect[q].topk_weights;
+      r.cexp = ref::combine(cin, r.expect, r.inputs, cfg);
+      return r;
+    });
+    const auto& inputs = world->inputs;
+    const auto& expect = world->expect;
+    const auto& cexp = world->cexp;
     k.upload(inputs[me]);
     k.poison_outputs();
     TEST_CUDA_CHECK(cudaGraphLaunch(exec, s.s));
@@ -268,5 +294,4 @@ TEST(GraphMgpu, CapturedWorstCaseCachedDispatchAndCombineReplayWithChangingData)
   (void)cudaGraphDestroy(graph);
 }
 
-}  // namespace
 }  // namespace openep::test

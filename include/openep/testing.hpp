@@ -1,0 +1,86 @@
+// openep::testing: virtual ranks, a TESTING FACILITY (not a user feature).
+//
+// A VirtualFabric puts N ranks of an OpenEP world into ONE process on ONE GPU. Each virtual rank has its own
+// host thread, its own Group, its own Buffer(s) with their own window (plain device memory), streams, epochs,
+// timeouts and error records; its peer table points at the other virtual ranks' windows. The kernels,
+// launchers, barriers and handles are exactly the production ones (nothing is mocked): they only ever see
+// peer base pointers and offsets. This is how OpenEP checks its multi-rank protocols bitwise against the CPU
+// reference at EP sizes no machine at hand has (EP8, EP16 on one H200). It says nothing about speed.
+//
+// What differs from real GPUs, and why:
+//  * Grid cap. The kernels of all N ranks must be resident on the GPU at once (a rank's kernel spins on data
+//    another rank's kernel produces). Every kernel grid of a virtual rank is therefore capped at
+//    max_blocks_per_rank() blocks: by default even(floor(SMs / N) - 2), at least 2 (132-SM H200: EP2 64,
+//    EP4 30, EP8 14, EP16 6), which leaves SMs for the one-block kernels (prepare, barrier) of every rank.
+//    A larger normal-mode Config::num_sms is reduced to the cap (results are identical: they do not depend on
+//    the grid), and the low-latency kernels use the cap instead of every SM. A cooperative (fused
+//    low-latency) launch whose grids cannot all be co-resident fails with openep::Error (kUnsupported)
+//    naming the grid, the ranks and the occupancy, instead of hanging.
+//  * Process environment. Lazy module loading can make a kernel launch wait for the whole device, which on
+//    one GPU means waiting for the other ranks' spinning kernels; more streams than hardware queues create
+//    false dependencies between ranks. Call prepare_process_for_virtual_ranks() first thing in main(),
+//    before any CUDA call; a VirtualFabric refuses to start (kUnsupported, naming the variable) otherwise.
+//  * Synchronisation. A virtual rank must not call device-wide synchronising CUDA functions (cudaDeviceSynchronize,
+//    cudaFree, cudaMalloc of pinned host memory, ...) while other virtual ranks may have kernels in flight:
+//    they would wait for those kernels, which wait for this rank. Use stream-ordered calls on the rank's own
+//    streams. OpenEP's Buffer does this itself: its windows and private memory are freed when the
+//    VirtualFabric is destroyed, not when the Buffer is.
+//  * No NCCL. A virtual Group has no communicator (Group::comm() is nullptr); every rank is in one NVLink
+//    domain, so the network (GIN) path is never selected.
+#pragma once
+
+#include <functional>
+#include <memory>
+
+#include "openep/group.hpp"
+
+namespace openep::detail {
+class VirtualFabricShared;
+}  // namespace openep::detail
+
+namespace openep::testing {
+
+// Sets CUDA_MODULE_LOADING=EAGER and CUDA_DEVICE_MAX_CONNECTIONS=32 unless they are set already. Must run
+// before the process's first CUDA call (CUDA reads both once, at initialisation).
+void prepare_process_for_virtual_ranks();
+
+struct VirtualFabricOptions {
+  int num_ranks = 2;          // 2 .. kMaxNvlinkPeers virtual ranks
+  int device = 0;             // the one GPU they share
+  int max_blocks_per_rank = 0;  // grid cap per kernel; 0 = the default above
+  double rendezvous_timeout_seconds = 120.0;  // bound of every host-side rendezvous (window creation, host_barrier)
+};
+
+class VirtualFabric {
+ public:
+  // Throws openep::Error: kInvalidArgument for bad options, kUnsupported when the process environment is
+  // not prepared (see prepare_process_for_virtual_ranks) or the GPU has too few SMs for num_ranks.
+  explicit VirtualFabric(const VirtualFabricOptions& options);
+  // Frees every window and all memory the ranks' Buffers deferred. REQUIRES: every Group made from it and every
+  // Buffer on them is destroyed and no rank thread runs any more.
+  ~VirtualFabric();
+  VirtualFabric(const VirtualFabric&) = delete;
+  VirtualFabric& operator=(const VirtualFabric&) = delete;
+
+  int num_ranks() const noexcept;
+  int device() const noexcept;
+  int max_blocks_per_rank() const noexcept;
+
+  // The Group of virtual rank `rank`; call it on that rank's host thread (it selects the device). The Group
+  // must be destroyed before the VirtualFabric.
+  std::unique_ptr<Group> make_group(int rank);
+
+  // Host-side rendezvous of all virtual ranks (every rank calls it). Bounded: throws openep::Error
+  // (kTimeout, naming the ranks that did not arrive) after the rendezvous timeout.
+  void host_barrier(int rank);
+
+  // Runs fn(rank, group) on one host thread per virtual rank, each with its own Group and the device
+  // selected, and returns when every thread has returned. The first exception any rank threw is rethrown
+  // (after all threads have ended). Every rank's thread must make the same collective calls.
+  void run(const std::function<void(int rank, Group& group)>& fn);
+
+ private:
+  std::shared_ptr<detail::VirtualFabricShared> shared_;
+};
+
+}  // namespace openep::testing

@@ -1,0 +1,36 @@
+# Fake-node tests (label fakenode): a multi-node NCCL world on one machine, several processes per GPU when
+# needed. tools/launch.py --ranks-per-node M gives every fake node its own NCCL_HOSTID and sends NCCL's
+# cross-node traffic through the Socket network over loopback (docs/fake-nodes.md). Exit code 77 = skipped
+# (fewer GPUs than --min-gpus), which CTest reports as "Skipped", never as passed.
+#
+# Included from tests/CMakeLists.txt: include(${CMAKE_CURRENT_SOURCE_DIR}/fake_nodes.cmake)
+# Paths below use CMAKE_CURRENT_LIST_DIR (this file's folder, tests/), so the fragment does not depend on
+# where it is included from.
+add_executable(openep_fake_node_tests
+  ${CMAKE_CURRENT_LIST_DIR}/fakenode/fake_node_test.cu
+  ${CMAKE_CURRENT_LIST_DIR}/fakenode/fake_node_main.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/common/launcher_env.cpp)
+target_include_directories(openep_fake_node_tests PRIVATE ${PROJECT_SOURCE_DIR}/tests ${PROJECT_SOURCE_DIR}/src)
+target_link_libraries(openep_fake_node_tests PRIVATE openep_core openep_reference GTest::gtest)
+openep_executable_defaults(openep_fake_node_tests)
+
+find_package(Python3 COMPONENTS Interpreter REQUIRED)
+
+# openep_add_fake_node_test(NAME NPROC RANKS_PER_NODE MIN_GPUS): one CTest test = one launcher run of the binary.
+# The launcher's --timeout (600 s) bounds the whole world; CTest's TIMEOUT is a little longer so that the
+# launcher, not CTest, reports a hang (with every rank's log). RUN_SERIAL: the processes already share GPUs.
+function(openep_add_fake_node_test name nproc ranks_per_node min_gpus)
+  add_test(NAME ${name}
+    COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tools/launch.py
+            --nproc ${nproc} --ranks-per-node ${ranks_per_node} --min-gpus ${min_gpus} --timeout 600
+            --log-dir ${CMAKE_BINARY_DIR}/fake_node_logs/${name}
+            -- $<TARGET_FILE:openep_fake_node_tests>)
+  set_tests_properties(${name} PROPERTIES LABELS fakenode SKIP_RETURN_CODE 77 TIMEOUT 660 RUN_SERIAL TRUE)
+endfunction()
+
+# 2 nodes x 1 rank and 4 nodes x 1 rank: run on a single GPU (processes of different nodes share it).
+openep_add_fake_node_test(fake_node_2x1 2 1 1)
+openep_add_fake_node_test(fake_node_4x1 4 1 1)
+# 2 nodes x 2 ranks: ranks of one node need distinct GPUs (NVLink inside the node, sockets between nodes).
+# On 4 GPUs every rank has its own GPU; on 2 GPUs the two nodes share them (launch.py's rule: rank % GPUs).
+openep_add_fake_node_test(fake_node_2x2 4 2 2)

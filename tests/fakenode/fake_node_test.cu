@@ -1,0 +1,363 @@
+// Fake-node tests: what OpenEP and NCCL do TODAY in a multi-node world faked on one machine (docs/fake-nodes.md).
+// Started by tools/launch.py --ranks-per-node M (CTest: fake_node_2x1, fake_node_4x1, fake_node_2x2).
+//
+//   FakeNodeWorld    the world really is multi-node (NVLink team = the fake node) and NCCL's Socket network moves
+//                    data correctly (all-reduce, a send/recv ring of a few MB, bytes checked).
+//   FakeNodeBuffer   Buffer creation on such a world fails fast with kUnsupported naming what to change, and the
+//                    process and the world communicator stay usable.
+//   FakeNodeGinProbe the network (GIN) low-latency path fails cleanly on sockets (no GIN there). Runs LAST, on a
+//                    throwaway split: a failed GIN device communicator may leave its communicator unusable.
+//
+// Test order matters (gtest runs them in the order of this file; do not shuffle). Every blocking phase runs
+// under a Deadline (fake_node.hpp): a hang ends the process with a message instead of blocking the launcher.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+#include <nccl.h>
+
+#include <chrono>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/gpu_util.hpp"
+#include "fakenode/fake_node.hpp"
+#include "openep/buffer.hpp"
+#include "openep/error.hpp"
+#include "openep/low_latency.hpp"
+
+namespace openep::test::fakenode {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Processes share GPUs and NCCL connects over loopback sockets on first use: generous, but bounded.
+constexpr double kCollectiveSeconds = 120;
+constexpr double kRefusalSeconds = 10;   // a Buffer refused on the host must fail at least this fast
+constexpr double kGinProbeSeconds = 60;  // the GIN device-communicator attempt must fail at least this fast
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+
+// Printed by every rank into its log (the launcher echoes rank 0's).
+__attribute__((format(printf, 1, 2))) void say(const char* fmt, ...) {
+  std::printf("[fake-node rank %d] ", fake_env().rank);
+  va_list ap;
+  va_start(ap, fmt);
+  std::vprintf(fmt, ap);
+  va_end(ap);
+  std::printf("\n");
+  std::fflush(stdout);
+}
+
+std::string nccl_failure(ncclResult_t r, ncclComm_t comm) {
+  const char* last = ncclGetLastError(comm);
+  return std::string(ncclGetErrorString(r)) + " (last error: " + (last ? last : "") + ")";
+}
+
+class Stream {
+ public:
+  Stream() { TEST_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
+  ~Stream() { cudaStreamDestroy(s_); }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  cudaStream_t get() const { return s_; }
+
+ private:
+  cudaStream_t s_ = nullptr;
+};
+
+// Index of the first element where a and b differ, or -1.
+template <typename T>
+long long first_mismatch(const std::vector<T>& a, const std::vector<T>& b) {
+  if (a.size() != b.size()) return 0;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i] != b[i]) return static_cast<long long>(i);
+  return -1;
+}
+
+// Rank r contributes (r + 1) * 1000 + i % 100000 at element i; the sum is known in closed form.
+std::vector<int32_t> all_reduce_input(int rank, int count) {
+  std::vector<int32_t> v(count);
+  for (int i = 0; i < count; ++i) v[i] = (rank + 1) * 1000 + i % 100000;
+  return v;
+}
+std::vector<int32_t> all_reduce_expected(int num_ranks, int count) {
+  std::vector<int32_t> v(count);
+  for (int i = 0; i < count; ++i) v[i] = 1000 * num_ranks * (num_ranks + 1) / 2 + num_ranks * (i % 100000);
+  return v;
+}
+
+// A sum all-reduce of `count` int32 over `comm` (every rank of the world), checked element by element.
+void check_all_reduce(ncclComm_t comm, int count, const std::string& label) {
+  const FakeNodeEnv& e = fake_env();
+  DeviceArray<int32_t> buf(all_reduce_input(e.rank, count));
+  Stream s;
+  {
+    Deadline d(kCollectiveSeconds, "all-reduce " + label);
+    const ncclResult_t r = ncclAllReduce(buf.get(), buf.get(), count, ncclInt32, ncclSum, comm, s.get());
+    ASSERT_EQ(r, ncclSuccess) << "ncclAllReduce " << label << ": " << nccl_failure(r, comm);
+    TEST_CUDA_CHECK(cudaStreamSynchronize(s.get()));
+  }
+  const std::vector<int32_t> got = buf.download();
+  const std::vector<int32_t> want = all_reduce_expected(e.world_size, count);
+  const long long bad = first_mismatch(got, want);
+  ASSERT_EQ(bad, -1) << "all-reduce " << label << " of " << count << " int32: element " << bad << " is "
+                     << (bad >= 0 ? got[bad] : 0) << ", expected " << (bad >= 0 ? want[bad] : 0);
+}
+
+uint8_t ring_byte(int src, int round, size_t i) {
+  uint32_t x = static_cast<uint32_t>(i) * 2654435761u ^ static_cast<uint32_t>(src * 40503 + round * 7919 + 1);
+  x ^= x >> 15;
+  x *= 2246822519u;
+  x ^= x >> 13;
+  return static_cast<uint8_t>(x);
+}
+
+// ---- Buffer creation outcomes ----
+struct Outcome {
+  bool threw = false;
+  bool openep_error = false;
+  ErrorCode code = ErrorCode::kInternal;
+  std::string what;
+  double seconds = 0;
+};
+
+Outcome try_create_buffer(Group& group, const BufferOptions& options, double limit_s, const std::string& what) {
+  Outcome out;
+  Deadline d(limit_s, "Buffer creation: " + what);
+  const Clock::time_point t0 = Clock::now();
+  try {
+    Buffer buffer(group, options);
+  } catch (const Error& err) {
+    out.threw = out.openep_error = true;
+    out.code = err.code();
+    out.what = err.what();
+  } catch (const std::exception& err) {
+    out.threw = true;
+    out.what = err.what();
+  }
+  out.seconds = seconds_since(t0);
+  return out;
+}
+
+void expect_unsupported(const Outcome& out, const std::vector<std::string>& parts, double max_seconds) {
+  ASSERT_TRUE(out.threw) << "Buffer creation succeeded on a multi-node (fake-node) world";
+  ASSERT_TRUE(out.openep_error) << "expected openep::Error, got another exception: " << out.what;
+  EXPECT_STREQ(error_code_name(out.code), error_code_name(ErrorCode::kUnsupported)) << out.what;
+  for (const std::string& p : parts) EXPECT_TRUE(contains(out.what, p)) << "message lacks \"" << p << "\": " << out.what;
+  EXPECT_LT(out.seconds, max_seconds) << "the error took " << out.seconds << " s: " << out.what;
+}
+
+BufferOptions low_latency_options(bool allow_network) {
+  const int R = fake_env().world_size;
+  BufferOptions o;
+  o.low_latency_mode = true;
+  o.num_nvl_bytes = 0;
+  o.num_rdma_bytes = low_latency_buffer_size_hint(/*T=*/128, /*hidden=*/2048, R, /*num_experts=*/8 * R);
+  o.allow_network = allow_network;
+  o.timeout_seconds = 30;
+  return o;
+}
+
+std::string team_phrase() {
+  // transport.cpp: "the Group's R ranks span several NVLink domains (NVLink team of M)"
+  return "the Group's " + std::to_string(fake_env().world_size) + " ranks span several NVLink domains (NVLink team of " +
+         std::to_string(fake_env().ranks_per_node) + ")";
+}
+
+// =============================================================================================================
+TEST(FakeNodeWorld, IsMultiNodeWithOneNvlinkTeamPerNode) {
+  const FakeNodeEnv& e = fake_env();
+  ASSERT_GE(e.num_nodes(), 2) << "the launcher made a single-node world (--nproc == --ranks-per-node)";
+  EXPECT_EQ(world().num_ranks(), e.world_size);
+  EXPECT_EQ(world().rank(), e.rank);
+  EXPECT_EQ(world().device(), e.device);
+  // NCCL's LSA team is the fake node: ranks with another NCCL_HOSTID are not NVLink peers.
+  EXPECT_EQ(world().num_nvlink_ranks(), e.ranks_per_node);
+  EXPECT_EQ(world().nvlink_rank(), e.rank % e.ranks_per_node);
+  EXPECT_LT(world().num_nvlink_ranks(), world().num_ranks());
+}
+
+TEST(FakeNodeWorld, RanksOfOneNodeUseDistinctGpus) {
+  struct RankInfo {
+    int32_t rank, node, device, nvlink_ranks;
+    char bus_id[64];
+  };
+  const FakeNodeEnv& e = fake_env();
+  RankInfo mine{};
+  mine.rank = e.rank, mine.node = e.node, mine.device = e.device, mine.nvlink_ranks = world().num_nvlink_ranks();
+  TEST_CUDA_CHECK(cudaDeviceGetPCIBusId(mine.bus_id, sizeof(mine.bus_id), e.device));
+  DeviceArray<uint8_t> send(sizeof(RankInfo)), recv(sizeof(RankInfo) * e.world_size);
+  TEST_CUDA_CHECK(cudaMemcpy(send.get(), &mine, sizeof(RankInfo), cudaMemcpyHostToDevice));
+  Stream s;
+  {
+    Deadline d(kCollectiveSeconds, "all-gather of the rank table");
+    const ncclResult_t r = ncclAllGather(send.get(), recv.get(), sizeof(RankInfo), ncclUint8, world().comm(), s.get());
+    ASSERT_EQ(r, ncclSuccess) << nccl_failure(r, world().comm());
+    TEST_CUDA_CHECK(cudaStreamSynchronize(s.get()));
+  }
+  std::vector<RankInfo> all(e.world_size);
+  TEST_CUDA_CHECK(cudaMemcpy(all.data(), recv.get(), sizeof(RankInfo) * e.world_size, cudaMemcpyDeviceToHost));
+  int shared_pairs = 0;
+  for (int a = 0; a < e.world_size; ++a) {
+    EXPECT_EQ(all[a].rank, a);
+    EXPECT_EQ(all[a].node, a / e.ranks_per_node) << "ranks are not node-major";
+    EXPECT_EQ(all[a].nvlink_ranks, e.ranks_per_node);
+    for (int b = a + 1; b < e.world_size; ++b) {
+      const bool same_gpu = std::strncmp(all[a].bus_id, all[b].bus_id, sizeof(all[a].bus_id)) == 0;
+      if (all[a].node == all[b].node) {
+        EXPECT_FALSE(same_gpu) << "ranks " << a << " and " << b << " of node " << all[a].node << " share GPU "
+                               << all[a].bus_id;
+      }
+      shared_pairs += same_gpu ? 1 : 0;
+    }
+  }
+  if (e.rank == 0) say("%d rank pair(s) of different nodes share a GPU", shared_pairs);
+}
+
+TEST(FakeNodeWorld, AllReduceOverSocketsIsCorrect) {
+  for (int count : {1, 1000, 1 << 20}) {
+    ASSERT_NO_FATAL_FAILURE(check_all_reduce(world().comm(), count, "of " + std::to_string(count) + " int32"));
+  }
+}
+
+TEST(FakeNodeWorld, SendRecvRingArrivesIntact) {
+  const FakeNodeEnv& e = fake_env();
+  const int R = e.world_size;
+  const size_t bytes = (size_t{4} << 20) + 4099;  // a few MB, not a multiple of any chunk size
+  std::vector<int> shifts{1};
+  if (R - 1 != 1) shifts.push_back(R - 1);  // both directions round the ring
+  for (size_t round = 0; round < shifts.size(); ++round) {
+    const int to = (e.rank + shifts[round]) % R;
+    const int from = (e.rank - shifts[round] + R) % R;
+    std::vector<uint8_t> host(bytes);
+    for (size_t i = 0; i < bytes; ++i) host[i] = ring_byte(e.rank, static_cast<int>(round), i);
+    DeviceArray<uint8_t> send(host), recv(bytes);
+    recv.poison();
+    Stream s;
+    double elapsed = 0;
+    {
+      Deadline d(kCollectiveSeconds, "send/recv ring round " + std::to_string(round));
+      const Clock::time_point t0 = Clock::now();
+      ASSERT_EQ(ncclGroupStart(), ncclSuccess);
+      const ncclResult_t rs = ncclSend(send.get(), bytes, ncclUint8, to, world().comm(), s.get());
+      const ncclResult_t rr = ncclRecv(recv.get(), bytes, ncclUint8, from, world().comm(), s.get());
+      const ncclResult_t rg = ncclGroupEnd();
+      ASSERT_EQ(rs, ncclSuccess) << "ncclSend to " << to << ": " << nccl_failure(rs, world().comm());
+      ASSERT_EQ(rr, ncclSuccess) << "ncclRecv from " << from << ": " << nccl_failure(rr, world().comm());
+      ASSERT_EQ(rg, ncclSuccess) << "ncclGroupEnd: " << nccl_failure(rg, world().comm());
+      TEST_CUDA_CHECK(cudaStreamSynchronize(s.get()));
+      elapsed = seconds_since(t0);
+    }
+    std::vector<uint8_t> want(bytes);
+    for (size_t i = 0; i < bytes; ++i) want[i] = ring_byte(from, static_cast<int>(round), i);
+    const std::vector<uint8_t> got = recv.download();
+    const long long bad = first_mismatch(got, want);
+    ASSERT_EQ(bad, -1) << "round " << round << ": byte " << bad << " from rank " << from << " is "
+                       << int(bad >= 0 ? got[bad] : 0) << ", expected " << int(bad >= 0 ? want[bad] : 0);
+    // Includes connection set-up on the first round and GPU time-slicing: not a bandwidth measurement.
+    say("send/recv round %zu: %zu bytes %d -> %d intact (%.3f s incl. set-up; not a bandwidth number)", round, bytes,
+        from, e.rank, elapsed);
+  }
+}
+
+// ---- Buffer on a multi-node world: refused quickly, process and world communicator stay usable ----
+TEST(FakeNodeBuffer, NormalModeRefusedNamingAllowNetwork) {
+  BufferOptions o;
+  o.num_nvl_bytes = 1 << 20;
+  o.low_latency_mode = false;
+  o.allow_network = false;
+  const Outcome out = try_create_buffer(world(), o, 2 * kCollectiveSeconds, "normal mode, allow_network = false");
+  if (fake_env().rank == 0) say("normal mode refused in %.3f s: %s", out.seconds, out.what.c_str());
+  expect_unsupported(out, {"allow_network", "span several NVLink domains", team_phrase()}, kRefusalSeconds);
+  ASSERT_NO_FATAL_FAILURE(check_all_reduce(world().comm(), 4096, "after the normal-mode refusal"));
+}
+
+TEST(FakeNodeBuffer, NormalModeWithNetworkIsNotImplemented) {
+  BufferOptions o;
+  o.num_nvl_bytes = 1 << 20;
+  o.low_latency_mode = false;
+  o.allow_network = true;
+  const Outcome out = try_create_buffer(world(), o, 2 * kCollectiveSeconds, "normal mode, allow_network = true");
+  if (fake_env().rank == 0) say("normal mode + allow_network refused in %.3f s: %s", out.seconds, out.what.c_str());
+  expect_unsupported(out, {"allow_network", "low_latency_mode is false", "internode normal mode is not implemented"},
+                     kRefusalSeconds);
+  ASSERT_NO_FATAL_FAILURE(check_all_reduce(world().comm(), 4096, "after the internode-normal refusal"));
+}
+
+TEST(FakeNodeBuffer, LowLatencyRefusedNamingAllowNetwork) {
+  const Outcome out = try_create_buffer(world(), low_latency_options(false), 2 * kCollectiveSeconds,
+                                        "low-latency mode, allow_network = false");
+  if (fake_env().rank == 0) say("low-latency mode refused in %.3f s: %s", out.seconds, out.what.c_str());
+  expect_unsupported(out, {"allow_network", "span several NVLink domains", team_phrase()}, kRefusalSeconds);
+  ASSERT_NO_FATAL_FAILURE(check_all_reduce(world().comm(), 4096, "after the low-latency refusal"));
+}
+
+// ---- LAST: the GIN path on sockets, on a throwaway split of the world ----
+TEST(FakeNodeGinProbe, NetworkLowLatencyBufferFailsWithoutGin) {
+  const FakeNodeEnv& e = fake_env();
+  std::unique_ptr<Group> split;
+  {
+    Deadline d(kCollectiveSeconds, "Group::split_from(world) for the GIN probe");
+    split = Group::split_from(world().comm(), e.device);
+  }
+  ASSERT_EQ(split->num_ranks(), e.world_size);
+  EXPECT_EQ(split->num_nvlink_ranks(), e.ranks_per_node);
+  ASSERT_NO_FATAL_FAILURE(check_all_reduce(split->comm(), 4096, "on the split before the GIN probe"));
+
+  const Outcome out = try_create_buffer(*split, low_latency_options(true), 3 * kCollectiveSeconds,
+                                        "low-latency mode, allow_network = true (GIN) on the split");
+  say("GIN probe on sockets: %s after %.3f s: %s", out.threw ? "failed" : "SUCCEEDED", out.seconds, out.what.c_str());
+  RecordProperty("gin_probe_error", out.what);
+  expect_unsupported(out, {"allow_network", "ncclDevCommCreate", "GIN"}, kGinProbeSeconds);
+  // NCCL's own words (measured once: "GIN not supported."), recorded, not asserted: they are NCCL's, not ours.
+  RecordProperty("gin_probe_nccl_says_gin_not_supported", contains(out.what, "GIN not supported") ? "yes" : "no");
+
+  ncclResult_t split_async = ncclSuccess;
+  const ncclResult_t q = ncclCommGetAsyncError(split->comm(), &split_async);
+  say("split after the GIN probe: ncclCommGetAsyncError -> %s, async state %s", ncclGetErrorString(q),
+      ncclGetErrorString(split_async));
+  RecordProperty("split_async_error_after_gin_probe", ncclGetErrorString(split_async));
+  {
+    Deadline d(kCollectiveSeconds, "destroying the split after the GIN probe (ncclCommDestroy)");
+    split.reset();
+  }
+
+  // The world communicator after all that. A failure NCCL reports is recorded, not asserted (the split had
+  // its own resources; whether NCCL keeps the world usable is its business and is what we want to learn).
+  // A hang is still a failure: the watchdog ends the process. Wrong data with success would be a failure.
+  const ncclComm_t comm = world().comm();
+  const int count = 4096;
+  DeviceArray<int32_t> buf(all_reduce_input(e.rank, count));
+  Stream s;
+  Deadline d(kCollectiveSeconds, "world all-reduce after the GIN probe");
+  const ncclResult_t r = ncclAllReduce(buf.get(), buf.get(), count, ncclInt32, ncclSum, comm, s.get());
+  if (r != ncclSuccess) {
+    say("RECORDED: world all-reduce after the GIN probe was refused at enqueue: %s", nccl_failure(r, comm).c_str());
+    RecordProperty("world_after_gin_probe", "enqueue failed: " + nccl_failure(r, comm));
+    return;
+  }
+  const cudaError_t ce = cudaStreamSynchronize(s.get());
+  ncclResult_t world_async = ncclSuccess;
+  ncclCommGetAsyncError(comm, &world_async);
+  if (ce != cudaSuccess || world_async != ncclSuccess) {
+    const std::string what = std::string("stream: ") + cudaGetErrorString(ce) + ", NCCL async: " +
+                             ncclGetErrorString(world_async) + " (last error: " + ncclGetLastError(comm) + ")";
+    say("RECORDED: world all-reduce after the GIN probe failed: %s", what.c_str());
+    RecordProperty("world_after_gin_probe", "failed: " + what);
+    return;
+  }
+  const std::vector<int32_t> got = buf.download();
+  const long long bad = first_mismatch(got, all_reduce_expected(e.world_size, count));
+  ASSERT_EQ(bad, -1) << "world all-reduce after the GIN probe reported success but element " << bad << " is wrong";
+  say("world communicator still works after the failed GIN device communicator on its split");
+  RecordProperty("world_after_gin_probe", "works");
+}
+
+}  // namespace
+}  // namespace openep::test::fakenode
