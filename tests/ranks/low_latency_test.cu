@@ -59,20 +59,16 @@ OPENEP_RANKS_TEST_EP(LowLatency, CasesBackToBackOnOneBuffer, 2, 4, 8, 16) {
 // Two micro-batches in flight: send(0), send(1), then both hooks; then the combines the same way.
 OPENEP_RANKS_TEST_EP(LowLatency, TwoHookedOperationsInFlight, 2, 4, 8, 16) {
   const int R = world_group().num_ranks(), me = world_group().rank();
-  const LLCase c{96, 128, 7168, 8, 16, true, false, false, Route::kUniform};
+  const LLCase c = for_world(LLCase{96, 128, 7168, 8, 16, true, false, false, Route::kUniform}, R);
   Buffer buffer(world_group(), ll_options(low_latency_buffer_size_hint(c.T, c.hidden, R, c.experts_per_rank * R)));
   cudaStream_t stream = buffer.comm_stream();
   for (int round = 0; round < 3; ++round) {
-    std::vector<std::vector<ref::LowLatencyInput>> inputs;
-    std::vector<std::vector<ref::LowLatencyRecv>> want;
     std::vector<std::unique_ptr<LLRank>> g;
     std::vector<LowLatencyHook> hooks;
     std::vector<std::shared_ptr<const LLWorld>> worlds;
     for (int mb = 0; mb < 2; ++mb) {
       worlds.push_back(once_per_world<LLWorld>([&] { return make_world(c, R, 500 + round * 2 + mb); }));
-      inputs.push_back(worlds[mb]->inputs);
-      want.push_back(worlds[mb]->want);
-      g.push_back(std::make_unique<LLRank>(c, R, me, inputs[mb][me]));
+      g.push_back(std::make_unique<LLRank>(c, R, me, worlds[mb]->inputs[me]));  // the world is shared, not copied
       g[mb]->poison_dispatch();
       const LowLatencyDispatchOutputs o = g[mb]->dispatch_outputs();
       hooks.push_back(buffer.low_latency_dispatch(g[mb]->dispatch_args(true), g[mb]->handle, o, stream));
@@ -82,7 +78,7 @@ OPENEP_RANKS_TEST_EP(LowLatency, TwoHookedOperationsInFlight, 2, 4, 8, 16) {
     std::vector<std::vector<uint16_t>> expect(2);
     hooks.clear();
     for (int mb = 0; mb < 2; ++mb) {
-      ASSERT_EQ(check_dispatch(*g[mb], want[mb][me]), "") << "round " << round << " micro-batch " << mb;
+      ASSERT_EQ(check_dispatch(*g[mb], worlds[mb]->want[me]), "") << "round " << round << " micro-batch " << mb;
       expect[mb] = worlds[mb]->combined[me];
       const std::vector<int64_t> range = g[mb]->range.download();
       const std::vector<int> src = g[mb]->src_info.download();
