@@ -143,6 +143,7 @@ __device__ __forceinline__ void compute_send_positions(const PrepareParams& p, i
 }
 
 __global__ void __launch_bounds__(kPrepareThreads, 1) intranode_prepare_kernel(const __grid_constant__ PrepareParams p) {
+  if (device::error_recorded(p.wait)) return;  // an earlier kernel failed: the handle it fed is not valid
   __shared__ int s_scan[33];
   const device::BarrierRef bar{p.window.peer_bases, p.window.barrier_offset, p.barrier_epoch,
                                p.barrier_slot,      p.rank,                  p.num_ranks};
@@ -287,7 +288,7 @@ __device__ void dispatch_receiver(const DispatchParams& p, uint64_t epoch) {
   }
   // Worst-case mode: rows past the real count get topk_idx = -1 (weights 0).
   if (p.num_worst_tokens > 0 && p.recv_topk_idx) {
-    const int num_recv = p.rank_prefix_matrix[(R - 1) * R + p.rank];
+    const int num_recv = min(max(p.rank_prefix_matrix[(R - 1) * R + p.rank], 0), p.num_worst_tokens);
     const int64_t first = static_cast<int64_t>(num_recv) * p.num_topk;
     const int64_t last = static_cast<int64_t>(p.num_worst_tokens) * p.num_topk;
     for (int64_t i = first + receiver * blockDim.x + threadIdx.x; i < last; i += num_receivers * blockDim.x)
@@ -296,6 +297,9 @@ __device__ void dispatch_receiver(const DispatchParams& p, uint64_t epoch) {
 }
 
 __global__ void __launch_bounds__(kThreads, 1) intranode_dispatch_kernel(const __grid_constant__ DispatchParams p) {
+  // After a failed prepare (a peer timed out) send_pos and the prefix matrix are not written: using them
+  // would write outside the outputs. The error is already recorded; the host raises it.
+  if (device::error_recorded(p.wait)) return;
   const uint64_t epoch = *p.op_epoch;
   if (blockIdx.x < p.num_senders) dispatch_sender(p, epoch);
   else dispatch_receiver(p, epoch);
@@ -477,6 +481,7 @@ __device__ void combine_reducer(const CombineParams& p, uint64_t epoch) {
 
 template <int kR>
 __global__ void __launch_bounds__(kCombineThreads, 1) intranode_combine_kernel(const __grid_constant__ CombineParams p) {
+  if (device::error_recorded(p.wait)) return;  // see intranode_dispatch_kernel
   const uint64_t epoch = *p.op_epoch;
   if (blockIdx.x < p.num_senders) combine_sender(p, epoch);
   else combine_reducer<kR>(p, epoch);

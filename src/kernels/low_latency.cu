@@ -280,6 +280,7 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint64_t epoch,
 }
 
 __global__ void __launch_bounds__(kThreads, 1) low_latency_dispatch_kernel(const __grid_constant__ LowLatencyDispatchParams p) {
+  if (device::error_recorded(p.wait)) return;  // an earlier kernel failed: its epochs and handle are not valid
   extern __shared__ int4 smem[];
   const uint64_t epoch = (p.do_send ? p.state->send_epoch[0] : p.state->recv_epoch[0]) + 1;
   if (p.do_send) dispatch_send(p, epoch, smem);
@@ -421,6 +422,9 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint64_t epoch) {
 }
 
 __global__ void __launch_bounds__(kThreads, 1) low_latency_combine_kernel(const __grid_constant__ LowLatencyCombineParams p) {
+  // After a failed dispatch the handle (layout_range, src_info) is not written: using it would write outside
+  // the peers' regions. The error is already recorded; the host raises it.
+  if (device::error_recorded(p.wait)) return;
   extern __shared__ int s_dyn[];
   const uint64_t epoch = (p.do_send ? p.state->send_epoch[1] : p.state->recv_epoch[1]) + 1;
   if (p.do_send) combine_send(p, epoch, s_dyn);
