@@ -11,33 +11,6 @@
 
 namespace openep::detail {
 
-// ---- Fabric defaults: plain CUDA allocations, freed at once ----
-
-void* Fabric::alloc_device(size_t bytes) {
-  void* p = nullptr;
-  OPENEP_CUDA_CHECK(cudaMalloc(&p, bytes));
-  return p;
-}
-
-void Fabric::free_device(void* p) noexcept {
-  if (p == nullptr) return;
-  const cudaError_t e = cudaFree(p);
-  if (e != cudaSuccess) std::fprintf(stderr, "OpenEP: cudaFree failed during teardown: %s\n", cudaGetErrorString(e));
-}
-
-void* Fabric::alloc_mapped(size_t bytes, void** device_view) {
-  void* p = nullptr;
-  OPENEP_CUDA_CHECK(cudaHostAlloc(&p, bytes, cudaHostAllocMapped));
-  OPENEP_CUDA_CHECK(cudaHostGetDevicePointer(device_view, p, 0));
-  return p;
-}
-
-void Fabric::free_mapped(void* p) noexcept {
-  if (p == nullptr) return;
-  const cudaError_t e = cudaFreeHost(p);
-  if (e != cudaSuccess) std::fprintf(stderr, "OpenEP: cudaFreeHost failed during teardown: %s\n", cudaGetErrorString(e));
-}
-
 // ---- NcclFabric ----
 
 namespace {

@@ -9,9 +9,6 @@
 
 namespace openep::test {
 
-// Same as rank_env() (kept for tests that only ever run with one process per GPU).
-const RankEnv& mgpu_env();
-
 // Exchanges an NCCL unique id through the launcher's file. `tag` distinguishes several ids in one run.
 ncclUniqueId exchange_unique_id(const char* tag);
 

@@ -23,7 +23,6 @@ std::unique_ptr<Group> g_group;
 }  // namespace
 
 const RankEnv& rank_env() { return g_env; }
-const RankEnv& mgpu_env() { return g_env; }
 Group& world_group() { return *g_group; }
 ncclUniqueId exchange_unique_id(const char* tag) { return exchange_unique_id(g_env.rank, tag); }
 SharedSlots* shared_slots() { return nullptr; }
