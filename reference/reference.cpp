@@ -230,16 +230,23 @@ void pack_ue8m0(const float* scales, int num_scales, uint32_t* out) {
 // Layout
 // ---------------------------------------------------------------------------------------------
 
-Layout get_dispatch_layout(
-    const std::vector<int64_t>& topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks) {
-  const char* fn = "get_dispatch_layout";
-  check_at_least(fn, "num_tokens", 0, num_tokens);
-  check_group(fn, "", num_ranks, num_experts, num_topk);
-  if (num_ranks > kRanksPerNode) check_multiple(fn, "num_ranks (> 8)", num_ranks, kRanksPerNode, "ranks per node");
-  check_routing(fn, "topk_idx", topk_idx, num_tokens, num_topk, num_experts);
+namespace {
 
+// Checks a node size: 1 <= ranks_per_node <= 8 and num_ranks % ranks_per_node == 0.
+void check_ranks_per_node(const char* fn, const std::string& ranks_what, int num_ranks, int ranks_per_node) {
+  if (ranks_per_node < 1 || ranks_per_node > kRanksPerNode) {
+    fail(fn, "ranks_per_node expected in [1, " + std::to_string(kRanksPerNode) + "], got " +
+                 std::to_string(ranks_per_node));
+  }
+  check_multiple(fn, ranks_what, num_ranks, ranks_per_node, "ranks_per_node");
+}
+
+// The layout of validated arguments; nodes of ranks_per_node consecutive ranks (>= 1, divides R).
+Layout compute_layout(
+    const std::vector<int64_t>& topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks,
+    int ranks_per_node) {
   const int num_local_experts = num_experts / num_ranks;
-  const int num_nodes = num_ranks > kRanksPerNode ? num_ranks / kRanksPerNode : 0;
+  const int num_nodes = num_ranks / ranks_per_node > 1 ? num_ranks / ranks_per_node : 0;  // 0: one node, no counts
   Layout layout;
   layout.num_tokens_per_rank.assign(num_ranks, 0);
   layout.num_tokens_per_rdma_rank.assign(num_nodes, 0);
@@ -254,12 +261,39 @@ Layout get_dispatch_layout(
       layout.num_tokens_per_expert[topk[k]] += 1;
       const int rank = static_cast<int>(topk[k] / num_local_experts);
       layout.is_token_in_rank[static_cast<size_t>(t) * num_ranks + rank] = 1;
-      if (num_nodes > 0) in_node[rank / kRanksPerNode] = true;
+      if (num_nodes > 0) in_node[rank / ranks_per_node] = true;
     }
     for (int r = 0; r < num_ranks; ++r) layout.num_tokens_per_rank[r] += layout.is_token_in_rank[t * num_ranks + r];
     for (int n = 0; n < num_nodes; ++n) layout.num_tokens_per_rdma_rank[n] += in_node[n] ? 1 : 0;
   }
   return layout;
+}
+
+}  // namespace
+
+Layout get_dispatch_layout(
+    const std::vector<int64_t>& topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks) {
+  const char* fn = "get_dispatch_layout";
+  check_at_least(fn, "num_tokens", 0, num_tokens);
+  check_group(fn, "", num_ranks, num_experts, num_topk);
+  if (num_ranks > kRanksPerNode) check_multiple(fn, "num_ranks (> 8)", num_ranks, kRanksPerNode, "ranks per node");
+  check_routing(fn, "topk_idx", topk_idx, num_tokens, num_topk, num_experts);
+  // DeepEP's rule: nodes of 8 ranks; R <= 8 is a single node.
+  return compute_layout(topk_idx, num_tokens, num_topk, num_experts, num_ranks, std::min(num_ranks, kRanksPerNode));
+}
+
+Layout get_dispatch_layout(const std::vector<int64_t>& topk_idx,
+                           int num_tokens,
+                           int num_topk,
+                           int num_experts,
+                           int num_ranks,
+                           int ranks_per_node) {
+  const char* fn = "get_dispatch_layout";
+  check_at_least(fn, "num_tokens", 0, num_tokens);
+  check_group(fn, "", num_ranks, num_experts, num_topk);
+  check_ranks_per_node(fn, "num_ranks", num_ranks, ranks_per_node);
+  check_routing(fn, "topk_idx", topk_idx, num_tokens, num_topk, num_experts);
+  return compute_layout(topk_idx, num_tokens, num_topk, num_experts, num_ranks, ranks_per_node);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -365,18 +399,20 @@ std::vector<RankRecv> dispatch(const std::vector<RankInput>& inputs, const Norma
   return recv;
 }
 
-std::vector<CombineOutput> combine(const std::vector<CombineInput>& inputs,
-                                   const std::vector<RankRecv>& dispatched,
-                                   const std::vector<RankInput>& original,
-                                   const NormalConfig& cfg,
-                                   const std::vector<std::vector<uint16_t>>& bias0,
-                                   const std::vector<std::vector<uint16_t>>& bias1) {
-  const char* fn = "combine";
+namespace {
+
+// combine's argument checks (shared with combine_internode).
+void check_combine_args(const char* fn,
+                        const std::vector<CombineInput>& inputs,
+                        const std::vector<RankRecv>& dispatched,
+                        const std::vector<RankInput>& original,
+                        const NormalConfig& cfg,
+                        const std::vector<std::vector<uint16_t>>& bias0,
+                        const std::vector<std::vector<uint16_t>>& bias1) {
   check_group(fn, "cfg.", cfg.num_ranks, cfg.num_experts, cfg.num_topk);
   check_at_least(fn, "cfg.hidden", 1, cfg.hidden);
   const int num_ranks = cfg.num_ranks;
   const int num_topk = cfg.num_topk;
-  const size_t hidden = static_cast<size_t>(cfg.hidden);
 
   check_eq(fn, "original.size() (cfg.num_ranks)", num_ranks, static_cast<long long>(original.size()));
   check_eq(fn, "dispatched.size() (cfg.num_ranks)", num_ranks, static_cast<long long>(dispatched.size()));
@@ -410,6 +446,20 @@ std::vector<CombineOutput> combine(const std::vector<CombineInput>& inputs,
                static_cast<long long>((*bias)[s].size()));
     }
   }
+}
+
+}  // namespace
+
+std::vector<CombineOutput> combine(const std::vector<CombineInput>& inputs,
+                                   const std::vector<RankRecv>& dispatched,
+                                   const std::vector<RankInput>& original,
+                                   const NormalConfig& cfg,
+                                   const std::vector<std::vector<uint16_t>>& bias0,
+                                   const std::vector<std::vector<uint16_t>>& bias1) {
+  check_combine_args("combine", inputs, dispatched, original, cfg, bias0, bias1);
+  const int num_ranks = cfg.num_ranks;
+  const int num_topk = cfg.num_topk;
+  const size_t hidden = static_cast<size_t>(cfg.hidden);
 
   std::vector<CombineOutput> out(num_ranks);
   for (int s = 0; s < num_ranks; ++s) {
@@ -439,6 +489,70 @@ std::vector<CombineOutput> combine(const std::vector<CombineInput>& inputs,
           if (pos[d] >= 0) acc += inputs[d].topk_weights[static_cast<size_t>(pos[d]) * num_topk + k];
         }
         out[s].topk_weights[static_cast<size_t>(t) * num_topk + k] = acc;
+      }
+    }
+  }
+  return out;
+}
+
+std::vector<CombineOutput> combine_internode(const std::vector<CombineInput>& inputs,
+                                             const std::vector<RankRecv>& dispatched,
+                                             const std::vector<RankInput>& original,
+                                             const NormalConfig& cfg,
+                                             int ranks_per_node,
+                                             const std::vector<std::vector<uint16_t>>& bias0,
+                                             const std::vector<std::vector<uint16_t>>& bias1) {
+  const char* fn = "combine_internode";
+  check_combine_args(fn, inputs, dispatched, original, cfg, bias0, bias1);
+  check_ranks_per_node(fn, "cfg.num_ranks", cfg.num_ranks, ranks_per_node);
+  const int num_ranks = cfg.num_ranks;
+  const int num_topk = cfg.num_topk;
+  const int num_nodes = num_ranks / ranks_per_node;
+  const size_t hidden = static_cast<size_t>(cfg.hidden);
+
+  std::vector<CombineOutput> out(num_ranks);
+  for (int s = 0; s < num_ranks; ++s) {
+    const int num_tokens = original[s].num_tokens;
+    out[s].x.assign(static_cast<size_t>(num_tokens) * hidden, 0);
+    if (cfg.with_topk) out[s].topk_weights.assign(static_cast<size_t>(num_tokens) * num_topk, 0.0f);
+    for (int t = 0; t < num_tokens; ++t) {
+      const int* pos = dispatched[s].send_pos.data() + static_cast<size_t>(t) * num_ranks;
+      std::vector<bool> node_used(num_nodes, false);  // token t went to at least one rank of the node
+      for (int d = 0; d < num_ranks; ++d) {
+        if (pos[d] >= 0) node_used[d / ranks_per_node] = true;
+      }
+      // One float32 accumulator per column: nodes ascending (each adding its BF16-rounded partial),
+      // then bias0, then bias1.
+      std::vector<float> acc(hidden, 0.0f);
+      std::vector<float> partial(hidden);
+      for (int m = 0; m < num_nodes; ++m) {
+        if (!node_used[m]) continue;
+        std::fill(partial.begin(), partial.end(), 0.0f);
+        for (int d = m * ranks_per_node; d < (m + 1) * ranks_per_node; ++d) {
+          if (pos[d] < 0) continue;
+          const uint16_t* row = inputs[d].x.data() + pos[d] * hidden;
+          for (size_t c = 0; c < hidden; ++c) partial[c] += bf16_to_float(row[c]);
+        }
+        for (size_t c = 0; c < hidden; ++c) acc[c] += bf16_to_float(float_to_bf16(partial[c]));
+      }
+      for (const auto* bias : {&bias0, &bias1}) {
+        if (bias->empty()) continue;
+        const uint16_t* row = (*bias)[s].data() + t * hidden;
+        for (size_t c = 0; c < hidden; ++c) acc[c] += bf16_to_float(row[c]);
+      }
+      for (size_t c = 0; c < hidden; ++c) out[s].x[t * hidden + c] = float_to_bf16(acc[c]);
+      if (!cfg.with_topk) continue;
+      for (int k = 0; k < num_topk; ++k) {
+        float total = 0.0f;
+        for (int m = 0; m < num_nodes; ++m) {
+          if (!node_used[m]) continue;
+          float node_weight = 0.0f;  // float32, not rounded: weights travel as float32
+          for (int d = m * ranks_per_node; d < (m + 1) * ranks_per_node; ++d) {
+            if (pos[d] >= 0) node_weight += inputs[d].topk_weights[static_cast<size_t>(pos[d]) * num_topk + k];
+          }
+          total += node_weight;
+        }
+        out[s].topk_weights[static_cast<size_t>(t) * num_topk + k] = total;
       }
     }
   }

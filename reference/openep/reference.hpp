@@ -102,8 +102,9 @@ void pack_ue8m0(const float* scales, int num_scales, uint32_t* out);
 
 struct Layout {
   std::vector<int> num_tokens_per_rank;       // [R]     tokens sent to each rank (a token counts once per rank)
-  std::vector<int> num_tokens_per_rdma_rank;  // [R / 8] tokens sent to each node (once per node) when R > 8,
-                                              //         else empty. Node of rank r = r / 8.
+  std::vector<int> num_tokens_per_rdma_rank;  // [num_nodes] tokens sent to each node (a token counts once per
+                                              //         node) when there is more than one node, else empty.
+                                              //         Nodes: see the two get_dispatch_layout overloads.
   std::vector<int> num_tokens_per_expert;     // [E]     (token, slot) pairs selecting each expert; a token
                                               //         that lists one expert in two slots counts twice
   std::vector<uint8_t> is_token_in_rank;      // [N][R]  1 if the token must go to that rank, else 0
@@ -111,15 +112,35 @@ struct Layout {
 
 // Token t goes to rank r iff some slot k has topk_idx[t][k] >= 0 and topk_idx[t][k] / E_local == r.
 // Slots holding -1 are ignored everywhere.
+// Nodes (DeepEP's fixed rule): 8 ranks per node, node of rank r = r / 8; num_tokens_per_rdma_rank has
+// R / 8 entries when R > 8, else it is empty (R <= 8 is one node). Same result as the overload below
+// with ranks_per_node = min(R, 8).
 // REQUIRES: num_tokens >= 0, num_topk >= 1, num_ranks >= 1, num_experts >= 1,
 //           num_experts % num_ranks == 0, num_ranks <= 8 or num_ranks % 8 == 0,
 //           topk_idx.size() == num_tokens * num_topk, every entry in [-1, num_experts).
 Layout get_dispatch_layout(
     const std::vector<int64_t>& topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks);
 
+// The same with an explicit node size M = ranks_per_node (internode normal mode): ranks are grouped
+// node-major into N = R / M nodes of M consecutive ranks, rank r is local rank r % M of node r / M.
+// num_tokens_per_rdma_rank has N entries (token t counts once for node m iff it goes to at least one
+// rank of [m * M, m * M + M)) when N > 1, else it is empty. Every other field is identical to the
+// overload above.
+// REQUIRES: the overload above's requirements except its "num_ranks <= 8 or num_ranks % 8 == 0",
+//           plus 1 <= ranks_per_node <= 8 and num_ranks % ranks_per_node == 0.
+Layout get_dispatch_layout(const std::vector<int64_t>& topk_idx,
+                           int num_tokens,
+                           int num_topk,
+                           int num_experts,
+                           int num_ranks,
+                           int ranks_per_node);
+
 // ---------------------------------------------------------------------------------------------
 // Normal dispatch and combine (DeepEP Buffer.dispatch / Buffer.combine). Intranode and internode
-// produce identical results at this level; only the transport differs.
+// dispatch produce identical results at this level (the same received rows, in the same receive
+// order, with the same send_pos); only the transport differs. Combine differs in its reduction order:
+// intranode kernels follow combine (flat, ranks ascending), internode kernels follow
+// combine_internode (per node first, BF16 node partials).
 // ---------------------------------------------------------------------------------------------
 
 struct NormalConfig {
@@ -200,8 +221,9 @@ struct CombineOutput {              // one rank: the original source rank
 //   if bias1 given: acc = acc + bf16_to_float(bias1[s][t][c])
 //   out[s].x[t][c] = float_to_bf16(acc)
 // Tokens sent nowhere therefore give bias0 + bias1 (or +0.0 without bias).
-// This flat order is the contract for every R. (DeepEP's internode combine reduces per node first,
-// i.e. a different association; a kernel that does that cannot be bit-exact for R > 8.)
+// This flat order is the contract of the intranode kernels, for every R. (A kernel that reduces per
+// node first, as DeepEP's and OpenEP's internode combine do, associates and rounds differently: its
+// contract is combine_internode below, which equals this function when ranks_per_node == 1.)
 // When cfg.with_topk: out[s].topk_weights[t][k] = the same ordered float32 sum (from +0.0f) over d of
 // inputs[d].topk_weights[row][k] (no bias); 0.0f for tokens sent nowhere. Since dispatch zeroes
 // non-local slots, feeding back the dispatched weights reproduces the original weights.
@@ -222,6 +244,44 @@ std::vector<CombineOutput> combine(const std::vector<CombineInput>& inputs,
                                    const NormalConfig& cfg,
                                    const std::vector<std::vector<uint16_t>>& bias0 = {},
                                    const std::vector<std::vector<uint16_t>>& bias1 = {});
+
+// Simulates one internode combine: the hierarchical order that OpenEP's internode kernels use
+// (DeepEP V1-like: every node first reduces the rows of its own ranks, and the node partial crosses
+// the network as BF16). Ranks are grouped node-major into N = R / M nodes of M = ranks_per_node
+// consecutive ranks (node m holds ranks [m * M, m * M + M)). For source rank s, token t, column c,
+// with pos = dispatched[s].send_pos[t]:
+//   acc = +0.0f
+//   for m = 0 .. N-1 ascending, only where pos[d] >= 0 for at least one d in [m * M, m * M + M):
+//     a = +0.0f
+//     for d = m * M .. m * M + M - 1 ascending, only where pos[d] >= 0:
+//       a = a + bf16_to_float(inputs[d].x[pos[d]][c])                 (float32 add)
+//     p = float_to_bf16(a)                                             (the node partial, rounded to BF16)
+//     acc = acc + bf16_to_float(p)                                     (float32 add)
+//   if bias0 given: acc = acc + bf16_to_float(bias0[s][t][c])
+//   if bias1 given: acc = acc + bf16_to_float(bias1[s][t][c])
+//   out[s].x[t][c] = float_to_bf16(acc)
+// Tokens sent nowhere therefore give bias0 + bias1 (or +0.0 without bias). A token sent to one node
+// only gives float_to_bf16((+0.0f + bf16_to_float(p)) + biases): its node sum is rounded to BF16
+// before the biases are added (unlike combine, where the biases join the float32 sum).
+// When cfg.with_topk, per slot k: w_m = the ordered float32 sum (from +0.0f, d ascending in node m,
+// only where pos[d] >= 0) of inputs[d].topk_weights[pos[d]][k], NOT rounded (weights travel as
+// float32); out[s].topk_weights[t][k] = +0.0f + w_m over the same nodes m ascending (float32, no bias);
+// 0.0f for tokens sent nowhere.
+// With ranks_per_node == 1 every node is one rank and the result is bit-identical to combine: each
+// partial p is the row value itself (+0.0f + x is exact and rounds back to x, except that -0.0
+// becomes +0.0, which changes nothing since the flat float32 sum from +0.0f never holds -0.0, and a
+// NaN stays a NaN), and each w_m is the single weight itself.
+// Dispatch is unchanged for internode: pass the result of dispatch() as `dispatched`.
+//
+// Arguments and REQUIRES: exactly as combine, plus 1 <= ranks_per_node <= 8 and
+//   cfg.num_ranks % ranks_per_node == 0.
+std::vector<CombineOutput> combine_internode(const std::vector<CombineInput>& inputs,
+                                             const std::vector<RankRecv>& dispatched,
+                                             const std::vector<RankInput>& original,
+                                             const NormalConfig& cfg,
+                                             int ranks_per_node,
+                                             const std::vector<std::vector<uint16_t>>& bias0 = {},
+                                             const std::vector<std::vector<uint16_t>>& bias1 = {});
 
 // ---------------------------------------------------------------------------------------------
 // Low-latency dispatch and combine (DeepEP Buffer.low_latency_dispatch / low_latency_combine)

@@ -17,7 +17,12 @@
 namespace {
 
 using namespace openep::ref;
+using openep::test::all_minus_one_rows;
 using openep::test::first_mismatches;
+using openep::test::random_bf16;
+using openep::test::random_weights;
+using openep::test::uniform_routing;
+using openep::test::with_minus_one;
 
 std::string invalid_argument_message(const std::function<void()>& call) {
   try {
@@ -105,6 +110,128 @@ TEST(ReferenceLayout, RejectsRoutingOfWrongSizeAndRanksNotMultipleOfEight) {
   message = invalid_argument_message([] { get_dispatch_layout({0}, 1, 1, 12, 12); });
   EXPECT_MESSAGE_HAS(message, "num_ranks");
   EXPECT_MESSAGE_HAS(message, "got 12");
+}
+
+// Layout with an explicit node size (internode normal mode): nodes of ranks_per_node consecutive ranks.
+
+TEST(ReferenceLayoutNodes, CountsTokenOncePerNodeWithTwoRanksPerNode) {
+  // R = 4, M = 2 (node 0: ranks 0, 1; node 1: ranks 2, 3), E = 4 (one expert per rank), K = 2.
+  const std::vector<int64_t> topk = {
+      0,  1,   // t0 -> ranks 0, 1 -> node 0 (once, though two of its ranks)
+      1,  2,   // t1 -> ranks 1, 2 -> nodes 0 and 1
+      3,  -1,  // t2 -> rank 3     -> node 1
+      -1, -1,  // t3 -> nowhere
+      2,  3,   // t4 -> ranks 2, 3 -> node 1 (once)
+  };
+  const Layout layout = get_dispatch_layout(topk, 5, 2, 4, 4, 2);
+  EXPECT_EQ(layout.num_tokens_per_rdma_rank, (std::vector<int>{2, 3}));
+  EXPECT_EQ(layout.num_tokens_per_rank, (std::vector<int>{1, 2, 2, 2}));
+  EXPECT_EQ(layout.num_tokens_per_expert, (std::vector<int>{1, 2, 2, 2}));
+  EXPECT_EQ(layout.is_token_in_rank,
+            (std::vector<uint8_t>{1, 1, 0, 0, /**/ 0, 1, 1, 0, /**/ 0, 0, 0, 1, /**/ 0, 0, 0, 0, /**/ 0, 0, 1, 1}));
+  // Every field but the per-node counts matches the 5-argument overload (R = 4 is one node there).
+  const Layout flat = get_dispatch_layout(topk, 5, 2, 4, 4);
+  EXPECT_TRUE(flat.num_tokens_per_rdma_rank.empty());
+  EXPECT_EQ(layout.num_tokens_per_rank, flat.num_tokens_per_rank);
+  EXPECT_EQ(layout.num_tokens_per_expert, flat.num_tokens_per_expert);
+  EXPECT_EQ(layout.is_token_in_rank, flat.is_token_in_rank);
+}
+
+TEST(ReferenceLayoutNodes, HasNoRdmaCountsForASingleNode) {
+  const std::vector<int64_t> topk = {0, 1, 1, 2, 3, -1};  // R = 4, E = 4, K = 2
+  const Layout layout = get_dispatch_layout(topk, 3, 2, 4, 4, 4);  // M = R: one node
+  EXPECT_TRUE(layout.num_tokens_per_rdma_rank.empty());
+  EXPECT_EQ(layout.num_tokens_per_rank, (std::vector<int>{1, 2, 1, 1}));
+  const Layout single = get_dispatch_layout({0, -1}, 2, 1, 2, 1, 1);  // R = M = 1
+  EXPECT_TRUE(single.num_tokens_per_rdma_rank.empty());
+  EXPECT_EQ(single.num_tokens_per_rank, (std::vector<int>{1}));
+}
+
+TEST(ReferenceLayoutNodes, OneRankPerNodeCountsEqualPerRankCounts) {
+  // R = 4, M = 1: four nodes of one rank, so each node count is that rank's count.
+  const std::vector<int64_t> topk = {0, 1, 1, 2, 3, -1, 3, 3};
+  const Layout layout = get_dispatch_layout(topk, 4, 2, 4, 4, 1);
+  EXPECT_EQ(layout.num_tokens_per_rank, (std::vector<int>{1, 2, 1, 2}));
+  EXPECT_EQ(layout.num_tokens_per_rdma_rank, layout.num_tokens_per_rank);
+}
+
+TEST(ReferenceLayoutNodes, AcceptsNodeCountsThatTheEightRankRuleRejects) {
+  // R = 12 in 3 nodes of 4 (the 5-argument overload requires R % 8 == 0 above 8 ranks).
+  const std::vector<int64_t> topk = {0, 11, 4, 5, 8, -1};  // E = 12, K = 2
+  const Layout layout = get_dispatch_layout(topk, 3, 2, 12, 12, 4);
+  EXPECT_EQ(layout.num_tokens_per_rdma_rank, (std::vector<int>{1, 1, 2}));
+  EXPECT_NE(invalid_argument_message([&] { get_dispatch_layout(topk, 3, 2, 12, 12); }),
+            "<no std::invalid_argument thrown>");
+}
+
+TEST(ReferenceLayoutNodes, GroupLimitedRoutingOverFourNodes) {
+  // R = 8, M = 2 (node m: ranks 2m, 2m + 1), E = 16 (2 experts per rank, so node m holds experts
+  // 4m .. 4m + 3), K = 4, every token routed to at most 2 nodes (DeepSeek-style group-limited routing).
+  const std::vector<int64_t> topk = {
+      0,  1,  4,  5,   // ranks 0, 0, 2, 2 -> nodes 0, 1
+      8,  12, 13, 9,   // ranks 4, 6, 6, 4 -> nodes 2, 3
+      2,  3,  6,  7,   // ranks 1, 1, 3, 3 -> nodes 0, 1
+      15, 14, -1, -1,  // rank 7           -> node 3
+      0,  2,  10, 11,  // ranks 0, 1, 5, 5 -> nodes 0, 2 (two ranks of node 0, counted once)
+  };
+  const Layout layout = get_dispatch_layout(topk, 5, 4, 16, 8, 2);
+  EXPECT_EQ(layout.num_tokens_per_rdma_rank, (std::vector<int>{3, 2, 2, 2}));
+  EXPECT_EQ(layout.num_tokens_per_rank, (std::vector<int>{2, 2, 1, 1, 1, 1, 1, 1}));
+  EXPECT_EQ(layout.num_tokens_per_expert, (std::vector<int>{2, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}));
+  for (int t = 0; t < 5; ++t) {
+    int nodes = 0;
+    for (int m = 0; m < 4; ++m) {
+      nodes += (layout.is_token_in_rank[t * 8 + 2 * m] | layout.is_token_in_rank[t * 8 + 2 * m + 1]) ? 1 : 0;
+    }
+    EXPECT_LE(nodes, 2) << "token " << t;
+  }
+}
+
+TEST(ReferenceLayoutNodes, NodeCountsMatchIsTokenInRankOnRandomRouting) {
+  // Per-node counts are the number of tokens with at least one rank of the node set in
+  // is_token_in_rank, for every node size; the other fields never depend on the node size.
+  for (int num_ranks : {1, 2, 4, 8, 16}) {
+    const int num_experts = 4 * num_ranks, num_tokens = 64, num_topk = std::min(6, num_experts);
+    const std::vector<int64_t> topk =
+        with_minus_one(uniform_routing(num_tokens, num_topk, num_experts, 11 + num_ranks), 0.2, 5);
+    const Layout flat = get_dispatch_layout(topk, num_tokens, num_topk, num_experts, num_ranks);
+    for (int m : {1, 2, 4, 8}) {
+      if (m > num_ranks || num_ranks % m != 0) continue;
+      const Layout layout = get_dispatch_layout(topk, num_tokens, num_topk, num_experts, num_ranks, m);
+      const int num_nodes = num_ranks / m;
+      std::vector<int> want(num_nodes > 1 ? num_nodes : 0, 0);
+      for (int t = 0; t < num_tokens && num_nodes > 1; ++t) {
+        for (int n = 0; n < num_nodes; ++n) {
+          bool in_node = false;
+          for (int r = n * m; r < (n + 1) * m; ++r) in_node = in_node || layout.is_token_in_rank[t * num_ranks + r];
+          want[n] += in_node ? 1 : 0;
+        }
+      }
+      EXPECT_EQ(layout.num_tokens_per_rdma_rank, want) << "R " << num_ranks << " M " << m;
+      EXPECT_EQ(layout.num_tokens_per_rank, flat.num_tokens_per_rank) << "R " << num_ranks << " M " << m;
+      EXPECT_EQ(layout.num_tokens_per_expert, flat.num_tokens_per_expert) << "R " << num_ranks << " M " << m;
+      EXPECT_EQ(layout.is_token_in_rank, flat.is_token_in_rank) << "R " << num_ranks << " M " << m;
+      // The 5-argument overload is this one with M = min(R, 8).
+      if (m == std::min(num_ranks, 8)) {
+        EXPECT_EQ(layout.num_tokens_per_rdma_rank, flat.num_tokens_per_rdma_rank) << "R " << num_ranks;
+      }
+    }
+  }
+}
+
+TEST(ReferenceLayoutNodes, RejectsBadRanksPerNode) {
+  std::string message = invalid_argument_message([] { get_dispatch_layout({0}, 1, 1, 4, 4, 0); });
+  EXPECT_MESSAGE_HAS(message, "openep::ref::get_dispatch_layout");
+  EXPECT_MESSAGE_HAS(message, "ranks_per_node expected in [1, 8], got 0");
+  message = invalid_argument_message([] { get_dispatch_layout({0}, 1, 1, 16, 16, 16); });
+  EXPECT_MESSAGE_HAS(message, "ranks_per_node expected in [1, 8], got 16");
+  message = invalid_argument_message([] { get_dispatch_layout({0}, 1, 1, 6, 6, 4); });
+  EXPECT_MESSAGE_HAS(message, "num_ranks expected a multiple of ranks_per_node (4), got 6");
+  message = invalid_argument_message([] { get_dispatch_layout({0}, 1, 1, 4, 4, -2); });
+  EXPECT_MESSAGE_HAS(message, "got -2");
+  // The shared checks still run first, with the same messages as the 5-argument overload.
+  message = invalid_argument_message([] { get_dispatch_layout({0, 1, 2}, 2, 2, 8, 4, 2); });
+  EXPECT_MESSAGE_HAS(message, "topk_idx.size() expected 4, got 3");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -430,6 +557,295 @@ TEST(ReferenceCombine, RejectsMalformedInputsNamingTheArgument) {
   expert[2].topk_weights.clear();
   message = invalid_argument_message([&] { combine(expert, recv, in, cfg); });
   EXPECT_MESSAGE_HAS(message, "inputs[2].topk_weights.size() expected 6, got 0");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Internode combine (per node first, BF16 node partials)
+// ---------------------------------------------------------------------------------------------
+
+// R = 4 in two nodes of M = 2 (node 0: ranks 0, 1; node 1: ranks 2, 3), E = 4 (one expert per rank),
+// K = 3, hidden = 2 BF16.
+//   rank 0: t0 {0, 1, 2}    -> ranks 0, 1, 2 (both nodes, two ranks of node 0)
+//   rank 1: t0 {2, 3,-1}    -> ranks 2, 3 (node 1 only);  t1 {-1,-1,-1} -> nowhere
+//   rank 2: no tokens
+//   rank 3: t0 {1, 2, 3}    -> ranks 1, 2, 3 (one rank of node 0, two of node 1)
+// Receive order: rank 0: (0,0); rank 1: (0,0), (3,0); rank 2: (0,0), (1,0), (3,0); rank 3: (1,0), (3,0).
+NormalConfig internode_config() {
+  NormalConfig cfg;
+  cfg.num_ranks = 4;
+  cfg.num_experts = 4;
+  cfg.hidden = 2;
+  cfg.num_topk = 3;
+  return cfg;
+}
+
+std::vector<RankInput> internode_inputs() {
+  std::vector<RankInput> in(4);
+  in[0].num_tokens = 1;
+  in[0].x.assign(4, 0);
+  in[0].topk_idx = {0, 1, 2};
+  in[0].topk_weights = {0.5f, 0.25f, 0.125f};
+  in[1].num_tokens = 2;
+  in[1].x.assign(8, 0);
+  in[1].topk_idx = {2, 3, -1, -1, -1, -1};
+  in[1].topk_weights = {0.75f, 0.5f, 9.0f, 0.9f, 0.9f, 0.9f};
+  in[3].num_tokens = 1;
+  in[3].x.assign(4, 0);
+  in[3].topk_idx = {1, 2, 3};
+  in[3].topk_weights = {0.1f, 0.2f, 0.3f};
+  return in;
+}
+
+// BF16: 0x3F80 = 1, 0x3F81 = 1 + 2^-7, 0x3B80 = 2^-8, 0x4380 = 256, 0xC380 = -256, 0x4000 = 2,
+// 0xBF80 = -1, 0x3080 = 2^-30, 0x3100 = 2^-29.
+// Weights (when recv has them): the dispatched (localised) weights, except the rows of rank 3's
+// token, which carry rank 1 {1, 0.5, 0}, rank 2 {2^-24, 0.3f, 0}, rank 3 {2^-24, 0, 0.125}.
+std::vector<CombineInput> internode_expert_outputs(const std::vector<RankRecv>& recv) {
+  std::vector<CombineInput> out(4);
+  out[0].x = {0x3F80, 0x4380};                                  // (0,0)
+  out[1].x = {0x3B80, 0x3F80, /**/ 0x3F80, 0x3F80};             // (0,0), (3,0)
+  out[2].x = {0x3B80, 0xC380, /**/ 0x3F80, 0x4000, /**/ 0x3B80, 0xBF80};  // (0,0), (1,0), (3,0)
+  out[3].x = {0x3B80, 0x0000, /**/ 0x3B80, 0x3080};             // (1,0), (3,0)
+  for (int d = 0; d < 4; ++d) out[d].topk_weights = recv[d].topk_weights;
+  if (recv[0].topk_weights.empty()) return out;  // !with_topk: no weights
+  const float tiny = std::ldexp(1.0f, -24);
+  std::copy_n(std::vector<float>{1.0f, 0.5f, 0.0f}.begin(), 3, out[1].topk_weights.begin() + 1 * 3);
+  std::copy_n(std::vector<float>{tiny, 0.3f, 0.0f}.begin(), 3, out[2].topk_weights.begin() + 2 * 3);
+  std::copy_n(std::vector<float>{tiny, 0.0f, 0.125f}.begin(), 3, out[3].topk_weights.begin() + 1 * 3);
+  return out;
+}
+
+// bias0/bias1 for internode_inputs(): rank 1 t0 {2^-8, 1} / {0, 0.5}, t1 {1.5, 0} / {0.25, -2};
+// rank 3 t0 {0, 2^-30} / {0, 0}; zero for rank 0, none for rank 2 (no tokens).
+std::vector<std::vector<uint16_t>> internode_bias0() {
+  return {{0x0000, 0x0000}, {0x3B80, 0x3F80, 0x3FC0, 0x0000}, {}, {0x0000, 0x3080}};
+}
+std::vector<std::vector<uint16_t>> internode_bias1() {
+  return {{0x0000, 0x0000}, {0x0000, 0x3F00, 0x3E80, 0xC000}, {}, {0x0000, 0x0000}};
+}
+
+TEST(ReferenceCombineInternode, DispatchIsTheSameAndSendPositionsLocateRows) {
+  const std::vector<RankRecv> recv = dispatch(internode_inputs(), internode_config());
+  EXPECT_EQ(recv[0].send_pos, (std::vector<int>{0, 0, 0, -1}));
+  EXPECT_EQ(recv[1].send_pos, (std::vector<int>{-1, -1, 1, 0, /**/ -1, -1, -1, -1}));
+  EXPECT_TRUE(recv[2].send_pos.empty());
+  EXPECT_EQ(recv[3].send_pos, (std::vector<int>{-1, 1, 2, 1}));
+}
+
+TEST(ReferenceCombineInternode, RoundsEachNodePartialToBf16BeforeAddingNodes) {
+  const NormalConfig cfg = internode_config();
+  const std::vector<RankInput> in = internode_inputs();
+  const std::vector<RankRecv> recv = dispatch(in, cfg);
+  const std::vector<CombineInput> expert = internode_expert_outputs(recv);
+  const std::vector<CombineOutput> out = combine_internode(expert, recv, in, cfg, 2);
+  ASSERT_EQ(out.size(), 4u);
+  // rank 0 t0 (ranks 0, 1 | 2):
+  //   column 0: node 0: 1 + 2^-8 -> BF16 tie, to even: 1; node 1: 2^-8; 1 + 2^-8 -> 1 (0x3F80).
+  //             Flat: (1 + 2^-8) + 2^-8 = 1 + 2^-7 (0x3F81).
+  //   column 1: node 0: 256 + 1 = 257 -> BF16 tie, to even: 256; node 1: -256; 0 (0x0000). Flat: 1.
+  // rank 1 t0 (node 1 only, ranks 2, 3): {1 + 2^-8 -> 1, 2 + 0 = 2}; t1: sent nowhere -> 0.
+  // rank 3 t0 (rank 1 | ranks 2, 3):
+  //   column 0: node 0: 1; node 1: 2^-8 + 2^-8 = 2^-7; 1 + 2^-7 (0x3F81), as flat.
+  //   column 1: node 0: 1; node 1: -1 + 2^-30 = -1 in float32; 1 + -1 = 0. Flat: (1 + -1) + 2^-30 = 2^-30.
+  EXPECT_EQ(out[0].x, (std::vector<uint16_t>{0x3F80, 0x0000}));
+  EXPECT_EQ(out[1].x, (std::vector<uint16_t>{0x3F80, 0x4000, 0x0000, 0x0000}));
+  EXPECT_TRUE(out[2].x.empty());
+  EXPECT_EQ(out[3].x, (std::vector<uint16_t>{0x3F81, 0x0000}));
+
+  // The flat order gives other bits on the same inputs.
+  const std::vector<CombineOutput> flat = combine(expert, recv, in, cfg);
+  EXPECT_EQ(flat[0].x, (std::vector<uint16_t>{0x3F81, 0x3F80}));
+  EXPECT_EQ(flat[1].x, (std::vector<uint16_t>{0x3F80, 0x4000, 0x0000, 0x0000}));
+  EXPECT_EQ(flat[3].x, (std::vector<uint16_t>{0x3F81, 0x3080}));
+}
+
+TEST(ReferenceCombineInternode, AddsBiasesAfterTheRoundedNodePartials) {
+  const NormalConfig cfg = internode_config();
+  const std::vector<RankInput> in = internode_inputs();
+  const std::vector<RankRecv> recv = dispatch(in, cfg);
+  const std::vector<CombineInput> expert = internode_expert_outputs(recv);
+  const std::vector<CombineOutput> out =
+      combine_internode(expert, recv, in, cfg, 2, internode_bias0(), internode_bias1());
+  // rank 1 t0 (one node): column 0: node 1 partial 1 + 2^-8 -> 1, then + 2^-8 (bias0) + 0 = 1 + 2^-8
+  //   -> 1 (0x3F80); flat keeps the partial in float32: 1 + 2^-8 + 2^-8 = 1 + 2^-7 (0x3F81).
+  //   column 1: 2 + 1 + 0.5 = 3.5 (0x4060).
+  // rank 1 t1 (sent nowhere): bias only: {1.5 + 0.25, 0 + -2} = {0x3FE0, 0xC000}.
+  // rank 3 t0 column 1: 0 + 2^-30 (bias0) = 2^-30 (0x3080); flat: 2^-30 + 2^-30 = 2^-29 (0x3100).
+  EXPECT_EQ(out[0].x, (std::vector<uint16_t>{0x3F80, 0x0000}));
+  EXPECT_EQ(out[1].x, (std::vector<uint16_t>{0x3F80, 0x4060, 0x3FE0, 0xC000}));
+  EXPECT_EQ(out[3].x, (std::vector<uint16_t>{0x3F81, 0x3080}));
+
+  const std::vector<CombineOutput> flat = combine(expert, recv, in, cfg, internode_bias0(), internode_bias1());
+  EXPECT_EQ(flat[1].x, (std::vector<uint16_t>{0x3F81, 0x4060, 0x3FE0, 0xC000}));
+  EXPECT_EQ(flat[3].x, (std::vector<uint16_t>{0x3F81, 0x3100}));
+}
+
+TEST(ReferenceCombineInternode, SumsWeightsPerNodeInFloat32WithoutRounding) {
+  const NormalConfig cfg = internode_config();
+  const std::vector<RankInput> in = internode_inputs();
+  const std::vector<RankRecv> recv = dispatch(in, cfg);
+  const std::vector<CombineInput> expert = internode_expert_outputs(recv);
+  const std::vector<CombineOutput> out = combine_internode(expert, recv, in, cfg, 2);
+  // Dispatched weights come back as the original ones; the token sent nowhere gets zeros.
+  EXPECT_EQ(out[0].topk_weights, (std::vector<float>{0.5f, 0.25f, 0.125f}));
+  EXPECT_EQ(out[1].topk_weights, (std::vector<float>{0.75f, 0.5f, 0.0f, 0.0f, 0.0f, 0.0f}));
+  EXPECT_TRUE(out[2].topk_weights.empty());
+  // rank 3 t0, slot 0: node 0: 1; node 1: 2^-24 + 2^-24 = 2^-23; 1 + 2^-23. Flat: (1 + 2^-24) + 2^-24 = 1.
+  //   slot 1: 0.5 + 0.3f in float32 (0.3f is not rounded to BF16, which would give 0.30078125).
+  //   slot 2: 0.125.
+  const float slot1 = 0.5f + 0.3f;
+  EXPECT_EQ(out[3].topk_weights, (std::vector<float>{1.0f + std::ldexp(1.0f, -23), slot1, 0.125f}));
+  EXPECT_NE(slot1, 0.5f + bf16_to_float(float_to_bf16(0.3f)));
+  const std::vector<CombineOutput> flat = combine(expert, recv, in, cfg);
+  EXPECT_EQ(flat[3].topk_weights, (std::vector<float>{1.0f, slot1, 0.125f}));
+
+  NormalConfig no_topk = cfg;
+  no_topk.with_topk = false;
+  const std::vector<RankRecv> recv_no_topk = dispatch(in, no_topk);
+  std::vector<CombineInput> expert_no_topk = internode_expert_outputs(recv_no_topk);  // weights empty
+  const std::vector<CombineOutput> bare = combine_internode(expert_no_topk, recv_no_topk, in, no_topk, 2);
+  EXPECT_TRUE(bare[3].topk_weights.empty());
+  EXPECT_EQ(bare[3].x, (std::vector<uint16_t>{0x3F81, 0x0000}));
+}
+
+TEST(ReferenceCombineInternode, OneNodeRoundsTheWholeSumOnceBeforeTheBiases) {
+  // M = R = 4: a single node, whose partial is the flat sum (ranks ascending from +0.0f) rounded to
+  // BF16, then added to +0.0f and followed by the biases.
+  const NormalConfig cfg = internode_config();
+  const std::vector<RankInput> in = internode_inputs();
+  const std::vector<RankRecv> recv = dispatch(in, cfg);
+  const std::vector<CombineInput> expert = internode_expert_outputs(recv);
+  // Without bias: rounding the partial and then the total is rounding once, so this equals combine.
+  // rank 0 t0: {(1 + 2^-8) + 2^-8 = 1 + 2^-7, (256 + 1) + -256 = 1}; rank 3 t0: {1 + 2^-7, 2^-30}.
+  const std::vector<CombineOutput> out = combine_internode(expert, recv, in, cfg, 4);
+  EXPECT_EQ(out[0].x, (std::vector<uint16_t>{0x3F81, 0x3F80}));
+  EXPECT_EQ(out[1].x, (std::vector<uint16_t>{0x3F80, 0x4000, 0x0000, 0x0000}));
+  EXPECT_EQ(out[3].x, (std::vector<uint16_t>{0x3F81, 0x3080}));
+  const std::vector<CombineOutput> flat = combine(expert, recv, in, cfg);
+  for (int s = 0; s < 4; ++s) EXPECT_EQ(out[s].x, flat[s].x) << "rank " << s;
+  // One node: the weights are the flat float32 sums: 1 + 2^-24 + 2^-24 = 1 for rank 3 t0 slot 0.
+  EXPECT_EQ(out[3].topk_weights, (std::vector<float>{1.0f, 0.5f + 0.3f, 0.125f}));
+
+  // With bias the rounding of the partial shows: rank 1 t0 column 0: the partial 1 + 2^-8 rounds to
+  // 1, then + 2^-8 (bias0) -> 1 + 2^-8 -> 1 (0x3F80); combine gives 1 + 2^-7 (0x3F81).
+  // rank 3 t0 column 1: partial 2^-30 (exact in BF16) + 2^-30 = 2^-29 (0x3100), as combine.
+  const std::vector<CombineOutput> biased =
+      combine_internode(expert, recv, in, cfg, 4, internode_bias0(), internode_bias1());
+  EXPECT_EQ(biased[0].x, (std::vector<uint16_t>{0x3F81, 0x3F80}));
+  EXPECT_EQ(biased[1].x, (std::vector<uint16_t>{0x3F80, 0x4060, 0x3FE0, 0xC000}));
+  EXPECT_EQ(biased[3].x, (std::vector<uint16_t>{0x3F81, 0x3100}));
+}
+
+// Random routing and data for R ranks: routing with some -1 slots and some tokens sent nowhere,
+// and random expert rows and weights for every received row (not the dispatched weights, so that
+// the weight sums really add several non-zero terms).
+struct RandomCombineCase {
+  NormalConfig cfg;
+  std::vector<RankInput> in;
+  std::vector<RankRecv> recv;
+  std::vector<CombineInput> expert;
+  std::vector<std::vector<uint16_t>> bias0, bias1;
+};
+
+RandomCombineCase random_combine_case(int num_ranks, bool with_topk, uint64_t seed) {
+  RandomCombineCase c;
+  c.cfg.num_ranks = num_ranks;
+  c.cfg.num_experts = 2 * num_ranks;
+  c.cfg.hidden = 24;
+  c.cfg.num_topk = std::min(4, c.cfg.num_experts);
+  c.cfg.with_topk = with_topk;
+  const size_t hidden = static_cast<size_t>(c.cfg.hidden);
+  c.in.resize(num_ranks);
+  c.bias0.resize(num_ranks);
+  c.bias1.resize(num_ranks);
+  for (int s = 0; s < num_ranks; ++s) {
+    RankInput& r = c.in[s];
+    r.num_tokens = 20 + s % 3;
+    r.x.assign(r.num_tokens * hidden * 2, 0);
+    r.topk_idx = all_minus_one_rows(
+        with_minus_one(uniform_routing(r.num_tokens, c.cfg.num_topk, c.cfg.num_experts, seed + s), 0.3, seed + 100 + s),
+        c.cfg.num_topk, 7);
+    r.topk_weights = random_weights(r.topk_idx.size(), seed + 200 + s);
+    c.bias0[s] = random_bf16(r.num_tokens * hidden, seed + 300 + s, 0.5f);
+    c.bias1[s] = random_bf16(r.num_tokens * hidden, seed + 400 + s, 0.01f);
+  }
+  c.recv = dispatch(c.in, c.cfg);
+  c.expert.resize(num_ranks);
+  for (int d = 0; d < num_ranks; ++d) {
+    const size_t rows = static_cast<size_t>(c.recv[d].num_recv_tokens);
+    // Rows of mixed magnitudes so that both the association and the BF16 partials matter.
+    c.expert[d].x = random_bf16(rows * hidden, seed + 500 + d, d % 2 == 0 ? 64.0f : 0.25f);
+    if (with_topk) c.expert[d].topk_weights = random_weights(rows * c.cfg.num_topk, seed + 600 + d);
+  }
+  return c;
+}
+
+TEST(ReferenceCombineInternode, OneRankPerNodeIsBitIdenticalToCombineOnRandomInputs) {
+  for (int num_ranks : {1, 2, 3, 4, 8, 16}) {
+    for (bool with_topk : {true, false}) {
+      const RandomCombineCase c = random_combine_case(num_ranks, with_topk, 1000 + num_ranks);
+      for (bool with_bias : {false, true}) {
+        const std::vector<std::vector<uint16_t>> none;
+        const auto& b0 = with_bias ? c.bias0 : none;
+        const auto& b1 = with_bias ? c.bias1 : none;
+        const std::vector<CombineOutput> want = combine(c.expert, c.recv, c.in, c.cfg, b0, b1);
+        const std::vector<CombineOutput> got = combine_internode(c.expert, c.recv, c.in, c.cfg, 1, b0, b1);
+        ASSERT_EQ(got.size(), want.size());
+        for (int s = 0; s < num_ranks; ++s) {
+          const std::string what = "R " + std::to_string(num_ranks) + (with_topk ? " topk" : "") +
+                                   (with_bias ? " bias" : "") + " rank " + std::to_string(s);
+          EXPECT_EQ(first_mismatches(got[s].x, want[s].x, c.cfg.hidden, (what + " x").c_str()), "");
+          EXPECT_EQ(first_mismatches(got[s].topk_weights, want[s].topk_weights, c.cfg.num_topk,
+                                     (what + " topk_weights").c_str()),
+                    "");
+        }
+      }
+    }
+  }
+}
+
+TEST(ReferenceCombineInternode, RandomInputsAreSensitiveToTheNodeSize) {
+  // The random cases above do exercise the order: with 2 ranks per node the bits differ from combine.
+  const RandomCombineCase c = random_combine_case(8, true, 77);
+  const std::vector<CombineOutput> flat = combine(c.expert, c.recv, c.in, c.cfg, c.bias0, c.bias1);
+  const std::vector<CombineOutput> nodes = combine_internode(c.expert, c.recv, c.in, c.cfg, 2, c.bias0, c.bias1);
+  size_t x_differ = 0, w_differ = 0;
+  for (int s = 0; s < 8; ++s) {
+    for (size_t i = 0; i < flat[s].x.size(); ++i) x_differ += flat[s].x[i] != nodes[s].x[i];
+    for (size_t i = 0; i < flat[s].topk_weights.size(); ++i)
+      w_differ += flat[s].topk_weights[i] != nodes[s].topk_weights[i];
+  }
+  EXPECT_GT(x_differ, 0u);
+  EXPECT_GT(w_differ, 0u);
+}
+
+TEST(ReferenceCombineInternode, RejectsBadRanksPerNodeAndMalformedInputs) {
+  const NormalConfig cfg = internode_config();
+  const std::vector<RankInput> in = internode_inputs();
+  const std::vector<RankRecv> recv = dispatch(in, cfg);
+  std::vector<CombineInput> expert = internode_expert_outputs(recv);
+
+  std::string message = invalid_argument_message([&] { combine_internode(expert, recv, in, cfg, 3); });
+  EXPECT_MESSAGE_HAS(message, "openep::ref::combine_internode");
+  EXPECT_MESSAGE_HAS(message, "cfg.num_ranks expected a multiple of ranks_per_node (3), got 4");
+  message = invalid_argument_message([&] { combine_internode(expert, recv, in, cfg, 0); });
+  EXPECT_MESSAGE_HAS(message, "ranks_per_node expected in [1, 8], got 0");
+  message = invalid_argument_message([&] { combine_internode(expert, recv, in, cfg, 9); });
+  EXPECT_MESSAGE_HAS(message, "ranks_per_node expected in [1, 8], got 9");
+
+  // combine's checks, with this function's name.
+  expert[2].x.resize(5);
+  message = invalid_argument_message([&] { combine_internode(expert, recv, in, cfg, 2); });
+  EXPECT_MESSAGE_HAS(message, "openep::ref::combine_internode: inputs[2].x.size() expected 6, got 5");
+  expert = internode_expert_outputs(recv);
+  std::vector<std::vector<uint16_t>> bias = internode_bias0();
+  bias[3].pop_back();
+  message = invalid_argument_message([&] { combine_internode(expert, recv, in, cfg, 2, bias); });
+  EXPECT_MESSAGE_HAS(message, "bias0[3].size() expected 2, got 1");
+  std::vector<RankRecv> bad = recv;
+  bad[3].send_pos[2] = 3;  // rank 2 received 3 rows
+  message = invalid_argument_message([&] { combine_internode(expert, bad, in, cfg, 2); });
+  EXPECT_MESSAGE_HAS(message, "dispatched[3].send_pos[0][2] expected in [-1, 3), got 3");
 }
 
 // ---------------------------------------------------------------------------------------------
