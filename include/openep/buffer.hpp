@@ -20,6 +20,7 @@
 #include <memory>
 
 #include "openep/group.hpp"
+#include "openep/internode.hpp"
 #include "openep/intranode.hpp"
 #include "openep/low_latency.hpp"
 #include "openep/types.hpp"
@@ -29,7 +30,8 @@ namespace openep {
 struct BufferOptions {
   // Bytes for the normal-mode (NVLink) kernels; see Config size hints. Multiple of 128.
   size_t num_nvl_bytes = 0;
-  // Bytes for the low-latency (and future internode) kernels. Multiple of 128.
+  // Bytes for the low-latency kernels, or for the network buffers of internode normal mode (a Group spanning
+  // several nodes, not low_latency_mode: see internode.hpp and internode_buffer_size_hint). Multiple of 128.
   size_t num_rdma_bytes = 0;
   bool low_latency_mode = false;
   // Every device-side wait on a peer gives up after this long and reports rank, peer and phase.
@@ -56,7 +58,9 @@ struct LayoutArgs {
   int num_experts = 0;                   // multiple of the number of ranks
   // Outputs (written completely; no need to zero them):
   int* num_tokens_per_rank = nullptr;         // [num_ranks]: tokens sent to each rank (once per rank)
-  int* num_tokens_per_rdma_rank = nullptr;    // [num_ranks / 8] when num_ranks > 8, else must be nullptr
+  int* num_tokens_per_rdma_rank = nullptr;    // [num_nodes]: tokens sent to each node (once per node), node =
+                                              // rank / ranks_per_node(); required iff the Buffer is internode,
+                                              // else must be nullptr
   int* num_tokens_per_expert = nullptr;       // [num_experts]: (token, slot) pairs per expert
   bool* is_token_in_rank = nullptr;           // [num_tokens, num_ranks]
 };
@@ -65,8 +69,10 @@ class Buffer {
  public:
   // Collective over the Group. REQUIRES: the Group outlives the Buffer; every rank passes equal options.
   // Fails with kVersionMismatch if the loaded NCCL differs from the one OpenEP was compiled with, and with
-  // kUnsupported if the ranks do not all share one NVLink domain, unless options.allow_network selects the
-  // network (GIN) low-latency path (see BufferOptions::allow_network; not yet run on a real network).
+  // kUnsupported if the ranks span several NVLink domains and neither internode normal mode (not
+  // low_latency_mode, num_rdma_bytes > 0; internode.hpp) nor, in low-latency mode, options.allow_network (the
+  // GIN path; not yet run on a real network) applies. Internode: nodes must be equal, node-major and of at most
+  // 8 ranks, else kUnsupported saying so; creation splits a node and a rail communicator off the Group's.
   Buffer(Group& group, const BufferOptions& options);
   // Drains the communication stream, then releases the window and device memory. Never throws.
   ~Buffer();
@@ -79,6 +85,11 @@ class Buffer {
   // A non-blocking, high-priority stream owned by the Buffer (DeepEP's communication stream).
   cudaStream_t comm_stream() const noexcept;
 
+  // Internode Buffers (a Group over several nodes in normal mode; internode.hpp): whether this is one, the
+  // number of nodes (DeepEP's num_rdma_ranks; 1 otherwise) and the ranks per node (the Group's NVLink team).
+  bool is_internode() const noexcept;
+  int num_nodes() const noexcept;
+  int ranks_per_node() const noexcept;
   // Computes the dispatch layout of this rank's tokens (pure local computation, no communication).
   // Enqueued on `stream`. Input validation happens here; expert ids outside [-1, num_experts) are detected
   // on the device and raised at the next synchronisation point.
@@ -102,6 +113,26 @@ class Buffer {
   // Combine: returns every received row to its source and reduces there. Never waits on the host. Collective.
   void combine(const CombineArgs& args, const IntranodeHandle& handle, const CombineOutputs& out, cudaStream_t stream);
 
+  // ---- Normal mode, internode (include/openep/internode.hpp has the semantics) ----
+  // Step 1: plans the records, exchanges counts with the rail peers and the node, fills the handle's arrays
+  // send_pos, send_rdma_head, node_prefix, recv_gbl_rank_prefix_sum, recv_rdma_rank_prefix_sum (caller-allocated,
+  // sizes in InternodeHandle) and, in exact mode, waits on the host for the counts and returns them (worst-case
+  // mode: nothing waits; num_recv_tokens = num_worst_tokens, num_rdma_recv_tokens = num_nodes * max_tokens).
+  // Requires args.num_tokens_per_rdma_rank. Collective: same hidden, element size, scales, top-k and expert count
+  // on every rank.
+  InternodeDispatchCounts internode_dispatch_prepare(const DispatchArgs& args, InternodeHandle& handle,
+                                                     cudaStream_t stream);
+  // Step 2: moves the rows. REQUIRES internode_dispatch_prepare with the same args and handle just before on this
+  // stream; handle.recv_rdma_mask, recv_src_idx, recv_src_meta and the outputs sized from its counts.
+  void internode_dispatch(const DispatchArgs& args, InternodeHandle& handle, const DispatchOutputs& out,
+                          cudaStream_t stream);
+  // Cached dispatch: the layout of `handle` with new x (and scales); no count exchange, no host wait. No top-k.
+  void internode_dispatch_cached(const DispatchArgs& args, const InternodeHandle& handle, const DispatchOutputs& out,
+                                 cudaStream_t stream);
+  // Combine (BF16): returns every received row through its forwarder; never waits on the host. Collective.
+  void internode_combine(const CombineArgs& args, const InternodeHandle& handle, const CombineOutputs& out,
+                         cudaStream_t stream);
+
   // ---- Low-latency mode (include/openep/low_latency.hpp has the semantics, streams and limits) ----
   // Dispatch: sends this rank's tokens and receives the packed per-expert rows. Fills handle.src_info and
   // handle.layout_range (caller-allocated) and sets the handle's shape fields. Collective: every rank calls it
@@ -124,7 +155,8 @@ class Buffer {
   // Device-side barrier over all ranks of the Group, enqueued on `stream`. Bounded by timeout_seconds.
   void barrier(cudaStream_t stream);
 
-  // Waits for `stream`, then raises any error a kernel of this Buffer recorded.
+  // Waits for `stream`, then raises any error a kernel of this Buffer recorded. On an internode Buffer the wait
+  // is bounded (timeout_seconds + 5 s): past it the rail communicator is aborted and kTimeout is raised.
   void synchronize(cudaStream_t stream);
   // Raises a recorded device error without waiting (cheap; reads host-mapped memory).
   void check_device_errors();

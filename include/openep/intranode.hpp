@@ -63,6 +63,11 @@ struct DispatchArgs {
   int expert_alignment = 1;
   int num_worst_tokens = 0;           // > 0: worst-case mode, outputs have exactly this many rows
   Config config;                      // config.num_sms blocks
+  // Internode only (openep/internode.hpp); ignored by intranode dispatch.
+  const int* num_tokens_per_rdma_rank = nullptr;  // [num_nodes] get_dispatch_layout's output
+  // Worst-case mode: the most tokens any rank passes (equal on every rank); the records sent to each other node.
+  // 0 = num_tokens (then every rank must pass the same num_tokens).
+  int max_tokens_per_rank = 0;
 };
 
 // Results of dispatch_prepare in exact mode (empty vectors otherwise).

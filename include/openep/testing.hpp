@@ -25,8 +25,9 @@
 //    they would wait for those kernels, which wait for this rank. Use stream-ordered calls on the rank's own
 //    streams. OpenEP's Buffer does this itself: its windows and private memory are freed when the
 //    VirtualFabric is destroyed, not when the Buffer is.
-//  * No NCCL. A virtual Group has no communicator (Group::comm() is nullptr); every rank is in one NVLink
-//    domain, so the network (GIN) path is never selected.
+//  * No NCCL. A virtual Group has no communicator (Group::comm() is nullptr). By default every rank is in one
+//    NVLink domain; with VirtualFabricOptions::ranks_per_node the ranks form emulated nodes, and internode
+//    normal mode moves its network leg by device copies (the GIN path is never selected).
 #pragma once
 
 #include <functional>
@@ -46,6 +47,11 @@ void prepare_process_for_virtual_ranks();
 
 struct VirtualFabricOptions {
   int num_ranks = 2;          // 2 .. kMaxNvlinkPeers virtual ranks
+  // Emulated nodes of this many consecutive ranks (0 = one node of all ranks). With several nodes each node is
+  // its own NVLink domain, and internode normal mode runs with its network leg replaced by device copies
+  // between the rail peers (a virtual rail: host meetings plus cudaMemcpyAsync after the peers' events;
+  // not capturable in a CUDA graph). Low-latency mode has no network path on virtual ranks.
+  int ranks_per_node = 0;
   int device = 0;             // the one GPU they share
   int max_blocks_per_rank = 0;  // grid cap per kernel; 0 = the default above
   double rendezvous_timeout_seconds = 120.0;  // bound of every host-side rendezvous (window creation, host_barrier)

@@ -29,9 +29,10 @@ void launch_barrier(const BarrierParams& params, cudaStream_t stream);
 
 // get_dispatch_layout. REQUIRES validate_layout_args() passed. `workspace` holds
 // layout_workspace_ints() zeroed ints and is left zeroed.
-void validate_layout_args(const LayoutArgs& args, int num_ranks);
-constexpr int layout_workspace_ints() { return kMaxRanks + kMaxRanks / 8 + kMaxExperts + 1; }
-void launch_dispatch_layout(const LayoutArgs& args, int num_ranks, int* workspace, const WaitContext& wait,
-                            cudaStream_t stream);
+// num_nodes > 1 (internode Buffer): num_tokens_per_rdma_rank is required, node = rank / (num_ranks / num_nodes).
+void validate_layout_args(const LayoutArgs& args, int num_ranks, int num_nodes);
+constexpr int layout_workspace_ints() { return kMaxRanks + kMaxRanks + kMaxExperts + 1; }
+void launch_dispatch_layout(const LayoutArgs& args, int num_ranks, int num_nodes, int* workspace,
+                            const WaitContext& wait, cudaStream_t stream);
 
 }  // namespace openep::detail

@@ -15,16 +15,15 @@ namespace openep::detail {
 namespace {
 
 constexpr int kTokensPerBlock = 128;
-constexpr int kRanksPerNode = 8;   // DeepEP's NVLink domain size for num_tokens_per_rdma_rank
 
 struct LayoutParams {
   const void* topk_idx;
-  int num_tokens, num_topk, num_experts, num_ranks, num_rdma_ranks;
+  int num_tokens, num_topk, num_experts, num_ranks, num_rdma_ranks, ranks_per_node;
   int* num_tokens_per_rank;
   int* num_tokens_per_rdma_rank;
   int* num_tokens_per_expert;
   bool* is_token_in_rank;
-  int* workspace;   // [kMaxRanks | kMaxRanks/8 | kMaxExperts | ticket]
+  int* workspace;   // [kMaxRanks | kMaxRanks (nodes) | kMaxExperts | ticket]
   WaitContext wait;
 };
 
@@ -51,13 +50,13 @@ __device__ __forceinline__ void count_token(const LayoutParams& p, int token, in
       if (f < 0 || f >= p.num_experts) continue;
       const int q = static_cast<int>(f) / experts_per_rank;
       rank_seen |= (q == r);
-      node_seen |= (q / kRanksPerNode == r / kRanksPerNode);
+      node_seen |= (q / p.ranks_per_node == r / p.ranks_per_node);
     }
     if (!rank_seen) {
       atomicAdd(&s_rank[r], 1);
       mask[r] = true;
     }
-    if (!node_seen && p.num_rdma_ranks > 0) atomicAdd(&s_rdma[r / kRanksPerNode], 1);
+    if (!node_seen && p.num_rdma_ranks > 0) atomicAdd(&s_rdma[r / p.ranks_per_node], 1);
   }
 }
 
@@ -77,7 +76,7 @@ __global__ void __launch_bounds__(kTokensPerBlock) dispatch_layout_kernel(const 
 
   int* g_rank = p.workspace;
   int* g_rdma = g_rank + kMaxRanks;
-  int* g_expert = g_rdma + kMaxRanks / 8;
+  int* g_expert = g_rdma + kMaxRanks;
   int* ticket = g_expert + kMaxExperts;
   for (int i = threadIdx.x; i < p.num_ranks; i += blockDim.x)
     if (s_rank[i]) atomicAdd(&g_rank[i], s_rank[i]);
@@ -105,7 +104,7 @@ __global__ void __launch_bounds__(kTokensPerBlock) dispatch_layout_kernel(const 
 
 }  // namespace
 
-void validate_layout_args(const LayoutArgs& a, int num_ranks) {
+void validate_layout_args(const LayoutArgs& a, int num_ranks, int num_nodes) {
   OPENEP_CHECK_ARG(num_ranks >= 1 && num_ranks <= kMaxRanks, "num_ranks must be in [1, ", kMaxRanks, "], got ",
                    num_ranks);
   OPENEP_CHECK_ARG(a.num_tokens >= 0, "num_tokens must be >= 0, got ", a.num_tokens);
@@ -121,17 +120,16 @@ void validate_layout_args(const LayoutArgs& a, int num_ranks) {
   OPENEP_CHECK_ARG(a.num_tokens_per_rank != nullptr, "num_tokens_per_rank output is null");
   OPENEP_CHECK_ARG(a.num_tokens_per_expert != nullptr, "num_tokens_per_expert output is null");
   OPENEP_CHECK_ARG(a.num_tokens == 0 || a.is_token_in_rank != nullptr, "is_token_in_rank output is null");
-  if (num_ranks > 8) {
-    OPENEP_CHECK_ARG(num_ranks % 8 == 0, "more than 8 ranks must be a multiple of 8, got ", num_ranks);
-    OPENEP_CHECK_ARG(a.num_tokens_per_rdma_rank != nullptr,
-                     "num_tokens_per_rdma_rank output is required when num_ranks > 8 (", num_ranks, ")");
+  if (num_nodes > 1) {
+    OPENEP_CHECK_ARG(a.num_tokens_per_rdma_rank != nullptr, "num_tokens_per_rdma_rank output is required on an "
+                     "internode Buffer (", num_nodes, " nodes)");
   } else {
     OPENEP_CHECK_ARG(a.num_tokens_per_rdma_rank == nullptr,
-                     "num_tokens_per_rdma_rank must be null when num_ranks <= 8 (", num_ranks, ")");
+                     "num_tokens_per_rdma_rank must be null unless the Buffer is internode (one node here)");
   }
 }
 
-void launch_dispatch_layout(const LayoutArgs& a, int num_ranks, int* workspace, const WaitContext& wait,
+void launch_dispatch_layout(const LayoutArgs& a, int num_ranks, int num_nodes, int* workspace, const WaitContext& wait,
                             cudaStream_t stream) {
   LayoutParams p{};
   p.topk_idx = a.topk_idx;
@@ -139,7 +137,8 @@ void launch_dispatch_layout(const LayoutArgs& a, int num_ranks, int* workspace, 
   p.num_topk = a.num_topk;
   p.num_experts = a.num_experts;
   p.num_ranks = num_ranks;
-  p.num_rdma_ranks = num_ranks > 8 ? num_ranks / 8 : 0;
+  p.num_rdma_ranks = num_nodes > 1 ? num_nodes : 0;
+  p.ranks_per_node = num_ranks / num_nodes;
   p.num_tokens_per_rank = a.num_tokens_per_rank;
   p.num_tokens_per_rdma_rank = a.num_tokens_per_rdma_rank;
   p.num_tokens_per_expert = a.num_tokens_per_expert;

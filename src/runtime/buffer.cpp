@@ -5,6 +5,8 @@
 
 #include <cstdio>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include "kernels/intranode_launch.hpp"
 #include "kernels/launch.hpp"
@@ -15,6 +17,9 @@
 #include "protocol/low_latency_gin_layout.hpp"
 #include "protocol/low_latency_layout.hpp"
 #include "runtime/transport.hpp"
+#include "protocol/internode_layout.hpp"
+#include "protocol/topology.hpp"
+#include "runtime/rail.hpp"
 
 namespace openep {
 
@@ -58,6 +63,10 @@ void Buffer::Impl::raise_device_error() {
                  "same operation. This Buffer refuses further work; destroy it.");
   }
   if (code == static_cast<int>(detail::DeviceErrorCode::kInconsistentLayout)) {
+    if (rec->peer < 0)  // internode: a node column (peer = -1 - node)
+      OPENEP_CHECK(false, ErrorCode::kDeviceCheck, "dispatch on rank ", rec->rank, ": num_tokens_per_rdma_rank[",
+                   -1 - rec->peer, "] = ", rec->expected, " but is_token_in_rank sends ", rec->observed,
+                   " tokens to that node. This Buffer refuses further work; destroy it.");
     OPENEP_CHECK(false, ErrorCode::kDeviceCheck, "dispatch on rank ", rec->rank, ": num_tokens_per_rank[", rec->peer,
                  "] = ", rec->expected, " but is_token_in_rank sends ", rec->observed,
                  " tokens there. This Buffer refuses further work; destroy it.");
@@ -68,9 +77,10 @@ void Buffer::Impl::raise_device_error() {
                  ". This Buffer refuses further work; destroy it.");
   }
   if (code == static_cast<int>(detail::DeviceErrorCode::kCapacityExceeded)) {
-    OPENEP_CHECK(false, ErrorCode::kBufferTooSmall, "dispatch on rank ", rec->rank, ": ", rec->observed,
-                 " rows arrived but the Buffer holds ", rec->expected,
-                 " rows. This Buffer refuses further work; destroy it.");
+    OPENEP_CHECK(false, ErrorCode::kBufferTooSmall, detail::phase_name(phase), " on rank ", rec->rank, ": ",
+                 rec->observed, " rows (or records) need room but the Buffer holds ", rec->expected,
+                 (rec->peer >= 0 ? " on rank " : ""), (rec->peer >= 0 ? std::to_string(rec->peer) : std::string()),
+                 " (a size hint gives the bytes). This Buffer refuses further work; destroy it.");
   }
   if (code == static_cast<int>(detail::DeviceErrorCode::kBadExpertIndex)) {
     OPENEP_CHECK(false, ErrorCode::kDeviceCheck, detail::phase_name(phase), " on rank ", rec->rank,
@@ -94,7 +104,17 @@ void release(Buffer::Impl& m) noexcept {
   if (m.comm_stream) warn_cuda(cudaStreamSynchronize(m.comm_stream), "cudaStreamSynchronize");
   if (m.fabric) {
     detail::Fabric& f = *m.fabric;
-    f.close_window(m.win);
+    (m.in.node_fabric ? *m.in.node_fabric : f).close_window(m.win);
+    f.free_device(m.in.rail_buffer);
+    f.free_device(m.in.header_send);
+    f.free_device(m.in.header_recv);
+    f.free_device(m.in.barrier_token);
+    f.free_device(m.in.state);
+    f.free_mapped(m.in.host);
+    m.in.rail_buffer = nullptr, m.in.header_send = nullptr, m.in.header_recv = nullptr, m.in.barrier_token = nullptr;
+    m.in.state = nullptr, m.in.host = nullptr;
+    m.in.rail.reset();
+    m.in.node_fabric.reset();
     f.free_device(m.peer_bases_device);
     f.free_device(m.local_state);
     f.free_device(m.ll_state);
@@ -149,15 +169,38 @@ void Buffer::init(Group& group, const BufferOptions& options) {
   query.num_rdma_bytes = options.num_rdma_bytes;
   m.transport = detail::select_transport(query);
   const bool network = m.transport == detail::Transport::kGin;
-  if (!network) {
+  if (m.transport == detail::Transport::kNvlink) {
     OPENEP_CHECK(m.num_ranks <= detail::kMaxNvlinkPeers, ErrorCode::kUnsupported, "NVLink domain of ", m.num_ranks,
                  " ranks exceeds the supported ", detail::kMaxNvlinkPeers);
+  }
+  if (m.internode()) {
+    // Nodes: equal NVLink teams of consecutive ranks (NCCL's LSA team assumes node-major order; a rank order
+    // that is not would shrink the team silently, internode.md trap 3).
+    detail::Topology topo;
+    topo.rank = m.rank, topo.num_ranks = m.num_ranks, topo.ranks_per_node = group.num_nvlink_ranks();
+    OPENEP_CHECK(topo.node_major(group.nvlink_rank()), ErrorCode::kUnsupported, "internode mode needs node-major "
+                 "ranks (rank = node * ranks_per_node + local rank, every node with the same number of ranks); rank ",
+                 m.rank, " of ", m.num_ranks, " is NVLink rank ", group.nvlink_rank(), " of a team of ",
+                 group.num_nvlink_ranks());
+    OPENEP_CHECK(topo.ranks_per_node <= detail::kMaxInternodeRanksPerNode, ErrorCode::kUnsupported,
+                 "internode mode supports up to ", detail::kMaxInternodeRanksPerNode, " ranks per node, the Group's "
+                 "NVLink team has ", topo.ranks_per_node);
+    OPENEP_CHECK(topo.num_nodes() <= detail::kMaxInternodeNodes && m.num_ranks <= kMaxRanks, ErrorCode::kUnsupported,
+                 "internode mode supports up to ", detail::kMaxInternodeNodes, " nodes and ", kMaxRanks,
+                 " ranks, the Group has ", topo.num_nodes(), " nodes of ", topo.ranks_per_node, " ranks");
+    m.in.ranks_per_node = topo.ranks_per_node;
+    m.in.num_nodes = topo.num_nodes();
+    m.in.node = topo.node();
+    m.in.local_rank = topo.local_rank();
+    detail::NodeSplit split = m.fabric->split_nodes(topo.ranks_per_node);
+    m.in.node_fabric = std::move(split.node);
+    m.in.rail = std::move(split.rail);
   }
 
   OPENEP_CUDA_CHECK(cudaSetDevice(m.device));
   OPENEP_CUDA_CHECK(cudaDeviceGetAttribute(&m.num_device_sms, cudaDevAttrMultiProcessorCount, m.device));
   m.grids = m.fabric->grid_budget(m.num_device_sms);
-  OPENEP_CUDA_CHECK(cudaStreamCreateWithPriority(&m.comm_stream, cudaStreamNonBlocking, -1));
+  OPENEP_CUDA_CHECK(cudaStreamCreateWithPriority(&m.comm_stream, cudaStreamNonBlocking, m.fabric->comm_stream_priority()));
 
   // Private state first: on virtual ranks nothing after the window exchange may synchronise the device.
   detail::Fabric& f = *m.fabric;
@@ -174,14 +217,30 @@ void Buffer::init(Group& group, const BufferOptions& options) {
   m.host_counters = static_cast<detail::HostCounters*>(f.alloc_mapped(sizeof(detail::HostCounters), &view));
   m.host_counters_device = static_cast<detail::HostCounters*>(view);
   std::memset(static_cast<void*>(m.host_counters), 0, sizeof(detail::HostCounters));
-  if (options.num_rdma_bytes > 0) {
+  if (options.num_rdma_bytes > 0 && !m.internode()) {
     m.ll_state = static_cast<detail::LowLatencyState*>(f.alloc_device(sizeof(detail::LowLatencyState)));
     OPENEP_CUDA_CHECK(cudaMemsetAsync(m.ll_state, 0, sizeof(detail::LowLatencyState), m.comm_stream));
+  }
+  if (m.internode()) {
+    const int N = m.in.num_nodes;
+    const size_t header_bytes = sizeof(int32_t) * static_cast<size_t>(N) *
+                                detail::InternodeRecord::header_ints(m.in.ranks_per_node, detail::kMaxInternodeLocalExperts);
+    m.in.rail_buffer = static_cast<char*>(f.alloc_device(options.num_rdma_bytes));
+    m.in.header_send = static_cast<int32_t*>(f.alloc_device(header_bytes));
+    m.in.header_recv = static_cast<int32_t*>(f.alloc_device(header_bytes));
+    m.in.barrier_token = static_cast<int32_t*>(f.alloc_device(sizeof(int32_t) * 2 * N));
+    OPENEP_CUDA_CHECK(cudaMemsetAsync(m.in.barrier_token, 0, sizeof(int32_t) * 2 * N, m.comm_stream));
+    m.in.state = static_cast<detail::InternodeState*>(f.alloc_device(sizeof(detail::InternodeState)));
+    OPENEP_CUDA_CHECK(cudaMemsetAsync(m.in.state, 0, sizeof(detail::InternodeState), m.comm_stream));
+    m.in.host = static_cast<detail::InternodeHostCounters*>(f.alloc_mapped(sizeof(detail::InternodeHostCounters), &view));
+    m.in.host_device = static_cast<detail::InternodeHostCounters*>(view);
+    std::memset(static_cast<void*>(m.in.host), 0, sizeof(detail::InternodeHostCounters));
   }
 
   // One window for everything (collective; every peer's window is zero before any rank returns). kGin
   // appends its send staging area.
-  m.window_layout = detail::WindowLayout::make(options.num_nvl_bytes, options.num_rdma_bytes);
+  // Internode: the window is the node window (normal-mode region only; the rail buffers are private memory).
+  m.window_layout = detail::WindowLayout::make(options.num_nvl_bytes, m.internode() ? 0 : options.num_rdma_bytes);
   detail::WindowRequest req;
   req.bytes = m.window_layout.total_bytes;
   req.gin = network;
@@ -189,7 +248,8 @@ void Buffer::init(Group& group, const BufferOptions& options) {
     m.gin_staging_offset = req.bytes;
     req.bytes += detail::LowLatencyGinLayout::area_bytes(options.num_rdma_bytes);
   }
-  f.open_window(req, m.comm_stream, m.peer_bases_device, m.win);
+  detail::Fabric& wf = m.internode() ? *m.in.node_fabric : f;
+  wf.open_window(req, m.comm_stream, m.peer_bases_device, m.win);
   OPENEP_CUDA_CHECK(cudaStreamSynchronize(m.comm_stream));
 }
 
@@ -202,7 +262,18 @@ Buffer::~Buffer() {
     // barrier is bounded by the timeout, so a dead peer delays teardown but cannot hang it.
     if (!m.failed && m.error_record && m.error_record->code == 0 && m.win.local) {
       try {
-        barrier(m.comm_stream);
+        // Only node peers write into the window (rail bytes land in private buffers, stream-ordered), so the
+        // node barrier suffices; it is bounded, where a rail leg to a dead node would not be.
+        detail::BarrierParams p{};
+        p.peer_bases = m.peer_bases_device;
+        p.barrier_offset = m.window_layout.barrier_offset;
+        p.epoch = &m.local_state->barrier_epoch[detail::kHostBarrierSlot];
+        p.slot = detail::kHostBarrierSlot;
+        p.rank = m.window_rank();
+        p.num_ranks = m.window_ranks();
+        p.wait = m.wait_context();
+        if (m.transport == detail::Transport::kGin) barrier(m.comm_stream);
+        else detail::launch_barrier(p, m.comm_stream);
       } catch (const std::exception& e) {
         std::fprintf(stderr, "OpenEP: final barrier failed: %s\n", e.what());
       }
@@ -219,8 +290,9 @@ cudaStream_t Buffer::comm_stream() const noexcept { return impl_->comm_stream; }
 void Buffer::get_dispatch_layout(const LayoutArgs& args, cudaStream_t stream) {
   Impl& m = *impl_;
   m.check_usable();
-  detail::validate_layout_args(args, m.num_ranks);
-  detail::launch_dispatch_layout(args, m.num_ranks, m.layout_workspace, m.wait_context(), stream);
+  const int nodes = m.internode() ? m.in.num_nodes : 1;
+  detail::validate_layout_args(args, m.num_ranks, nodes);
+  detail::launch_dispatch_layout(args, m.num_ranks, nodes, m.layout_workspace, m.wait_context(), stream);
 }
 
 void Buffer::barrier(cudaStream_t stream) {
@@ -235,16 +307,38 @@ void Buffer::barrier(cudaStream_t stream) {
   p.barrier_offset = m.window_layout.barrier_offset;
   p.epoch = &m.local_state->barrier_epoch[detail::kHostBarrierSlot];
   p.slot = detail::kHostBarrierSlot;
-  p.rank = m.rank;
-  p.num_ranks = m.num_ranks;
+  p.rank = m.window_rank();
+  p.num_ranks = m.window_ranks();
   p.wait = m.wait_context();
+  detail::launch_barrier(p, stream);
+  if (!m.internode()) return;
+  // Internode: node barrier, one token to and from every rail peer, node barrier: every rank of every node.
+  std::vector<detail::RailTransfer> x;
+  for (int n = 0; n < m.in.num_nodes; ++n) {
+    if (n == m.in.node) continue;
+    detail::RailTransfer t;
+    t.node = n;
+    t.send_offset = sizeof(int32_t) * n, t.send_bytes = sizeof(int32_t);
+    t.recv_offset = sizeof(int32_t) * n, t.recv_bytes = sizeof(int32_t);
+    x.push_back(t);
+  }
+  m.in.rail->exchange(reinterpret_cast<const char*>(m.in.barrier_token),
+                      reinterpret_cast<char*>(m.in.barrier_token + m.in.num_nodes), x, stream);
   detail::launch_barrier(p, stream);
 }
 
 void Buffer::synchronize(cudaStream_t stream) {
+  if (impl_->internode()) {
+    impl_->synchronize_bounded(stream, "synchronize");
+    return;
+  }
   OPENEP_CUDA_CHECK(cudaStreamSynchronize(stream));
   impl_->raise_device_error();
 }
+
+bool Buffer::is_internode() const noexcept { return impl_->internode(); }
+int Buffer::num_nodes() const noexcept { return impl_->internode() ? impl_->in.num_nodes : 1; }
+int Buffer::ranks_per_node() const noexcept { return impl_->internode() ? impl_->in.ranks_per_node : impl_->num_ranks; }
 
 void Buffer::check_device_errors() { impl_->raise_device_error(); }
 

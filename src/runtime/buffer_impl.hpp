@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "openep/buffer.hpp"
@@ -18,6 +19,8 @@
 namespace openep::detail {
 struct HostCounters;
 struct LowLatencyState;
+struct InternodeState;
+struct InternodeHostCounters;
 }  // namespace openep::detail
 
 namespace openep::detail {
@@ -56,6 +59,30 @@ struct Buffer::Impl {
   // the peer table holds only this rank's own base, and the window ends with the GIN staging area.
   detail::Transport transport = detail::Transport::kNvlink;
   size_t gin_staging_offset = 0;                         // kGin: window offset of LowLatencyGinLayout
+
+  // Internode normal mode (transport kHostP2p, docs/INTERNODE.md). The window above is the NODE window (its
+  // peer table has ranks_per_node entries, indexed by local rank), opened on node_fabric; the rail moves the
+  // network leg. rail_buffer is private device memory of num_rdma_bytes (two halves, InternodeRailLayout).
+  struct Internode {
+    int ranks_per_node = 1, num_nodes = 1, node = 0, local_rank = 0;
+    std::unique_ptr<detail::Fabric> node_fabric;
+    std::unique_ptr<detail::Rail> rail;
+    char* rail_buffer = nullptr;
+    int32_t* header_send = nullptr;            // [N][header_ints_max]
+    int32_t* header_recv = nullptr;            // [N][header_ints_max]
+    int32_t* barrier_token = nullptr;          // [2][N] ints: Buffer::barrier's rail leg
+    detail::InternodeState* state = nullptr;   // device memory, zeroed
+    detail::InternodeHostCounters* host = nullptr;         // pinned mapped (host view)
+    detail::InternodeHostCounters* host_device = nullptr;  // device view
+    int64_t host_seq = 0;
+  } in;
+  bool internode() const { return transport == detail::Transport::kHostP2p; }
+  // Peer table size and this rank's index in it (the node for internode, else the Group).
+  int window_ranks() const { return internode() ? in.ranks_per_node : num_ranks; }
+  int window_rank() const { return internode() ? in.local_rank : rank; }
+  // Waits for `stream` within the timeout (plus a margin); when the rail can hang (NCCL) and the deadline passes,
+  // aborts the rail and throws kTimeout naming the phase. Raises recorded device errors.
+  void synchronize_bounded(cudaStream_t stream, const char* phase);
 
   detail::WaitContext wait_context() const {
     return detail::WaitContext{&local_state->error_claim, error_record_device,

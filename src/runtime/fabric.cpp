@@ -32,4 +32,14 @@ void Fabric::free_mapped(void* p) noexcept {
   if (e != cudaSuccess) std::fprintf(stderr, "OpenEP: cudaFreeHost failed during teardown: %s\n", cudaGetErrorString(e));
 }
 
+NodeSplit Fabric::split_nodes(int) {
+  OPENEP_CHECK(false, ErrorCode::kUnsupported, "the ", name(), " fabric cannot split its ranks into nodes");
+}
+
+int Fabric::comm_stream_priority() const {
+  int least = 0, greatest = 0;
+  OPENEP_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  return greatest;
+}
+
 }  // namespace openep::detail

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "kernels/grid.hpp"
+#include "runtime/rail.hpp"
 
 namespace openep::detail {
 
@@ -61,6 +62,14 @@ class Fabric {
   virtual void close_window(FabricWindow& w) noexcept = 0;
 
   virtual GridBudget grid_budget(int device_sms) const = 0;
+  // Collective over every rank: splits the ranks into nodes of `ranks_per_node` consecutive ranks (node-major)
+  // and rails (one rank per node with the same local rank). The node Fabric has ranks_per_node ranks (rank =
+  // local rank) in one NVLink domain and never asks for GIN. Throws kUnsupported where the fabric cannot.
+  virtual NodeSplit split_nodes(int ranks_per_node);
+  // Priority of the Buffer's communication stream (cudaStreamCreateWithPriority): the device's greatest for
+  // one process per GPU (DeepEP's choice); virtual ranks use the default priority, so that every rank's
+  // streams come from one pool of hardware queues (see VirtualRankFabric).
+  virtual int comm_stream_priority() const;
 
   // The Buffer's private device memory and pinned, device-mapped host memory go through here, so a virtual
   // fabric can defer the frees (cudaFree synchronises the whole device, which on one GPU would wait for the

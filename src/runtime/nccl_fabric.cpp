@@ -39,13 +39,83 @@ void create_gin_dev_comm(ncclComm_t comm, int num_ranks, FabricWindow& w) {
 
 }  // namespace
 
-NcclFabric::NcclFabric(ncclComm_t comm, int device) : comm_(comm), device_(device) {
+NcclFabric::NcclFabric(ncclComm_t comm, int device, bool owns_comm) : comm_(comm), owns_comm_(owns_comm), device_(device) {
   OPENEP_NCCL_CHECK(ncclCommUserRank(comm_, &rank_));
   OPENEP_NCCL_CHECK(ncclCommCount(comm_, &num_ranks_));
   const ncclTeam_t lsa = ncclTeamLsa(comm_);
   // A zeroed team means NCCL's symmetric-memory setup is unavailable (nccl-device-api.md 1.5).
   lsa_size_ = lsa.nRanks;
   lsa_rank_ = lsa.rank;
+}
+
+NcclFabric::~NcclFabric() {
+  if (owns_comm_ && comm_) warn_nccl(ncclCommDestroy(comm_), "ncclCommDestroy (node communicator)");
+}
+
+namespace {
+
+// Grouped ncclSend/ncclRecv on the rail communicator (rail rank = node).
+class NcclRail final : public Rail {
+ public:
+  NcclRail(ncclComm_t comm, int device) : comm_(comm), device_(device) {
+    OPENEP_NCCL_CHECK(ncclCommUserRank(comm_, &node_));
+    OPENEP_NCCL_CHECK(ncclCommCount(comm_, &num_nodes_));
+  }
+  ~NcclRail() override {
+    if (comm_ == nullptr) return;
+    warn_nccl(aborted_ ? ncclSuccess : ncclCommDestroy(comm_), "ncclCommDestroy (rail communicator)");
+  }
+  const char* name() const noexcept override { return "NCCL p2p"; }
+  int num_nodes() const noexcept override { return num_nodes_; }
+  int node() const noexcept override { return node_; }
+  bool can_hang() const noexcept override { return true; }
+  void exchange(const char* send_base, char* recv_base, const std::vector<RailTransfer>& transfers,
+                cudaStream_t stream) override {
+    OPENEP_CHECK(!aborted_, ErrorCode::kBufferFailed, "the rail communicator was aborted after a timeout");
+    OPENEP_NCCL_CHECK(ncclGroupStart());
+    ncclResult_t res = ncclSuccess;
+    for (const RailTransfer& t : transfers) {
+      OPENEP_CHECK(t.node != node_ && t.node >= 0 && t.node < num_nodes_, ErrorCode::kInternal, "rail transfer to node ",
+                   t.node, " from node ", node_, " of ", num_nodes_);
+      if (res == ncclSuccess && t.send_bytes > 0)
+        res = ncclSend(send_base + t.send_offset, t.send_bytes, ncclUint8, t.node, comm_, stream);
+      if (res == ncclSuccess && t.recv_bytes > 0)
+        res = ncclRecv(recv_base + t.recv_offset, t.recv_bytes, ncclUint8, t.node, comm_, stream);
+    }
+    const ncclResult_t end = ncclGroupEnd();
+    OPENEP_CHECK(res == ncclSuccess && end == ncclSuccess, ErrorCode::kNccl, "rail exchange on node ", node_, ": ",
+                 ncclGetErrorString(res != ncclSuccess ? res : end), " (", ncclGetLastError(comm_), ")");
+  }
+  void abort() noexcept override {
+    if (comm_ == nullptr || aborted_) return;
+    aborted_ = true;
+    warn_nccl(ncclCommAbort(comm_), "ncclCommAbort (rail communicator)");
+  }
+
+ private:
+  ncclComm_t comm_ = nullptr;
+  int device_ = 0, node_ = 0, num_nodes_ = 0;
+  bool aborted_ = false;
+};
+
+}  // namespace
+
+NodeSplit NcclFabric::split_nodes(int ranks_per_node) {
+  OPENEP_CHECK(ranks_per_node >= 1 && num_ranks_ % ranks_per_node == 0, ErrorCode::kInternal, "split_nodes(",
+               ranks_per_node, ") of ", num_ranks_, " ranks");
+  const int node = rank_ / ranks_per_node, local = rank_ % ranks_per_node;
+  ncclComm_t node_comm = nullptr, rail_comm = nullptr;
+  OPENEP_NCCL_CHECK(ncclCommSplit(comm_, node, local, &node_comm, nullptr));
+  OPENEP_CHECK(node_comm != nullptr, ErrorCode::kNccl, "ncclCommSplit returned no node communicator on rank ", rank_);
+  NodeSplit out;
+  out.node = std::make_unique<NcclFabric>(node_comm, device_, /*owns_comm=*/true);
+  OPENEP_NCCL_CHECK(ncclCommSplit(comm_, local, node, &rail_comm, nullptr));
+  OPENEP_CHECK(rail_comm != nullptr, ErrorCode::kNccl, "ncclCommSplit returned no rail communicator on rank ", rank_);
+  out.rail = std::make_unique<NcclRail>(rail_comm, device_);
+  OPENEP_CHECK(out.node->num_nvlink_ranks() == ranks_per_node, ErrorCode::kUnsupported, "the node communicator of rank ",
+               rank_, " has an NVLink (LSA) team of ", out.node->num_nvlink_ranks(), " ranks, expected ", ranks_per_node,
+               " (every rank of a node must reach the others over NVLink)");
+  return out;
 }
 
 void NcclFabric::open_window(const WindowRequest& req, cudaStream_t stream, char** peer_table, FabricWindow& w) {

@@ -7,8 +7,10 @@ namespace openep::detail {
 
 class NcclFabric final : public Fabric {
  public:
-  // Borrows `comm` (the Group owns it). Reads rank, size and the LSA team from it.
-  NcclFabric(ncclComm_t comm, int device);
+  // Borrows `comm` (the Group owns it), or owns it (a node communicator split by split_nodes, destroyed with
+  // the fabric). Reads rank, size and the LSA team from it.
+  NcclFabric(ncclComm_t comm, int device, bool owns_comm = false);
+  ~NcclFabric() override;
 
   const char* name() const noexcept override { return "NCCL"; }
   int rank() const noexcept override { return rank_; }
@@ -24,9 +26,14 @@ class NcclFabric final : public Fabric {
   void close_window(FabricWindow& w) noexcept override;
   // Every SM of the device; a larger grid is an error.
   GridBudget grid_budget(int device_sms) const override;
+  // ncclCommSplit twice (node: color node, key local rank; rail: color local rank, key node), in this order
+  // on every rank. The node communicator has one NCCL node, so its device communicator never enables GIN; the
+  // rail communicator gets no window and no device communicator at all (host p2p only).
+  NodeSplit split_nodes(int ranks_per_node) override;
 
  private:
   ncclComm_t comm_ = nullptr;
+  bool owns_comm_ = false;
   int device_ = 0, rank_ = 0, num_ranks_ = 0, lsa_size_ = 0, lsa_rank_ = 0;
 };
 

@@ -8,6 +8,7 @@ const char* transport_name(Transport t) {
   switch (t) {
     case Transport::kNvlink: return "NVLink (LSA)";
     case Transport::kGin: return "network (NCCL GIN; not yet run on a real network)";
+    case Transport::kHostP2p: return "internode (NVLink + host-driven NCCL p2p between nodes)";
   }
   return "unknown";
 }
@@ -16,15 +17,20 @@ Transport select_transport(const TransportQuery& q) {
   // One NVLink domain: peer pointers reach every rank. GIN is never requested here (it would poison the
   // communicator on a host without a GIN plugin, nccl-device-api.md section 4).
   if (q.num_nvlink_ranks == q.num_ranks) return Transport::kNvlink;
+  if (!q.low_latency_mode) {
+    // Internode normal mode. DeepEP's rule: num_rdma_bytes > 0 on a multi-node Group selects it.
+    OPENEP_CHECK(q.num_rdma_bytes > 0, ErrorCode::kUnsupported, "the Group's ", q.num_ranks,
+                 " ranks span several NVLink domains (NVLink team of ", q.num_nvlink_ranks, "): internode normal "
+                 "mode needs BufferOptions::num_rdma_bytes > 0 for its network buffers (size it with "
+                 "internode_buffer_size_hint), got 0");
+    OPENEP_CHECK_ARG(q.num_nvl_bytes > 0, "internode normal mode needs BufferOptions::num_nvl_bytes > 0 for the "
+                     "node window (size it with internode_buffer_size_hint), got 0");
+    return Transport::kHostP2p;
+  }
   OPENEP_CHECK(q.allow_network, ErrorCode::kUnsupported, "the Group's ", q.num_ranks,
                " ranks span several NVLink domains (NVLink team of ", q.num_nvlink_ranks,
-               "); ranks in other nodes need the network, which is off: set BufferOptions::allow_network = true "
-               "(low-latency mode only; needs RDMA NICs with NCCL GIN; not yet run on a real network)");
-  OPENEP_CHECK(q.low_latency_mode, ErrorCode::kUnsupported, "the Group's ", q.num_ranks,
-               " ranks span several NVLink domains (NVLink team of ", q.num_nvlink_ranks,
-               ") and BufferOptions::allow_network is set, but low_latency_mode is false: normal-mode "
-               "(intranode) kernels need every rank in one NVLink domain; internode normal mode is not "
-               "implemented");
+               "); low-latency mode on ranks in other nodes needs the network, which is off: set "
+               "BufferOptions::allow_network = true (needs RDMA NICs with NCCL GIN; not yet run on a real network)");
   OPENEP_CHECK(q.num_ranks <= kMaxGinRanks, ErrorCode::kUnsupported, "the network (GIN) low-latency path "
                "supports up to ", kMaxGinRanks, " ranks, the Group has ", q.num_ranks);
   OPENEP_CHECK_ARG(q.num_nvl_bytes == 0, "BufferOptions::num_nvl_bytes must be 0 with allow_network on a "

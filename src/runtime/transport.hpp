@@ -7,9 +7,13 @@
 //            and the Buffer is in low-latency mode: the low-latency kernels move data with NCCL GIN puts
 //            and signals (src/kernels/low_latency_gin.cu).
 //
+//   kHostP2p the Group spans several NVLink domains and the Buffer is in normal mode with num_rdma_bytes > 0:
+//            internode normal mode, NVLink inside a node and host-enqueued NCCL p2p between rail peers
+//            (runtime/rail.hpp); runs on any network NCCL runs on. No opt-in is needed (DeepEP's behaviour).
+//
 // NOT YET RUN ON A REAL NETWORK (no RDMA NICs on the test machines): the kGin path builds and its policy is
-// unit-tested on the CPU, but no byte has ever moved through it. Normal (intranode) mode never uses the
-// network; a multi-node Group in normal mode is refused.
+// unit-tested on the CPU, but no byte has ever moved through it. kHostP2p has run over NCCL's socket transport
+// between fake nodes (docs/fake-nodes.md), never over InfiniBand/RoCE/EFA.
 #pragma once
 
 #include <cstddef>
@@ -22,7 +26,7 @@
 
 namespace openep::detail {
 
-enum class Transport : int { kNvlink = 0, kGin = 1 };
+enum class Transport : int { kNvlink = 0, kGin = 1, kHostP2p = 2 };
 
 const char* transport_name(Transport t);
 

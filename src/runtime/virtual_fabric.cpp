@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <map>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -21,15 +22,16 @@
 #include "protocol/limits.hpp"
 #include "runtime/check.hpp"
 #include "runtime/fabric.hpp"
+#include "runtime/rail.hpp"
 
 namespace openep::detail {
 
 class VirtualFabricShared {
  public:
-  VirtualFabricShared(int num_ranks, int device, int max_blocks, int device_sms, double timeout_seconds)
-      : num_ranks_(num_ranks), device_(device), max_blocks_(max_blocks), device_sms_(device_sms),
-        timeout_seconds_(timeout_seconds), slots_(num_ranks, nullptr), present_(num_ranks, false),
-        departed_(num_ranks, false) {}
+  VirtualFabricShared(int num_ranks, int ranks_per_node, int device, int max_blocks, int device_sms,
+                      double timeout_seconds)
+      : num_ranks_(num_ranks), ranks_per_node_(ranks_per_node), device_(device), max_blocks_(max_blocks),
+        device_sms_(device_sms), timeout_seconds_(timeout_seconds), departed_(num_ranks, false) {}
 
   ~VirtualFabricShared() {
     // Every rank thread has ended (documented precondition); nothing of ours runs on the device any more,
@@ -46,38 +48,74 @@ class VirtualFabricShared {
   }
 
   int num_ranks() const noexcept { return num_ranks_; }
+  int ranks_per_node() const noexcept { return ranks_per_node_; }
   int device() const noexcept { return device_; }
   int max_blocks() const noexcept { return max_blocks_; }
   int device_sms() const noexcept { return device_sms_; }
 
-  // All-gather of one pointer per rank. Every rank calls it; returns the pointers of all ranks in rank order.
-  // Bounded: a rank that waits longer than the rendezvous timeout, or for a rank whose thread has already
-  // ended (VirtualFabric::run), withdraws and throws kTimeout naming the ranks that did not arrive.
-  std::vector<char*> exchange(int rank, char* mine, const char* what) {
+  // Meeting keys: the world, each node, each rail.
+  static constexpr int kWorld = -1;
+  static int node_key(int node) { return 1 << 20 | node; }
+  static int rail_key(int local) { return 2 << 20 | local; }
+  std::vector<int> world_members() const {
+    std::vector<int> m(num_ranks_);
+    for (int r = 0; r < num_ranks_; ++r) m[r] = r;
+    return m;
+  }
+  std::vector<int> node_members(int node) const {
+    std::vector<int> m(ranks_per_node_);
+    for (int l = 0; l < ranks_per_node_; ++l) m[l] = node * ranks_per_node_ + l;
+    return m;
+  }
+  std::vector<int> rail_members(int local) const {
+    std::vector<int> m(num_ranks_ / ranks_per_node_);
+    for (size_t n = 0; n < m.size(); ++n) m[n] = static_cast<int>(n) * ranks_per_node_ + local;
+    return m;
+  }
+
+  // All-gather of one value per member among `members` (global ranks; the meeting of `key`). Every member
+  // calls it; returns the values in member order. Bounded: a rank that waits longer than the rendezvous
+  // timeout, or for a member whose thread has already ended (VirtualFabric::run), withdraws and throws
+  // kTimeout naming the ranks that did not arrive.
+  std::vector<uintptr_t> meet(int key, const std::vector<int>& members, int rank, uintptr_t mine, const char* what) {
     std::unique_lock<std::mutex> lock(mu_);
-    OPENEP_CHECK(!present_[rank], ErrorCode::kInternal, "virtual rank ", rank, " entered ", what, " twice");
-    const uint64_t gen = generation_;
-    slots_[rank] = mine;
-    present_[rank] = true;
-    if (++arrived_ == num_ranks_) {
-      result_ = slots_;
-      arrived_ = 0;
-      std::fill(present_.begin(), present_.end(), false);
-      ++generation_;
+    Meeting& g = meetings_[key];
+    if (g.present.empty()) {
+      g.members = members;
+      g.present.assign(members.size(), false);
+      g.slots.assign(members.size(), 0);
+    }
+    const int idx = index_of(g, rank);
+    OPENEP_CHECK(!g.present[idx], ErrorCode::kInternal, "virtual rank ", rank, " entered ", what, " twice");
+    const uint64_t gen = g.generation;
+    g.slots[idx] = mine;
+    g.present[idx] = true;
+    if (++g.arrived == static_cast<int>(g.members.size())) {
+      g.result = g.slots;
+      g.arrived = 0;
+      std::fill(g.present.begin(), g.present.end(), false);
+      ++g.generation;
       cv_.notify_all();
-      return result_;
+      return g.result;
     }
     const auto timeout = std::chrono::duration<double>(timeout_seconds_);
     const auto missing_departed = [&] {
-      for (int r = 0; r < num_ranks_; ++r)
-        if (!present_[r] && departed_[r]) return true;
+      for (size_t i = 0; i < g.members.size(); ++i)
+        if (!g.present[i] && departed_[g.members[i]]) return true;
       return false;
     };
-    if (!cv_.wait_for(lock, timeout, [&] { return generation_ != gen || missing_departed(); })) {
-      withdraw_and_throw(rank, what, "waited more than " + std::to_string(timeout_seconds_) + " s");
-    }
-    if (generation_ == gen) withdraw_and_throw(rank, what, "stopped waiting");
-    return result_;  // stable until every rank of this generation has read it (the next one needs them all)
+    if (!cv_.wait_for(lock, timeout, [&] { return g.generation != gen || missing_departed(); }))
+      withdraw_and_throw(g, idx, rank, what, "waited more than " + std::to_string(timeout_seconds_) + " s");
+    if (g.generation == gen) withdraw_and_throw(g, idx, rank, what, "stopped waiting");
+    return g.result;  // stable until every member of this generation has read it (the next one needs them all)
+  }
+
+  // The world all-gather of one pointer per rank.
+  std::vector<char*> exchange(int rank, char* mine, const char* what) {
+    const std::vector<uintptr_t> v = meet(kWorld, world_members(), rank, reinterpret_cast<uintptr_t>(mine), what);
+    std::vector<char*> out(v.size());
+    for (size_t i = 0; i < v.size(); ++i) out[i] = reinterpret_cast<char*>(v[i]);
+    return out;
   }
 
   // Rank `rank`'s thread has ended: nobody waits for it any longer.
@@ -97,57 +135,148 @@ class VirtualFabricShared {
   }
 
  private:
-  [[noreturn]] void withdraw_and_throw(int rank, const char* what, const std::string& how) {
+  struct Meeting {
+    std::vector<int> members;
+    uint64_t generation = 0;
+    int arrived = 0;
+    std::vector<bool> present;
+    std::vector<uintptr_t> slots, result;
+  };
+  static int index_of(const Meeting& g, int rank) {
+    for (size_t i = 0; i < g.members.size(); ++i)
+      if (g.members[i] == rank) return static_cast<int>(i);
+    OPENEP_CHECK(false, ErrorCode::kInternal, "virtual rank ", rank, " is not a member of this meeting");
+  }
+  [[noreturn]] void withdraw_and_throw(Meeting& g, int idx, int rank, const char* what, const std::string& how) {
     std::string missing, gone;
-    for (int r = 0; r < num_ranks_; ++r) {
-      if (present_[r] || r == rank) continue;
+    for (size_t i = 0; i < g.members.size(); ++i) {
+      const int r = g.members[i];
+      if (g.present[i] || r == rank) continue;
       std::string& list = departed_[r] ? gone : missing;
       list += (list.empty() ? "" : ", ") + std::to_string(r);
     }
-    present_[rank] = false;
-    slots_[rank] = nullptr;
-    --arrived_;
+    g.present[idx] = false;
+    g.slots[idx] = 0;
+    --g.arrived;
     OPENEP_CHECK(false, ErrorCode::kTimeout, "virtual rank ", rank, " ", how, " in ", what, " for virtual ranks ",
                  missing.empty() ? "-" : missing, " (stalled or not making the same collective call)",
                  gone.empty() ? "" : " and ", gone.empty() ? "" : gone,
                  gone.empty() ? "" : " (their threads already ended: failed or returned early)");
   }
 
-  const int num_ranks_, device_, max_blocks_, device_sms_;
+  const int num_ranks_, ranks_per_node_, device_, max_blocks_, device_sms_;
   const double timeout_seconds_;
   std::mutex mu_;
   std::condition_variable cv_;
-  uint64_t generation_ = 0;
-  int arrived_ = 0;
-  std::vector<char*> slots_, result_;
-  std::vector<bool> present_, departed_;
+  std::map<int, Meeting> meetings_;
+  std::vector<bool> departed_;
   std::vector<void*> device_allocs_, mapped_allocs_;
 };
 
 namespace {
 
+// Pull-model rail between virtual ranks: every rank records an event after staging, the rail peers meet, each
+// copies what its peers staged for it (after their events), records `pulled`, the peers meet again, and each
+// waits for its peers' `pulled` before its stream may overwrite its own staging. Host meetings only: no host
+// thread ever waits for the device here.
+class VirtualRail final : public Rail {
+ public:
+  VirtualRail(std::shared_ptr<VirtualFabricShared> shared, int rank) : shared_(std::move(shared)), rank_(rank) {
+    const int M = shared_->ranks_per_node();
+    node_ = rank_ / M;
+    local_ = rank_ % M;
+    num_nodes_ = shared_->num_ranks() / M;
+    members_ = shared_->rail_members(local_);
+    OPENEP_CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
+    OPENEP_CUDA_CHECK(cudaEventCreateWithFlags(&pulled_, cudaEventDisableTiming));
+  }
+  ~VirtualRail() override {
+    (void)cudaEventDestroy(ready_);
+    (void)cudaEventDestroy(pulled_);
+  }
+  const char* name() const noexcept override { return "virtual rail (device copies)"; }
+  int num_nodes() const noexcept override { return num_nodes_; }
+  int node() const noexcept override { return node_; }
+
+  void exchange(const char* send_base, char* recv_base, const std::vector<RailTransfer>& transfers,
+                cudaStream_t stream) override {
+    post_.send_base = send_base;
+    post_.transfers = transfers;
+    post_.ready = ready_;
+    OPENEP_CUDA_CHECK(cudaEventRecord(ready_, stream));
+    const int key = VirtualFabricShared::rail_key(local_);
+    const std::vector<uintptr_t> posts =
+        shared_->meet(key, members_, rank_, reinterpret_cast<uintptr_t>(&post_), "rail exchange (staged)");
+    for (const RailTransfer& t : transfers) {
+      OPENEP_CHECK(t.node != node_ && t.node >= 0 && t.node < num_nodes_, ErrorCode::kInternal, "rail transfer to node ",
+                   t.node, " from node ", node_);
+      if (t.recv_bytes == 0) continue;
+      const Post& peer = *reinterpret_cast<const Post*>(posts[t.node]);
+      const RailTransfer* theirs = nullptr;
+      for (const RailTransfer& u : peer.transfers)
+        if (u.node == node_) theirs = &u;
+      OPENEP_CHECK(theirs != nullptr && theirs->send_bytes == t.recv_bytes, ErrorCode::kInternal, "rail exchange: node ",
+                   node_, " expects ", t.recv_bytes, " bytes from node ", t.node, ", which sends ",
+                   theirs ? theirs->send_bytes : 0);
+      OPENEP_CUDA_CHECK(cudaStreamWaitEvent(stream, peer.ready, 0));
+      OPENEP_CUDA_CHECK(cudaMemcpyAsync(recv_base + t.recv_offset, peer.send_base + theirs->send_offset, t.recv_bytes,
+                                        cudaMemcpyDeviceToDevice, stream));
+    }
+    OPENEP_CUDA_CHECK(cudaEventRecord(pulled_, stream));
+    const std::vector<uintptr_t> pulled =
+        shared_->meet(key, members_, rank_, reinterpret_cast<uintptr_t>(pulled_), "rail exchange (pulled)");
+    for (int n = 0; n < num_nodes_; ++n)
+      if (n != node_) OPENEP_CUDA_CHECK(cudaStreamWaitEvent(stream, reinterpret_cast<cudaEvent_t>(pulled[n]), 0));
+  }
+
+ private:
+  struct Post {
+    const char* send_base = nullptr;
+    std::vector<RailTransfer> transfers;
+    cudaEvent_t ready = nullptr;
+  };
+  std::shared_ptr<VirtualFabricShared> shared_;
+  int rank_, node_ = 0, local_ = 0, num_nodes_ = 1;
+  std::vector<int> members_;
+  cudaEvent_t ready_ = nullptr, pulled_ = nullptr;
+  Post post_;
+};
+
+// One virtual rank, seen either as a rank of the whole world or (node_scope, made by split_nodes) as a rank
+// of its emulated node.
 class VirtualRankFabric final : public Fabric {
  public:
-  VirtualRankFabric(std::shared_ptr<VirtualFabricShared> shared, int rank) : shared_(std::move(shared)), rank_(rank) {}
+  VirtualRankFabric(std::shared_ptr<VirtualFabricShared> shared, int rank, bool node_scope = false)
+      : shared_(std::move(shared)), rank_(rank), node_scope_(node_scope) {}
 
-  const char* name() const noexcept override { return "virtual ranks"; }
-  int rank() const noexcept override { return rank_; }
-  int num_ranks() const noexcept override { return shared_->num_ranks(); }
+  const char* name() const noexcept override { return node_scope_ ? "virtual ranks (node)" : "virtual ranks"; }
+  int rank() const noexcept override { return node_scope_ ? rank_ % shared_->ranks_per_node() : rank_; }
+  int num_ranks() const noexcept override { return node_scope_ ? shared_->ranks_per_node() : shared_->num_ranks(); }
   int device() const noexcept override { return shared_->device(); }
-  int num_nvlink_ranks() const noexcept override { return shared_->num_ranks(); }  // one NVLink domain
-  int nvlink_rank() const noexcept override { return rank_; }
+  // The emulated node is the NVLink domain (all ranks by default).
+  int num_nvlink_ranks() const noexcept override { return shared_->ranks_per_node(); }
+  int nvlink_rank() const noexcept override { return rank_ % shared_->ranks_per_node(); }
 
   void open_window(const WindowRequest& req, cudaStream_t stream, char** peer_table, FabricWindow& w) override {
     OPENEP_CHECK(!req.gin, ErrorCode::kUnsupported,
-                 "virtual ranks have no network: the GIN path cannot run on them (every virtual rank shares one "
-                 "NVLink domain, so it is never selected)");
+                 "virtual ranks have no network: the GIN path cannot run on them (emulated nodes reach each other "
+                 "through the virtual rail of internode normal mode only)");
     w = FabricWindow{};
     w.local = static_cast<char*>(alloc_device(req.bytes));
     w.bytes = req.bytes;
     OPENEP_CUDA_CHECK(cudaMemsetAsync(w.local, 0, req.bytes, stream));
     OPENEP_CUDA_CHECK(cudaStreamSynchronize(stream));
     // Like NCCL's window registration, a barrier: every window is zero before any rank can write into it.
-    w.peer_bases = shared_->exchange(rank_, w.local, "Buffer creation (window exchange)");
+    if (node_scope_) {
+      const int node = rank_ / shared_->ranks_per_node();
+      const std::vector<uintptr_t> v =
+          shared_->meet(VirtualFabricShared::node_key(node), shared_->node_members(node), rank_,
+                        reinterpret_cast<uintptr_t>(w.local), "Buffer creation (node window exchange)");
+      w.peer_bases.resize(v.size());
+      for (size_t i = 0; i < v.size(); ++i) w.peer_bases[i] = reinterpret_cast<char*>(v[i]);
+    } else {
+      w.peer_bases = shared_->exchange(rank_, w.local, "Buffer creation (window exchange)");
+    }
     OPENEP_CUDA_CHECK(cudaMemcpyAsync(peer_table, w.peer_bases.data(), sizeof(char*) * w.peer_bases.size(),
                                       cudaMemcpyHostToDevice, stream));
     OPENEP_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -162,6 +291,21 @@ class VirtualRankFabric final : public Fabric {
     b.clamp = true;
     return b;
   }
+
+  NodeSplit split_nodes(int ranks_per_node) override {
+    OPENEP_CHECK(!node_scope_ && ranks_per_node == shared_->ranks_per_node(), ErrorCode::kInternal,
+                 "split_nodes(", ranks_per_node, ") on virtual ranks with emulated nodes of ", shared_->ranks_per_node());
+    NodeSplit out;
+    out.node = std::make_unique<VirtualRankFabric>(shared_, rank_, /*node_scope=*/true);
+    out.rail = std::make_unique<VirtualRail>(shared_, rank_);
+    return out;
+  }
+
+  // Default priority for every stream of every virtual rank. Suspected (not confirmed): streams of another
+  // priority may be mapped onto their own set of hardware queues, where the comm streams of several virtual ranks
+  // can share one, and then one rank's launch waits behind another rank's kernel that spins on it (a rare EP8
+  // stall, docs/DESIGN.md "Virtual-rank and fake-node runs").
+  int comm_stream_priority() const override { return 0; }
 
   void* alloc_device(size_t bytes) override {
     void* p = Fabric::alloc_device(bytes);
@@ -181,6 +325,7 @@ class VirtualRankFabric final : public Fabric {
  private:
   std::shared_ptr<VirtualFabricShared> shared_;
   int rank_;
+  bool node_scope_;
 };
 
 int env_int(const char* name, int fallback) {
@@ -244,7 +389,10 @@ VirtualFabric::VirtualFabric(const VirtualFabricOptions& o) {
   OPENEP_CHECK(static_cast<long long>(o.num_ranks) * (cap + 1) <= sms, ErrorCode::kUnsupported, o.num_ranks,
                " virtual ranks with grids of ", cap, " blocks (plus one one-block kernel each) need ",
                static_cast<long long>(o.num_ranks) * (cap + 1), " SMs to be co-resident; the GPU has ", sms);
-  shared_ = std::make_shared<detail::VirtualFabricShared>(o.num_ranks, o.device, cap, sms, o.rendezvous_timeout_seconds);
+  const int M = o.ranks_per_node == 0 ? o.num_ranks : o.ranks_per_node;
+  OPENEP_CHECK_ARG(M >= 1 && o.num_ranks % M == 0, "VirtualFabricOptions::ranks_per_node must divide num_ranks (",
+                   o.num_ranks, ") or be 0, got ", o.ranks_per_node);
+  shared_ = std::make_shared<detail::VirtualFabricShared>(o.num_ranks, M, o.device, cap, sms, o.rendezvous_timeout_seconds);
 }
 
 VirtualFabric::~VirtualFabric() = default;

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -106,6 +107,14 @@ class DeviceArray {
   T* p_ = nullptr;
   size_t n_ = 0;
 };
+
+// A test's peer-wait bound, scaled by OPENEP_TEST_TIMEOUT_SCALE (default 1). Tools that slow kernels down by an
+// order of magnitude (compute-sanitizer) set it; the tests never widen their bounds otherwise.
+inline double test_timeout(double seconds) {
+  const char* v = std::getenv("OPENEP_TEST_TIMEOUT_SCALE");
+  const double scale = v && *v ? std::atof(v) : 1.0;
+  return seconds * (scale >= 1.0 ? scale : 1.0);
+}
 
 // Error slot for kernels launched directly through the ::openep::detail:: launchers.
 class ErrorSlot {

@@ -75,16 +75,21 @@ struct RanksTestSpec {
   std::vector<int> ep_sizes;  // virtual-rank EP sizes; ignored with one process per GPU
   std::function<void()> body;
   bool mgpu_only = false;     // needs a real NCCL communicator (not registered on virtual ranks)
+  // Virtual ranks with emulated nodes (internode tests): shapes nodes * 100 + ranks_per_node, registered as
+  // Name/N<nodes>xM<ranks_per_node> instead of the EP sizes.
+  std::vector<int> node_shapes = {};
 };
 // Implemented by each binary's main (common/mgpu_main.cpp, common/vrank_main.cpp).
 bool register_ranks_test(RanksTestSpec spec);
 
 template <typename Case>
 bool register_ranks_cases(const char* suite, const char* name, const char* file, int line, std::vector<int> ep_sizes,
-                          const std::vector<std::pair<std::string, Case>>& cases, void (*body)(const Case&)) {
+                          const std::vector<std::pair<std::string, Case>>& cases, void (*body)(const Case&),
+                          std::vector<int> node_shapes = {}) {
   for (const auto& nc : cases) {
     const Case c = nc.second;
-    register_ranks_test({suite, std::string(name) + "/" + nc.first, file, line, ep_sizes, [body, c] { body(c); }});
+    register_ranks_test(
+        {suite, std::string(name) + "/" + nc.first, file, line, ep_sizes, [body, c] { body(c); }, false, node_shapes});
   }
   return true;
 }
@@ -104,6 +109,22 @@ bool register_ranks_cases(const char* suite, const char* name, const char* file,
 #define OPENEP_RANKS_TEST(suite, name) OPENEP_RANKS_TEST_EP(suite, name, 2, 4, 8)
 // A test that needs a real NCCL communicator: only in openep_mgpu_tests.
 #define OPENEP_MGPU_TEST(suite, name) OPENEP_RANKS_TEST_IMPL(suite, name, true, 2)
+
+// A multi-rank test over emulated nodes: on virtual ranks once per shape (nodes * 100 + ranks_per_node, e.g.
+// 202 = 2 nodes of 2 ranks), as Name/N2xM2; with one process per GPU once per launch (the body must skip a
+// single-node world itself).
+#define OPENEP_RANKS_TEST_NODES(suite, name, ...)                                                               \
+  static void openep_ranks_body_##suite##_##name();                                                            \
+  [[maybe_unused]] static const bool openep_ranks_registered_##suite##_##name =                                \
+      ::openep::test::register_ranks_test({#suite, #name, __FILE__, __LINE__, {}, &openep_ranks_body_##suite##_##name, \
+                                           false, std::vector<int>{__VA_ARGS__}});                             \
+  static void openep_ranks_body_##suite##_##name()
+#define OPENEP_RANKS_CASES_NODES(suite, name, CaseT, cases_fn, ...)                                            \
+  static void openep_ranks_body_##suite##_##name(const CaseT& c);                                              \
+  [[maybe_unused]] static const bool openep_ranks_registered_##suite##_##name =                                \
+      ::openep::test::register_ranks_cases<CaseT>(#suite, #name, __FILE__, __LINE__, {}, cases_fn(),             \
+                                                  &openep_ranks_body_##suite##_##name, std::vector<int>{__VA_ARGS__}); \
+  static void openep_ranks_body_##suite##_##name(const CaseT& c)
 
 // One named test per case: `cases_fn()` returns std::vector<std::pair<std::string, CaseT>>; the body receives
 // `const CaseT& c`. Test names are Name/<case name>.

@@ -95,9 +95,10 @@ RankThread& current() {
 
 }  // namespace
 
-void run_on_virtual_ranks(const std::function<void()>& body, int num_ranks) {
+void run_on_virtual_ranks(const std::function<void()>& body, int num_ranks, int ranks_per_node) {
   openep::testing::VirtualFabricOptions o;
   o.num_ranks = num_ranks;
+  o.ranks_per_node = ranks_per_node;
   o.rendezvous_timeout_seconds = rendezvous_timeout_seconds();
   openep::testing::VirtualFabric fabric(o);
   VrankSlots slots(num_ranks - 1);
@@ -129,6 +130,15 @@ uint64_t next_shared_index() { return current().shared_index++; }
 
 bool register_ranks_test(RanksTestSpec spec) {
   if (spec.mgpu_only) return false;
+  for (int shape : spec.node_shapes) {
+    auto body = spec.body;
+    const int nodes = shape / 100, m = shape % 100;
+    const std::string name = spec.name + "/N" + std::to_string(nodes) + "xM" + std::to_string(m);
+    ::testing::RegisterTest((spec.suite + "Vrank").c_str(), name.c_str(), nullptr, nullptr, spec.file, spec.line,
+                            [body, nodes, m]() -> RanksTest* {
+                              return new RanksTest([body, nodes, m] { run_on_virtual_ranks(body, nodes * m, m); });
+                            });
+  }
   for (int n : spec.ep_sizes) {
     auto body = spec.body;
     const std::string name = spec.name + "/EP" + std::to_string(n);

@@ -49,16 +49,34 @@ TEST(TransportPolicy, SingleNodeNeverRequestsGinWhateverTheOptions) {
   }
 }
 
-TEST(TransportPolicy, MultiNodeWithoutOptInIsRefusedNamingTheOption) {
+TEST(TransportPolicy, MultiNodeLowLatencyWithoutOptInIsRefusedNamingTheOption) {
   expect_refused(query(16, 8, true, false), ErrorCode::kUnsupported, "BufferOptions::allow_network");
-  expect_refused(query(16, 8, false, false), ErrorCode::kUnsupported, "BufferOptions::allow_network");
   expect_refused(query(2, 1, true, false), ErrorCode::kUnsupported, "span several NVLink domains");
 }
 
-TEST(TransportPolicy, MultiNodeWithOptInSelectsGinOnlyInLowLatencyMode) {
+TEST(TransportPolicy, MultiNodeWithOptInSelectsGinInLowLatencyMode) {
   EXPECT_EQ(select_transport(query(16, 8, true, true)), Transport::kGin);
   EXPECT_EQ(select_transport(query(2, 1, true, true)), Transport::kGin);
-  expect_refused(query(16, 8, false, true), ErrorCode::kUnsupported, "low_latency_mode is false");
+}
+
+// Internode normal mode needs no opt-in (DeepEP: num_rdma_bytes > 0 on a multi-node Group), whatever
+// allow_network says, and never GIN.
+TEST(TransportPolicy, MultiNodeNormalModeSelectsHostP2pWithBothRegions) {
+  for (bool allow : {false, true}) {
+    TransportQuery q = query(16, 8, false, allow);
+    q.num_nvl_bytes = 1 << 20;
+    EXPECT_EQ(select_transport(q), Transport::kHostP2p) << "allow_network " << allow;
+    q = query(2, 1, false, allow);
+    q.num_nvl_bytes = 1 << 20;
+    EXPECT_EQ(select_transport(q), Transport::kHostP2p) << "allow_network " << allow;
+  }
+  TransportQuery q = query(16, 8, false, false);
+  q.num_nvl_bytes = 1 << 20;
+  q.num_rdma_bytes = 0;
+  expect_refused(q, ErrorCode::kUnsupported, "num_rdma_bytes > 0");
+  q = query(16, 8, false, false);
+  q.num_nvl_bytes = 0;
+  expect_refused(q, ErrorCode::kInvalidArgument, "num_nvl_bytes > 0");
 }
 
 TEST(TransportPolicy, NetworkPathValidatesItsOptions) {

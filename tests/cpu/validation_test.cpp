@@ -41,40 +41,41 @@ LayoutArgs valid_layout_args() {
   return a;
 }
 
-TEST(LayoutValidation, AcceptsValidArguments) { EXPECT_NO_THROW(detail::validate_layout_args(valid_layout_args(), 4)); }
+TEST(LayoutValidation, AcceptsValidArguments) { EXPECT_NO_THROW(detail::validate_layout_args(valid_layout_args(), 4, 1)); }
 
 TEST(LayoutValidation, NamesExpertsNotDivisibleByRanks) {
   LayoutArgs a = valid_layout_args();
   a.num_experts = 10;
-  expect_error([&] { detail::validate_layout_args(a, 4); }, ErrorCode::kInvalidArgument,
+  expect_error([&] { detail::validate_layout_args(a, 4, 1); }, ErrorCode::kInvalidArgument,
                "num_experts (10) must be a multiple of the number of ranks (4)");
 }
 
 TEST(LayoutValidation, NamesTopkOutOfRange) {
   LayoutArgs a = valid_layout_args();
   a.num_topk = 0;
-  expect_error([&] { detail::validate_layout_args(a, 4); }, ErrorCode::kInvalidArgument, "num_topk must be in [1, ");
+  expect_error([&] { detail::validate_layout_args(a, 4, 1); }, ErrorCode::kInvalidArgument, "num_topk must be in [1, ");
 }
 
-TEST(LayoutValidation, RequiresRdmaCountsOnlyAbove8Ranks) {
+TEST(LayoutValidation, RequiresRdmaCountsExactlyOnInternodeBuffers) {
   LayoutArgs a = valid_layout_args();
   a.num_experts = 32;
-  expect_error([&] { detail::validate_layout_args(a, 16); }, ErrorCode::kInvalidArgument,
-               "num_tokens_per_rdma_rank output is required when num_ranks > 8 (16)");
+  expect_error([&] { detail::validate_layout_args(a, 16, 2); }, ErrorCode::kInvalidArgument,
+               "num_tokens_per_rdma_rank output is required on an internode Buffer (2 nodes)");
+  EXPECT_NO_THROW(detail::validate_layout_args(a, 16, 1));  // 16 ranks in one NVLink domain: no node counts
   int dummy[2];
   a.num_tokens_per_rdma_rank = dummy;
-  EXPECT_NO_THROW(detail::validate_layout_args(a, 16));
-  expect_error([&] { detail::validate_layout_args(a, 4); }, ErrorCode::kInvalidArgument,
-               "num_tokens_per_rdma_rank must be null when num_ranks <= 8 (4)");
+  EXPECT_NO_THROW(detail::validate_layout_args(a, 16, 2));
+  expect_error([&] { detail::validate_layout_args(a, 4, 1); }, ErrorCode::kInvalidArgument,
+               "num_tokens_per_rdma_rank must be null unless the Buffer is internode");
 }
 
 TEST(LayoutValidation, NamesNullTopkIdx) {
   LayoutArgs a = valid_layout_args();
   a.topk_idx = nullptr;
-  expect_error([&] { detail::validate_layout_args(a, 4); }, ErrorCode::kInvalidArgument,
+  expect_error([&] { detail::validate_layout_args(a, 4, 1); }, ErrorCode::kInvalidArgument,
                "topk_idx is null with num_tokens = 4");
   a.num_tokens = 0;  // no tokens: no input needed
-  EXPECT_NO_THROW(detail::validate_layout_args(a, 4));
+  EXPECT_NO_THROW(detail::validate_layout_args(a, 4, 1));
 }
 
 TEST(ConfigTables, MatchDeepEpV1ForTwoRanks) {

@@ -3,8 +3,10 @@
 //
 //   FakeNodeWorld    the world really is multi-node (NVLink team = the fake node) and NCCL's Socket network moves
 //                    data correctly (all-reduce, a send/recv ring of a few MB, bytes checked).
-//   FakeNodeBuffer   Buffer creation on such a world fails fast with kUnsupported naming what to change, and the
-//                    process and the world communicator stay usable.
+//   FakeNodeBuffer   a misconfigured Buffer (normal mode without num_rdma_bytes, low latency without allow_network)
+//                    fails fast with kUnsupported naming what to change; the world communicator stays usable.
+//   FakeNodeInternode internode normal mode over NCCL's socket transport, bitwise against the CPU reference;
+//                    a dead rail peer becomes kTimeout (the stuck rail is aborted), the process lives.
 //   FakeNodeGinProbe the network (GIN) low-latency path fails cleanly on sockets (no GIN there). Runs LAST, on a
 //                    throwaway split: a failed GIN device communicator may leave its communicator unusable.
 //
@@ -28,6 +30,7 @@
 #include "openep/buffer.hpp"
 #include "openep/error.hpp"
 #include "openep/low_latency.hpp"
+#include "ranks/internode_check.hpp"
 
 namespace openep::test::fakenode {
 namespace {
@@ -266,28 +269,75 @@ TEST(FakeNodeWorld, SendRecvRingArrivesIntact) {
   }
 }
 
-// ---- Buffer on a multi-node world: refused quickly, process and world communicator stay usable ----
-TEST(FakeNodeBuffer, NormalModeRefusedNamingAllowNetwork) {
+// ---- Buffer on a multi-node world: refused quickly when misconfigured, process and communicator stay usable ----
+TEST(FakeNodeBuffer, NormalModeWithoutRdmaBytesRefusedNamingIt) {
   BufferOptions o;
   o.num_nvl_bytes = 1 << 20;
+  o.num_rdma_bytes = 0;
   o.low_latency_mode = false;
-  o.allow_network = false;
-  const Outcome out = try_create_buffer(world(), o, 2 * kCollectiveSeconds, "normal mode, allow_network = false");
-  if (fake_env().rank == 0) say("normal mode refused in %.3f s: %s", out.seconds, out.what.c_str());
-  expect_unsupported(out, {"allow_network", "span several NVLink domains", team_phrase()}, kRefusalSeconds);
+  const Outcome out = try_create_buffer(world(), o, 2 * kCollectiveSeconds, "normal mode, num_rdma_bytes = 0");
+  if (fake_env().rank == 0) say("normal mode without num_rdma_bytes refused in %.3f s: %s", out.seconds, out.what.c_str());
+  expect_unsupported(out, {"num_rdma_bytes > 0", "span several NVLink domains", team_phrase()}, kRefusalSeconds);
   ASSERT_NO_FATAL_FAILURE(check_all_reduce(world().comm(), 4096, "after the normal-mode refusal"));
 }
 
-TEST(FakeNodeBuffer, NormalModeWithNetworkIsNotImplemented) {
-  BufferOptions o;
-  o.num_nvl_bytes = 1 << 20;
-  o.low_latency_mode = false;
-  o.allow_network = true;
-  const Outcome out = try_create_buffer(world(), o, 2 * kCollectiveSeconds, "normal mode, allow_network = true");
-  if (fake_env().rank == 0) say("normal mode + allow_network refused in %.3f s: %s", out.seconds, out.what.c_str());
-  expect_unsupported(out, {"allow_network", "low_latency_mode is false", "internode normal mode is not implemented"},
-                     kRefusalSeconds);
-  ASSERT_NO_FATAL_FAILURE(check_all_reduce(world().comm(), 4096, "after the internode-normal refusal"));
+// ---- Internode normal mode over NCCL's socket transport, bitwise against the reference ----
+TEST(FakeNodeInternode, MatchesReferenceOverSockets) {
+  const FakeNodeEnv& e = fake_env();
+  const int R = e.world_size, M = e.ranks_per_node;
+  using internode::Case;
+  using internode::Route;
+  const std::vector<Case> list = {
+      {0, 2048, 8, 8, false, true, Route::kUniform},
+      {1, 2048, 8, 8, false, true, Route::kUniform, true},
+      {127, 7168, 9, 8, false, true, Route::kGroupLimited, true},
+      {127, 7168, 9, 8, true, true, Route::kGroupLimited},
+      {300, 2048, 1, 8, false, true, Route::kUniform, false, 4},
+      {300, 2048, 8, 8, false, false, Route::kOneNodeGetsAll},
+      {300, 2048, 8, 8, true, false, Route::kEmptyNode},
+      {257, 2048, 8, 8, false, true, Route::kMinusOneRows, true, 1, IndexType::kInt32},
+      {64, 2048, 8, 8, false, true, Route::kAllMinusOne, true},
+      {4096, 7168, 8, 16, false, true, Route::kGroupLimited},
+  };
+  for (const Case& c : list) {
+    const Clock::time_point t0 = Clock::now();
+    Deadline d(4 * kCollectiveSeconds, "internode case " + internode::name(c));
+    const internode::World w = internode::make_world(c, R, M, internode::seed_of(c));
+    Buffer buffer(world(), internode::options_for(c, R, M, 60));
+    ASSERT_NO_FATAL_FAILURE(internode::run_case(buffer, c, w));
+    if (::testing::Test::HasFailure()) return;
+    if (e.rank == 0) say("internode %s: ok (%.2f s incl. the reference)", internode::name(c).c_str(), seconds_since(t0));
+  }
+}
+
+// A rank that never joins: its rail peers' next operation fails with kTimeout naming the rail peers (the stuck NCCL
+// leg is aborted) instead of hanging, and the process and the world communicator stay usable.
+TEST(FakeNodeInternode, DeadRailPeerBecomesATimeoutError) {
+  const FakeNodeEnv& e = fake_env();
+  const int R = e.world_size, M = e.ranks_per_node;
+  const internode::Case c{64, 2048, 8, 8, false, true, internode::Route::kUniform};
+  const internode::World w = internode::make_world(c, R, M, 11);
+  {
+    BufferOptions o = internode::options_for(c, R, M, 5);
+    Buffer buffer(world(), o);
+    if (e.rank != R - 1) {  // the last rank "dies": it never calls dispatch
+      const intranode::Case ic = internode::as_intranode(c);
+      internode::Runner run(buffer, c, w.inputs[e.rank], ic);
+      internode::Dispatched dd;
+      Deadline d(4 * kCollectiveSeconds, "dispatch against a dead rail peer (must end in kTimeout)");
+      const Clock::time_point t0 = Clock::now();
+      try {
+        run.dispatch(dd, 0);
+        ADD_FAILURE() << "dispatch with a dead rail peer succeeded";
+      } catch (const Error& err) {
+        say("dead rail peer: %s after %.1f s: %s", error_code_name(err.code()), seconds_since(t0), err.what());
+        EXPECT_STREQ(error_code_name(err.code()), error_code_name(ErrorCode::kTimeout)) << err.what();
+        EXPECT_TRUE(contains(err.what(), "rail peers")) << err.what();
+        EXPECT_TRUE(contains(err.what(), std::to_string(R - 1)) || contains(err.what(), "peer")) << err.what();
+      }
+    }
+  }
+  ASSERT_NO_FATAL_FAILURE(check_all_reduce(world().comm(), 4096, "after the dead-rail-peer test"));
 }
 
 TEST(FakeNodeBuffer, LowLatencyRefusedNamingAllowNetwork) {

@@ -380,7 +380,7 @@ inline void run_case(Buffer& buffer, const Case& c, uint64_t seed) {
 inline BufferOptions options_for(const Case& c, int R, double timeout_s = 20.0) {
   BufferOptions o;
   o.num_nvl_bytes = intranode_buffer_size_hint(R, c.num_tokens + 2, c.hidden, 2, c.hidden / 128, c.num_topk);
-  o.timeout_seconds = timeout_s;
+  o.timeout_seconds = test_timeout(timeout_s);
   return o;
 }
 

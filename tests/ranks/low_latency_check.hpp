@@ -216,7 +216,7 @@ inline BufferOptions ll_options(size_t rdma_bytes, double timeout_s = 20.0) {
   BufferOptions o;
   o.num_rdma_bytes = rdma_bytes;
   o.low_latency_mode = true;
-  o.timeout_seconds = timeout_s;
+  o.timeout_seconds = test_timeout(timeout_s);
   return o;
 }
 

@@ -44,7 +44,7 @@ struct Stream {
 BufferOptions options() {
   BufferOptions o;
   o.num_nvl_bytes = intranode_buffer_size_hint(8, 1024, kHidden, 2, 0, kTopk);
-  o.timeout_seconds = 20.0;
+  o.timeout_seconds = test_timeout(20.0);
   return o;
 }
 

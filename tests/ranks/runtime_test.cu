@@ -20,7 +20,7 @@ namespace {
 BufferOptions small_options(double timeout_seconds = 10.0) {
   BufferOptions o;
   o.num_nvl_bytes = 1 << 20;
-  o.timeout_seconds = timeout_seconds;
+  o.timeout_seconds = test_timeout(timeout_seconds);
   return o;
 }
 

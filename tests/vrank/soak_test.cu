@@ -14,6 +14,7 @@
 #include <random>
 #include <string>
 
+#include "common/gpu_util.hpp"
 #include "common/ranks.hpp"
 #include "common/vrank.hpp"
 #include "protocol/intranode_layout.hpp"
@@ -80,7 +81,7 @@ void soak_round(uint64_t seed, int round, int iterations, Tally& tally) {
   if (R <= ::openep::detail::IntranodeLayout::kMaxRanks) {
     BufferOptions o;
     o.num_nvl_bytes = intranode_buffer_size_hint(R, kMaxTokens + 2, kMaxHidden, 2, kMaxHidden / 128, kMaxTopk);
-    o.timeout_seconds = 20.0;
+    o.timeout_seconds = test_timeout(20.0);
     normal = std::make_unique<Buffer>(world_group(), o);
   }
   Buffer ll(world_group(), low_latency::ll_options(low_latency_buffer_size_hint(64, kMaxHidden, R, kExpertsPerRank * R)));

@@ -1,0 +1,55 @@
+// The network leg of internode normal mode: the RAIL, i.e. the ranks with my local rank on every node (one per
+// node; rail rank = node). Internode kernels never touch the network; the host enqueues one exchange per leg
+// (headers, records, partials) on the operation's stream between the kernels. Backends:
+//   NcclRail     grouped ncclSend/ncclRecv on a rail communicator split from the Group (any network NCCL runs
+//                on: InfiniBand, RoCE, EFA through its plugin, sockets; fake nodes on one host). The default.
+//   VirtualRail  virtual ranks with emulated nodes (openep/testing.hpp): each rank copies what its rail peers
+//                staged for it (cudaMemcpyAsync after their events), host rendezvous between the rail peers.
+// A device-initiated (GIN) backend is the GIN-backend issue's; it is not here.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <memory>
+#include <vector>
+
+namespace openep::detail {
+
+class Fabric;
+
+// One peer of an exchange: bytes to send to / receive from my rail peer on `node` (offsets into the bases
+// given to exchange()). Byte counts must match pairwise: what n sends me is what I receive from n.
+struct RailTransfer {
+  int node = 0;
+  size_t send_offset = 0, send_bytes = 0;
+  size_t recv_offset = 0, recv_bytes = 0;
+};
+
+class Rail {
+ public:
+  virtual ~Rail() = default;
+  virtual const char* name() const noexcept = 0;
+  virtual int num_nodes() const noexcept = 0;
+  virtual int node() const noexcept = 0;
+  // Collective over the rail (every rail peer calls it, in the same order). Enqueued on `stream`: ordered after
+  // the work before it on the stream, and the work after it sees the received bytes. send_base/recv_base are
+  // device memory of this rank; transfers to the own node are not allowed (the own node never uses the rail).
+  virtual void exchange(const char* send_base, char* recv_base, const std::vector<RailTransfer>& transfers,
+                        cudaStream_t stream) = 0;
+  // True if work enqueued by earlier exchanges may still be stuck in the network (NCCL), so that a host-side
+  // deadline should abort it rather than wait forever.
+  virtual bool can_hang() const noexcept { return false; }
+  // Gives up on the network leg after a timeout (NCCL: ncclCommAbort, which also ends NCCL kernels that wait
+  // for a dead peer). Later exchanges fail. Never throws.
+  virtual void abort() noexcept {}
+};
+
+// The two halves of a multi-node Group: the ranks of my node (an NVLink domain; its Fabric opens the node
+// window) and my rail.
+struct NodeSplit {
+  std::unique_ptr<Fabric> node;
+  std::unique_ptr<Rail> rail;
+};
+
+}  // namespace openep::detail

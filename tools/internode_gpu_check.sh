@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Internode normal mode on ONE GPU, in one call: build, CPU tests, the internode virtual-rank suites (emulated
+# nodes 2x1 4x1 2x2 4x2 2x4 8x2), the fake-node tests (2x1, 4x1 over NCCL sockets), and optional extras:
+#   OPENEP_REPEAT_OVERLAP=N   run OverlapVrank.CommScope*/EP8 N times (the rare EP8 stall of docs/DESIGN.md)
+#   OPENEP_SANITIZER_PROBE=1  the tiny low-latency hook case under compute-sanitizer memcheck, timeouts x10
+# Logs go to $OUT (default internode_check_out); the summary is printed last.
+#   OUT=<dir> OPENEP_COMMIT=<sha> bash tools/internode_gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-internode_check_out}; B=${BUILD_DIR:-build}; mkdir -p "$OUT"
+declare -a names results
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$? outcome=ok
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then outcome="TIMED OUT after $limit s"; elif [ $rc -ne 0 ]; then outcome="FAILED (rc $rc)"; fi
+  names+=("$name"); results+=("$outcome ($((SECONDS - t0)) s)")
+  echo "== $name: $outcome ($((SECONDS - t0)) s)"; grep -E "FAILED|Failure|error:|Timeout|timed out" "$OUT/$name.log" | head -8
+}
+if [ "${OPENEP_SKIP_BUILD:-0}" != 1 ]; then
+  step configure 120 cmake -S . -B "$B" -DCMAKE_BUILD_TYPE=Release -DOPENEP_BUILD_PYTHON=OFF
+  step build 400 cmake --build "$B" -j "$(nproc)" --target openep_cpu_tests openep_vrank_tests openep_fake_node_tests openep_gpu_tests
+fi
+step cpu_tests 120 ctest --test-dir "$B" -L cpu --output-on-failure
+step vrank_internode "${OPENEP_INTERNODE_LIMIT:-300}" ctest --test-dir "$B" -R vrank_internode --output-on-failure -V
+step fake_nodes 300 ctest --test-dir "$B" -R 'fake_node_(2x1|4x1)' --output-on-failure -V
+cp -r "$B/fake_node_logs" "$OUT/" 2>/dev/null
+if [ "${OPENEP_REPEAT_OVERLAP:-0}" -gt 0 ]; then
+  step overlap_ep8_repeat 240 "$B/tests/openep_vrank_tests" --gtest_filter='OverlapVrank.CommScope*/EP8' \
+    --gtest_repeat="$OPENEP_REPEAT_OVERLAP"
+fi
+if [ "${OPENEP_SANITIZER_PROBE:-0}" = 1 ]; then
+  OPENEP_TEST_TIMEOUT_SCALE=10 step sanitizer_hook_probe 200 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    "$B/tests/openep_vrank_tests" --gtest_filter='LowLatencyVrank.HookModeAndZeroCopy/tokens33*/EP4'
+fi
+echo
+echo "================ internode GPU check: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), commit ${OPENEP_COMMIT:-?} ================"
+for i in "${!names[@]}"; do printf "%-22s %s\n" "${names[$i]}" "${results[$i]}"; done
+grep -hE "tests passed|tests failed" "$OUT"/cpu_tests.log "$OUT"/vrank_internode.log "$OUT"/fake_nodes.log 2>/dev/null
+grep -hE "^\[  PASSED  \]|^\[  FAILED  \]" "$OUT"/vrank_internode.log 2>/dev/null | sort | uniq -c | head
+[ -f "$OUT/overlap_ep8_repeat.log" ] && { echo -n "overlap EP8 repeat: "; grep -c "^\[       OK \]" "$OUT/overlap_ep8_repeat.log" | tr -d '\n'; echo -n " ok, "; grep -c "^\[  FAILED  \] OverlapVrank" "$OUT/overlap_ep8_repeat.log"; }
+[ -f "$OUT/sanitizer_hook_probe.log" ] && grep -E "ERROR SUMMARY|OK \]|FAILED" "$OUT/sanitizer_hook_probe.log" | head -4
+exit 0
