@@ -192,7 +192,7 @@ class Bench {
     int *per_rank = nullptr, *per_rdma = nullptr, *per_expert = nullptr;
     bool* in_rank = nullptr;
     OPENEP_CUDA_CHECK(cudaMalloc(&per_rank, sizeof(int) * R));
-    OPENEP_CUDA_CHECK(cudaMalloc(&per_rdma, sizeof(int) * (R / 8 + 1)));
+    OPENEP_CUDA_CHECK(cudaMalloc(&per_rdma, sizeof(int) * (buffer_->num_nodes() + 1)));
     OPENEP_CUDA_CHECK(cudaMalloc(&per_expert, sizeof(int) * E));
     OPENEP_CUDA_CHECK(cudaMalloc(&in_rank, static_cast<size_t>(N) * R + 1));
     LayoutArgs a;
@@ -201,7 +201,7 @@ class Bench {
     a.num_topk = o_.num_topk;
     a.num_experts = E;
     a.num_tokens_per_rank = per_rank;
-    a.num_tokens_per_rdma_rank = R > 8 ? per_rdma : nullptr;
+    a.num_tokens_per_rdma_rank = buffer_->is_internode() ? per_rdma : nullptr;
     a.num_tokens_per_expert = per_expert;
     a.is_token_in_rank = in_rank;
     OPENEP_CUDA_CHECK(cudaMemset(per_expert, 0xA5, sizeof(int) * E));

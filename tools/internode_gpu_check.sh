@@ -3,6 +3,8 @@
 # nodes 2x1 4x1 2x2 4x2 2x4 8x2), the fake-node tests (2x1, 4x1 over NCCL sockets), and optional extras:
 #   OPENEP_REPEAT_OVERLAP=N   run OverlapVrank.CommScope*/EP8 N times (the rare EP8 stall of docs/DESIGN.md)
 #   OPENEP_SANITIZER_PROBE=1  the tiny low-latency hook case under compute-sanitizer memcheck, timeouts x10
+#   OPENEP_RUN_GPU=1          the single-GPU tests too;  OPENEP_RUN_SOAK=1  the 10,000-operation soak too
+#   OPENEP_BUILD_ALL=1        build every target (benchmarks, mgpu tests) instead of the ones run here
 # Logs go to $OUT (default internode_check_out); the summary is printed last.
 #   OUT=<dir> OPENEP_COMMIT=<sha> bash tools/internode_gpu_check.sh
 set -uo pipefail
@@ -21,9 +23,11 @@ step() {  # step NAME SECONDS COMMAND...
 }
 if [ "${OPENEP_SKIP_BUILD:-0}" != 1 ]; then
   step configure 120 cmake -S . -B "$B" -DCMAKE_BUILD_TYPE=Release -DOPENEP_BUILD_PYTHON=OFF
-  step build 400 cmake --build "$B" -j "$(nproc)" --target openep_cpu_tests openep_vrank_tests openep_fake_node_tests openep_gpu_tests
+  if [ "${OPENEP_BUILD_ALL:-0}" = 1 ]; then step build 400 cmake --build "$B" -j "$(nproc)"
+  else step build 400 cmake --build "$B" -j "$(nproc)" --target openep_cpu_tests openep_vrank_tests openep_fake_node_tests openep_gpu_tests; fi
 fi
 step cpu_tests 120 ctest --test-dir "$B" -L cpu --output-on-failure
+[ "${OPENEP_RUN_GPU:-0}" = 1 ] && step gpu_tests 200 ctest --test-dir "$B" -L '^gpu$' --output-on-failure
 step vrank_internode "${OPENEP_INTERNODE_LIMIT:-300}" ctest --test-dir "$B" -R vrank_internode --output-on-failure -V
 step fake_nodes 300 ctest --test-dir "$B" -R 'fake_node_(2x1|4x1)' --output-on-failure -V
 cp -r "$B/fake_node_logs" "$OUT/" 2>/dev/null
@@ -31,6 +35,7 @@ if [ "${OPENEP_REPEAT_OVERLAP:-0}" -gt 0 ]; then
   step overlap_ep8_repeat 240 "$B/tests/openep_vrank_tests" --gtest_filter='OverlapVrank.CommScope*/EP8' \
     --gtest_repeat="$OPENEP_REPEAT_OVERLAP"
 fi
+[ "${OPENEP_RUN_SOAK:-0}" = 1 ] && step soak 300 ctest --test-dir "$B" -L soak -V
 if [ "${OPENEP_SANITIZER_PROBE:-0}" = 1 ]; then
   OPENEP_TEST_TIMEOUT_SCALE=10 step sanitizer_hook_probe 200 compute-sanitizer --tool memcheck --error-exitcode 3 \
     "$B/tests/openep_vrank_tests" --gtest_filter='LowLatencyVrank.HookModeAndZeroCopy/tokens33*/EP4'
@@ -38,7 +43,10 @@ fi
 echo
 echo "================ internode GPU check: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), commit ${OPENEP_COMMIT:-?} ================"
 for i in "${!names[@]}"; do printf "%-22s %s\n" "${names[$i]}" "${results[$i]}"; done
-grep -hE "tests passed|tests failed" "$OUT"/cpu_tests.log "$OUT"/vrank_internode.log "$OUT"/fake_nodes.log 2>/dev/null
+for f in cpu_tests gpu_tests vrank_internode fake_nodes soak; do
+  [ -f "$OUT/$f.log" ] && grep -hE "tests passed|tests failed" "$OUT/$f.log" | sed "s/^/$f: /"
+done
+[ -f "$OUT/soak.log" ] && grep -E "^soak:|SoakVrank.*OK|mismatch" "$OUT/soak.log" | tail -4
 grep -hE "^\[  PASSED  \]|^\[  FAILED  \]" "$OUT"/vrank_internode.log 2>/dev/null | sort | uniq -c | head
 [ -f "$OUT/overlap_ep8_repeat.log" ] && { echo -n "overlap EP8 repeat: "; grep -c "^\[       OK \]" "$OUT/overlap_ep8_repeat.log" | tr -d '\n'; echo -n " ok, "; grep -c "^\[  FAILED  \] OverlapVrank" "$OUT/overlap_ep8_repeat.log"; }
 [ -f "$OUT/sanitizer_hook_probe.log" ] && grep -E "ERROR SUMMARY|OK \]|FAILED" "$OUT/sanitizer_hook_probe.log" | head -4

@@ -251,6 +251,14 @@ void Buffer::init(Group& group, const BufferOptions& options) {
   detail::Fabric& wf = m.internode() ? *m.in.node_fabric : f;
   wf.open_window(req, m.comm_stream, m.peer_bases_device, m.win);
   OPENEP_CUDA_CHECK(cudaStreamSynchronize(m.comm_stream));
+  if (m.internode()) {
+    // Warm-up: NCCL connects p2p peers lazily, on the host, inside the first ncclGroupEnd, where a dead peer would
+    // block the caller forever. Every rail pair connects here, while creation is collective; later legs only
+    // enqueue, and their waits are bounded (synchronize_bounded aborts a stuck rail). Also required before a
+    // CUDA-graph capture of p2p.
+    barrier(m.comm_stream);
+    m.synchronize_bounded(m.comm_stream, "Buffer creation (rail warm-up)");
+  }
 }
 
 Buffer::~Buffer() {

@@ -71,11 +71,19 @@ void validate_handle_arrays(const IntranodeHandle& h) {
   OPENEP_CHECK_ARG(h.num_tokens == 0 || h.send_pos != nullptr, "handle.send_pos is null");
 }
 
+// First check of every intranode operation (before any argument is looked at).
+void require_nvlink(const Buffer::Impl& m) {
+  OPENEP_CHECK(m.transport == detail::Transport::kNvlink, ErrorCode::kUnsupported,
+               "normal-mode (intranode) operations need every rank in one NVLink domain; this Buffer spans several",
+               m.transport == detail::Transport::kHostP2p
+                   ? " nodes: use the internode operations (internode_dispatch_prepare / internode_dispatch / "
+                     "internode_combine)"
+                   : " and uses the network transport, which serves the low-latency operations only");
+}
+
 detail::WindowRef window_ref(const Buffer::Impl& m) {
   // Every normal-mode operation builds its window through here before it launches anything.
-  OPENEP_CHECK(m.transport == detail::Transport::kNvlink, ErrorCode::kUnsupported,
-               "normal-mode (intranode) operations need every rank in one NVLink domain; this Buffer spans "
-               "several and uses the network transport, which serves the low-latency operations only");
+  require_nvlink(m);
   return detail::WindowRef{m.peer_bases_device, m.window_layout.nvl_offset, m.window_layout.barrier_offset};
 }
 
@@ -157,6 +165,7 @@ int dispatch_senders(int blocks) {
 DispatchCounts Buffer::dispatch_prepare(const DispatchArgs& a, IntranodeHandle& h, cudaStream_t stream) {
   Impl& m = *impl_;
   m.check_usable();
+  require_nvlink(m);
   validate_dispatch_data(a, m);
   const int R = m.num_ranks;
   num_blocks(a.config, m);
@@ -244,6 +253,7 @@ void Buffer::dispatch(const DispatchArgs& a, const IntranodeHandle& h, const Dis
                       cudaStream_t stream) {
   Impl& m = *impl_;
   m.check_usable();
+  require_nvlink(m);
   validate_dispatch_data(a, m);
   const int blocks = num_blocks(a.config, m);
   validate_handle_arrays(h);
@@ -256,6 +266,7 @@ void Buffer::dispatch_cached(const DispatchArgs& a, const IntranodeHandle& h, co
                              cudaStream_t stream) {
   Impl& m = *impl_;
   m.check_usable();
+  require_nvlink(m);
   validate_dispatch_data(a, m);
   OPENEP_CHECK_ARG(a.num_topk == 0 && a.topk_idx == nullptr && a.topk_weights == nullptr,
                    "cached dispatch takes no topk_idx/topk_weights (the handle fixes the layout)");
@@ -276,6 +287,7 @@ void Buffer::dispatch_cached(const DispatchArgs& a, const IntranodeHandle& h, co
 void Buffer::combine(const CombineArgs& a, const IntranodeHandle& h, const CombineOutputs& out, cudaStream_t stream) {
   Impl& m = *impl_;
   m.check_usable();
+  require_nvlink(m);
   const int blocks = num_blocks(a.config, m);
   validate_handle_arrays(h);
   OPENEP_CHECK_ARG(m.num_ranks <= IntranodeLayout::kMaxRanks, "intranode combine supports up to ",

@@ -21,13 +21,16 @@ struct LayoutCase {
   int num_tokens, num_topk, num_experts, num_ranks;
   Routing routing;
   IndexType index_type;
+  int ranks_per_node = 0;  // nodes of this many ranks (internode Buffers); 0: 8 above 8 ranks, else one node
+  int nodes() const { return num_ranks / (ranks_per_node > 0 ? ranks_per_node : (num_ranks > 8 ? 8 : num_ranks)); }
 };
 
 std::string case_name(const LayoutCase& c) {
   const char* routing[] = {"uniform", "hot", "empty_ranks", "all_minus_one_rows", "minus_one_slots"};
   return "tokens" + std::to_string(c.num_tokens) + "_topk" + std::to_string(c.num_topk) + "_experts" +
          std::to_string(c.num_experts) + "_ranks" + std::to_string(c.num_ranks) + "_" +
-         routing[static_cast<int>(c.routing)] + (c.index_type == IndexType::kInt64 ? "_i64" : "_i32");
+         routing[static_cast<int>(c.routing)] + (c.index_type == IndexType::kInt64 ? "_i64" : "_i32") + "_nodes" +
+         std::to_string(c.nodes());
 }
 
 std::vector<int64_t> make_routing(const LayoutCase& c, uint64_t seed) {
@@ -46,12 +49,13 @@ std::vector<int64_t> make_routing(const LayoutCase& c, uint64_t seed) {
 void run_case(const LayoutCase& c, uint64_t seed) {
   SCOPED_TRACE(case_name(c));
   const std::vector<int64_t> topk = make_routing(c, seed);
-  const ref::Layout expected = ref::get_dispatch_layout(topk, c.num_tokens, c.num_topk, c.num_experts, c.num_ranks);
+  const ref::Layout expected =
+      ref::get_dispatch_layout(topk, c.num_tokens, c.num_topk, c.num_experts, c.num_ranks, c.num_ranks / c.nodes());
 
   DeviceArray<int64_t> topk64(topk);
   std::vector<int32_t> topk32_host(topk.begin(), topk.end());
   DeviceArray<int32_t> topk32(topk32_host);
-  const int num_rdma = c.num_ranks > 8 ? c.num_ranks / 8 : 0;
+  const int num_rdma = c.nodes() > 1 ? c.nodes() : 0;
   DeviceArray<int> per_rank(c.num_ranks), per_rdma(num_rdma), per_expert(c.num_experts);
   DeviceArray<bool> in_rank(static_cast<size_t>(c.num_tokens) * c.num_ranks);
   DeviceArray<int> workspace(::openep::detail::layout_workspace_ints());
@@ -70,8 +74,8 @@ void run_case(const LayoutCase& c, uint64_t seed) {
     a.num_tokens_per_rdma_rank = num_rdma ? per_rdma.get() : nullptr;
     a.num_tokens_per_expert = per_expert.get();
     a.is_token_in_rank = in_rank.get();
-    ::openep::detail::validate_layout_args(a, c.num_ranks);
-    ::openep::detail::launch_dispatch_layout(a, c.num_ranks, workspace.get(), slot.context(), nullptr);
+    ::openep::detail::validate_layout_args(a, c.num_ranks, c.nodes());
+    ::openep::detail::launch_dispatch_layout(a, c.num_ranks, c.nodes(), workspace.get(), slot.context(), nullptr);
     TEST_CUDA_CHECK(cudaDeviceSynchronize());
     ASSERT_EQ(slot.record().code, 0) << "kernel recorded an error";
 
@@ -118,6 +122,17 @@ TEST(DispatchLayoutGpu, MatchesReferenceAcrossShapesRoutingsAndIndexTypes) {
   EXPECT_GT(cases, 300);
 }
 
+// Nodes of 1, 2 and 4 ranks (internode Buffers: num_tokens_per_rdma_rank per node of the Buffer's NVLink team).
+TEST(DispatchLayoutGpu, CountsPerNodeForAnyRanksPerNode) {
+  uint64_t seed = 77;
+  for (int M : {1, 2, 4})
+    for (int R : {4, 8, 16})
+      for (Routing r : {Routing::kUniform, Routing::kEmptyRanks, Routing::kMinusOneSlots}) {
+        run_case({513, 8, 16 * R, R, r, (seed % 2) ? IndexType::kInt32 : IndexType::kInt64, M}, seed++);
+        if (HasFatalFailure()) return;
+      }
+}
+
 TEST(DispatchLayoutGpu, BothIndexTypesAtDeepSeekShape) {
   run_case({4096, 8, 256, 2, Routing::kUniform, IndexType::kInt64}, 7);
   run_case({4096, 8, 256, 2, Routing::kUniform, IndexType::kInt32}, 7);
@@ -140,7 +155,7 @@ TEST(DispatchLayoutGpu, ReportsExpertIndexOutOfRange) {
   a.num_tokens_per_rank = per_rank.get();
   a.num_tokens_per_expert = per_expert.get();
   a.is_token_in_rank = in_rank.get();
-  ::openep::detail::launch_dispatch_layout(a, 2, workspace.get(), slot.context(), nullptr);
+  ::openep::detail::launch_dispatch_layout(a, 2, 1, workspace.get(), slot.context(), nullptr);
   TEST_CUDA_CHECK(cudaDeviceSynchronize());
   const ::openep::detail::DeviceError rec = slot.record();
   EXPECT_EQ(rec.code, static_cast<int32_t>(::openep::detail::DeviceErrorCode::kBadExpertIndex));
