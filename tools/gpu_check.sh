@@ -73,8 +73,9 @@ for f in cpu_tests gpu_tests vrank_tests soak fake_node_tests mgpu_tests; do
   [ -f "$OUT/$f.log" ] && grep -E "tests passed|tests failed" "$OUT/$f.log" | sed "s/^/$f: /"
 done
 for f in vrank_tests fake_node_tests; do
-  [ -f "$OUT/$f.log" ] && grep -E "^\[==========\] .* ran|^\[  PASSED  \]|^\[  FAILED  \]" "$OUT/$f.log" |
-    awk -v f=$f '/PASSED/{p+=$4} /FAILED  \] [0-9]/{x+=$4} END{printf "%s: gtest cases passed %d, failed %d\n", f, p, x}'
+  # Lines of `ctest -V` carry a "NN: " prefix; count the gtest cases themselves.
+  [ -f "$OUT/$f.log" ] && awk -v f=$f '/\[       OK \]/{p++} /\[  FAILED  \] .* \([0-9]+ ms\)/{x++} END{printf "%s: gtest cases ok %d, failed %d\n", f, p, x}' \
+    "$OUT/$f.log"
 done
 [ -f "$OUT/soak.log" ] && grep -E "^soak:" "$OUT/soak.log" | tail -12
 for t in racecheck memcheck; do

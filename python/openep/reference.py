@@ -32,15 +32,17 @@ def _tensor(b, dtype, shape):
     return torch.frombuffer(bytearray(b), dtype=dtype).reshape(shape)
 
 
-def get_dispatch_layout(topk_idx, num_experts, num_ranks):
+def get_dispatch_layout(topk_idx, num_experts, num_ranks, ranks_per_node=None):
     """Reference get_dispatch_layout for one rank's ``[N, K]`` topk_idx.
 
-    Returns ``(num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [R/8] int32 or None,
-    num_tokens_per_expert [E] int32, is_token_in_rank [N, R] bool)`` on the CPU.
+    Returns ``(num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [num_nodes] int32 or None,
+    num_tokens_per_expert [E] int32, is_token_in_rank [N, R] bool)`` on the CPU. Nodes hold ``ranks_per_node``
+    ranks (internode); ``None`` keeps DeepEP's rule (nodes of 8 ranks above 8 ranks).
     """
     torch = torch_module()
     n, k = topk_idx.shape
-    d = _C.ref_get_dispatch_layout(_bytes(topk_idx.to(torch.int64)), n, k, num_experts, num_ranks)
+    d = _C.ref_get_dispatch_layout(_bytes(topk_idx.to(torch.int64)), n, k, num_experts, num_ranks,
+                                   int(ranks_per_node or 0))
     rdma = d["num_tokens_per_rdma_rank"]
     return (torch.tensor(d["num_tokens_per_rank"], dtype=torch.int32),
             torch.tensor(rdma, dtype=torch.int32) if rdma else None,
@@ -109,17 +111,19 @@ def dispatch(xs, topk_idxs, num_experts, topk_weights=None, x_scales=None, exper
                              x_scales[0].dtype if x_scales is not None else None, [x.shape[0] for x in xs])
 
 
-def combine(dispatched, xs, topk_weights=None, bias_0=None, bias_1=None):
+def combine(dispatched, xs, topk_weights=None, bias_0=None, bias_1=None, ranks_per_node=None):
     """Reference combine: ``xs[d]`` ``[N_recv_d, H]`` bfloat16 rows of rank d in its receive order,
     ``topk_weights[d]`` ``[N_recv_d, K]`` float32 (when the dispatch carried top-k), optional per-rank biases
     ``[N_s, H]`` bfloat16. Returns per rank ``(combined_x [N_s, H] bfloat16, combined_weights [N_s, K] or None)``.
+    ``ranks_per_node``: the internode order (``ref::combine_internode``: per node in fp32, BF16 node partials,
+    nodes ascending); ``None``: the flat order of intranode combine.
     """
     torch = torch_module()
     R = dispatched.num_ranks
     ranks = [(_bytes(xs[d]), _bytes(topk_weights[d]) if topk_weights is not None else b"") for d in range(R)]
     b0 = [_bytes(b) for b in bias_0] if bias_0 is not None else []
     b1 = [_bytes(b) for b in bias_1] if bias_1 is not None else []
-    res = _C.ref_combine(dispatched.native, ranks, b0, b1)
+    res = _C.ref_combine(dispatched.native, ranks, b0, b1, int(ranks_per_node or 0))
     out = []
     for s, (x, w) in enumerate(res):
         n = dispatched.num_tokens[s]

@@ -71,9 +71,12 @@ struct RefLowLatency {
 
 void bind_reference(nb::module_& m) {
   m.def("ref_get_dispatch_layout",
-        [](nb::bytes topk_idx_int64, int num_tokens, int num_topk, int num_experts, int num_ranks) {
-          const ref::Layout l = ref::get_dispatch_layout(from_bytes<int64_t>(topk_idx_int64, "topk_idx"), num_tokens,
-                                                         num_topk, num_experts, num_ranks);
+        [](nb::bytes topk_idx_int64, int num_tokens, int num_topk, int num_experts, int num_ranks, int ranks_per_node) {
+          const std::vector<int64_t> topk = from_bytes<int64_t>(topk_idx_int64, "topk_idx");
+          const ref::Layout l =
+              ranks_per_node > 0
+                  ? ref::get_dispatch_layout(topk, num_tokens, num_topk, num_experts, num_ranks, ranks_per_node)
+                  : ref::get_dispatch_layout(topk, num_tokens, num_topk, num_experts, num_ranks);
           nb::dict d;
           d["num_tokens_per_rank"] = l.num_tokens_per_rank;
           d["num_tokens_per_rdma_rank"] = l.num_tokens_per_rdma_rank;
@@ -82,8 +85,10 @@ void bind_reference(nb::module_& m) {
           return d;
         },
         nb::arg("topk_idx_int64"), nb::arg("num_tokens"), nb::arg("num_topk"), nb::arg("num_experts"),
-        nb::arg("num_ranks"),
-        "openep::ref::get_dispatch_layout. topk_idx as int64 bytes [N][K]; returns lists and bool bytes [N][R].");
+        nb::arg("num_ranks"), nb::arg("ranks_per_node") = 0,
+        "openep::ref::get_dispatch_layout. topk_idx as int64 bytes [N][K]; returns lists and bool bytes [N][R]. "
+        "ranks_per_node > 0: nodes of that many ranks (num_tokens_per_rdma_rank per node, internode); 0: DeepEP's "
+        "rule (nodes of 8 above 8 ranks).");
 
   nb::class_<RefDispatch>(m, "RefDispatch", "Result of ref_dispatch (all ranks), input of ref_combine.")
       .def("recv", [](const RefDispatch& r, int rank) {
@@ -126,7 +131,7 @@ void bind_reference(nb::module_& m) {
 
   m.def("ref_combine",
         [](const RefDispatch& r, std::vector<std::tuple<nb::bytes, nb::bytes>> ranks, std::vector<nb::bytes> bias0,
-           std::vector<nb::bytes> bias1) {
+           std::vector<nb::bytes> bias1, int ranks_per_node) {
           std::vector<ref::CombineInput> in;
           for (auto& [x, w] : ranks) {
             ref::CombineInput c;
@@ -137,14 +142,18 @@ void bind_reference(nb::module_& m) {
           std::vector<std::vector<uint16_t>> b0, b1;
           for (auto& b : bias0) b0.push_back(from_bytes<uint16_t>(b, "bias_0"));
           for (auto& b : bias1) b1.push_back(from_bytes<uint16_t>(b, "bias_1"));
-          const std::vector<ref::CombineOutput> out = ref::combine(in, r.recv, r.inputs, r.cfg, b0, b1);
+          const std::vector<ref::CombineOutput> out =
+              ranks_per_node > 0 ? ref::combine_internode(in, r.recv, r.inputs, r.cfg, ranks_per_node, b0, b1)
+                                 : ref::combine(in, r.recv, r.inputs, r.cfg, b0, b1);
           std::vector<std::tuple<nb::bytes, nb::bytes>> res;
           for (const auto& o : out) res.emplace_back(to_bytes(o.x), to_bytes(o.topk_weights));
           return res;
         },
-        nb::arg("dispatched"), nb::arg("ranks"), nb::arg("bias_0"), nb::arg("bias_1"),
-        "openep::ref::combine. ranks[d] = (x bf16 bytes [num_recv][H], topk_weights float32 bytes); bias lists "
-        "empty or one bf16 bytes [N][H] per rank. Returns [(x bf16 bytes, weights float32 bytes)] per rank.");
+        nb::arg("dispatched"), nb::arg("ranks"), nb::arg("bias_0"), nb::arg("bias_1"), nb::arg("ranks_per_node") = 0,
+        "openep::ref::combine (ranks_per_node = 0) or ref::combine_internode (nodes of ranks_per_node ranks: per "
+        "node in fp32, BF16 node partials, nodes ascending). ranks[d] = (x bf16 bytes [num_recv][H], topk_weights "
+        "float32 bytes); bias lists empty or one bf16 bytes [N][H] per rank. Returns [(x bf16 bytes, weights "
+        "float32 bytes)] per rank.");
 
   nb::class_<RefLowLatency>(m, "RefLowLatency", "Result of ref_low_latency_dispatch (all ranks), input of "
                             "ref_low_latency_combine.")

@@ -290,6 +290,35 @@ def test_reference_layout_hand_case():
     assert d["is_token_in_rank"] == bytes([1, 1, 1, 0, 0, 0])
 
 
+def test_reference_layout_counts_tokens_once_per_node():
+    # 2 tokens, top-2, 8 experts on 4 ranks in nodes of 2: t0 -> {0 (rank 0), 3 (rank 1)}: node 0 once;
+    # t1 -> {2 (rank 1), 7 (rank 3)}: nodes 0 and 1.
+    d = _C.ref_get_dispatch_layout(_i64(0, 3, 2, 7), 2, 2, 8, 4, 2)
+    assert d["num_tokens_per_rank"] == [1, 2, 0, 1]
+    assert d["num_tokens_per_rdma_rank"] == [2, 1]
+    assert _C.ref_get_dispatch_layout(_i64(0, 3, 2, 7), 2, 2, 8, 4)["num_tokens_per_rdma_rank"] == []
+
+
+def test_reference_internode_combine_rounds_node_partials():
+    # 4 ranks in nodes of 2, one expert per rank, hidden 8, top-3: rank 0's one token goes to ranks 0, 1 (node 0)
+    # and 2 (node 1). Returned rows 1.0, 2^-8, 2^-8: the flat fp32 sum 1 + 2^-7 is a BF16 value (0x3F81); per node,
+    # 1 + 2^-8 rounds (tie to even) to 1.0, and 1.0 + 2^-8 rounds to 1.0 again (0x3F80).
+    def bf16(v):
+        return struct.pack("<8H", *([v] * 8))
+    ranks = [(1, bf16(0x3F80), b"", _i64(0, 1, 2), struct.pack("<3f", 0.5, 0.25, 0.125))] + \
+            [(0, b"", b"", b"", b"") for _ in range(3)]
+    r = _C.ref_dispatch(4, 4, 8, 3, 2, 0, 1, True, ranks)
+    rows = [r.recv(d) for d in range(4)]
+    ins = [(bf16(0x3F80), rows[0]["topk_weights"]), (bf16(0x3B80), rows[1]["topk_weights"]),
+           (bf16(0x3B80), rows[2]["topk_weights"]), (b"", b"")]
+    flat = _C.ref_combine(r, ins, [], [])
+    assert flat[0][0] == bf16(0x3F81)
+    assert _C.ref_combine(r, ins, [], [], 1)[0][0] == flat[0][0]  # one rank per node: the flat order
+    node2 = _C.ref_combine(r, ins, [], [], 2)
+    assert node2[0][0] == bf16(0x3F80)
+    assert struct.unpack("<3f", node2[0][1]) == (0.5, 0.25, 0.125)  # weights come back (fp32, not rounded)
+
+
 def test_reference_errors_arrive_as_value_error():
     with pytest.raises(ValueError) as e:
         _C.ref_get_dispatch_layout(_i64(0, 9), 1, 2, 4, 2)

@@ -1,0 +1,106 @@
+// Internode sizing and layouts on the CPU (protocol/internode_layout.hpp, internode_buffer_size_hint): the size
+// hint holds the worst case of every region, the halves never overlap, named slots are distinct, and the
+// hint's errors name the argument.
+#include <gtest/gtest.h>
+
+#include <set>
+#include <string>
+
+#include "openep/buffer.hpp"
+#include "openep/error.hpp"
+#include "protocol/internode_layout.hpp"
+
+namespace openep::detail {
+namespace {
+
+struct Shape {
+  int R, M, T, H, elt, S, K;
+};
+
+const Shape kShapes[] = {
+    {2, 1, 0, 2048, 2, 0, 8},     {2, 1, 1, 2048, 2, 0, 8},    {4, 1, 127, 7168, 1, 56, 9},
+    {4, 2, 4096, 7168, 2, 0, 8},  {16, 8, 4096, 7168, 1, 56, 8}, {64, 8, 512, 4096, 2, 0, 1},
+    {8, 4, 300, 2048, 1, 16, 0},  {256, 8, 64, 7168, 2, 0, 8},
+};
+
+TEST(InternodeSizeHint, HoldsTheWorstCaseOfEveryRegion) {
+  for (const Shape& s : kShapes) {
+    SCOPED_TRACE(std::to_string(s.R) + "x" + std::to_string(s.M) + " T" + std::to_string(s.T));
+    const InternodeBufferSize b = internode_buffer_size_hint(s.R, s.M, s.T, s.H, s.elt, s.S, s.K);
+    EXPECT_EQ(b.num_nvl_bytes % 128, 0u);
+    EXPECT_EQ(b.num_rdma_bytes % 128, 0u);
+    EXPECT_GT(b.num_rdma_bytes, 0u);
+    const int N = s.R / s.M;
+    const size_t row = static_cast<size_t>(s.H) * s.elt;
+    const InternodeNvlLayout nl = InternodeNvlLayout::make(b.num_nvl_bytes, s.R, s.M);
+    const InternodeRailLayout rl = InternodeRailLayout::make(b.num_rdma_bytes);
+    const size_t nvl_row = InternodeRecord::nvl_bytes(row, s.K, s.S);
+    const size_t cmb = InternodeRecord::combine_bytes(s.H, s.K);
+    const size_t rec = InternodeRecord::rail_bytes(row, s.M, s.K, s.S);
+    // Every rank receives at most R * T rows; a forwarder forwards at most N * T records (M slots each).
+    EXPECT_GE(nl.dispatch_capacity(nvl_row), static_cast<int64_t>(s.R) * s.T);
+    EXPECT_GE(nl.combine_capacity(s.M, cmb), static_cast<int64_t>(N) * s.T);
+    // A rank sends at most N * T records and receives at most N * T (both halves, records and partials).
+    EXPECT_GE(rl.capacity(rec), static_cast<int64_t>(N) * s.T);
+    EXPECT_GE(rl.capacity(cmb), static_cast<int64_t>(N) * s.T);
+    // The halves do not overlap and stay inside the region.
+    EXPECT_LE(nl.dispatch_offset + nl.half_bytes, nl.combine_offset);
+    EXPECT_LE(nl.combine_offset + nl.half_bytes, b.num_nvl_bytes);
+    EXPECT_GE(nl.dispatch_offset, nl.headers_offset + sizeof(int32_t) * s.R * nl.header_stride_ints);
+  }
+}
+
+TEST(InternodeSizeHint, NamesBadArguments) {
+  const auto expect = [](auto f, const std::string& needle) {
+    try {
+      f();
+      ADD_FAILURE() << "expected an error containing '" << needle << "'";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument) << e.what();
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  expect([] { internode_buffer_size_hint(16, 9, 128, 2048, 2, 0, 8); }, "ranks_per_node must be in [1, 8], got 9");
+  expect([] { internode_buffer_size_hint(6, 4, 128, 2048, 2, 0, 8); }, "num_ranks must be a multiple of ranks_per_node (4)");
+  expect([] { internode_buffer_size_hint(512, 8, 128, 2048, 2, 0, 8); }, "up to 256");
+  expect([] { internode_buffer_size_hint(16, 8, -1, 2048, 2, 0, 8); }, "non-negative");
+}
+
+TEST(InternodeNvlLayout, FlagsAreDistinctAndBeforeTheHeaders) {
+  std::set<size_t> offsets;
+  for (int l = 0; l < kMaxInternodeRanksPerNode; ++l) {
+    offsets.insert(InternodeNvlLayout::dispatch_ready(l));
+    offsets.insert(InternodeNvlLayout::combine_ready(l));
+    offsets.insert(InternodeNvlLayout::header_ready(l));
+  }
+  offsets.insert(InternodeNvlLayout::drained());
+  offsets.insert(InternodeNvlLayout::reduced());
+  EXPECT_EQ(offsets.size(), 3u * kMaxInternodeRanksPerNode + 2);
+  for (size_t o : offsets) {
+    EXPECT_EQ(o % 8, 0u);
+    EXPECT_LT(o + 8, InternodeNvlLayout::kFlagsBytes);
+  }
+  const InternodeNvlLayout l = InternodeNvlLayout::make(1 << 26, 16, 8);
+  EXPECT_EQ(l.headers_offset, InternodeNvlLayout::kFlagsBytes);
+  EXPECT_EQ(l.header(1) - l.header(0), sizeof(int32_t) * InternodeRecord::header_ints(8, kMaxInternodeLocalExperts));
+  EXPECT_EQ(l.dispatch_offset % 4096, 0u);
+}
+
+TEST(InternodeNvlLayout, TooSmallRegionHasNoRows) {
+  const InternodeNvlLayout l = InternodeNvlLayout::make(4096, 4, 2);
+  EXPECT_EQ(l.half_bytes, 0u);
+  EXPECT_EQ(l.dispatch_capacity(1024), 0);
+}
+
+TEST(InternodeRecord, SizesAreAlignedAndCarryEveryField) {
+  // BF16 7168, K 8, M 8: row 14336 + meta (1 + 8 + 16 + 0) ints = 100 B -> 112.
+  EXPECT_EQ(InternodeRecord::rail_bytes(14336, 8, 8, 0), 14336u + 112u);
+  // FP8 7168 with 56 scales, K 8: nvl meta (3 + 16 + 56) ints = 300 B -> 304.
+  EXPECT_EQ(InternodeRecord::nvl_bytes(7168, 8, 56), 7168u + 304u);
+  EXPECT_EQ(InternodeRecord::combine_bytes(7168, 8), 14336u + 32u);
+  EXPECT_EQ(InternodeRecord::combine_bytes(2048, 0), 4096u);
+  EXPECT_EQ(InternodeRecord::header_ints(2, 4), 1 + 2 + 8);
+}
+
+}  // namespace
+}  // namespace openep::detail
