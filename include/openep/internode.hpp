@@ -28,7 +28,8 @@
 // Streams and errors as in intranode.hpp; every device wait is bounded by timeout_seconds and names rank, peer
 // and phase. The network leg is NCCL's: Buffer::synchronize() on an internode Buffer waits at most
 // timeout_seconds (+5 s) and then aborts the rail communicator and raises kTimeout, so a dead node becomes an
-// error, not a hang. CUDA graphs: worst-case and cached mode enqueue fixed-size NCCL p2p and kernels only.
+// error, not a hang. CUDA graphs: worst-case and cached mode enqueue only kernels and fixed-size NCCL p2p (the
+// rail is warmed up at Buffer creation), but capture has NOT BEEN RUN yet; virtual ranks cannot capture at all.
 #pragma once
 
 #include <cstddef>

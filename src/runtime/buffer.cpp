@@ -43,6 +43,19 @@ void check_nccl_version(int compiled, int loaded) {
 
 namespace {
 
+// Buffer::barrier's device part: every rank of the window (the node, for an internode Buffer), slot kHostBarrierSlot.
+detail::BarrierParams window_barrier_params(const Buffer::Impl& m) {
+  detail::BarrierParams p{};
+  p.peer_bases = m.peer_bases_device;
+  p.barrier_offset = m.window_layout.barrier_offset;
+  p.epoch = &m.local_state->barrier_epoch[detail::kHostBarrierSlot];
+  p.slot = detail::kHostBarrierSlot;
+  p.rank = m.window_rank();
+  p.num_ranks = m.window_ranks();
+  p.wait = m.wait_context();
+  return p;
+}
+
 // Logs instead of throwing: used on teardown paths.
 void warn_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) std::fprintf(stderr, "OpenEP: %s failed during teardown: %s\n", what, cudaGetErrorString(err));
@@ -272,16 +285,8 @@ Buffer::~Buffer() {
       try {
         // Only node peers write into the window (rail bytes land in private buffers, stream-ordered), so the
         // node barrier suffices; it is bounded, where a rail leg to a dead node would not be.
-        detail::BarrierParams p{};
-        p.peer_bases = m.peer_bases_device;
-        p.barrier_offset = m.window_layout.barrier_offset;
-        p.epoch = &m.local_state->barrier_epoch[detail::kHostBarrierSlot];
-        p.slot = detail::kHostBarrierSlot;
-        p.rank = m.window_rank();
-        p.num_ranks = m.window_ranks();
-        p.wait = m.wait_context();
         if (m.transport == detail::Transport::kGin) barrier(m.comm_stream);
-        else detail::launch_barrier(p, m.comm_stream);
+        else detail::launch_barrier(window_barrier_params(m), m.comm_stream);
       } catch (const std::exception& e) {
         std::fprintf(stderr, "OpenEP: final barrier failed: %s\n", e.what());
       }
@@ -310,14 +315,7 @@ void Buffer::barrier(cudaStream_t stream) {
     detail::gin_barrier(m, stream);
     return;
   }
-  detail::BarrierParams p{};
-  p.peer_bases = m.peer_bases_device;
-  p.barrier_offset = m.window_layout.barrier_offset;
-  p.epoch = &m.local_state->barrier_epoch[detail::kHostBarrierSlot];
-  p.slot = detail::kHostBarrierSlot;
-  p.rank = m.window_rank();
-  p.num_ranks = m.window_ranks();
-  p.wait = m.wait_context();
+  const detail::BarrierParams p = window_barrier_params(m);
   detail::launch_barrier(p, stream);
   if (!m.internode()) return;
   // Internode: node barrier, one token to and from every rail peer, node barrier: every rank of every node.

@@ -27,6 +27,8 @@ namespace openep::detail {
 
 // Throws kVersionMismatch naming both versions unless they are equal.
 void check_nccl_version(int compiled, int loaded);
+// Argument checks shared by intranode and internode dispatch (x, scales, top-k); throw kInvalidArgument.
+void validate_normal_dispatch_data(const DispatchArgs& a);
 
 }  // namespace openep::detail
 
@@ -92,5 +94,11 @@ struct Buffer::Impl {
   void check_usable();
   void raise_device_error();
 };
+
+namespace detail {
+// Blocks of a normal-mode kernel: config.num_sms (even, >= 2, at most the device's SMs), reduced to the fabric's
+// grid budget where it clamps (virtual ranks: openep/testing.hpp), else kInvalidArgument / kInternal.
+int normal_mode_blocks(const Config& c, const Buffer::Impl& m);
+}  // namespace detail
 
 }  // namespace openep

@@ -43,14 +43,7 @@ InternodeBufferSize internode_buffer_size_hint(int num_ranks, int ranks_per_node
 
 namespace {
 
-int blocks_of(const Config& c, const Buffer::Impl& m) {
-  OPENEP_CHECK_ARG(c.num_sms >= 2 && c.num_sms % 2 == 0, "config.num_sms must be even and >= 2, got ", c.num_sms);
-  OPENEP_CHECK_ARG(c.num_sms <= m.num_device_sms, "config.num_sms (", c.num_sms, ") exceeds the device's ",
-                   m.num_device_sms, " SMs");
-  if (c.num_sms <= m.grids.max_blocks) return c.num_sms;
-  OPENEP_CHECK(m.grids.clamp, ErrorCode::kInternal, "grid budget ", m.grids.max_blocks, " below the device's SMs");
-  return m.grids.max_blocks;
-}
+int blocks_of(const Config& c, const Buffer::Impl& m) { return detail::normal_mode_blocks(c, m); }
 
 void require_internode(const Buffer::Impl& m, const char* op) {
   OPENEP_CHECK(m.internode(), ErrorCode::kUnsupported, op, " needs an internode Buffer (a Group over several nodes, "
@@ -84,22 +77,7 @@ Sizes sizes_of(const Buffer::Impl& m, const DispatchArgs& a, int K) {
   return s;
 }
 
-void validate_data(const DispatchArgs& a, const Buffer::Impl& m) {
-  OPENEP_CHECK_ARG(a.num_tokens >= 0, "num_tokens must be >= 0, got ", a.num_tokens);
-  OPENEP_CHECK_ARG(a.x_elem_bytes == 1 || a.x_elem_bytes == 2, "x_elem_bytes must be 1 (FP8) or 2 (BF16), got ",
-                   a.x_elem_bytes);
-  OPENEP_CHECK_ARG(a.hidden > 0 && (static_cast<int64_t>(a.hidden) * a.x_elem_bytes) % 16 == 0,
-                   "x rows must be a positive multiple of 16 bytes; hidden ", a.hidden, " x ", a.x_elem_bytes,
-                   " bytes is not");
-  OPENEP_CHECK_ARG(a.num_tokens == 0 || a.x != nullptr, "x is null with num_tokens = ", a.num_tokens);
-  OPENEP_CHECK_ARG(a.num_scales >= 0 && a.num_scales <= 1024, "num_scales must be in [0, 1024], got ", a.num_scales);
-  OPENEP_CHECK_ARG(a.num_scales == 0 || a.num_tokens == 0 || a.x_scales != nullptr, "x_scales is null with num_scales = ",
-                   a.num_scales);
-  OPENEP_CHECK_ARG(a.num_topk >= 0 && a.num_topk <= 32, "num_topk must be in [0, 32], got ", a.num_topk);
-  OPENEP_CHECK_ARG(a.num_topk == 0 || a.num_tokens == 0 || (a.topk_idx != nullptr && a.topk_weights != nullptr),
-                   "topk_idx and topk_weights must both be given when num_topk = ", a.num_topk);
-  (void)m;
-}
+void validate_data(const DispatchArgs& a, const Buffer::Impl&) { detail::validate_normal_dispatch_data(a); }
 
 void validate_outputs(const DispatchArgs& a, const InternodeHandle& h, const DispatchOutputs& out, bool with_topk) {
   OPENEP_CHECK_ARG(h.num_tokens == a.num_tokens, "handle.num_tokens (", h.num_tokens, ") differs from num_tokens (",

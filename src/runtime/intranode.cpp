@@ -28,11 +28,9 @@ size_t intranode_buffer_size_hint(int num_ranks, int max_tokens_per_rank, int hi
   return (IntranodeLayout::kDataOffset + data + 127) / 128 * 128;
 }
 
-namespace {
+namespace detail {
 
-// Blocks of a normal-mode kernel: config.num_sms, at most the fabric's grid budget (all SMs on a real GPU; on
-// virtual ranks a share of the GPU, to which a larger num_sms is reduced: openep/testing.hpp).
-int num_blocks(const Config& c, const Buffer::Impl& m) {
+int normal_mode_blocks(const Config& c, const Buffer::Impl& m) {
   OPENEP_CHECK_ARG(c.num_sms >= 2 && c.num_sms % 2 == 0, "config.num_sms must be even and >= 2, got ", c.num_sms);
   OPENEP_CHECK_ARG(c.num_sms <= m.num_device_sms, "config.num_sms (", c.num_sms, ") exceeds the device's ",
                    m.num_device_sms, " SMs");
@@ -41,14 +39,7 @@ int num_blocks(const Config& c, const Buffer::Impl& m) {
   return m.grids.max_blocks;
 }
 
-size_t dispatch_record_bytes(const DispatchArgs& a, bool with_topk) {
-  return IntranodeLayout::dispatch_record_bytes(static_cast<size_t>(a.hidden) * a.x_elem_bytes,
-                                                with_topk ? a.num_topk : 0, a.num_scales);
-}
-
-void validate_dispatch_data(const DispatchArgs& a, const Buffer::Impl& m) {
-  OPENEP_CHECK_ARG(m.num_ranks <= IntranodeLayout::kMaxRanks, "intranode dispatch supports up to ",
-                   IntranodeLayout::kMaxRanks, " ranks, the Group has ", m.num_ranks);
+void validate_normal_dispatch_data(const DispatchArgs& a) {
   OPENEP_CHECK_ARG(a.num_tokens >= 0, "num_tokens must be >= 0, got ", a.num_tokens);
   OPENEP_CHECK_ARG(a.x_elem_bytes == 1 || a.x_elem_bytes == 2, "x_elem_bytes must be 1 (FP8) or 2 (BF16), got ",
                    a.x_elem_bytes);
@@ -63,6 +54,23 @@ void validate_dispatch_data(const DispatchArgs& a, const Buffer::Impl& m) {
   OPENEP_CHECK_ARG(a.num_topk >= 0 && a.num_topk <= 32, "num_topk must be in [0, 32], got ", a.num_topk);
   OPENEP_CHECK_ARG(a.num_topk == 0 || a.num_tokens == 0 || (a.topk_idx != nullptr && a.topk_weights != nullptr),
                    "topk_idx and topk_weights must both be given when num_topk = ", a.num_topk);
+}
+
+}  // namespace detail
+
+namespace {
+
+int num_blocks(const Config& c, const Buffer::Impl& m) { return detail::normal_mode_blocks(c, m); }
+
+size_t dispatch_record_bytes(const DispatchArgs& a, bool with_topk) {
+  return IntranodeLayout::dispatch_record_bytes(static_cast<size_t>(a.hidden) * a.x_elem_bytes,
+                                                with_topk ? a.num_topk : 0, a.num_scales);
+}
+
+void validate_dispatch_data(const DispatchArgs& a, const Buffer::Impl& m) {
+  OPENEP_CHECK_ARG(m.num_ranks <= IntranodeLayout::kMaxRanks, "intranode dispatch supports up to ",
+                   IntranodeLayout::kMaxRanks, " ranks, the Group has ", m.num_ranks);
+  detail::validate_normal_dispatch_data(a);
 }
 
 void validate_handle_arrays(const IntranodeHandle& h) {
