@@ -5,6 +5,7 @@
 #   OPENEP_SANITIZER_PROBE=1  the tiny low-latency hook case under compute-sanitizer memcheck, timeouts x10
 #   OPENEP_RUN_GPU=1          the single-GPU tests too;  OPENEP_RUN_SOAK=1  the 10,000-operation soak too
 #   OPENEP_BUILD_ALL=1        build every target (benchmarks, mgpu tests) instead of the ones run here
+#   OPENEP_INTERNODE_BENCH=1  bench/internode_bench.cu on 2 fake nodes of one GPU (loopback sockets: no speed claim)
 # Logs go to $OUT (default internode_check_out); the summary is printed last.
 #   OUT=<dir> OPENEP_COMMIT=<sha> bash tools/internode_gpu_check.sh
 set -uo pipefail
@@ -24,7 +25,8 @@ step() {  # step NAME SECONDS COMMAND...
 if [ "${OPENEP_SKIP_BUILD:-0}" != 1 ]; then
   step configure 120 cmake -S . -B "$B" -DCMAKE_BUILD_TYPE=Release -DOPENEP_BUILD_PYTHON=OFF
   if [ "${OPENEP_BUILD_ALL:-0}" = 1 ]; then step build 400 cmake --build "$B" -j "$(nproc)"
-  else step build 400 cmake --build "$B" -j "$(nproc)" --target openep_cpu_tests openep_vrank_tests openep_fake_node_tests openep_gpu_tests; fi
+  else step build 400 cmake --build "$B" -j "$(nproc)" --target openep_cpu_tests openep_vrank_tests openep_fake_node_tests \
+    openep_gpu_tests openep_internode_bench; fi
 fi
 step cpu_tests 120 ctest --test-dir "$B" -L cpu --output-on-failure
 [ "${OPENEP_RUN_GPU:-0}" = 1 ] && step gpu_tests 200 ctest --test-dir "$B" -L '^gpu$' --output-on-failure
@@ -36,6 +38,9 @@ if [ "${OPENEP_REPEAT_OVERLAP:-0}" -gt 0 ]; then
     --gtest_repeat="$OPENEP_REPEAT_OVERLAP"
 fi
 [ "${OPENEP_RUN_SOAK:-0}" = 1 ] && step soak 300 ctest --test-dir "$B" -L soak -V
+[ "${OPENEP_INTERNODE_BENCH:-0}" = 1 ] && step internode_bench 300 python3 tools/launch.py --nproc 2 --ranks-per-node 1 \
+  --min-gpus 1 --timeout 280 --log-dir "$OUT/bench_logs" -- "$B/bench/openep_internode_bench" \
+  --commit "${OPENEP_COMMIT:-unknown}" --results "$OUT/internode_results.jsonl"
 if [ "${OPENEP_SANITIZER_PROBE:-0}" = 1 ]; then
   OPENEP_TEST_TIMEOUT_SCALE=10 step sanitizer_hook_probe 200 compute-sanitizer --tool memcheck --error-exitcode 3 \
     "$B/tests/openep_vrank_tests" --gtest_filter='LowLatencyVrank.HookModeAndZeroCopy/tokens33*/EP4'
@@ -49,5 +54,6 @@ done
 [ -f "$OUT/soak.log" ] && grep -E "^soak:|SoakVrank.*OK|mismatch" "$OUT/soak.log" | tail -4
 grep -hE "^\[  PASSED  \]|^\[  FAILED  \]" "$OUT"/vrank_internode.log 2>/dev/null | sort | uniq -c | head
 [ -f "$OUT/overlap_ep8_repeat.log" ] && { echo -n "overlap EP8 repeat: "; grep -c "^\[       OK \]" "$OUT/overlap_ep8_repeat.log" | tr -d '\n'; echo -n " ok, "; grep -c "^\[  FAILED  \] OverlapVrank" "$OUT/overlap_ep8_repeat.log"; }
+[ -f "$OUT/internode_results.jsonl" ] && cat "$OUT/internode_results.jsonl"
 [ -f "$OUT/sanitizer_hook_probe.log" ] && grep -E "ERROR SUMMARY|OK \]|FAILED" "$OUT/sanitizer_hook_probe.log" | head -4
 exit 0

@@ -3,9 +3,11 @@
 #include <nccl.h>
 #include <nccl_device.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kernels/intranode_launch.hpp"
@@ -113,7 +115,26 @@ void Buffer::Impl::check_usable() {
 namespace {
 
 // Releases everything a (possibly partly constructed) Buffer holds. Never throws.
+// Internode: NCCL work on the comm stream may wait for a dead node forever (worst-case and cached mode never
+// wait on the host, so nobody noticed yet). Give it timeout_seconds + 5 s, then abort the rail so that the
+// synchronisation below, and the communicators' destruction, cannot hang.
+void drain_rail_bounded(Buffer::Impl& m) noexcept {
+  if (!m.comm_stream || !m.in.rail || !m.in.rail->can_hang()) return;
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::duration<double>(m.options.timeout_seconds + 5.0);
+  while (cudaStreamQuery(m.comm_stream) == cudaErrorNotReady) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      std::fprintf(stderr, "OpenEP: rank %d: the rail leg did not finish within %.0f s at Buffer destruction; "
+                   "aborting the rail communicator\n", m.rank, m.options.timeout_seconds + 5.0);
+      m.in.rail->abort();
+      return;
+    }
+    std::this_thread::yield();
+  }
+}
+
 void release(Buffer::Impl& m) noexcept {
+  drain_rail_bounded(m);
   if (m.comm_stream) warn_cuda(cudaStreamSynchronize(m.comm_stream), "cudaStreamSynchronize");
   if (m.fabric) {
     detail::Fabric& f = *m.fabric;

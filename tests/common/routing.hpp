@@ -150,6 +150,31 @@ inline std::vector<int64_t> empty_ranks_routing(
   return detail::rows_from_pool(pool, num_tokens, num_topk, seed);
 }
 
+// Group-limited gating (DeepSeek-V3): ranks form nodes of M consecutive ranks with El experts each; every token
+// picks min(N, groups) distinct random nodes, then min(K, experts there) distinct random experts among theirs
+// (then -1 slots). REQUIRES: R % M == 0, groups >= 1.
+inline std::vector<int64_t> group_limited_routing(int num_tokens, int num_topk, int num_ranks, int ranks_per_node,
+                                                  int experts_per_rank, int groups, uint64_t seed) {
+  detail::check_shape("group_limited_routing", num_tokens, num_topk, num_ranks * experts_per_rank);
+  detail::require(ranks_per_node >= 1 && num_ranks % ranks_per_node == 0 && groups >= 1, "group_limited_routing",
+                  "num_ranks expected a multiple of ranks_per_node and groups >= 1");
+  const int N = num_ranks / ranks_per_node, G = std::min(N, groups), per_node = ranks_per_node * experts_per_rank;
+  std::mt19937_64 rng(seed);
+  std::vector<int64_t> nodes(N);
+  for (int n = 0; n < N; ++n) nodes[n] = n;
+  std::vector<int64_t> topk(static_cast<size_t>(num_tokens) * num_topk, -1);
+  std::vector<int64_t> chosen(G), pool;
+  for (int t = 0; t < num_tokens; ++t) {
+    detail::pick_distinct(rng, nodes, G, chosen.data());
+    pool.clear();
+    for (int64_t n : chosen)
+      for (int e = 0; e < per_node; ++e) pool.push_back(n * per_node + e);
+    const int take = std::min<int>(num_topk, static_cast<int>(pool.size()));
+    detail::pick_distinct(rng, pool, take, topk.data() + static_cast<size_t>(t) * num_topk);
+  }
+  return topk;
+}
+
 // Copy of topk with exactly round(frac * topk.size()) uniformly chosen slots set to -1.
 // REQUIRES: 0 <= frac <= 1.
 inline std::vector<int64_t> with_minus_one(std::vector<int64_t> topk, double frac, uint64_t seed) {

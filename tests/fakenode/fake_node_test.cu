@@ -301,6 +301,105 @@ TEST(FakeNodeInternode, MatchesReferenceOverSockets) {
   }
 }
 
+// Worst-case mode in a CUDA graph: layout, dispatch (prepare + rows) and combine captured once on the Buffer's
+// stream (kernels and fixed-size NCCL p2p only), replayed with new tokens and new routing, each replay bitwise
+// against the reference.
+TEST(FakeNodeInternode, WorstCaseGraphReplaysWithNewDataMatchReference) {
+  const FakeNodeEnv& e = fake_env();
+  const int R = e.world_size, M = e.ranks_per_node, N = R / M, me = e.rank;
+  const internode::Case c{256, 2048, 8, 8, false, true, internode::Route::kGroupLimited};
+  const int T = c.num_tokens, H = c.hidden, K = c.num_topk, E = c.experts_per_rank * R, W = T * R + 3;
+  Buffer buffer(world(), internode::options_for(c, R, M, 60));
+  cudaStream_t s = buffer.comm_stream();
+  DeviceArray<uint16_t> x(static_cast<size_t>(T) * H);
+  DeviceArray<int64_t> topk(static_cast<size_t>(T) * K);
+  DeviceArray<float> weights(static_cast<size_t>(T) * K);
+  DeviceArray<int> per_rank(R), per_rdma(N), per_expert(E), send_pos(static_cast<size_t>(T) * R),
+      head(static_cast<size_t>(T) * N), node_prefix(static_cast<size_t>(R) * M), gbl(R), rdma(N),
+      mask(static_cast<size_t>(N) * T), src_idx(W), meta(static_cast<size_t>(2) * W);
+  DeviceArray<bool> in_rank(static_cast<size_t>(T) * R);
+  DeviceArray<uint16_t> recv_x(static_cast<size_t>(W) * H), combined(static_cast<size_t>(T) * H);
+  DeviceArray<int64_t> recv_topk(static_cast<size_t>(W) * K);
+  DeviceArray<float> recv_w(static_cast<size_t>(W) * K), combined_w(static_cast<size_t>(T) * K);
+  InternodeHandle h;
+  h.send_pos = send_pos.get(), h.send_rdma_head = head.get(), h.node_prefix = node_prefix.get();
+  h.recv_gbl_rank_prefix_sum = gbl.get(), h.recv_rdma_rank_prefix_sum = rdma.get(), h.recv_rdma_mask = mask.get();
+  h.recv_src_idx = src_idx.get(), h.recv_src_meta = meta.get();
+  const auto op = [&] {
+    LayoutArgs la;
+    la.topk_idx = topk.get(), la.num_tokens = T, la.num_topk = K, la.num_experts = E;
+    la.num_tokens_per_rank = per_rank.get(), la.num_tokens_per_rdma_rank = per_rdma.get();
+    la.num_tokens_per_expert = per_expert.get(), la.is_token_in_rank = in_rank.get();
+    buffer.get_dispatch_layout(la, s);
+    DispatchArgs a;
+    a.x = x.get(), a.num_tokens = T, a.hidden = H, a.x_elem_bytes = 2;
+    a.topk_idx = topk.get(), a.topk_weights = weights.get(), a.num_topk = K;
+    a.is_token_in_rank = in_rank.get(), a.num_tokens_per_rank = per_rank.get();
+    a.num_tokens_per_rdma_rank = per_rdma.get(), a.num_tokens_per_expert = per_expert.get(), a.num_experts = E;
+    a.num_worst_tokens = W, a.max_tokens_per_rank = T;
+    a.config.num_sms = 16;
+    buffer.internode_dispatch_prepare(a, h, s);
+    DispatchOutputs o;
+    o.recv_x = recv_x.get(), o.recv_topk_idx = recv_topk.get(), o.recv_topk_weights = recv_w.get();
+    buffer.internode_dispatch(a, h, o, s);
+    CombineArgs ca;
+    ca.x = recv_x.get(), ca.hidden = H, ca.topk_weights = recv_w.get(), ca.num_topk = K;
+    ca.config.num_sms = 16;
+    CombineOutputs co;
+    co.combined_x = combined.get(), co.combined_topk_weights = combined_w.get();
+    buffer.internode_combine(ca, h, co, s);
+  };
+  const auto check = [&](const internode::World& w, int replay) {
+    const ref::RankRecv& want = w.expect[me];
+    const std::vector<uint16_t> got = recv_x.download();
+    ASSERT_EQ(0, std::memcmp(got.data(), want.x.data(), want.x.size())) << "replay " << replay << ": recv_x";
+    std::vector<int> src = src_idx.download();
+    src.resize(want.num_recv_tokens);
+    EXPECT_EQ(src, want.src_idx) << "replay " << replay;
+    std::vector<int64_t> idx = recv_topk.download();
+    for (size_t i = static_cast<size_t>(want.num_recv_tokens) * K; i < idx.size(); ++i)
+      ASSERT_EQ(idx[i], -1) << "replay " << replay << ": padded slot " << i;
+    idx.resize(static_cast<size_t>(want.num_recv_tokens) * K);
+    EXPECT_EQ(idx, want.topk_idx) << "replay " << replay;
+    EXPECT_EQ(combined.download(), w.cexp[me].x) << "replay " << replay << ": combined_x";
+    EXPECT_EQ(combined_w.download(), w.cexp[me].topk_weights) << "replay " << replay << ": combined weights";
+  };
+  const auto upload = [&](const internode::World& w) {
+    std::vector<uint16_t> xs(w.inputs[me].x.size() / 2);
+    std::memcpy(xs.data(), w.inputs[me].x.data(), w.inputs[me].x.size());
+    x.upload(xs), topk.upload(w.inputs[me].topk_idx), weights.upload(w.inputs[me].topk_weights);
+    recv_x.poison(), recv_topk.poison(), recv_w.poison(), combined.poison(), combined_w.poison(), src_idx.poison();
+  };
+  {  // eager once
+    Deadline d(4 * kCollectiveSeconds, "eager worst-case internode operation");
+    const internode::World w = internode::make_world(c, R, M, 71);
+    upload(w);
+    op();
+    buffer.synchronize(s);
+    ASSERT_NO_FATAL_FAILURE(check(w, -1));
+  }
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  {
+    Deadline d(kCollectiveSeconds, "capturing the internode graph");
+    TEST_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    op();
+    TEST_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+    TEST_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  }
+  for (int replay = 0; replay < 4; ++replay) {
+    Deadline d(4 * kCollectiveSeconds, "internode graph replay " + std::to_string(replay));
+    const internode::World w = internode::make_world(c, R, M, 100 + replay);
+    upload(w);
+    TEST_CUDA_CHECK(cudaGraphLaunch(exec, s));
+    buffer.synchronize(s);
+    ASSERT_NO_FATAL_FAILURE(check(w, replay));
+  }
+  TEST_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  TEST_CUDA_CHECK(cudaGraphDestroy(graph));
+  if (me == 0) say("internode worst-case graph: 4 replays with new data match the reference");
+}
+
 // A rank that never joins: its rail peers' next operation fails with kTimeout naming the rail peers (the stuck NCCL
 // leg is aborted) instead of hanging, and the process and the world communicator stay usable.
 TEST(FakeNodeInternode, DeadRailPeerBecomesATimeoutError) {

@@ -42,31 +42,12 @@ inline std::string name(const Case& c) {
          (c.index_type == IndexType::kInt32 ? "_i32" : "") + "_align" + std::to_string(c.expert_alignment);
 }
 
-// Group-limited gating (DeepSeek-V3): each token picks min(N, 4) nodes, then its top-k among their experts.
-inline std::vector<int64_t> group_limited_routing(int T, int K, int R, int M, int El, uint64_t seed) {
-  const int N = R / M, G = std::min(N, 4);
-  std::mt19937_64 rng(seed);
-  std::vector<int64_t> nodes(N);
-  for (int n = 0; n < N; ++n) nodes[n] = n;
-  std::vector<int64_t> topk(static_cast<size_t>(T) * K, -1);
-  std::vector<int64_t> chosen(G);
-  for (int t = 0; t < T; ++t) {
-    openep::test::detail::pick_distinct(rng, nodes, G, chosen.data());
-    std::vector<int64_t> pool;
-    for (int64_t n : chosen)
-      for (int e = 0; e < M * El; ++e) pool.push_back(n * M * El + e);
-    const int take = std::min<int>(K, static_cast<int>(pool.size()));
-    openep::test::detail::pick_distinct(rng, pool, take, topk.data() + static_cast<size_t>(t) * K);
-  }
-  return topk;
-}
-
 inline std::vector<int64_t> routing(const Case& c, int R, int M, uint64_t seed) {
   const int T = c.num_tokens, K = c.num_topk, El = c.experts_per_rank, E = El * R, N = R / M;
   std::vector<int> node_ranks;
   switch (c.route) {
     case Route::kUniform: return uniform_routing(T, K, E, seed);
-    case Route::kGroupLimited: return group_limited_routing(T, K, R, M, El, seed);
+    case Route::kGroupLimited: return group_limited_routing(T, K, R, M, El, 4, seed);
     case Route::kOneNodeGetsAll:
       for (int n = 0; n < N - 1; ++n)
         for (int l = 0; l < M; ++l) node_ranks.push_back(n * M + l);
