@@ -6,6 +6,7 @@
 #   OPENEP_RUN_GPU=1          the single-GPU tests too;  OPENEP_RUN_SOAK=1  the 10,000-operation soak too
 #   OPENEP_BUILD_ALL=1        build every target (benchmarks, mgpu tests) instead of the ones run here
 #   OPENEP_INTERNODE_BENCH=1  bench/internode_bench.cu on 2 fake nodes of one GPU (loopback sockets: no speed claim)
+#   OPENEP_PY_INTERNODE=1     pip install . and tests/python/fakenode_internode.py on 2 fake nodes (experimental path)
 # Logs go to $OUT (default internode_check_out); the summary is printed last.
 #   OUT=<dir> OPENEP_COMMIT=<sha> bash tools/internode_gpu_check.sh
 set -uo pipefail
@@ -41,6 +42,11 @@ fi
 [ "${OPENEP_INTERNODE_BENCH:-0}" = 1 ] && step internode_bench 300 python3 tools/launch.py --nproc 2 --ranks-per-node 1 \
   --min-gpus 1 --timeout 280 --log-dir "$OUT/bench_logs" -- "$B/bench/openep_internode_bench" \
   --commit "${OPENEP_COMMIT:-unknown}" --results "$OUT/internode_results.jsonl"
+if [ "${OPENEP_PY_INTERNODE:-0}" = 1 ]; then
+  step pip_install 400 python3 -m pip install . --no-build-isolation --no-deps
+  step python_internode 300 python3 tools/launch.py --nproc 2 --ranks-per-node 1 --min-gpus 1 --timeout 280 \
+    --log-dir "$OUT/py_internode_logs" -- python3 tests/python/fakenode_internode.py
+fi
 if [ "${OPENEP_SANITIZER_PROBE:-0}" = 1 ]; then
   OPENEP_TEST_TIMEOUT_SCALE=10 step sanitizer_hook_probe 200 compute-sanitizer --tool memcheck --error-exitcode 3 \
     "$B/tests/openep_vrank_tests" --gtest_filter='LowLatencyVrank.HookModeAndZeroCopy/tokens33*/EP4'

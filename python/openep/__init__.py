@@ -18,13 +18,13 @@ PyTorch is imported lazily: ``import openep`` works without it (Config, size hin
 from .errors import ERROR_CODES, OpenEPError, OpenEPNotAvailableError  # noqa: F401  (before _C is loaded)
 from ._loader import NCCL_PRELOADED_FROM, check_nccl_version, nccl_version_message  # noqa: F401
 from ._C import Config, compiled_nccl_version, loaded_nccl_version  # noqa: F401
-from .buffer import Buffer, IntranodeHandle, LowLatencyHandle  # noqa: F401
+from .buffer import Buffer, InternodeHandle, IntranodeHandle, LowLatencyHandle  # noqa: F401
 from .utils import EventHandle, EventOverlap  # noqa: F401
 from . import reference  # noqa: F401
 
 __version__ = "0.1.0"
 
-__all__ = ["Buffer", "Config", "EventOverlap", "EventHandle", "IntranodeHandle", "LowLatencyHandle",
+__all__ = ["Buffer", "Config", "EventOverlap", "EventHandle", "InternodeHandle", "IntranodeHandle", "LowLatencyHandle",
            "OpenEPError",
            "OpenEPNotAvailableError", "ERROR_CODES", "compiled_nccl_version", "loaded_nccl_version",
            "topk_idx_t", "reference"]

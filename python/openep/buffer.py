@@ -31,7 +31,7 @@ from ._torch import current_raw_stream, torch_module
 from .errors import invalid_argument, not_available
 from .utils import EventHandle, EventOverlap
 
-__all__ = ["Buffer", "IntranodeHandle", "LowLatencyHandle"]
+__all__ = ["Buffer", "IntranodeHandle", "InternodeHandle", "LowLatencyHandle"]
 
 _IntranodeHandleBase = namedtuple(
     "IntranodeHandle",
@@ -62,6 +62,39 @@ class IntranodeHandle(_IntranodeHandleBase):
     """
     # No __slots__: a handle made by Buffer.dispatch carries its already-checked core form (_openep_checked),
     # so combine and cached dispatch skip re-validating it (~10 us per call).
+
+
+_InternodeHandleBase = namedtuple(
+    "InternodeHandle",
+    ["is_token_in_rank", "rdma_channel_prefix_matrix", "gbl_channel_prefix_matrix", "recv_rdma_channel_prefix_matrix",
+     "recv_rdma_rank_prefix_sum", "recv_gbl_channel_prefix_matrix", "recv_gbl_rank_prefix_sum", "recv_src_meta",
+     "send_rdma_head", "send_nvl_head"])
+
+
+class InternodeHandle(_InternodeHandleBase):
+    """The handle an internode dispatch returns: DeepEP V1's 10-tuple where its meaning is kept (GPU tensors).
+
+    ==  ===============================  ===================  ==================================================
+    #   name                             shape / dtype        content
+    ==  ===============================  ===================  ==================================================
+    0   is_token_in_rank                 [N, R] bool          the routing mask passed to dispatch
+    1   rdma_channel_prefix_matrix       None                 (DeepEP: per channel; OpenEP has no channels)
+    2   gbl_channel_prefix_matrix        None                 (same)
+    3   recv_rdma_channel_prefix_matrix  None                 (same)
+    4   recv_rdma_rank_prefix_sum        [num_nodes] int32    inclusive prefix of the records this rank forwards,
+                                                              per source node
+    5   recv_gbl_channel_prefix_matrix   None                 (no channels)
+    6   recv_gbl_rank_prefix_sum         [R] int32            inclusive prefix of the rows received per source
+                                                              rank (``handle[-4]`` in DeepEP's callers)
+    7   recv_src_meta                    [N_recv, 2] int32    (source rank, record index at its forwarder)
+    8   send_rdma_head                   [N, num_nodes] int32 index of token t among my records to node n, or -1
+    9   send_nvl_head                    [N_rdma_recv] int32  OpenEP: bit j set if forwarded record i went to local
+                                                              rank j (DeepEP: [N_rdma_recv, M] queue slots)
+    ==  ===============================  ===================  ==================================================
+
+    The handle also holds OpenEP's own state (send positions, node prefixes, source indices and the counts of the
+    network legs): pass the handle internode_dispatch returned, unmodified, to combine and cached dispatch.
+    """
 
 
 _LowLatencyHandleBase = namedtuple(
@@ -235,6 +268,7 @@ class Buffer:
             uid = comm.bcast(uid, root=0)
         self.runtime = _C.Runtime(uid, self.rank, self.group_size, self._device, num_nvl_bytes, num_rdma_bytes,
                                   bool(low_latency_mode), float(timeout_seconds), allow_network)
+        self._internode = bool(self.runtime.is_internode)
         self._comm_ptr = self.runtime.comm_stream
         self._comm_stream = torch.cuda.ExternalStream(self._comm_ptr, device=self._device)
 
@@ -442,15 +476,20 @@ class Buffer:
             num_tokens_per_rank = torch.empty((R,), dtype=torch.int32, device=dev)
             num_tokens_per_expert = torch.empty((num_experts,), dtype=torch.int32, device=dev)
             is_token_in_rank = torch.empty((num_tokens, R), dtype=torch.bool, device=dev)
-            rt.get_dispatch_layout({
+            layout = {
                 "topk_idx": topk_idx.data_ptr(), "topk_int64": int(dtype_name(topk_idx.dtype) == "int64"),
                 "num_tokens": num_tokens, "num_topk": num_topk, "num_experts": num_experts,
                 "num_tokens_per_rank": num_tokens_per_rank.data_ptr(),
                 "num_tokens_per_expert": num_tokens_per_expert.data_ptr(),
-                "is_token_in_rank": is_token_in_rank.data_ptr()}, self._comm_stream.cuda_stream)
+                "is_token_in_rank": is_token_in_rank.data_ptr()}
+            num_tokens_per_rdma_rank = None
+            if getattr(self, "_internode", False):
+                num_tokens_per_rdma_rank = torch.empty((rt.num_nodes,), dtype=torch.int32, device=dev)
+                layout["num_tokens_per_rdma_rank"] = num_tokens_per_rdma_rank.data_ptr()
+            rt.get_dispatch_layout(layout, self._comm_stream.cuda_stream)
             event = self._finish(compute, async_finish, allocate_on_comm_stream,
                                  (topk_idx, num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank))
-        return num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank, event
+        return num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event
 
     def _check_x(self, op, x):
         """Splits x into (data, scales) and checks both."""
@@ -507,6 +546,11 @@ class Buffer:
             (rows per local expert, aligned); the :class:`IntranodeHandle`; an :class:`EventOverlap`.
             Cached mode returns ``(recv_x, None, None, None, None, event)``.
         """
+        if getattr(self, "_internode", False):  # DeepEP: dispatch picks internode mode for such groups
+            return self.internode_dispatch(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                                           num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
+                                           num_worst_tokens, config, previous_event, async_finish,
+                                           allocate_on_comm_stream)
         op = "dispatch"
         rt = self._rt(op)
         config = self.get_dispatch_config(self.group_size) if config is None else config
@@ -648,6 +692,9 @@ class Buffer:
             the ranks it was sent to, in ascending rank order, plus bias, rounded once: deterministic);
             ``[N, K]`` float32 or None; an :class:`EventOverlap`. Never blocks the host.
         """
+        if getattr(self, "_internode", False):
+            return self.internode_combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
+                                          allocate_on_comm_stream)
         op = "combine"
         rt = self._rt(op)
         config = self.get_combine_config(self.group_size) if config is None else config
@@ -685,19 +732,181 @@ class Buffer:
         return combined_x, combined_w, event
 
     # ------------------------------------------------------------------------------------------------------
-    # Not available yet: internode normal mode (DeepEP 2.7). The signatures are DeepEP's so that callers fail
-    # with a clear message, and so that the implementation can be wired in here.
+    # Internode normal mode (DeepEP 2.7; C++ semantics in include/openep/internode.hpp). WRITTEN BUT NEVER RUN
+    # from Python: until a GPU run has checked it, it needs OPENEP_EXPERIMENTAL_INTERNODE=1 and otherwise raises
+    # OpenEPNotAvailableError (the C++ API runs it and is tested on virtual ranks and fake nodes).
+    def _require_internode(self, op):
+        if not _env_flag("OPENEP_EXPERIMENTAL_INTERNODE"):
+            raise not_available(
+                f"internode normal mode from Python (Buffer.{op})",
+                "the C++ API runs it (openep/internode.hpp); the Python path is written but has never run on a GPU: "
+                "set OPENEP_EXPERIMENTAL_INTERNODE=1 to try it")
+        rt = self._rt(op)
+        if not rt.is_internode:
+            raise invalid_argument(f"{op}: this Buffer is not internode (its group is one NVLink domain, or "
+                                   f"num_rdma_bytes is 0); use dispatch/combine")
+        return rt
+
+    @staticmethod
+    def get_internode_buffer_size_hint(num_ranks, ranks_per_node, max_tokens_per_rank, hidden, x_elem_bytes=2,
+                                       num_scales=0, num_topk=8):
+        """``(num_nvl_bytes, num_rdma_bytes)`` an internode Buffer needs for up to ``max_tokens_per_rank`` tokens
+        per rank in any routing (openep::internode_buffer_size_hint)."""
+        return _C.internode_buffer_size_hint(num_ranks, ranks_per_node, max_tokens_per_rank, hidden, x_elem_bytes,
+                                             num_scales, num_topk)
+
     def internode_dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
                            is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
                            expert_alignment=1, num_worst_tokens=0, config=None, previous_event=None,
                            async_finish=False, allocate_on_comm_stream=False):
-        """Internode normal dispatch (more than 8 ranks). Not available yet: raises OpenEPNotAvailableError."""
-        raise not_available("internode normal mode (Buffer.internode_dispatch)")
+        """Internode normal dispatch (experimental from Python, see above). Arguments and results as
+        :meth:`dispatch`, plus ``num_tokens_per_rdma_rank`` ``[num_nodes]`` int32 from :meth:`get_dispatch_layout`;
+        returns an :class:`InternodeHandle`. With ``num_worst_tokens > 0`` every rank must pass the same number of
+        tokens (the network legs then have fixed sizes)."""
+        op = "internode_dispatch"
+        rt = self._require_internode(op)
+        config = self.get_dispatch_config(self.group_size) if config is None else config
+        x, scales = self._check_x(op, x)
+        check_int(op, "expert_alignment", expert_alignment, 1)
+        check_int(op, "num_worst_tokens", num_worst_tokens, 0)
+        if handle is not None:
+            if topk_idx is not None or topk_weights is not None:
+                raise invalid_argument(f"{op}: cached mode (handle given) takes no topk_idx/topk_weights")
+            return self._internode_cached_dispatch(rt, x, scales, handle, config, previous_event, async_finish,
+                                                   allocate_on_comm_stream)
+        torch = torch_module()
+        R, dev = self.group_size, self._dev
+        N, M = rt.num_nodes, rt.ranks_per_node
+        num_tokens = x.shape[0]
+        for name, t in (("num_tokens_per_rank", num_tokens_per_rank), ("num_tokens_per_rdma_rank",
+                        num_tokens_per_rdma_rank), ("is_token_in_rank", is_token_in_rank),
+                        ("num_tokens_per_expert", num_tokens_per_expert)):
+            if t is None:
+                raise invalid_argument(f"{op}: {name} is required without a handle (from get_dispatch_layout)")
+        check_tensor(op, "num_tokens_per_rank", num_tokens_per_rank, ("int32",), (R,), True, dev)
+        check_tensor(op, "num_tokens_per_rdma_rank", num_tokens_per_rdma_rank, ("int32",), (N,), True, dev)
+        check_tensor(op, "is_token_in_rank", is_token_in_rank, ("bool",), (num_tokens, R), True, dev)
+        check_tensor(op, "num_tokens_per_expert", num_tokens_per_expert, ("int32",), (None,), True, dev)
+        if (topk_idx is None) != (topk_weights is None):
+            raise invalid_argument(f"{op}: topk_idx and topk_weights must be given together")
+        num_topk = 0
+        if topk_idx is not None:
+            check_tensor(op, "topk_idx", topk_idx, INDEX_DTYPES, (num_tokens, None), True, dev)
+            num_topk = topk_idx.shape[1]
+            check_tensor(op, "topk_weights", topk_weights, ("float32",), (num_tokens, num_topk), True, dev)
+        args = self._dispatch_args(x, scales, config)
+        args.update({"topk_idx": topk_idx.data_ptr() if topk_idx is not None else 0,
+                     "topk_int64": int(topk_idx is None or dtype_name(topk_idx.dtype) == "int64"),
+                     "topk_weights": topk_weights.data_ptr() if topk_weights is not None else 0,
+                     "num_topk": num_topk, "is_token_in_rank": is_token_in_rank.data_ptr(),
+                     "num_tokens_per_rank": num_tokens_per_rank.data_ptr(),
+                     "num_tokens_per_rdma_rank": num_tokens_per_rdma_rank.data_ptr(),
+                     "num_tokens_per_expert": num_tokens_per_expert.data_ptr(),
+                     "num_experts": num_tokens_per_expert.shape[0], "expert_alignment": expert_alignment,
+                     "num_worst_tokens": num_worst_tokens})
+        compute = self._begin(op, previous_event, async_finish, allocate_on_comm_stream)
+        with self._alloc_context(allocate_on_comm_stream):
+            send_pos = torch.empty((num_tokens, R), dtype=torch.int32, device=dev)
+            send_rdma_head = torch.empty((num_tokens, N), dtype=torch.int32, device=dev)
+            node_prefix = torch.empty((R, M), dtype=torch.int32, device=dev)
+            gbl = torch.empty((R,), dtype=torch.int32, device=dev)
+            rdma = torch.empty((N,), dtype=torch.int32, device=dev)
+            hd = {"num_tokens": num_tokens, "is_token_in_rank": is_token_in_rank.data_ptr(),
+                  "send_pos": send_pos.data_ptr(), "send_rdma_head": send_rdma_head.data_ptr(),
+                  "node_prefix": node_prefix.data_ptr(), "recv_gbl_rank_prefix_sum": gbl.data_ptr(),
+                  "recv_rdma_rank_prefix_sum": rdma.data_ptr()}
+            stream = self._comm_stream.cuda_stream
+            num_recv, num_rdma_recv, per_expert, host = rt.internode_dispatch_prepare(args, hd, stream)
+            hd.update(host)
+            mask = torch.empty((num_rdma_recv,), dtype=torch.int32, device=dev)
+            recv_src_idx = torch.empty((num_recv,), dtype=torch.int32, device=dev)
+            recv_src_meta = torch.empty((num_recv, 2), dtype=torch.int32, device=dev)
+            hd.update(recv_rdma_mask=mask.data_ptr(), recv_src_idx=recv_src_idx.data_ptr(),
+                      recv_src_meta=recv_src_meta.data_ptr())
+            recv_x, recv_scales, outs = self._recv_tensors(x, scales, num_recv)
+            recv_topk_idx = recv_topk_weights = None
+            if num_topk > 0:
+                recv_topk_idx = torch.empty((num_recv, num_topk), dtype=topk_idx.dtype, device=dev)
+                recv_topk_weights = torch.empty((num_recv, num_topk), dtype=torch.float32, device=dev)
+                outs.update(recv_topk_idx=recv_topk_idx.data_ptr(), recv_topk_weights=recv_topk_weights.data_ptr())
+            rt.internode_dispatch(args, hd, outs, stream)
+            handle = InternodeHandle(is_token_in_rank, None, None, None, rdma, None, gbl, recv_src_meta, send_rdma_head,
+                                     mask)
+            handle._openep_checked = (self._token, hd)
+            handle._openep_tensors = (send_pos, node_prefix, recv_src_idx)  # kept alive with the handle
+            event = self._finish(compute, async_finish, allocate_on_comm_stream,
+                                 (x, scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                                  is_token_in_rank, num_tokens_per_expert, recv_x, recv_scales, recv_topk_idx,
+                                  recv_topk_weights, send_pos, node_prefix, recv_src_idx) + tuple(
+                                      t for t in handle if t is not None))
+        recv = (recv_x, recv_scales) if scales is not None else recv_x
+        per_expert_list = list(per_expert) if num_worst_tokens == 0 else []
+        return recv, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event
+
+    def _internode_handle(self, op, handle):
+        checked = getattr(handle, "_openep_checked", None)
+        if not isinstance(handle, InternodeHandle) or checked is None or checked[0] is not self._token:
+            raise invalid_argument(f"{op}: handle expected the InternodeHandle this Buffer's internode_dispatch "
+                                   f"returned (it carries OpenEP's state beyond DeepEP's 10 entries), got "
+                                   f"{type(handle).__name__}")
+        return checked[1]
+
+    def _internode_cached_dispatch(self, rt, x, scales, handle, config, previous_event, async_finish,
+                                   allocate_on_comm_stream):
+        op = "internode_dispatch"
+        hd = self._internode_handle(op, handle)
+        if x.shape[0] != hd["num_tokens"]:
+            raise invalid_argument(f"{op}: cached mode expected x with {hd['num_tokens']} rows (the handle's token "
+                                   f"count), got {x.shape[0]}")
+        args = self._dispatch_args(x, scales, config)
+        compute = self._begin(op, previous_event, async_finish, allocate_on_comm_stream)
+        with self._alloc_context(allocate_on_comm_stream):
+            recv_x, recv_scales, outs = self._recv_tensors(x, scales, hd["num_recv_tokens"])
+            rt.internode_dispatch_cached(args, hd, outs, self._comm_stream.cuda_stream)
+            event = self._finish(compute, async_finish, allocate_on_comm_stream,
+                                 (x, scales, recv_x, recv_scales) + tuple(t for t in handle if t is not None))
+        recv = (recv_x, recv_scales) if scales is not None else recv_x
+        return recv, None, None, None, None, event
 
     def internode_combine(self, x, handle, topk_weights=None, bias=None, config=None, previous_event=None,
                           async_finish=False, allocate_on_comm_stream=False):
-        """Internode normal combine. Not available yet: raises OpenEPNotAvailableError."""
-        raise not_available("internode normal mode (Buffer.internode_combine)")
+        """Internode normal combine (experimental from Python, see above). Arguments and results as :meth:`combine`;
+        the order is the reference's ``combine_internode``: per node in fp32, BF16 node partials, nodes ascending."""
+        op = "internode_combine"
+        rt = self._require_internode(op)
+        config = self.get_combine_config(self.group_size) if config is None else config
+        hd = self._internode_handle(op, handle)
+        torch = torch_module()
+        dev = self._dev
+        num_recv, num_tokens = hd["num_recv_tokens"], hd["num_tokens"]
+        check_tensor(op, "x", x, ("bfloat16",), (num_recv, None), True, dev)
+        hidden = x.shape[1]
+        num_topk = 0
+        if topk_weights is not None:
+            check_tensor(op, "topk_weights", topk_weights, ("float32",), (num_recv, None), True, dev)
+            num_topk = topk_weights.shape[1]
+        biases = () if bias is None else (bias if isinstance(bias, tuple) else (bias,))
+        if len(biases) > 2:
+            raise invalid_argument(f"{op}: bias expected a tensor or a tuple of at most 2 tensors, got {len(biases)}")
+        for i, b in enumerate(biases):
+            check_tensor(op, f"bias[{i}]", b, ("bfloat16",), (num_tokens, hidden), True, dev)
+        args = {"x": x.data_ptr(), "hidden": hidden, "num_topk": num_topk, "config": config,
+                "topk_weights": topk_weights.data_ptr() if topk_weights is not None else 0}
+        for i, b in enumerate(biases):
+            args[f"bias_{i}"] = b.data_ptr()
+        compute = self._begin(op, previous_event, async_finish, allocate_on_comm_stream)
+        with self._alloc_context(allocate_on_comm_stream):
+            combined_x = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=dev)
+            outs = {"combined_x": combined_x.data_ptr()}
+            combined_w = None
+            if num_topk > 0:
+                combined_w = torch.empty((num_tokens, num_topk), dtype=torch.float32, device=dev)
+                outs["combined_topk_weights"] = combined_w.data_ptr()
+            rt.internode_combine(args, hd, outs, self._comm_stream.cuda_stream)
+            event = self._finish(compute, async_finish, allocate_on_comm_stream,
+                                 (x, topk_weights, combined_x, combined_w) + tuple(biases) + tuple(
+                                     t for t in handle if t is not None))
+        return combined_x, combined_w, event
 
     # Low-latency mode (DeepEP 2.8, 5.8 - 5.15): decode-sized dispatch/combine among the ranks of one NVLink
     # domain, CUDA-graph capturable, optional receive hooks.

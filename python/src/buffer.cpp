@@ -69,7 +69,7 @@ openep::DispatchArgs dispatch_args_of(const nb::dict& d) {
   check_keys(d, {"x", "num_tokens", "hidden", "x_elem_bytes", "x_scales", "num_scales", "scale_token_stride",
                  "scale_hidden_stride", "topk_idx", "topk_int64", "topk_weights", "num_topk", "is_token_in_rank",
                  "num_tokens_per_rank", "num_tokens_per_expert", "num_experts", "expert_alignment",
-                 "num_worst_tokens", "config"}, "dispatch arguments");
+                 "num_worst_tokens", "config", "num_tokens_per_rdma_rank", "max_tokens_per_rank"}, "dispatch arguments");
   openep::DispatchArgs a;
   a.x = ptr<const void>(d, "x");
   a.num_tokens = static_cast<int>(num(d, "num_tokens", 0));
@@ -90,7 +90,70 @@ openep::DispatchArgs dispatch_args_of(const nb::dict& d) {
   a.expert_alignment = static_cast<int>(num(d, "expert_alignment", 1));
   a.num_worst_tokens = static_cast<int>(num(d, "num_worst_tokens", 0));
   a.config = config_of(d);
+  a.num_tokens_per_rdma_rank = ptr<const int>(d, "num_tokens_per_rdma_rank");
+  a.max_tokens_per_rank = static_cast<int>(num(d, "max_tokens_per_rank", 0));
   return a;
+}
+
+// Internode handle: device arrays as addresses, host fields as ints and lists (openep/internode.hpp).
+openep::InternodeHandle internode_handle_of(const nb::dict& d) {
+  check_keys(d, {"num_tokens", "num_recv_tokens", "num_rdma_recv_tokens", "is_token_in_rank", "send_pos",
+                 "send_rdma_head", "node_prefix", "recv_gbl_rank_prefix_sum", "recv_rdma_rank_prefix_sum",
+                 "recv_rdma_mask", "recv_src_idx", "recv_src_meta", "rdma_send_counts", "rdma_recv_counts",
+                 "records_per_node", "hidden", "num_topk"}, "internode handle");
+  openep::InternodeHandle h;
+  h.num_tokens = static_cast<int>(num(d, "num_tokens", 0));
+  h.num_recv_tokens = static_cast<int>(num(d, "num_recv_tokens", 0));
+  h.num_rdma_recv_tokens = static_cast<int>(num(d, "num_rdma_recv_tokens", 0));
+  h.is_token_in_rank = ptr<const bool>(d, "is_token_in_rank");
+  h.send_pos = ptr<int>(d, "send_pos");
+  h.send_rdma_head = ptr<int>(d, "send_rdma_head");
+  h.node_prefix = ptr<int>(d, "node_prefix");
+  h.recv_gbl_rank_prefix_sum = ptr<int>(d, "recv_gbl_rank_prefix_sum");
+  h.recv_rdma_rank_prefix_sum = ptr<int>(d, "recv_rdma_rank_prefix_sum");
+  h.recv_rdma_mask = ptr<int>(d, "recv_rdma_mask");
+  h.recv_src_idx = ptr<int>(d, "recv_src_idx");
+  h.recv_src_meta = ptr<int>(d, "recv_src_meta");
+  if (d.contains("rdma_send_counts")) h.rdma_send_counts = nb::cast<std::vector<int>>(d["rdma_send_counts"]);
+  if (d.contains("rdma_recv_counts")) h.rdma_recv_counts = nb::cast<std::vector<int>>(d["rdma_recv_counts"]);
+  h.records_per_node = static_cast<int>(num(d, "records_per_node", 0));
+  h.hidden = static_cast<int>(num(d, "hidden", 0));
+  h.num_topk = static_cast<int>(num(d, "num_topk", 0));
+  return h;
+}
+
+// The host fields internode_dispatch_prepare filled, for the Python handle to keep.
+nb::dict internode_host_fields(const openep::InternodeHandle& h) {
+  nb::dict d;
+  d["num_recv_tokens"] = h.num_recv_tokens;
+  d["num_rdma_recv_tokens"] = h.num_rdma_recv_tokens;
+  d["rdma_send_counts"] = h.rdma_send_counts;
+  d["rdma_recv_counts"] = h.rdma_recv_counts;
+  d["records_per_node"] = h.records_per_node;
+  d["hidden"] = h.hidden;
+  d["num_topk"] = h.num_topk;
+  return d;
+}
+
+openep::CombineArgs combine_args_of(const nb::dict& d) {
+  check_keys(d, {"x", "hidden", "topk_weights", "num_topk", "bias_0", "bias_1", "config"}, "combine arguments");
+  openep::CombineArgs a;
+  a.x = ptr<const uint16_t>(d, "x");
+  a.hidden = static_cast<int>(num(d, "hidden", 0));
+  a.topk_weights = ptr<const float>(d, "topk_weights");
+  a.num_topk = static_cast<int>(num(d, "num_topk", 0));
+  a.bias_0 = ptr<const uint16_t>(d, "bias_0");
+  a.bias_1 = ptr<const uint16_t>(d, "bias_1");
+  a.config = config_of(d);
+  return a;
+}
+
+openep::CombineOutputs combine_outputs_of(const nb::dict& out) {
+  check_keys(out, {"combined_x", "combined_topk_weights"}, "combine outputs");
+  openep::CombineOutputs o;
+  o.combined_x = ptr<uint16_t>(out, "combined_x");
+  o.combined_topk_weights = ptr<float>(out, "combined_topk_weights");
+  return o;
 }
 
 openep::DispatchOutputs dispatch_outputs_of(const nb::dict& d) {
@@ -282,7 +345,8 @@ void bind_buffer(nb::module_& m) {
       }, nb::arg("rdma"))
       .def("get_dispatch_layout", [](Runtime& r, nb::dict d, uintptr_t stream) {
         check_keys(d, {"topk_idx", "topk_int64", "num_tokens", "num_topk", "num_experts", "num_tokens_per_rank",
-                       "num_tokens_per_expert", "is_token_in_rank"}, "get_dispatch_layout arguments");
+                       "num_tokens_per_expert", "is_token_in_rank", "num_tokens_per_rdma_rank"},
+                   "get_dispatch_layout arguments");
         openep::LayoutArgs a;
         a.topk_idx = ptr<const void>(d, "topk_idx");
         a.index_type = num(d, "topk_int64", 1) ? openep::IndexType::kInt64 : openep::IndexType::kInt32;
@@ -292,6 +356,7 @@ void bind_buffer(nb::module_& m) {
         a.num_tokens_per_rank = ptr<int>(d, "num_tokens_per_rank");
         a.num_tokens_per_expert = ptr<int>(d, "num_tokens_per_expert");
         a.is_token_in_rank = ptr<bool>(d, "is_token_in_rank");
+        a.num_tokens_per_rdma_rank = ptr<int>(d, "num_tokens_per_rdma_rank");
         r.buffer().get_dispatch_layout(a, as_stream(stream));
       }, nb::arg("args"), nb::arg("stream"))
       .def("dispatch_prepare", [](Runtime& r, nb::dict args, nb::dict handle, uintptr_t stream) {
@@ -313,20 +378,40 @@ void bind_buffer(nb::module_& m) {
                                    as_stream(stream));
       }, nb::arg("args"), nb::arg("handle"), nb::arg("outputs"), nb::arg("stream"))
       .def("combine", [](Runtime& r, nb::dict d, nb::dict handle, nb::dict out, uintptr_t stream) {
-        check_keys(d, {"x", "hidden", "topk_weights", "num_topk", "bias_0", "bias_1", "config"}, "combine arguments");
-        check_keys(out, {"combined_x", "combined_topk_weights"}, "combine outputs");
-        openep::CombineArgs a;
-        a.x = ptr<const uint16_t>(d, "x");
-        a.hidden = static_cast<int>(num(d, "hidden", 0));
-        a.topk_weights = ptr<const float>(d, "topk_weights");
-        a.num_topk = static_cast<int>(num(d, "num_topk", 0));
-        a.bias_0 = ptr<const uint16_t>(d, "bias_0");
-        a.bias_1 = ptr<const uint16_t>(d, "bias_1");
-        a.config = config_of(d);
-        openep::CombineOutputs o;
-        o.combined_x = ptr<uint16_t>(out, "combined_x");
-        o.combined_topk_weights = ptr<float>(out, "combined_topk_weights");
-        r.buffer().combine(a, handle_of(handle), o, as_stream(stream));
+        r.buffer().combine(combine_args_of(d), handle_of(handle), combine_outputs_of(out), as_stream(stream));
+      }, nb::arg("args"), nb::arg("handle"), nb::arg("outputs"), nb::arg("stream"))
+      // ---- internode normal mode (openep/internode.hpp) ----
+      .def_prop_ro("is_internode", [](Runtime& r) { return r.buffer().is_internode(); })
+      .def_prop_ro("num_nodes", [](Runtime& r) { return r.buffer().num_nodes(); })
+      .def_prop_ro("ranks_per_node", [](Runtime& r) { return r.buffer().ranks_per_node(); })
+      .def("get_num_rdma_ranks", [](Runtime& r) { return r.buffer().num_nodes(); },
+           "DeepEP's runtime.get_num_rdma_ranks(): the number of nodes (1 on a single-node Buffer).")
+      .def("get_rdma_rank", [](Runtime& r) { return r.buffer().rank() / r.buffer().ranks_per_node(); },
+           "This rank's node.")
+      .def("get_num_nvl_ranks", [](Runtime& r) { return r.buffer().ranks_per_node(); }, "Ranks per node.")
+      .def("internode_dispatch_prepare", [](Runtime& r, nb::dict args, nb::dict handle, uintptr_t stream) {
+        // Returns (num_recv_tokens, num_rdma_recv_tokens, per-expert list, host fields of the handle).
+        const openep::DispatchArgs a = dispatch_args_of(args);
+        openep::InternodeHandle h = internode_handle_of(handle);
+        openep::InternodeDispatchCounts c;
+        {
+          nb::gil_scoped_release release;
+          c = r.buffer().internode_dispatch_prepare(a, h, as_stream(stream));
+        }
+        return std::make_tuple(c.num_recv_tokens, c.num_rdma_recv_tokens, c.num_recv_tokens_per_expert,
+                               internode_host_fields(h));
+      }, nb::arg("args"), nb::arg("handle"), nb::arg("stream"))
+      .def("internode_dispatch", [](Runtime& r, nb::dict args, nb::dict handle, nb::dict out, uintptr_t stream) {
+        openep::InternodeHandle h = internode_handle_of(handle);
+        r.buffer().internode_dispatch(dispatch_args_of(args), h, dispatch_outputs_of(out), as_stream(stream));
+      }, nb::arg("args"), nb::arg("handle"), nb::arg("outputs"), nb::arg("stream"))
+      .def("internode_dispatch_cached", [](Runtime& r, nb::dict args, nb::dict handle, nb::dict out, uintptr_t stream) {
+        r.buffer().internode_dispatch_cached(dispatch_args_of(args), internode_handle_of(handle),
+                                             dispatch_outputs_of(out), as_stream(stream));
+      }, nb::arg("args"), nb::arg("handle"), nb::arg("outputs"), nb::arg("stream"))
+      .def("internode_combine", [](Runtime& r, nb::dict d, nb::dict handle, nb::dict out, uintptr_t stream) {
+        r.buffer().internode_combine(combine_args_of(d), internode_handle_of(handle), combine_outputs_of(out),
+                                     as_stream(stream));
       }, nb::arg("args"), nb::arg("handle"), nb::arg("outputs"), nb::arg("stream"))
       .def("low_latency_dispatch", [](Runtime& r, nb::dict args, nb::dict handle, nb::dict out, uintptr_t stream) {
         // Returns a LowLatencyHook (return_recv_hook) or None. The handle dict's pointers must be filled.

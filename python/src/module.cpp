@@ -5,6 +5,7 @@
 // the error translation, the versions and Config; buffer.cpp binds Group + Buffer, reference.cpp the CPU
 // reference (the specification the Python tests compare against).
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/string.h>
 
 #include <algorithm>
@@ -159,6 +160,16 @@ Buffer.get_nvl_buffer_size_hint_for_tokens.)doc")
   m.def("intranode_buffer_size_hint", &openep::intranode_buffer_size_hint, nb::arg("num_ranks"),
         nb::arg("max_tokens_per_rank"), nb::arg("hidden"), nb::arg("x_elem_bytes"), nb::arg("num_scales"),
         nb::arg("num_topk"));
+  m.def("internode_buffer_size_hint",
+        [](int num_ranks, int ranks_per_node, int max_tokens_per_rank, int hidden, int x_elem_bytes, int num_scales,
+           int num_topk) {
+          const openep::InternodeBufferSize s = openep::internode_buffer_size_hint(
+              num_ranks, ranks_per_node, max_tokens_per_rank, hidden, x_elem_bytes, num_scales, num_topk);
+          return std::make_tuple(s.num_nvl_bytes, s.num_rdma_bytes);
+        },
+        nb::arg("num_ranks"), nb::arg("ranks_per_node"), nb::arg("max_tokens_per_rank"), nb::arg("hidden"),
+        nb::arg("x_elem_bytes"), nb::arg("num_scales"), nb::arg("num_topk"),
+        "openep::internode_buffer_size_hint: (num_nvl_bytes, num_rdma_bytes) for internode normal mode.");
   m.def("low_latency_buffer_size_hint", &openep::low_latency_buffer_size_hint,
         nb::arg("num_max_dispatch_tokens_per_rank"), nb::arg("hidden"), nb::arg("num_ranks"), nb::arg("num_experts"),
         "openep::low_latency_buffer_size_hint: num_rdma_bytes the low-latency kernels need (a multiple of 128).");

@@ -227,6 +227,30 @@ def test_buffer_shrink_mode_not_available_yet():
         openep.Buffer(_FakeGroup(), enable_shrink=True)
 
 
+def test_internode_from_python_needs_the_experimental_flag(monkeypatch):
+    monkeypatch.delenv("OPENEP_EXPERIMENTAL_INTERNODE", raising=False)
+    buf = object.__new__(openep.Buffer)
+    for method, args in (("internode_dispatch", (None,)), ("internode_combine", (None, None))):
+        with pytest.raises(openep.OpenEPNotAvailableError) as e:
+            getattr(buf, method)(*args)
+        assert "OPENEP_EXPERIMENTAL_INTERNODE=1" in str(e.value) and "never run" in str(e.value)
+
+
+def test_internode_handle_keeps_deepep_positions():
+    h = openep.InternodeHandle(*range(10))
+    assert len(h) == 10 and h[0] == 0 and h[-4] == 6 and h[7] == 7 and h[8] == 8  # callers read 0, -4, 7, 8
+    assert h.recv_gbl_rank_prefix_sum == 6 and h.send_rdma_head == 8
+
+
+def test_internode_size_hint_matches_the_core():
+    nvl, rdma = openep.Buffer.get_internode_buffer_size_hint(16, 8, 4096, 7168, 2, 0, 8)
+    assert (nvl, rdma) == _C.internode_buffer_size_hint(16, 8, 4096, 7168, 2, 0, 8)
+    assert nvl % 128 == 0 and rdma % 128 == 0 and nvl > 16 * 4096 * 14336 * 2 and rdma > 2 * 4096 * 14336 * 2
+    with pytest.raises(openep.OpenEPError) as e:
+        openep.Buffer.get_internode_buffer_size_hint(16, 9, 4096, 7168)
+    assert "ranks_per_node must be in [1, 8], got 9" in str(e.value)
+
+
 @pytest.mark.parametrize("method,args", [
     ("low_latency_update_mask_buffer", (1,)), ("low_latency_query_mask_buffer", (None,)),
     ("low_latency_clean_mask_buffer", ()), ("internode_dispatch", (None,)), ("internode_combine", (None, None))])
