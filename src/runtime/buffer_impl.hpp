@@ -29,6 +29,8 @@ namespace openep::detail {
 void check_nccl_version(int compiled, int loaded);
 // Argument checks shared by intranode and internode dispatch (x, scales, top-k); throw kInvalidArgument.
 void validate_normal_dispatch_data(const DispatchArgs& a);
+// Combine checks shared by intranode and internode combine (hidden, x, top-k weights, outputs).
+void validate_normal_combine_data(const CombineArgs& a, int num_recv_tokens, int num_tokens, const CombineOutputs& out);
 
 }  // namespace openep::detail
 

@@ -449,18 +449,12 @@ void Buffer::internode_combine(const CombineArgs& a, const InternodeHandle& h, c
   require_internode(m, "internode_combine");
   const int R = m.num_ranks, M = m.in.ranks_per_node, N = m.in.num_nodes;
   const int blocks = blocks_of(a.config, m);
-  OPENEP_CHECK_ARG(a.hidden > 0 && a.hidden % 8 == 0, "combine hidden must be a positive multiple of 8, got ", a.hidden);
+  detail::validate_normal_combine_data(a, h.num_recv_tokens, h.num_tokens, out);
   OPENEP_CHECK_ARG(a.hidden == h.hidden, "combine hidden (", a.hidden, ") differs from the dispatch's (", h.hidden, ")");
-  OPENEP_CHECK_ARG(a.num_topk >= 0 && a.num_topk <= 32, "num_topk must be in [0, 32], got ", a.num_topk);
-  OPENEP_CHECK_ARG(h.num_recv_tokens == 0 || a.x != nullptr, "combine x is null with ", h.num_recv_tokens, " rows");
   OPENEP_CHECK_ARG(h.num_recv_tokens == 0 || h.recv_src_meta != nullptr, "handle.recv_src_meta is null");
   OPENEP_CHECK_ARG(h.num_rdma_recv_tokens == 0 || h.recv_rdma_mask != nullptr, "handle.recv_rdma_mask is null");
-  OPENEP_CHECK_ARG(h.num_tokens == 0 || (out.combined_x != nullptr && h.send_rdma_head != nullptr),
-                   "combined_x and handle.send_rdma_head are required with ", h.num_tokens, " tokens");
-  OPENEP_CHECK_ARG(a.num_topk == 0 || h.num_recv_tokens == 0 || a.topk_weights != nullptr,
-                   "topk_weights is null but num_topk = ", a.num_topk);
-  OPENEP_CHECK_ARG(a.num_topk == 0 || h.num_tokens == 0 || out.combined_topk_weights != nullptr,
-                   "combined_topk_weights is null but num_topk = ", a.num_topk);
+  OPENEP_CHECK_ARG(h.num_tokens == 0 || h.send_rdma_head != nullptr, "handle.send_rdma_head is null with ",
+                   h.num_tokens, " tokens");
   const int K = a.num_topk;
   const size_t entry = InternodeRecord::combine_bytes(a.hidden, K);
   const Leg leg = leg_of(m, h);

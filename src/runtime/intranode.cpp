@@ -56,6 +56,18 @@ void validate_normal_dispatch_data(const DispatchArgs& a) {
                    "topk_idx and topk_weights must both be given when num_topk = ", a.num_topk);
 }
 
+void validate_normal_combine_data(const CombineArgs& a, int num_recv_tokens, int num_tokens, const CombineOutputs& out) {
+  OPENEP_CHECK_ARG(a.hidden > 0 && a.hidden % 8 == 0, "combine hidden must be a positive multiple of 8, got ",
+                   a.hidden);
+  OPENEP_CHECK_ARG(num_recv_tokens == 0 || a.x != nullptr, "combine x is null with ", num_recv_tokens, " rows");
+  OPENEP_CHECK_ARG(num_tokens == 0 || out.combined_x != nullptr, "combined_x is null");
+  OPENEP_CHECK_ARG(a.num_topk >= 0 && a.num_topk <= 32, "num_topk must be in [0, 32], got ", a.num_topk);
+  OPENEP_CHECK_ARG(a.num_topk == 0 || num_recv_tokens == 0 || a.topk_weights != nullptr,
+                   "topk_weights is null but num_topk = ", a.num_topk);
+  OPENEP_CHECK_ARG(a.num_topk == 0 || num_tokens == 0 || out.combined_topk_weights != nullptr,
+                   "combined_topk_weights is null but num_topk = ", a.num_topk);
+}
+
 }  // namespace detail
 
 namespace {
@@ -300,16 +312,8 @@ void Buffer::combine(const CombineArgs& a, const IntranodeHandle& h, const Combi
   validate_handle_arrays(h);
   OPENEP_CHECK_ARG(m.num_ranks <= IntranodeLayout::kMaxRanks, "intranode combine supports up to ",
                    IntranodeLayout::kMaxRanks, " ranks, the Group has ", m.num_ranks);
-  OPENEP_CHECK_ARG(a.hidden > 0 && a.hidden % 8 == 0, "combine hidden must be a positive multiple of 8, got ",
-                   a.hidden);
-  OPENEP_CHECK_ARG(h.num_recv_tokens == 0 || a.x != nullptr, "combine x is null with ", h.num_recv_tokens, " rows");
+  detail::validate_normal_combine_data(a, h.num_recv_tokens, h.num_tokens, out);
   OPENEP_CHECK_ARG(h.num_recv_tokens == 0 || h.recv_src_idx != nullptr, "handle.recv_src_idx is null");
-  OPENEP_CHECK_ARG(h.num_tokens == 0 || out.combined_x != nullptr, "combined_x is null");
-  OPENEP_CHECK_ARG(a.num_topk >= 0 && a.num_topk <= 32, "num_topk must be in [0, 32], got ", a.num_topk);
-  OPENEP_CHECK_ARG(a.num_topk == 0 || h.num_recv_tokens == 0 || a.topk_weights != nullptr,
-                   "topk_weights is null but num_topk = ", a.num_topk);
-  OPENEP_CHECK_ARG(a.num_topk == 0 || h.num_tokens == 0 || out.combined_topk_weights != nullptr,
-                   "combined_topk_weights is null but num_topk = ", a.num_topk);
   const int K = a.num_topk;
   const size_t record = IntranodeLayout::combine_record_bytes(a.hidden, K);
   const int64_t stage_rows = IntranodeLayout::combine_stage_rows(m.options.num_nvl_bytes, record, m.num_ranks);

@@ -154,6 +154,7 @@ struct Runner {
     return a;
   }
   void layout() {
+    per_rdma.poison(), base.per_rank.poison(), base.per_expert.poison(), base.in_rank.poison();
     LayoutArgs la;
     la.topk_idx = base.topk64.get();
     la.num_tokens = c.num_tokens;
