@@ -155,6 +155,7 @@ class Bench {
     recv_topk_ = device_alloc<int64_t>(rows_max * K);
     recv_w_ = device_alloc<float>(rows_max * K);
     combined_ = device_alloc<uint16_t>(static_cast<size_t>(T) * H);
+    combined_w_ = device_alloc<float>(static_cast<size_t>(T) * K);
     auto dispatch = [&] {
       LayoutArgs la;
       la.topk_idx = topk_, la.num_tokens = T, la.num_topk = K, la.num_experts = E;
@@ -173,7 +174,7 @@ class Bench {
       ca.x = recv_x_, ca.hidden = H, ca.topk_weights = recv_w_, ca.num_topk = K;
       ca.config.num_sms = o_.num_sms;
       CombineOutputs co;
-      co.combined_x = combined_;
+      co.combined_x = combined_, co.combined_topk_weights = combined_w_;
       buffer_->internode_combine(ca, h_, co, stream_);
       buffer_->synchronize(stream_);
     };
@@ -240,6 +241,10 @@ class Bench {
     const std::vector<ref::CombineOutput> c = ref::combine_internode(cin, want, in, cfg, M_);
     const std::vector<uint16_t> got = host_copy(combined_, static_cast<size_t>(o_.num_tokens) * o_.hidden);
     require(got == c[env_.rank].x, "internode combine differs from ref::combine_internode");
+    const std::vector<float> got_w = host_copy(combined_w_, static_cast<size_t>(o_.num_tokens) * o_.num_topk);
+    require(std::memcmp(got_w.data(), c[env_.rank].topk_weights.data(), got_w.size() * sizeof(float)) == 0 &&
+                got_w.size() == c[env_.rank].topk_weights.size(),
+            "internode combined top-k weights differ from ref::combine_internode");
   }
 
   double time_us(const std::function<void()>& fn) {
@@ -287,7 +292,7 @@ class Bench {
   double* scalar_ = nullptr;
   uint16_t *x_ = nullptr, *recv_x_ = nullptr, *combined_ = nullptr;
   int64_t *topk_ = nullptr, *recv_topk_ = nullptr;
-  float *weights_ = nullptr, *recv_w_ = nullptr;
+  float *weights_ = nullptr, *recv_w_ = nullptr, *combined_w_ = nullptr;
   int *per_rank_ = nullptr, *per_rdma_ = nullptr, *per_expert_ = nullptr;
   bool* in_rank_ = nullptr;
   InternodeHandle h_;
