@@ -732,15 +732,9 @@ class Buffer:
         return combined_x, combined_w, event
 
     # ------------------------------------------------------------------------------------------------------
-    # Internode normal mode (DeepEP 2.7; C++ semantics in include/openep/internode.hpp). WRITTEN BUT NEVER RUN
-    # from Python: until a GPU run has checked it, it needs OPENEP_EXPERIMENTAL_INTERNODE=1 and otherwise raises
-    # OpenEPNotAvailableError (the C++ API runs it and is tested on virtual ranks and fake nodes).
+    # Internode normal mode (DeepEP 2.7; C++ semantics in include/openep/internode.hpp). Run from Python on fake
+    # NCCL nodes over sockets (tests/python/fakenode_internode.py); never on a real network (docs/INTERNODE.md).
     def _require_internode(self, op):
-        if not _env_flag("OPENEP_EXPERIMENTAL_INTERNODE"):
-            raise not_available(
-                f"internode normal mode from Python (Buffer.{op})",
-                "the C++ API runs it (openep/internode.hpp); the Python path is written but has never run on a GPU: "
-                "set OPENEP_EXPERIMENTAL_INTERNODE=1 to try it")
         rt = self._rt(op)
         if not rt.is_internode:
             raise invalid_argument(f"{op}: this Buffer is not internode (its group is one NVLink domain, or "

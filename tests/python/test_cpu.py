@@ -227,13 +227,13 @@ def test_buffer_shrink_mode_not_available_yet():
         openep.Buffer(_FakeGroup(), enable_shrink=True)
 
 
-def test_internode_from_python_needs_the_experimental_flag(monkeypatch):
-    monkeypatch.delenv("OPENEP_EXPERIMENTAL_INTERNODE", raising=False)
+def test_internode_calls_on_a_destroyed_buffer_name_the_call():
     buf = object.__new__(openep.Buffer)
+    buf.runtime = None
     for method, args in (("internode_dispatch", (None,)), ("internode_combine", (None, None))):
-        with pytest.raises(openep.OpenEPNotAvailableError) as e:
+        with pytest.raises(openep.OpenEPError) as e:
             getattr(buf, method)(*args)
-        assert "OPENEP_EXPERIMENTAL_INTERNODE=1" in str(e.value) and "never run" in str(e.value)
+        assert method in str(e.value) and "destroyed" in str(e.value)
 
 
 def test_internode_handle_keeps_deepep_positions():
@@ -253,7 +253,7 @@ def test_internode_size_hint_matches_the_core():
 
 @pytest.mark.parametrize("method,args", [
     ("low_latency_update_mask_buffer", (1,)), ("low_latency_query_mask_buffer", (None,)),
-    ("low_latency_clean_mask_buffer", ()), ("internode_dispatch", (None,)), ("internode_combine", (None, None))])
+    ("low_latency_clean_mask_buffer", ())])
 def test_unlanded_methods_raise_not_available(method, args):
     buf = object.__new__(openep.Buffer)  # no GPU: the stubs fail before touching the Buffer's state
     with pytest.raises(openep.OpenEPNotAvailableError) as e:
