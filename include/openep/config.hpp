@@ -12,6 +12,11 @@ struct Config {
   int num_max_nvl_chunked_recv_tokens = 256;
   int num_max_rdma_chunked_send_tokens = 6;
   int num_max_rdma_chunked_recv_tokens = 256;
+  // Internode normal mode only: the network leg of dispatch and combine is cut into this many chunks per rail
+  // peer, so that the NVLink forward (dispatch) and the node reduce (combine) of one chunk overlap the network
+  // transfer of the next. In [1, 16]; MUST be the same on every rank of the Group (the chunks are collective
+  // transfers). More chunks mean more, smaller network transfers; 1 turns the overlap off.
+  int num_internode_chunks = 4;
 
   // Validates and normalises like DeepEP V1 (rounds rdma_recv up to a multiple of rdma_send). Throws
   // openep::Error(kInvalidArgument) naming the bad field.

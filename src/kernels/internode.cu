@@ -69,14 +69,39 @@ __device__ bool wait_node_flags(const InternodeNodeRef& n, const WaitContext& w,
 __device__ size_t no_slot(int) { return 0; }
 
 // Binary search: the node n with prefix[n-1] <= f < prefix[n] (inclusive prefix over N nodes).
-__device__ __forceinline__ int node_of(const int* prefix, int N, int f) {
-  int lo = 0, hi = N - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi) / 2;
-    if (__ldg(prefix + mid) > f) hi = mid; else lo = mid + 1;
+// Records of one forward / node-reduce launch (InternodeChunk): unit u of [0, units) -> (source node m, index i of
+// its records, flat record f), or false when u names no record (past a node's real count, or the own node).
+struct ChunkWalk {
+  const int* prefix;  // recv_rdma_rank_prefix_sum [N]
+  int N, own;
+  InternodeChunk part;
+  int64_t span = 0;   // largest chunk of any other node (units per node)
+  __device__ ChunkWalk(const int* prefix_, int N_, int own_, const InternodeChunk& part_)
+      : prefix(prefix_), N(N_), own(own_), part(part_) {
+    if (part.own_node) return;
+    for (int m = 0; m < N; ++m) {
+      if (m == own) continue;
+      const EntryRange r = rail_chunk(part.slots_per_node > 0 ? part.slots_per_node : count(m), part.chunk, part.num_chunks);
+      if (r.hi - r.lo > span) span = r.hi - r.lo;
+    }
   }
-  return lo;
-}
+  __device__ int count(int m) const { return prefix[m] - (m > 0 ? prefix[m - 1] : 0); }
+  __device__ int64_t units() const { return part.own_node ? count(own) : span * N; }
+  __device__ bool record(int64_t u, int* m, int* i, int* f) const {
+    if (part.own_node) {
+      *m = own, *i = static_cast<int>(u);
+    } else {
+      *m = static_cast<int>(u / span);
+      if (*m == own) return false;
+      const EntryRange r = rail_chunk(part.slots_per_node > 0 ? part.slots_per_node : count(*m), part.chunk, part.num_chunks);
+      const int64_t e = r.lo + u % span;
+      if (e >= r.hi || e >= count(*m)) return false;
+      *i = static_cast<int>(e);
+    }
+    *f = (*m > 0 ? prefix[*m - 1] : 0) + *i;
+    return true;
+  }
+};
 
 // Exclusive prefix over the block of one flag per thread (blockDim.x == kPlanThreads); returns the total.
 __device__ __forceinline__ int block_scan_flags(bool flag, int* s_warp, int& exclusive) {
@@ -271,10 +296,11 @@ __global__ void __launch_bounds__(kThreads) internode_forward_kernel(const __gri
   const int N = n.num_nodes, M = n.ranks_per_node, K = p.num_topk, S = p.num_scales, El = p.experts_per_rank;
   const int row_int4 = p.row_bytes / 16;
   const size_t meta_off = align_up(static_cast<size_t>(p.row_bytes), 16);
-  const int records = p.recv_rdma_rank_prefix_sum[N - 1];
-  for (int f = blockIdx.x * kWarps + threadIdx.x / 32; f < records; f += gridDim.x * kWarps) {
-    const int m = node_of(p.recv_rdma_rank_prefix_sum, N, f);
-    const int i = f - (m > 0 ? p.recv_rdma_rank_prefix_sum[m - 1] : 0);
+  const ChunkWalk walk(p.recv_rdma_rank_prefix_sum, N, n.node, p.part);
+  const int64_t units = walk.units();
+  for (int64_t u = blockIdx.x * kWarps + threadIdx.x / 32; u < units; u += gridDim.x * kWarps) {
+    int m, i, f;
+    if (!walk.record(u, &m, &i, &f)) continue;
     const char* rec = m == n.node ? p.rail + p.rail_layout.a(p.bases.send[m] + i, p.record_bytes)
                                   : p.rail + p.rail_layout.b(p.bases.recv[m] + i, p.record_bytes);
     const int32_t* meta = reinterpret_cast<const int32_t*>(rec + meta_off);
@@ -308,7 +334,7 @@ __global__ void __launch_bounds__(kThreads) internode_forward_kernel(const __gri
     }
     if (lane == 0 && p.recv_rdma_mask) p.recv_rdma_mask[f] = mask;
   }
-  if (device::last_block<true>(p.ticket) && threadIdx.x < M) {
+  if (p.part.release && device::last_block<true>(p.ticket) && threadIdx.x < M) {
     ptx::fence_acq_rel_sys();
     ptx::st_release_sys(node_slot<uint64_t>(n, threadIdx.x, NL::dispatch_ready(n.local_rank)), d);
   }
@@ -427,10 +453,11 @@ __global__ void __launch_bounds__(kThreads) internode_node_reduce_kernel(const _
   const int row_int4 = p.hidden / 8;
   const size_t w_off = align_up(2 * static_cast<size_t>(p.hidden), 16);
   const char* stage = node_region(n, n.local_rank);
-  const int records = p.recv_rdma_rank_prefix_sum[N - 1];
-  for (int f = blockIdx.x * kWarps + threadIdx.x / 32; f < records; f += gridDim.x * kWarps) {
-    const int m = node_of(p.recv_rdma_rank_prefix_sum, N, f);
-    const int i = f - (m > 0 ? p.recv_rdma_rank_prefix_sum[m - 1] : 0);
+  const ChunkWalk walk(p.recv_rdma_rank_prefix_sum, N, n.node, p.part);
+  const int64_t units = walk.units();
+  for (int64_t u = blockIdx.x * kWarps + threadIdx.x / 32; u < units; u += gridDim.x * kWarps) {
+    int m, i, f;
+    if (!walk.record(u, &m, &i, &f)) continue;
     char* dst = m == n.node ? p.rail + p.rail_layout.a(p.bases.send[m] + i, p.entry_bytes)
                             : p.rail + p.rail_layout.b(p.bases.recv[m] + i, p.entry_bytes);
     const int mask = p.recv_rdma_mask[f];
@@ -452,7 +479,7 @@ __global__ void __launch_bounds__(kThreads) internode_node_reduce_kernel(const _
       reinterpret_cast<float*>(dst + w_off)[k] = w;
     }
   }
-  if (device::last_block<true>(p.ticket) && threadIdx.x == 0)
+  if (p.part.release && device::last_block<true>(p.ticket) && threadIdx.x == 0)
     ptx::st_release_sys(node_slot<uint64_t>(n, n.local_rank, NL::reduced()), c);
 }
 

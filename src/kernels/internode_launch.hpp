@@ -95,6 +95,7 @@ struct InternodeForwardParams {
   const int* node_prefix;                // [R][M]
   int* recv_rdma_mask;                   // [records] out, or null (cached)
   int64_t dispatch_capacity;
+  InternodeChunk part;                   // which records this launch forwards
   WaitContext wait;
 };
 void launch_internode_forward(const InternodeForwardParams& p, int num_blocks, cudaStream_t stream);
@@ -143,6 +144,7 @@ struct InternodeNodeReduceParams {
   InternodeRailLayout rail_layout;
   InternodeRailBases bases;
   size_t entry_bytes;
+  InternodeChunk part;                   // which records this launch reduces
   WaitContext wait;
 };
 void launch_internode_node_reduce(const InternodeNodeReduceParams& p, int num_blocks, cudaStream_t stream);

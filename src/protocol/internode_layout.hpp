@@ -118,6 +118,32 @@ struct InternodeRailLayout {
   OPENEP_HOST_DEVICE int64_t capacity(size_t entry_bytes) const { return static_cast<int64_t>(half_bytes / entry_bytes); }
 };
 
+// Chunks of the network leg (docs/INTERNODE.md "Chunks"): a rail transfer of `count` entries is cut into
+// `num_chunks` pieces of ceil(count / num_chunks) entries; chunk c is [lo, hi). Both ends of a transfer compute it
+// from the same count (what I send to node n is what n receives from me), so they agree without talking.
+inline constexpr int kMaxInternodeChunks = 16;
+struct EntryRange {
+  int64_t lo = 0, hi = 0;
+};
+OPENEP_HOST_DEVICE EntryRange rail_chunk(int64_t count, int chunk, int num_chunks) {
+  const int64_t span = (count + num_chunks - 1) / num_chunks;
+  EntryRange r;
+  r.lo = static_cast<int64_t>(chunk) * span < count ? static_cast<int64_t>(chunk) * span : count;
+  r.hi = r.lo + span < count ? r.lo + span : count;
+  return r;
+}
+
+// Which records one forward / node-reduce launch handles: the own node's (all of them, no network), or chunk
+// `chunk` of every other node's. `slots_per_node` > 0 (worst-case handles): the rail moves that many entries per
+// node and chunks are cut from it; 0: the exact counts. `release`: this is the operation's last launch, which
+// releases the flag the next kernel waits for.
+struct InternodeChunk {
+  int own_node = 1;
+  int chunk = 0, num_chunks = 1;
+  int64_t slots_per_node = 0;
+  int release = 1;
+};
+
 // Device memory private to one rank of an internode Buffer, zeroed at creation.
 struct InternodeState {
   uint64_t dispatch_epoch;   // dispatches started (cached ones included), monotonic

@@ -122,7 +122,8 @@ void drain_rail_bounded(Buffer::Impl& m) noexcept {
   if (!m.comm_stream || !m.in.rail || !m.in.rail->can_hang()) return;
   const auto deadline =
       std::chrono::steady_clock::now() + std::chrono::duration<double>(m.options.timeout_seconds + 5.0);
-  while (cudaStreamQuery(m.comm_stream) == cudaErrorNotReady) {
+  while (cudaStreamQuery(m.comm_stream) == cudaErrorNotReady ||
+         (m.in.rail_stream && cudaStreamQuery(m.in.rail_stream) == cudaErrorNotReady)) {
     if (std::chrono::steady_clock::now() > deadline) {
       std::fprintf(stderr, "OpenEP: rank %d: the rail leg did not finish within %.0f s at Buffer destruction; "
                    "aborting the rail communicator\n", m.rank, m.options.timeout_seconds + 5.0);
@@ -136,6 +137,13 @@ void drain_rail_bounded(Buffer::Impl& m) noexcept {
 void release(Buffer::Impl& m) noexcept {
   drain_rail_bounded(m);
   if (m.comm_stream) warn_cuda(cudaStreamSynchronize(m.comm_stream), "cudaStreamSynchronize");
+  if (m.in.rail_stream) {
+    warn_cuda(cudaStreamSynchronize(m.in.rail_stream), "cudaStreamSynchronize (rail stream)");
+    for (cudaEvent_t& e : m.in.rail_events)
+      if (e) warn_cuda(cudaEventDestroy(e), "cudaEventDestroy"), e = nullptr;
+    warn_cuda(cudaStreamDestroy(m.in.rail_stream), "cudaStreamDestroy");
+    m.in.rail_stream = nullptr;
+  }
   if (m.fabric) {
     detail::Fabric& f = *m.fabric;
     (m.in.node_fabric ? *m.in.node_fabric : f).close_window(m.win);
@@ -269,6 +277,11 @@ void Buffer::init(Group& group, const BufferOptions& options) {
     m.in.host = static_cast<detail::InternodeHostCounters*>(f.alloc_mapped(sizeof(detail::InternodeHostCounters), &view));
     m.in.host_device = static_cast<detail::InternodeHostCounters*>(view);
     std::memset(static_cast<void*>(m.in.host), 0, sizeof(detail::InternodeHostCounters));
+    static_assert(Impl::Internode::kRailEvents == detail::kMaxInternodeChunks + 1, "one event per chunk and one more");
+    if (m.in.rail->overlaps()) {
+      OPENEP_CUDA_CHECK(cudaStreamCreateWithPriority(&m.in.rail_stream, cudaStreamNonBlocking, m.fabric->comm_stream_priority()));
+      for (cudaEvent_t& e : m.in.rail_events) OPENEP_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    }
   }
 
   // One window for everything (collective; every peer's window is zero before any rank returns). kGin

@@ -68,6 +68,7 @@ struct Buffer::Impl {
   // peer table has ranks_per_node entries, indexed by local rank), opened on node_fabric; the rail moves the
   // network leg. rail_buffer is private device memory of num_rdma_bytes (two halves, InternodeRailLayout).
   struct Internode {
+    static constexpr int kRailEvents = 17;     // detail::kMaxInternodeChunks + 1
     int ranks_per_node = 1, num_nodes = 1, node = 0, local_rank = 0;
     std::unique_ptr<detail::Fabric> node_fabric;
     std::unique_ptr<detail::Rail> rail;
@@ -79,6 +80,10 @@ struct Buffer::Impl {
     detail::InternodeHostCounters* host = nullptr;         // pinned mapped (host view)
     detail::InternodeHostCounters* host_device = nullptr;  // device view
     int64_t host_seq = 0;
+    // Rails that overlap (NCCL): the network legs run on rail_stream, ordered against the operation's stream by
+    // these events (one per chunk and one more). Null for rails that run on the operation's stream.
+    cudaStream_t rail_stream = nullptr;
+    cudaEvent_t rail_events[kRailEvents] = {};
   } in;
   bool internode() const { return transport == detail::Transport::kHostP2p; }
   // Peer table size and this rank's index in it (the node for internode, else the Group).

@@ -43,6 +43,8 @@ Config lookup(const Row (&table)[N], int num_ranks, const char* what) {
 }  // namespace
 
 void Config::validate_and_normalize() {
+  OPENEP_CHECK_ARG(num_internode_chunks >= 1 && num_internode_chunks <= 16,
+                   "Config.num_internode_chunks must be in [1, 16], got ", num_internode_chunks);
   OPENEP_CHECK_ARG(num_sms > 0 && num_sms % 2 == 0, "Config.num_sms must be even and > 0, got ", num_sms);
   OPENEP_CHECK_ARG(num_max_nvl_chunked_send_tokens > 0, "Config.num_max_nvl_chunked_send_tokens must be > 0, got ",
                    num_max_nvl_chunked_send_tokens);

@@ -126,24 +126,61 @@ int64_t entries_needed(const Leg& l, bool send_half, int own_node) {
   return e;
 }
 
-// `forward`: half A -> half B (dispatch records); else half B -> half A (combine partials).
-void rail_leg(Buffer::Impl& m, const Leg& l, size_t entry_bytes, bool forward, cudaStream_t stream) {
+// `forward`: half A -> half B (dispatch records); else half B -> half A (combine partials). Chunk `chunk` of
+// `num_chunks` of every transfer (detail::rail_chunk; both ends cut the same count the same way).
+void rail_leg(Buffer::Impl& m, const Leg& l, size_t entry_bytes, bool forward, int chunk, int num_chunks,
+              cudaStream_t stream) {
   const InternodeRailLayout rl = InternodeRailLayout::make(m.options.num_rdma_bytes);
   std::vector<detail::RailTransfer> x;
   for (int n = 0; n < m.in.num_nodes; ++n) {
     if (n == m.in.node) continue;
+    // Dispatch sends my records to n (send_count) and receives n's (recv_count); combine goes back.
+    const int64_t out_count = forward ? l.send_count[n] : l.recv_count[n];
+    const int64_t in_count = forward ? l.recv_count[n] : l.send_count[n];
+    const int64_t out_base = forward ? l.bases.send[n] : l.bases.recv[n];
+    const int64_t in_base = forward ? l.bases.recv[n] : l.bases.send[n];
+    const detail::EntryRange o = detail::rail_chunk(out_count, chunk, num_chunks);
+    const detail::EntryRange i = detail::rail_chunk(in_count, chunk, num_chunks);
     detail::RailTransfer t;
     t.node = n;
-    if (forward) {
-      t.send_offset = rl.a(l.bases.send[n], entry_bytes), t.send_bytes = l.send_count[n] * entry_bytes;
-      t.recv_offset = rl.b(l.bases.recv[n], entry_bytes), t.recv_bytes = l.recv_count[n] * entry_bytes;
-    } else {
-      t.send_offset = rl.b(l.bases.recv[n], entry_bytes), t.send_bytes = l.recv_count[n] * entry_bytes;
-      t.recv_offset = rl.a(l.bases.send[n], entry_bytes), t.recv_bytes = l.send_count[n] * entry_bytes;
-    }
+    t.send_offset = forward ? rl.a(out_base + o.lo, entry_bytes) : rl.b(out_base + o.lo, entry_bytes);
+    t.recv_offset = forward ? rl.b(in_base + i.lo, entry_bytes) : rl.a(in_base + i.lo, entry_bytes);
+    t.send_bytes = static_cast<size_t>(o.hi - o.lo) * entry_bytes;
+    t.recv_bytes = static_cast<size_t>(i.hi - i.lo) * entry_bytes;
     x.push_back(t);
   }
   m.in.rail->exchange(m.in.rail_buffer, m.in.rail_buffer, x, stream);
+}
+
+int chunks_of(const Config& c) {
+  OPENEP_CHECK_ARG(c.num_internode_chunks >= 1 && c.num_internode_chunks <= detail::kMaxInternodeChunks,
+                   "config.num_internode_chunks must be in [1, ", detail::kMaxInternodeChunks, "], got ",
+                   c.num_internode_chunks);
+  return c.num_internode_chunks;
+}
+
+// Orders the rail stream after `stream`'s work so far (fork), or `stream` after the rail's (join), through event
+// `slot`. No-ops when the rail runs on the operation's stream.
+cudaStream_t rail_stream_of(const Buffer::Impl& m, cudaStream_t stream) {
+  return m.in.rail_stream ? m.in.rail_stream : stream;
+}
+void order_after(const Buffer::Impl& m, cudaStream_t waiter, cudaStream_t signaller, int slot) {
+  if (!m.in.rail_stream || waiter == signaller) return;
+  OPENEP_CUDA_CHECK(cudaEventRecord(m.in.rail_events[slot], signaller));
+  OPENEP_CUDA_CHECK(cudaStreamWaitEvent(waiter, m.in.rail_events[slot], 0));
+}
+
+// Chunk part of a forward / node-reduce launch.
+detail::InternodeChunk own_part(bool release) {
+  detail::InternodeChunk c;
+  c.own_node = 1, c.release = release ? 1 : 0;
+  return c;
+}
+detail::InternodeChunk remote_part(const InternodeHandle& h, int chunk, int num_chunks, bool release) {
+  detail::InternodeChunk c;
+  c.own_node = 0, c.chunk = chunk, c.num_chunks = num_chunks, c.release = release ? 1 : 0;
+  c.slots_per_node = h.rdma_send_counts.empty() ? h.records_per_node : 0;
+  return c;
 }
 
 std::string rail_peers(const Buffer::Impl& m) {
@@ -376,7 +413,9 @@ void pack_and_forward(Buffer::Impl& m, const DispatchArgs& a, const InternodeHan
   pk.rail = m.in.rail_buffer, pk.rail_layout = rl, pk.record_bytes = sz.rail_record, pk.bases = leg.bases;
   pk.wait = m.wait_context();
   detail::launch_internode_pack(pk, blocks, stream);
-  rail_leg(m, leg, sz.rail_record, /*forward=*/true, stream);
+  const int C = chunks_of(a.config);
+  const cudaStream_t rail = rail_stream_of(m, stream);
+  order_after(m, rail, stream, C);  // the network leg starts once the records are packed
 
   detail::InternodeForwardParams fw{};
   fw.node = node_ref(m);
@@ -389,7 +428,16 @@ void pack_and_forward(Buffer::Impl& m, const DispatchArgs& a, const InternodeHan
   fw.recv_rdma_mask = cached ? nullptr : h.recv_rdma_mask;
   fw.dispatch_capacity = nl.dispatch_capacity(sz.nvl_row);
   fw.wait = m.wait_context();
+  // Own node first (no network): it overlaps the first chunk's transfer. Then chunk c once it has arrived, while
+  // chunk c + 1 is on the network. The last launch releases dispatch_ready.
+  fw.part = own_part(/*release=*/false);
   detail::launch_internode_forward(fw, blocks, stream);
+  for (int c = 0; c < C; ++c) {
+    rail_leg(m, leg, sz.rail_record, /*forward=*/true, c, C, rail);
+    order_after(m, stream, rail, c);
+    fw.part = remote_part(h, c, C, /*release=*/c == C - 1);
+    detail::launch_internode_forward(fw, blocks, stream);
+  }
 
   detail::InternodeDrainParams dr{};
   dr.node = node_ref(m);
@@ -488,8 +536,19 @@ void Buffer::internode_combine(const CombineArgs& a, const InternodeHandle& h, c
   nr.recv_rdma_rank_prefix_sum = h.recv_rdma_rank_prefix_sum, nr.recv_rdma_mask = h.recv_rdma_mask;
   nr.rail = m.in.rail_buffer, nr.rail_layout = rl, nr.bases = leg.bases, nr.entry_bytes = entry;
   nr.wait = m.wait_context();
+  // Chunk c of the partials for other nodes goes on the network while chunk c + 1 is reduced; the own node's
+  // partials (no network) come last, overlapping the last transfer, and that launch releases `reduced`.
+  const int C = chunks_of(a.config);
+  const cudaStream_t rail = rail_stream_of(m, stream);
+  for (int c = 0; c < C; ++c) {
+    nr.part = remote_part(h, c, C, /*release=*/false);
+    detail::launch_internode_node_reduce(nr, blocks, stream);
+    order_after(m, rail, stream, c);
+    rail_leg(m, leg, entry, /*forward=*/false, c, C, rail);
+  }
+  nr.part = own_part(/*release=*/true);
   detail::launch_internode_node_reduce(nr, blocks, stream);
-  rail_leg(m, leg, entry, /*forward=*/false, stream);
+  order_after(m, stream, rail, C);  // the final sum reads every node's partials
 
   detail::InternodeCombineFinalParams fn{};
   fn.rail = m.in.rail_buffer, fn.rail_layout = rl, fn.bases = leg.bases, fn.entry_bytes = entry;

@@ -69,6 +69,7 @@ class NcclRail final : public Rail {
   int num_nodes() const noexcept override { return num_nodes_; }
   int node() const noexcept override { return node_; }
   bool can_hang() const noexcept override { return true; }
+  bool overlaps() const noexcept override { return true; }
   void exchange(const char* send_base, char* recv_base, const std::vector<RailTransfer>& transfers,
                 cudaStream_t stream) override {
     OPENEP_CHECK(!aborted_, ErrorCode::kBufferFailed, "the rail communicator was aborted after a timeout");

@@ -40,6 +40,10 @@ class Rail {
   // True if work enqueued by earlier exchanges may still be stuck in the network (NCCL), so that a host-side
   // deadline should abort it rather than wait forever.
   virtual bool can_hang() const noexcept { return false; }
+  // True if exchanges should run on a stream of their own, so that the kernels of one chunk overlap the network
+  // leg of the next (NCCL). False for virtual ranks: on one GPU nothing is gained, and a third stream per rank
+  // would share hardware queues with other ranks' spinning kernels.
+  virtual bool overlaps() const noexcept { return false; }
   // Gives up on the network leg after a timeout (NCCL: ncclCommAbort, which also ends NCCL kernels that wait
   // for a dead peer). Later exchanges fail. Never throws.
   virtual void abort() noexcept {}

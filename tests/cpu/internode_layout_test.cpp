@@ -102,5 +102,25 @@ TEST(InternodeRecord, SizesAreAlignedAndCarryEveryField) {
   EXPECT_EQ(InternodeRecord::header_ints(2, 4), 1 + 2 + 8);
 }
 
+TEST(InternodeRailChunk, ChunksCoverEveryEntryOnceInOrder) {
+  for (int64_t count = 0; count <= 70; ++count)
+    for (int C = 1; C <= kMaxInternodeChunks; ++C) {
+      int64_t next = 0;
+      for (int c = 0; c < C; ++c) {
+        const EntryRange r = rail_chunk(count, c, C);
+        ASSERT_EQ(r.lo, next) << "count " << count << " chunks " << C << " chunk " << c;
+        ASSERT_LE(r.lo, r.hi);
+        ASSERT_LE(r.hi - r.lo, (count + C - 1) / C);
+        next = r.hi;
+      }
+      ASSERT_EQ(next, count) << "count " << count << " chunks " << C;
+    }
+  // 10 entries in 4 chunks: 3, 3, 3, 1; 2 entries in 4 chunks: 1, 1, 0, 0.
+  EXPECT_EQ(rail_chunk(10, 3, 4).lo, 9);
+  EXPECT_EQ(rail_chunk(10, 3, 4).hi, 10);
+  EXPECT_EQ(rail_chunk(2, 2, 4).lo, 2);
+  EXPECT_EQ(rail_chunk(2, 2, 4).hi, 2);
+}
+
 }  // namespace
 }  // namespace openep::detail

@@ -100,6 +100,19 @@ TEST(ConfigValidation, RejectsOddSmCount) {
   expect_error([] { set_default_num_sms(3); }, ErrorCode::kInvalidArgument, "num_sms must be even and > 0, got 3");
 }
 
+TEST(ConfigValidation, RejectsInternodeChunksOutOfRange) {
+  for (int bad : {0, 17, -1}) {
+    Config c;
+    c.num_internode_chunks = bad;
+    expect_error([&] { c.validate_and_normalize(); }, ErrorCode::kInvalidArgument,
+                 "Config.num_internode_chunks must be in [1, 16], got " + std::to_string(bad));
+  }
+  Config c;
+  EXPECT_EQ(c.num_internode_chunks, 4);
+  c.num_internode_chunks = 16;
+  EXPECT_NO_THROW(c.validate_and_normalize());
+}
+
 TEST(NcclVersion, CompiledVersionIsTheHeaderVersion) {
   EXPECT_EQ(compiled_nccl_version(), NCCL_VERSION_CODE);
   // The library on this machine is loadable without a GPU and must match what we compiled against.

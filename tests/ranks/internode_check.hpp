@@ -32,6 +32,7 @@ struct Case {
   int expert_alignment = 1;
   IndexType index_type = IndexType::kInt64;
   int num_sms = 16;
+  int num_chunks = 4;  // Config::num_internode_chunks (dispatch and combine)
 };
 
 inline std::string name(const Case& c) {
@@ -39,7 +40,8 @@ inline std::string name(const Case& c) {
   return "tokens" + std::to_string(c.num_tokens) + "_hidden" + std::to_string(c.hidden) + "_topk" +
          std::to_string(c.num_topk) + "_epr" + std::to_string(c.experts_per_rank) + (c.fp8 ? "_fp8" : "_bf16") +
          (c.with_topk ? "" : "_notopk") + "_" + routes[static_cast<int>(c.route)] + (c.bias ? "_bias" : "") +
-         (c.index_type == IndexType::kInt32 ? "_i32" : "") + "_align" + std::to_string(c.expert_alignment);
+         (c.index_type == IndexType::kInt32 ? "_i32" : "") + "_align" + std::to_string(c.expert_alignment) +
+         (c.num_chunks != 4 ? "_chunks" + std::to_string(c.num_chunks) : "");
 }
 
 inline std::vector<int64_t> routing(const Case& c, int R, int M, uint64_t seed) {
@@ -151,6 +153,7 @@ struct Runner {
     DispatchArgs a = base.args(cached);
     a.num_tokens_per_rdma_rank = per_rdma.get();
     a.config.num_sms = c.num_sms;
+    a.config.num_internode_chunks = c.num_chunks;
     return a;
   }
   void layout() {
@@ -312,6 +315,7 @@ inline void run_case(Buffer& buffer, const Case& c, const World& w) {
       if (c.with_topk) ca.topk_weights = wts.get(), ca.num_topk = c.num_topk;
       if (c.bias) ca.bias_0 = bias0.get(), ca.bias_1 = bias1.get();
       ca.config.num_sms = c.num_sms;
+      ca.config.num_internode_chunks = c.num_chunks;
       CombineOutputs co;
       co.combined_x = out.get();
       co.combined_topk_weights = wout.get();
@@ -340,6 +344,11 @@ inline std::vector<std::pair<std::string, Case>> cases() {
       {64, 2048, 8, 8, false, true, Route::kAllMinusOne, true},
       {4096, 7168, 8, 16, false, true, Route::kGroupLimited},
       {4096, 7168, 8, 16, true, true, Route::kGroupLimited},
+      // Chunks of the network leg: none, an odd count that leaves short and empty chunks, more chunks than some
+      // nodes have records.
+      {300, 2048, 8, 8, false, true, Route::kGroupLimited, false, 1, IndexType::kInt64, 16, 1},
+      {257, 2048, 8, 8, true, true, Route::kUniform, true, 1, IndexType::kInt64, 16, 3},
+      {33, 2048, 4, 8, false, true, Route::kEmptyNode, false, 1, IndexType::kInt64, 16, 16},
   };
   std::vector<std::pair<std::string, Case>> named;
   for (const Case& c : list) named.emplace_back(name(c), c);
