@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of the Python package on a lent 2-GPU machine: `pip install .` (no build isolation, no index: the
-# machine's nanobind, scikit-build-core, torch and NCCL wheel), then the Python tests (CPU and 2-GPU parts).
+# machine's nanobind, scikit-build-core, torch and NCCL wheel), then the Python tests (CPU and 2-GPU parts), then
+# `pip install ./python/deep_ep_alias` and `import deep_ep` (uninstalled again afterwards).
 #   OUT=<dir> bash tools/python_gpu_check.sh [pytest -k expression, e.g. low_latency]
 # Logs go to $OUT (default ./python_gpu_check_out); the summary is printed last. A skipped GPU test is listed
 # with its reason (-rs) and is not a pass.
@@ -30,4 +31,23 @@ echo "== pytest rc $rc ($((SECONDS - t0)) s)"
 grep -E "(PASSED|FAILED|ERROR|SKIPPED)" "$OUT/pytest.log" | grep -E "test_gpu|FAILED|ERROR" | head -60
 grep -E "^(FAILED|ERROR)|Error|assert" "$OUT/pytest.log" | head -40
 tail -n 1 "$OUT/pytest.log"
+# The documented step that makes `import deep_ep` give OpenEP (python/deep_ep_alias), checked in this Python (with
+# torch) from outside the repository, then undone so that the environment is left as it was.
+probe="import deep_ep, deep_ep_cpp, openep, torch
+from deep_ep import Buffer, EventOverlap, Config
+from deep_ep.utils import EventHandle
+import deep_ep.buffer
+assert Buffer is openep.Buffer is deep_ep.buffer.Buffer and EventOverlap is openep.EventOverlap
+assert Config is openep.Config is deep_ep_cpp.Config and EventHandle is openep.EventHandle is deep_ep_cpp.EventHandle
+assert deep_ep.topk_idx_t is torch.int64 is deep_ep_cpp.topk_idx_t
+print('import deep_ep: OpenEP', deep_ep.__openep_version__, deep_ep.__file__)"
+if python3 -m pip install -v ./python/deep_ep_alias --no-build-isolation --no-deps --no-index \
+     >"$OUT/alias_install.log" 2>&1 &&
+   (cd "$OUT" && python3 -W error::RuntimeWarning -c "$probe") 2>&1 | tee -a "$OUT/versions.txt"; then
+  echo "== import deep_ep after pip install ./python/deep_ep_alias: ok"
+else
+  echo "== import deep_ep after pip install ./python/deep_ep_alias: FAILED (see $OUT/alias_install.log)"
+  [ $rc -eq 0 ] && rc=1
+fi
+python3 -m pip uninstall -y openep-deep-ep-alias >/dev/null 2>&1
 exit $rc

@@ -5,6 +5,12 @@ A drop-in for DeepEP V1's ``deep_ep`` package::
     import openep as deep_ep
     buffer = deep_ep.Buffer(group, num_nvl_bytes=...)
 
+or, with no edit to code that says ``import deep_ep`` (Megatron-LM, SGLang, vLLM), after one step in the OpenEP
+repository: ``python3 -m pip install ./python/deep_ep_alias``. Then ``deep_ep``, ``deep_ep.buffer``,
+``deep_ep.utils`` and ``deep_ep_cpp`` re-export OpenEP's own objects (``deep_ep.Buffer is openep.Buffer``), unless a
+real DeepEP is importable: it is kept, with a warning, until ``OPENEP_SHADOW_DEEP_EP=1`` asks for OpenEP
+(python/deep_ep_alias/README.md). ``import openep`` alone never provides ``deep_ep``.
+
 Exported (DeepEP's names): :class:`Buffer`, :class:`Config`, :class:`EventOverlap`, :class:`EventHandle`,
 ``topk_idx_t`` (``torch.int64``). OpenEP additions: :class:`OpenEPError` (every error OpenEP raises),
 :class:`OpenEPNotAvailableError` (capabilities that have not landed yet: internode and shrink modes, LogFMT),

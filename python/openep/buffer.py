@@ -1,21 +1,24 @@
 """openep.Buffer: DeepEP V1's ``deep_ep.Buffer`` on OpenEP's NCCL-only core.
 
 Names, argument order, defaults, return tuples and stream semantics follow DeepEP V1
-(../shared/docs/deepep-v1-interface.md sections 2, 4 and 5.11), so code written for ``deep_ep`` runs after
-``import openep as deep_ep`` for everything OpenEP has landed: intranode normal mode and low-latency mode
-(EP 2..8 ranks on one NVLink domain). Internode and shrink-mode methods exist with DeepEP's signatures and raise
-:class:`openep.OpenEPNotAvailableError`.
+(../shared/docs/deepep-v1-interface.md sections 2, 4 and 5.11), so code written for ``deep_ep`` runs unchanged
+after ``import openep as deep_ep``, or after ``import deep_ep`` once OpenEP's alias is installed
+(``pip install ./python/deep_ep_alias``, see python/deep_ep_alias/README.md), for everything OpenEP has landed:
+intranode normal mode and low-latency mode (EP 2..8 ranks on one NVLink domain). Internode and shrink-mode methods
+exist with DeepEP's signatures and raise :class:`openep.OpenEPNotAvailableError`.
 
 Streams (DeepEP 5.11), for get_dispatch_layout, dispatch and combine (the low-latency rules are stated above
 ``Buffer.low_latency_dispatch`` and in its docstring):
   * kernels run on the Buffer's communication stream (``get_comm_stream()``), which first waits for
-    ``previous_event`` if given, else for the current stream;
+    ``previous_event`` if it holds an event, else for the current stream (``None`` and an EventOverlap whose
+    ``event`` is None, e.g. the one a call with ``async_finish=False`` returns, both mean "no previous event");
   * ``async_finish=True``: an event is recorded on the communication stream and returned in the EventOverlap,
     and every input/output tensor is ``record_stream``-ed on it; the current stream does not wait;
   * ``async_finish=False``: the current stream waits for the communication stream before the call returns
     (no host synchronisation), and the EventOverlap holds ``None``;
-  * ``allocate_on_comm_stream=True`` (requires ``previous_event`` and ``async_finish=True``): outputs are
-    allocated with the communication stream current, and also ``record_stream``-ed on the calling stream.
+  * ``allocate_on_comm_stream=True`` (requires a ``previous_event`` holding an event and ``async_finish=True``):
+    outputs are allocated with the communication stream current, and also ``record_stream``-ed on the calling
+    stream.
 A non-cached dispatch with ``num_worst_tokens == 0`` blocks the host until the receive counts are known (to
 size its outputs); cached dispatch, worst-case dispatch and combine never block the host.
 """
@@ -27,9 +30,10 @@ from collections import namedtuple
 from . import _C
 from ._checks import INDEX_DTYPES, SCALE_DTYPES, check_int, check_tensor, dtype_name, element_size
 from ._loader import check_nccl_version
+from ._runtime import Runtime, _wrap_device_memory
 from ._torch import current_raw_stream, torch_module
 from .errors import invalid_argument, not_available
-from .utils import EventHandle, EventOverlap
+from .utils import EventHandle, EventOverlap, _previous_event_handle
 
 __all__ = ["Buffer", "IntranodeHandle", "InternodeHandle", "LowLatencyHandle"]
 
@@ -150,28 +154,6 @@ def _make_recv_hook(op, core_hook, tensors):
     return hook
 
 
-def _wrap_device_memory(owner, address, num_bytes, device):
-    """A 1-D uint8 tensor over ``num_bytes`` of device memory at ``address`` that keeps ``owner`` alive."""
-    torch = torch_module()
-
-    class _Region:  # __cuda_array_interface__ keeps a reference to the owner alive with the tensor
-        buffer = owner
-        __cuda_array_interface__ = {"shape": (num_bytes,), "typestr": "|u1", "data": (address, False),
-                                    "version": 3}
-
-    return torch.as_tensor(_Region(), device=device)
-
-
-def _event_of(previous_event):
-    """The EventHandle inside an EventOverlap (DeepEP passes previous_event.event to C++)."""
-    if isinstance(previous_event, EventOverlap):
-        previous_event = previous_event.event
-    if not isinstance(previous_event, EventHandle):
-        raise invalid_argument("previous_event expected an EventOverlap holding an event (from async_finish=True "
-                               f"or Buffer.capture()), got {previous_event!r}")
-    return previous_event
-
-
 class Buffer:
     """The communication buffer of one expert-parallel group (DeepEP V1's ``deep_ep.Buffer``).
 
@@ -208,7 +190,11 @@ class Buffer:
             ``OpenEPError(code="unsupported")``; normal mode across nodes is not available either way.
 
     Attributes (DeepEP's): ``rank``, ``group``, ``group_size``, ``num_nvl_bytes``, ``num_rdma_bytes``,
-    ``low_latency_mode``, ``explicitly_destroy``, ``enable_shrink``, ``runtime`` (None after destroy()).
+    ``low_latency_mode``, ``explicitly_destroy``, ``enable_shrink``, ``runtime`` (None after destroy()): an
+    ``openep._runtime.Runtime`` answering DeepEP's runtime queries (``get_num_rdma_ranks()``,
+    ``get_rdma_rank()``, ``get_root_rdma_rank(global_)``, ``get_local_device_id()``, ``is_available()``,
+    ``is_internode_available()``, ``get_comm_stream()``, ``get_local_buffer_tensor(dtype, offset,
+    use_rdma_buffer)``) with DeepEP's meaning; DeepEP's IPC/NVSHMEM bootstrap methods raise (OpenEP has none).
     """
 
     #: SMs the default configs use (DeepEP's class attribute); change it with :meth:`set_num_sms`.
@@ -266,8 +252,8 @@ class Buffer:
             uid = gathered[0]
         else:
             uid = comm.bcast(uid, root=0)
-        self.runtime = _C.Runtime(uid, self.rank, self.group_size, self._device, num_nvl_bytes, num_rdma_bytes,
-                                  bool(low_latency_mode), float(timeout_seconds), allow_network)
+        self.runtime = Runtime(uid, self.rank, self.group_size, self._device, num_nvl_bytes, num_rdma_bytes,
+                               bool(low_latency_mode), float(timeout_seconds), allow_network)
         self._internode = bool(self.runtime.is_internode)
         self._comm_ptr = self.runtime.comm_stream
         self._comm_stream = torch.cuda.ExternalStream(self._comm_ptr, device=self._device)
@@ -382,22 +368,14 @@ class Buffer:
                 reduced by the offset so the view never runs past the region.
         The memory belongs to OpenEP's kernels between calls; writing it while a call runs corrupts that call.
         """
-        torch = torch_module()
-        address, num_bytes = self._rt("get_local_buffer_tensor").local_buffer(bool(use_rdma_buffer))
-        check_int("get_local_buffer_tensor", "offset", offset, 0)
-        if offset > num_bytes:
-            raise invalid_argument(f"get_local_buffer_tensor: offset {offset} exceeds the region's {num_bytes} bytes")
-        elem = torch.empty((), dtype=dtype).element_size()
-        count = (num_bytes - offset) // elem
-        raw = _wrap_device_memory(self, address + offset, num_bytes - offset, self._dev)
-        t = raw[:count * elem].view(dtype)
+        t = self._rt("get_local_buffer_tensor").get_local_buffer_tensor(dtype, offset, use_rdma_buffer)
         if size is not None:
             n = 1
             for d in size:
                 n *= d
-            if n > count:
+            if n > t.numel():
                 raise invalid_argument(f"get_local_buffer_tensor: size {tuple(size)} needs {n} elements, the region "
-                                       f"holds {count}")
+                                       f"holds {t.numel()}")
             t = t[:n].view(size)
         return t
 
@@ -411,16 +389,19 @@ class Buffer:
     def _begin(self, op, previous_event, async_finish, allocate_on_comm_stream):
         """Orders the communication stream after the caller's work; returns the caller's stream for _finish.
 
+        ``previous_event``: None or an EventOverlap whose event is None mean "no previous event" (DeepEP V1), so
+        the communication stream waits for the current stream; otherwise it waits for that event only.
         Hot path: raw stream addresses and one reused event in the core (Runtime.stream_wait), no torch Stream
         or Event objects (those cost ~6-8 us each per call)."""
-        if allocate_on_comm_stream and (previous_event is None or not async_finish):
-            raise invalid_argument(f"{op}: allocate_on_comm_stream=True requires previous_event and "
-                                   f"async_finish=True (DeepEP V1 rule)")
+        previous = _previous_event_handle(op, previous_event)
+        if allocate_on_comm_stream and (previous is None or not async_finish):
+            raise invalid_argument(f"{op}: allocate_on_comm_stream=True requires a previous_event holding an event "
+                                   f"(None or EventOverlap(None) is no event) and async_finish=True (DeepEP V1 rule)")
         compute = current_raw_stream(self._device)
         # the torch Stream object is only needed to record_stream the outputs on it (allocate_on_comm_stream)
         compute_obj = torch_module().cuda.current_stream() if allocate_on_comm_stream else None
-        if previous_event is not None:
-            _event_of(previous_event).stream_wait(self._comm_stream)
+        if previous is not None:
+            previous.stream_wait(self._comm_stream)
         else:
             self.runtime.stream_wait(self._comm_ptr, compute)
         return compute, compute_obj

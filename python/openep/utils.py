@@ -4,6 +4,8 @@ from ._torch import torch_module
 
 __all__ = ["EventHandle", "EventOverlap"]
 
+_MISSING = object()
+
 
 class EventHandle:
     """A CUDA event recorded on a stream (DeepEP V1's ``EventHandle``).
@@ -38,7 +40,8 @@ class EventOverlap:
 
     Every normal-mode call returns one. With ``async_finish=True`` it wraps the event recorded on the
     communication stream after the call's kernels; otherwise ``event`` is ``None`` (the current stream already
-    waits for the call).
+    waits for the call). Passed on as ``previous_event``, an EventOverlap whose ``event`` is None means "no previous
+    event", exactly like ``None`` (DeepEP V1's meaning), in every method that takes one.
 
     Use either ``event.current_stream_wait()`` where the results are needed, or the ``with`` form::
 
@@ -74,3 +77,26 @@ class EventOverlap:
         if self.event is not None:
             self.event.current_stream_wait()
         return False
+
+
+def _previous_event_handle(op, previous_event):
+    """The EventHandle a normal-mode call must wait for, or None for "no previous event" (wait for the current stream).
+
+    Every method that takes ``previous_event`` goes through here (Buffer._begin), with DeepEP V1's meaning (its
+    buffer.py passes ``getattr(previous_event, 'event', None)`` on): ``None`` and an EventOverlap whose ``event``
+    is None (what a call with ``async_finish=False`` returns, e.g. get_dispatch_layout's event handed on to
+    dispatch) both mean no event. An EventOverlap holding an EventHandle, or an EventHandle itself, means wait
+    for it. Anything else raises OpenEPError(code="invalid_argument") (DeepEP would silently ignore it).
+    """
+    if previous_event is None:
+        return None
+    if isinstance(previous_event, EventHandle):
+        return previous_event
+    event = getattr(previous_event, "event", _MISSING)
+    if event is None:
+        return None
+    if isinstance(event, EventHandle):
+        return event
+    from .errors import invalid_argument
+    raise invalid_argument(f"{op}: previous_event expected None, an EventOverlap (from an earlier call or "
+                           f"Buffer.capture()) or an EventHandle, got {previous_event!r}")

@@ -234,6 +234,7 @@ class Runtime {
     o.low_latency_mode = low_latency_mode;
     o.timeout_seconds = timeout_seconds;
     o.allow_network = allow_network;
+    device_ = device;
     nb::gil_scoped_release release;
     group_ = openep::Group::create(id, rank, num_ranks, device);
     buffer_ = std::make_unique<openep::Buffer>(*group_, o);
@@ -272,6 +273,7 @@ class Runtime {
   std::unique_ptr<openep::Group> group_;
   std::unique_ptr<openep::Buffer> buffer_;
   cudaEvent_t order_event_ = nullptr;
+  int device_ = -1;  // the CUDA device passed at creation (still known after destroy())
 };
 
 // The receive half of a hook-mode low-latency call (openep._C.LowLatencyHook). Holds a reference to its
@@ -331,6 +333,10 @@ void bind_buffer(nb::module_& m) {
       .def("stream_wait", &Runtime::stream_wait, nb::arg("waiter"), nb::arg("waited"),
            "Makes stream `waiter` wait for the work enqueued so far on stream `waited` (cudaStream_t addresses).")
       .def_prop_ro("alive", &Runtime::alive)
+      // DeepEP's topology queries (get_num_rdma_ranks, get_rdma_rank, ...) are answered in Python from these
+      // (python/openep/_runtime.py), so that their meaning is written once and CPU-tested.
+      .def_prop_ro("device", [](const Runtime& r) { return r.device_; },
+                   "The CUDA device the Buffer was created on (also after destroy()).")
       .def_prop_ro("rank", [](Runtime& r) { return r.buffer().rank(); })
       .def_prop_ro("num_ranks", [](Runtime& r) { return r.buffer().num_ranks(); })
       .def_prop_ro("num_nvlink_ranks", [](Runtime& r) { r.buffer(); return r.group_->num_nvlink_ranks(); })
@@ -384,11 +390,6 @@ void bind_buffer(nb::module_& m) {
       .def_prop_ro("is_internode", [](Runtime& r) { return r.buffer().is_internode(); })
       .def_prop_ro("num_nodes", [](Runtime& r) { return r.buffer().num_nodes(); })
       .def_prop_ro("ranks_per_node", [](Runtime& r) { return r.buffer().ranks_per_node(); })
-      .def("get_num_rdma_ranks", [](Runtime& r) { return r.buffer().num_nodes(); },
-           "DeepEP's runtime.get_num_rdma_ranks(): the number of nodes (1 on a single-node Buffer).")
-      .def("get_rdma_rank", [](Runtime& r) { return r.buffer().rank() / r.buffer().ranks_per_node(); },
-           "This rank's node.")
-      .def("get_num_nvl_ranks", [](Runtime& r) { return r.buffer().ranks_per_node(); }, "Ranks per node.")
       .def("internode_dispatch_prepare", [](Runtime& r, nb::dict args, nb::dict handle, uintptr_t stream) {
         // Returns (num_recv_tokens, num_rdma_recv_tokens, per-expert list, host fields of the handle).
         const openep::DispatchArgs a = dispatch_args_of(args);

@@ -330,6 +330,58 @@ def stream_previous_event_and_comm_allocation(ctx):
             assert e.code == "invalid_argument" and "allocate_on_comm_stream" in str(e)
 
 
+def stream_eventless_overlap_is_no_event(ctx):
+    """previous_event=EventOverlap(None), what a call with async_finish=False returns (Megatron and SGLang hand
+    get_dispatch_layout's event on to dispatch), means "no previous event" in every normal-mode method: the comm
+    stream waits for the CURRENT stream (a side stream whose inputs are written after a device sleep), as with
+    None. allocate_on_comm_stream still needs an event (DeepEP rule)."""
+    torch = ctx.torch
+    inputs = make_inputs(ctx, 73)
+    expect = reference_dispatch(inputs)
+    b = ctx.buffer
+    none = openep.EventOverlap(None)
+    ys = [torch.randn(expect.recv(d)["num_recv_tokens"], HIDDEN, generator=torch.Generator().manual_seed(730 + d))
+          .to(torch.bfloat16) for d in range(ctx.R)]
+    want = ref.combine(expect, ys, [expect.recv(d)["topk_weights"] for d in range(ctx.R)])[ctx.rank]
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        x = torch.zeros(inputs[ctx.rank].x.shape, dtype=torch.bfloat16, device=ctx.device)
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of device time before x gets its value
+        x.copy_(inputs[ctx.rank].x.to(ctx.device, non_blocking=True))
+        idx = inputs[ctx.rank].topk_idx.to(ctx.device)
+        w = inputs[ctx.rank].topk_weights.to(ctx.device)
+        ntpr, ntprdma, ntpe, itir, ev = b.get_dispatch_layout(idx, EXPERTS, previous_event=none)
+        assert ev.event is None
+        out = b.dispatch(x, num_tokens_per_rank=ntpr, num_tokens_per_rdma_rank=ntprdma, is_token_in_rank=itir,
+                         num_tokens_per_expert=ntpe, topk_idx=idx, topk_weights=w, previous_event=ev)
+        assert out[-1].event is None
+        check_dispatch(ctx, out, itir, expect)
+        # cached dispatch of data written late, with an event-less overlap that carries extra tensors
+        x2 = torch.zeros_like(x)
+        torch.cuda._sleep(200_000_000)
+        x2.copy_(x)
+        cached = b.dispatch(x2, handle=out[4], previous_event=openep.EventOverlap(None, extra_tensors=(x,)))
+        assert _bytes_equal(cached[0], out[0]), "cached dispatch read x before the current stream wrote it"
+        # combine of expert outputs written late
+        y = torch.zeros(ys[ctx.rank].shape, dtype=torch.bfloat16, device=ctx.device)
+        torch.cuda._sleep(200_000_000)
+        y.copy_(ys[ctx.rank].to(ctx.device, non_blocking=True))
+        combined, combined_w, cev = b.combine(y, out[4], topk_weights=out[2], previous_event=none)
+        assert cev.event is None
+        assert _bytes_equal(combined, want[0]), "combine read its input before the current stream wrote it"
+        assert torch.equal(combined_w.cpu(), want[1])
+    for op, call in (("get_dispatch_layout", lambda: b.get_dispatch_layout(
+            idx, EXPERTS, previous_event=none, async_finish=True, allocate_on_comm_stream=True)),
+                     ("combine", lambda: b.combine(y, out[4], previous_event=none, async_finish=True,
+                                                   allocate_on_comm_stream=True))):
+        try:
+            call()
+            raise AssertionError(f"{op}: allocate_on_comm_stream accepted with EventOverlap(None)")
+        except openep.OpenEPError as e:
+            assert e.code == "invalid_argument" and "allocate_on_comm_stream" in str(e), str(e)
+    torch.cuda.synchronize()
+
+
 def errors_are_exceptions(ctx):
     torch = ctx.torch
     b = ctx.buffer
@@ -419,6 +471,94 @@ def local_buffer_tensor(ctx):
         raise AssertionError("offset past the region accepted")
     except openep.OpenEPError as e:
         assert e.code == "invalid_argument"
+
+
+def runtime_deepep_queries(ctx):
+    """Buffer.runtime answers DeepEP V1's runtime queries with DeepEP's meaning (one NVLink domain here: one node),
+    for a normal-mode and a low-latency Buffer; after destroy() it reports unavailable."""
+    from openep._runtime import Runtime
+    torch = ctx.torch
+    for b in (ctx.buffer, ll_buffer(ctx)):
+        rt = b.runtime
+        assert isinstance(rt, Runtime)
+        assert (rt.get_num_rdma_ranks(), rt.get_rdma_rank(), rt.get_num_nvl_ranks()) == (1, 0, ctx.R)
+        assert rt.get_root_rdma_rank(True) == ctx.rank and rt.get_root_rdma_rank(False) == 0
+        assert rt.get_local_device_id() == torch.cuda.current_device() == ctx.rank
+        assert rt.is_available() is True and rt.is_internode_available() is False
+        s = rt.get_comm_stream()
+        assert isinstance(s, torch.cuda.Stream) and s.device == torch.device(ctx.device)
+        assert s.cuda_stream == rt.comm_stream == b.get_comm_stream().cuda_stream
+        for rdma, size in ((False, b.num_nvl_bytes), (True, b.num_rdma_bytes)):
+            if size == 0:
+                continue
+            t = rt.get_local_buffer_tensor(torch.int32, 0, rdma)
+            assert t.is_cuda and t.device == torch.device(ctx.device) and t.numel() == size // 4
+            assert t.data_ptr() == b.get_local_buffer_tensor(torch.int32, use_rdma_buffer=rdma).data_ptr()
+            v = rt.get_local_buffer_tensor(torch.uint8, 128, rdma)
+            assert v.data_ptr() == t.data_ptr() + 128 and v.numel() == size - 128
+        for method, args, code in (("get_local_ipc_handle", (), "not_available"),
+                                   ("get_local_nvshmem_unique_id", (), "not_available"),
+                                   ("sync", ([0] * ctx.R, [None] * ctx.R, None), "invalid_argument")):
+            try:
+                getattr(rt, method)(*args)
+                raise AssertionError(f"runtime.{method} did not raise")
+            except openep.OpenEPError as e:
+                assert e.code == code, (method, e.code, str(e))
+    nb = openep.Buffer(ctx.group, num_nvl_bytes=1 << 20, explicitly_destroy=True)
+    rt = nb.runtime
+    assert rt.is_available()
+    nb.destroy()
+    assert nb.runtime is None and rt.is_available() is False and rt.is_internode_available() is False
+    assert rt.get_local_device_id() == ctx.rank
+
+
+def deep_ep_alias_megatron_default_path(ctx):
+    """`import deep_ep` through OpenEP's alias inside a worker: the engines' imports give OpenEP's objects, and
+    Megatron's fused_a2a call sequence runs on them against the reference: synchronous (the layout's
+    EventOverlap(None) handed on as dispatch's previous_event) and asynchronous (EventOverlap(EventHandle()))."""
+    import os
+    import sys
+    from pathlib import Path
+    torch = ctx.torch
+    alias_dir = str(Path(__file__).resolve().parents[2] / "python" / "deep_ep_alias")
+    saved = os.environ.get("OPENEP_SHADOW_DEEP_EP")
+    os.environ["OPENEP_SHADOW_DEEP_EP"] = "1"  # OpenEP's deep_ep even where a real DeepEP is installed
+    sys.path.insert(0, alias_dir)
+    try:
+        import _openep_deep_ep_alias as alias
+        alias.install()
+        import deep_ep
+        from deep_ep import Buffer, Config
+        from deep_ep.utils import EventHandle, EventOverlap
+    finally:
+        sys.path.remove(alias_dir)
+        if saved is None:
+            os.environ.pop("OPENEP_SHADOW_DEEP_EP")
+        else:
+            os.environ["OPENEP_SHADOW_DEEP_EP"] = saved
+    alias.uninstall()
+    assert Buffer is openep.Buffer and Config is openep.Config and EventOverlap is openep.EventOverlap
+    assert EventHandle is openep.EventHandle and deep_ep.topk_idx_t is torch.int64
+    buf = ctx.buffer
+    assert isinstance(buf, Buffer)
+    inputs = make_inputs(ctx, 74)
+    expect = reference_dispatch(inputs)
+    x, _, idx, w = _to_gpu(ctx, inputs[ctx.rank])
+    idx = idx.to(deep_ep.topk_idx_t)
+    for async_finish in (False, True):
+        previous_event = EventOverlap(EventHandle()) if async_finish else None
+        ntpr, ntprdma, ntpe, itir, event = buf.get_dispatch_layout(
+            idx, EXPERTS, previous_event=previous_event, async_finish=async_finish,
+            allocate_on_comm_stream=async_finish)
+        out = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=ntpr,
+                           num_tokens_per_rdma_rank=ntprdma, is_token_in_rank=itir, num_tokens_per_expert=ntpe,
+                           previous_event=event, async_finish=async_finish, allocate_on_comm_stream=async_finish)
+        assert (event.event is None) != async_finish
+        if async_finish:
+            out[-1].current_stream_wait()
+        check_dispatch(ctx, out, itir, expect)
+        run_and_check_combine(ctx, inputs, expect, out[4], out[2], 75 + async_finish, bias=False,
+                              async_finish=async_finish)
 
 
 def moe_layer_end_to_end(ctx):

@@ -4,9 +4,10 @@ Ran on 1x H200, 2 fake nodes x 1 (2026-12-01, ef6e5bb): ok. Start it through the
 
     python3 tools/launch.py --nproc 2 --ranks-per-node 1 --min-gpus 1 -- python3 tests/python/fakenode_internode.py
 
-What it does on every rank: get_dispatch_layout (num_tokens_per_rdma_rank per node), dispatch (exact), combine
-(the received rows back: equals openep.reference.combine with ranks_per_node), a cached dispatch of new data as
-the backward pass, and a worst-case dispatch. Exits 0 when every check passes, 1 otherwise.
+What it does on every rank: DeepEP's runtime queries (get_num_rdma_ranks, get_rdma_rank, ...), get_dispatch_layout
+(num_tokens_per_rdma_rank per node), dispatch (exact), combine (the received rows back: equals
+openep.reference.combine with ranks_per_node), a cached dispatch of new data as the backward pass, and a
+worst-case dispatch. Exits 0 when every check passes, 1 otherwise.
 """
 import os
 import sys
@@ -58,7 +59,13 @@ def main():
             failures.append(what)
             print(f"[rank {rank}] FAILED: {what}", flush=True)
 
-    expect(buf.runtime.get_num_rdma_ranks() == N, f"get_num_rdma_ranks() == {N}")
+    rt = buf.runtime  # DeepEP's runtime queries, answered from the topology
+    expect(rt.get_num_rdma_ranks() == N, f"get_num_rdma_ranks() == {N}")
+    expect(rt.get_rdma_rank() == rank // M, f"get_rdma_rank() == {rank // M}")
+    expect(rt.get_root_rdma_rank(True) == rank % M and rt.get_root_rdma_rank(False) == 0, "get_root_rdma_rank()")
+    expect(rt.get_num_nvl_ranks() == M, f"get_num_nvl_ranks() == {M}")
+    expect(rt.is_available() and rt.is_internode_available(), "is_available() and is_internode_available()")
+    expect(rt.get_local_device_id() == local, f"get_local_device_id() == {local}")
     xs, topks, ws = inputs(R, M, T, H, K, E, 1)
     dev = torch.device("cuda", local)
     x, topk, w = xs[rank].to(dev), topks[rank].to(dev), ws[rank].to(dev)

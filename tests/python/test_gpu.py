@@ -70,6 +70,10 @@ def test_stream_previous_event_async_and_comm_allocation():
     _run("stream_previous_event_and_comm_allocation")
 
 
+def test_stream_eventless_event_overlap_means_no_previous_event():
+    _run("stream_eventless_overlap_is_no_event")
+
+
 def test_errors_are_python_exceptions():
     _run("errors_are_exceptions")
 
@@ -80,6 +84,14 @@ def test_device_errors_and_destroy():
 
 def test_get_local_buffer_tensor():
     _run("local_buffer_tensor")
+
+
+def test_runtime_answers_deepep_queries():
+    _run("runtime_deepep_queries")
+
+
+def test_deep_ep_alias_megatron_default_path():
+    _run("deep_ep_alias_megatron_default_path")
 
 
 def test_low_latency_dispatch_combine_bf16():
