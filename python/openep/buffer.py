@@ -187,7 +187,8 @@ class Buffer:
             whose ranks span several NVLink domains (nodes) use the network path over NCCL GIN. EXPERIMENTAL: that
             path builds but has never run on a real network (no RDMA NICs on the test machines). Ignored when all
             ranks share one NVLink domain (NVLink is always used there); without it such a group raises
-            ``OpenEPError(code="unsupported")``; normal mode across nodes is not available either way.
+            ``OpenEPError(code="unsupported")``. Normal mode across nodes (internode) needs no flag, only
+            ``num_rdma_bytes > 0``.
 
     Attributes (DeepEP's): ``rank``, ``group``, ``group_size``, ``num_nvl_bytes``, ``num_rdma_bytes``,
     ``low_latency_mode``, ``explicitly_destroy``, ``enable_shrink``, ``runtime`` (None after destroy()): an
