@@ -75,7 +75,8 @@ Options parse(int argc, char** argv) {
     else if (a == "--help" || a == "-h") {
       std::printf("openep_bench [--ops layout,dispatch,combine] [--tokens N] [--hidden H] [--topk K] [--experts E]\n"
                   "             [--warmup W] [--reps R] [--results FILE.jsonl] [--commit SHA] [--sms 8,12,16,20,24]\n"
-                  "             [--ll-tokens 128] [--ll-experts 288]   (ops ll_dispatch, ll_combine, ll_hook, ll_graph)\n");
+                  "             [--ll-tokens 128] [--ll-experts 288]\n"
+                  "             (low-latency ops ll_dispatch, ll_combine, ll_combine_logfmt, ll_hook, ll_graph)\n");
       std::exit(0);
     } else {
       throw std::runtime_error("unknown argument " + a);
@@ -117,6 +118,7 @@ class Bench {
       else if (op == "combine") bench_nccl_combine(), bench_openep_combine();
       else if (op == "ll_dispatch") bench_ll_nccl(), bench_ll_dispatch();
       else if (op == "ll_combine") bench_ll_combine();
+      else if (op == "ll_combine_logfmt") bench_ll_combine_logfmt();
       else if (op == "ll_hook") bench_ll_hook();
       else if (op == "ll_graph") bench_ll_graph();
       else throw std::runtime_error("unknown op " + op);

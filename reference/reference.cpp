@@ -13,6 +13,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "protocol/logfmt.hpp"  // the LogFMT format, shared with the kernels (src/protocol/)
+
 namespace openep::ref {
 namespace {
 
@@ -21,6 +23,7 @@ constexpr int kScaleBlock = 128;     // channels per FP8 scale
 constexpr int kScalesPerWord = 4;    // UE8M0 bytes per packed 32-bit word
 constexpr float kE4m3Max = 448.0f;   // largest finite float8_e4m3fn
 constexpr float kAmaxFloor = 1e-4f;  // lower bound of the per-block amax in the FP8 cast
+constexpr int kLogfmtDivision = detail::logfmt::kDivisionChannels;  // channels per LogFMT metadata word
 
 // ---------------------------------------------------------------------------------------------
 // Error reporting: std::invalid_argument("openep::ref::<fn>: <argument> expected <x>, got <y>")
@@ -699,10 +702,12 @@ std::vector<LowLatencyRecv> low_latency_dispatch(const std::vector<LowLatencyInp
 std::vector<std::vector<uint16_t>> low_latency_combine(const std::vector<std::vector<uint16_t>>& expert_out,
                                                        const std::vector<LowLatencyRecv>& recv,
                                                        const std::vector<LowLatencyInput>& inputs,
-                                                       const LowLatencyConfig& cfg) {
+                                                       const LowLatencyConfig& cfg,
+                                                       bool use_logfmt) {
   const char* fn = "low_latency_combine";
   check_low_latency_config(fn, cfg);
   check_low_latency_inputs(fn, inputs, cfg, /*need_weights=*/true);
+  if (use_logfmt) check_multiple(fn, "cfg.hidden (use_logfmt)", cfg.hidden, kLogfmtDivision, "the LogFMT division");
 
   const int num_ranks = cfg.num_ranks;
   const int num_topk = cfg.num_topk;
@@ -734,6 +739,7 @@ std::vector<std::vector<uint16_t>> low_latency_combine(const std::vector<std::ve
 
   std::vector<std::vector<uint16_t>> out(num_ranks);
   std::vector<const uint16_t*> rows(num_topk);  // the expert row returned for each slot (nullptr if -1)
+  std::vector<std::vector<float>> decoded(num_topk);  // use_logfmt: each slot's row after the LogFMT transport
   for (int s = 0; s < num_ranks; ++s) {
     const LowLatencyInput& in = inputs[s];
     out[s].assign(in.num_tokens * hidden, 0);
@@ -759,15 +765,107 @@ std::vector<std::vector<uint16_t>> low_latency_combine(const std::vector<std::ve
                        "), got none in its layout_range");
         }
       }
+      if (use_logfmt) {
+        for (int k = 0; k < num_topk; ++k) {
+          if (rows[k] != nullptr) decoded[k] = logfmt_decode_row(logfmt_encode_row(rows[k], cfg.hidden), cfg.hidden);
+        }
+      }
       for (size_t c = 0; c < hidden; ++c) {
         float acc = 0.0f;
         for (int k = 0; k < num_topk; ++k) {
           if (rows[k] == nullptr) continue;
-          const float product = in.topk_weights[static_cast<size_t>(t) * num_topk + k] * bf16_to_float(rows[k][c]);
+          const float y = use_logfmt ? decoded[k][c] : bf16_to_float(rows[k][c]);
+          const float product = in.topk_weights[static_cast<size_t>(t) * num_topk + k] * y;
           acc = acc + product;
         }
         out[s][t * hidden + c] = float_to_bf16(acc);
       }
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// LogFMT-10 rows (the format: src/protocol/logfmt.hpp)
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+namespace lf = detail::logfmt;
+
+void check_logfmt_hidden(const char* fn, int hidden) {
+  check_at_least(fn, "hidden", 1, hidden);
+  check_multiple(fn, "hidden", hidden, kLogfmtDivision, "the LogFMT division");
+}
+
+uint32_t load_le32(const uint8_t* p) {
+  return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 | static_cast<uint32_t>(p[2]) << 16 |
+         static_cast<uint32_t>(p[3]) << 24;
+}
+void store_le32(uint8_t* p, uint32_t v) {
+  for (int b = 0; b < 4; ++b) p[b] = static_cast<uint8_t>(v >> (8 * b));
+}
+
+}  // namespace
+
+LogfmtRow logfmt_encode_row(const uint16_t* x, int hidden) {
+  check_logfmt_hidden("logfmt_encode_row", hidden);
+  const int num_divisions = hidden / kLogfmtDivision;
+  LogfmtRow row;
+  row.meta.assign(num_divisions, 0);
+  row.payload.assign(static_cast<size_t>(num_divisions) * lf::kDivisionSlotBytes, 0);
+  for (int j = 0; j < num_divisions; ++j) {
+    const uint16_t* v = x + static_cast<size_t>(j) * kLogfmtDivision;
+    uint8_t* out = row.payload.data() + static_cast<size_t>(j) * lf::kDivisionSlotBytes;
+    uint32_t amax = 0, amin = 0xFFFFu;
+    for (int i = 0; i < kLogfmtDivision; ++i) {
+      amax = std::max(amax, lf::abs_bits(v[i]));
+      amin = std::min(amin, lf::abs_bits(v[i]));
+    }
+    const uint32_t meta = lf::make_meta(amax, amin);
+    row.meta[j] = meta;
+    if (!lf::encodes(meta)) {  // BF16 fallback: the values themselves, little-endian
+      for (int i = 0; i < kLogfmtDivision; ++i) {
+        out[2 * i] = static_cast<uint8_t>(v[i] & 0xFF);
+        out[2 * i + 1] = static_cast<uint8_t>(v[i] >> 8);
+      }
+      continue;
+    }
+    const lf::Division d = lf::division(meta);
+    for (int g = 0; g < kLogfmtDivision / lf::kGroupChannels; ++g) {
+      uint32_t code[lf::kGroupChannels];
+      for (int k = 0; k < lf::kGroupChannels; ++k) code[k] = lf::encode(v[g * lf::kGroupChannels + k], d);
+      uint32_t low_lo, low_hi, high16;
+      lf::pack_group(code, low_lo, low_hi, high16);
+      store_le32(out + 8 * g, low_lo);
+      store_le32(out + 8 * g + 4, low_hi);
+      out[lf::kLowPlaneBytes + 2 * g] = static_cast<uint8_t>(high16 & 0xFF);
+      out[lf::kLowPlaneBytes + 2 * g + 1] = static_cast<uint8_t>(high16 >> 8);
+    }
+  }
+  return row;
+}
+
+std::vector<float> logfmt_decode_row(const LogfmtRow& row, int hidden) {
+  const char* fn = "logfmt_decode_row";
+  check_logfmt_hidden(fn, hidden);
+  const int num_divisions = hidden / kLogfmtDivision;
+  check_eq(fn, "row.meta.size()", num_divisions, static_cast<long long>(row.meta.size()));
+  check_eq(fn, "row.payload.size()", 2LL * hidden, static_cast<long long>(row.payload.size()));
+  std::vector<float> out(hidden);
+  for (int j = 0; j < num_divisions; ++j) {
+    const uint8_t* in = row.payload.data() + static_cast<size_t>(j) * lf::kDivisionSlotBytes;
+    float* y = out.data() + static_cast<size_t>(j) * kLogfmtDivision;
+    if (!lf::encodes(row.meta[j])) {
+      for (int i = 0; i < kLogfmtDivision; ++i)
+        y[i] = bf16_to_float(static_cast<uint16_t>(in[2 * i] | (in[2 * i + 1] << 8)));
+      continue;
+    }
+    const lf::Division d = lf::division(row.meta[j]);
+    for (int g = 0; g < kLogfmtDivision / lf::kGroupChannels; ++g) {
+      const uint32_t low_lo = load_le32(in + 8 * g), low_hi = load_le32(in + 8 * g + 4);
+      const uint32_t high16 = in[lf::kLowPlaneBytes + 2 * g] | (in[lf::kLowPlaneBytes + 2 * g + 1] << 8);
+      for (int k = 0; k < lf::kGroupChannels; ++k)
+        y[g * lf::kGroupChannels + k] = lf::decode(lf::code_of_group(low_lo, low_hi, high16, k), d);
     }
   }
   return out;

@@ -191,17 +191,19 @@ def low_latency_dispatch(xs, topk_idxs, num_experts, num_max_dispatch_tokens_per
                                [x.shape[0] for x in xs])
 
 
-def low_latency_combine(dispatched, expert_outs):
+def low_latency_combine(dispatched, expert_outs, use_logfmt=False):
     """Reference low-latency combine.
 
     Args:
         dispatched: a :class:`RefLowLatencyResult` made with ``topk_weights``.
         expert_outs: per rank ``d``, ``[E/R, R*T, H]`` bfloat16 expert outputs placed as ``dispatched.recv(d)``
             places the rows (the reference's placement).
+        use_logfmt: the rows travel in OpenEP's LogFMT-10 format (``Buffer.low_latency_combine(use_logfmt=True)``).
 
     Returns:
         per source rank, ``[N_s, H]`` bfloat16 (CPU).
     """
     torch = torch_module()
-    res = _C.ref_low_latency_combine(dispatched.native, [_bytes(y.to(torch.bfloat16)) for y in expert_outs])
+    res = _C.ref_low_latency_combine(dispatched.native, [_bytes(y.to(torch.bfloat16)) for y in expert_outs],
+                                     bool(use_logfmt))
     return [_tensor(b, torch.bfloat16, (dispatched.num_tokens[s], dispatched.hidden)) for s, b in enumerate(res)]

@@ -203,7 +203,7 @@ openep::LowLatencyDispatchArgs ll_dispatch_args_of(const nb::dict& d) {
 
 openep::LowLatencyCombineArgs ll_combine_args_of(const nb::dict& d) {
   check_keys(d, {"x", "topk_idx", "topk_int64", "topk_weights", "num_tokens", "num_topk", "zero_copy",
-                 "combine_wait_recv_cost_stats", "return_recv_hook"}, "low_latency_combine arguments");
+                 "use_logfmt", "combine_wait_recv_cost_stats", "return_recv_hook"}, "low_latency_combine arguments");
   openep::LowLatencyCombineArgs a;
   a.x = ptr<const uint16_t>(d, "x");
   a.topk_idx = ptr<const void>(d, "topk_idx");
@@ -212,6 +212,7 @@ openep::LowLatencyCombineArgs ll_combine_args_of(const nb::dict& d) {
   a.num_tokens = static_cast<int>(num(d, "num_tokens", 0));
   a.num_topk = static_cast<int>(num(d, "num_topk", 0));
   a.zero_copy = num(d, "zero_copy", 0) != 0;
+  a.use_logfmt = num(d, "use_logfmt", 0) != 0;
   a.combine_wait_recv_cost_stats = ptr<int64_t>(d, "combine_wait_recv_cost_stats");
   a.return_recv_hook = num(d, "return_recv_hook", 0) != 0;
   return a;

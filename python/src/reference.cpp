@@ -207,19 +207,20 @@ void bind_reference(nb::module_& m) {
         "int64 bytes [N][K], topk_weights float32 bytes [N][K] (may be empty when only dispatch is checked)).");
 
   m.def("ref_low_latency_combine",
-        [](const RefLowLatency& r, std::vector<nb::bytes> expert_out) {
+        [](const RefLowLatency& r, std::vector<nb::bytes> expert_out, bool use_logfmt) {
           std::vector<std::vector<uint16_t>> eo;
           for (auto& b : expert_out) eo.push_back(from_bytes<uint16_t>(b, "expert_out"));
           std::vector<std::vector<uint16_t>> out;
           {
             nb::gil_scoped_release release;
-            out = ref::low_latency_combine(eo, r.recv, r.inputs, r.cfg);
+            out = ref::low_latency_combine(eo, r.recv, r.inputs, r.cfg, use_logfmt);
           }
           std::vector<nb::bytes> res;
           for (const auto& o : out) res.push_back(to_bytes(o));
           return res;
         },
-        nb::arg("dispatched"), nb::arg("expert_out"),
+        nb::arg("dispatched"), nb::arg("expert_out"), nb::arg("use_logfmt") = false,
         "openep::ref::low_latency_combine with the reference's own placement. expert_out[d] = bf16 bytes "
-        "[E_local][R*T][H] of rank d, rows placed as dispatched.recv(d) says. Returns bf16 bytes [N_s][H] per rank.");
+        "[E_local][R*T][H] of rank d, rows placed as dispatched.recv(d) says; use_logfmt: the LogFMT-10 transport. "
+        "Returns bf16 bytes [N_s][H] per rank.");
 }

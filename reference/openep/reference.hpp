@@ -355,6 +355,10 @@ std::vector<LowLatencyRecv> low_latency_dispatch(const std::vector<LowLatencyInp
 //           float32 add rounded; NO fused multiply-add)
 //   out[s][t][c] = float_to_bf16(acc)
 // Tokens with no valid slot give +0.0. Result: [R] matrices of [num_tokens][hidden] BF16.
+// use_logfmt (DeepEP's use_logfmt, OpenEP's LogFMT-10 transport, src/protocol/logfmt.hpp): every returned row y
+// travels encoded: bf16_to_float(y[c]) above is replaced by logfmt_decode_row(logfmt_encode_row(y))[c] (a float32
+// value; the exact BF16 value in divisions that fall back to BF16). Everything else (slot order, float32
+// multiply then add, the final rounding) is unchanged. REQUIRES hidden % 128 == 0.
 // Note: DeepEP writes a token's duplicate-expert copies to one receive slot, so with duplicate
 // experts a kernel may return either copy for both slots; give duplicate copies identical expert
 // outputs in GPU tests.
@@ -366,6 +370,30 @@ std::vector<LowLatencyRecv> low_latency_dispatch(const std::vector<LowLatencyInp
 std::vector<std::vector<uint16_t>> low_latency_combine(const std::vector<std::vector<uint16_t>>& expert_out,
                                                        const std::vector<LowLatencyRecv>& recv,
                                                        const std::vector<LowLatencyInput>& inputs,
-                                                       const LowLatencyConfig& cfg);
+                                                       const LowLatencyConfig& cfg,
+                                                       bool use_logfmt = false);
+
+// ---------------------------------------------------------------------------------------------
+// LogFMT-10: the 10-bit logarithmic transport of the low-latency combine (use_logfmt)
+// ---------------------------------------------------------------------------------------------
+// The format (metadata, the BF16 fallback rule, codes, decoded values, bytes) is defined exactly in
+// src/protocol/logfmt.hpp, whose functions the kernels call too; these functions apply it to whole rows.
+// A row of hidden BF16 values has D = hidden / 128 divisions of 128 channels.
+
+struct LogfmtRow {
+  std::vector<uint32_t> meta;    // [D] amax | (amin << 16): BF16 bits of the largest / smallest |x| of division j
+  std::vector<uint8_t> payload;  // [D][256] the division's bytes in the combine row: its 128 BF16 values
+                                 //   (little-endian) when it is not encoded, else the 160 bytes of its codes
+                                 //   (low plane, high plane) followed by 96 zero bytes (never sent)
+};
+
+// Encodes one BF16 row. Any BF16 input is allowed (Inf, NaN and values >= 1 make their division fall back to
+// BF16). REQUIRES: hidden > 0, hidden % 128 == 0 (else std::invalid_argument).
+LogfmtRow logfmt_encode_row(const uint16_t* x, int hidden);
+
+// Decodes a row produced by logfmt_encode_row into hidden floats: the decoded code of each channel of an encoded
+// division, bf16_to_float of the payload of any other division.
+// REQUIRES: hidden > 0, hidden % 128 == 0, row.meta.size() == hidden / 128, row.payload.size() == 2 * hidden.
+std::vector<float> logfmt_decode_row(const LogfmtRow& row, int hidden);
 
 }  // namespace openep::ref

@@ -89,6 +89,18 @@ __device__ __forceinline__ int32_t ld_cg(const int32_t* ptr) {
   return v;
 }
 
+// ld.global.cg.v2: as ld_cg above, 8 bytes (the low plane of a LogFMT group).
+__device__ __forceinline__ int2 ld_cg(const int2* ptr) {
+  int2 v;
+  asm volatile("ld.global.cg.v2.s32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(ptr));
+  return v;
+}
+
+// st.global.L1::no_allocate.s32: as st_no_allocate below, 4 bytes (LogFMT metadata words).
+__device__ __forceinline__ void st_no_allocate(int32_t* ptr, int32_t v) {
+  asm volatile("st.global.L1::no_allocate.s32 [%0], %1;" ::"l"(ptr), "r"(v) : "memory");
+}
+
 // st.global.L1::no_allocate.v4: streaming store (local outputs or a peer's window through an LSA pointer).
 __device__ __forceinline__ void st_no_allocate(int4* ptr, const int4& v) {
   asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z),

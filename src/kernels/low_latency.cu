@@ -26,9 +26,13 @@
 //    ranges) and source token (src_info) and store it into the source's window at [global expert][token].
 //    The last block to finish (acq_rel.sys ticket) fences and st.release.sys's, in every rank's window, the
 //    flag of (my rank) = epoch.
+//    With use_logfmt the chunk is LogFMT-encoded on its way (src/device/logfmt.cuh, format in
+//    src/protocol/logfmt.hpp): per 128-channel division a metadata word at combine_meta(...) and either the
+//    BF16 values or 160 bytes of 10-bit codes in the division's slot of the row (fewer bytes over NVLink).
 //  combine receive: blocks take tokens; threads s < R wait (acquire) for every rank's flag of this epoch
 //    once, then per token every thread reduces 8 channels over the slots in ascending order with __fmul_rn /
-//    __fadd_rn (no FMA), exactly as the reference, and stores BF16.
+//    __fadd_rn (no FMA), exactly as the reference, and stores BF16 (use_logfmt: each slot's 8 channels are
+//    decoded to float32 first, per its division's metadata word).
 //  Without the hook one kernel does both halves (send first, then receive, no grid sync); with the hook the
 //  send kernel and the receive kernel are separate launches and nothing runs in between.
 //  Why two halves suffice: a rank starts the send of operation n + 2 only after its receive of n + 1, which
@@ -39,6 +43,7 @@
 
 #include "device/copy.cuh"
 #include "device/fp8.cuh"
+#include "device/logfmt.cuh"
 #include "device/ptx.cuh"
 #include "device/ticket.cuh"
 #include "device/wait.cuh"
@@ -295,6 +300,8 @@ constexpr int kSendUnroll = 4;
 constexpr int kSendChunkInt4 = 32 * kSendUnroll;
 
 // s_prefix: dynamic shared memory of E_local + 1 ints (rows of the local experts before expert i).
+// kLogfmt: the chunk is LogFMT-encoded on its way (device/logfmt.cuh) and its metadata stored beside the row.
+template <bool kLogfmt>
 __device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch, int* s_prefix) {
   const int R = p.num_ranks, El = p.num_local_experts, H = p.hidden, T = p.T;
   const int RT = R * T;
@@ -321,10 +328,15 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch, i
     const int t = p.src_info[static_cast<size_t>(i) * RT + r];
     if (t < 0 || t >= T) continue;
     int4* dst = reinterpret_cast<int4*>(region(p.window, s) + layout.combine_row(half, p.rank * El + i, t));
+    if constexpr (kLogfmt) {  // warp-uniform: t, s and the chunk are the warp's
+      auto* meta = reinterpret_cast<int32_t*>(region(p.window, s) + layout.combine_meta(half, p.rank * El + i, t));
+      device::logfmt_store_chunk<kSendUnroll>(v, c * kSendChunkInt4, row_int4, dst, meta, lane);
+    } else {
 #pragma unroll
-    for (int k = 0; k < kSendUnroll; ++k) {
-      const int j = c * kSendChunkInt4 + k * 32 + lane;
-      if (j < row_int4) ptx::st_no_allocate(dst + j, v[k]);
+      for (int k = 0; k < kSendUnroll; ++k) {
+        const int j = c * kSendChunkInt4 + k * 32 + lane;
+        if (j < row_int4) ptx::st_no_allocate(dst + j, v[k]);
+      }
     }
   }
   // The last block (acq_rel.sys ticket: it sees every block's stores) releases one flag per rank.
@@ -338,6 +350,19 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch, i
   }
 }
 
+// acc[k] += w * channel k of a BF16 piece (float32 multiply, then add, each rounded: no FMA).
+__device__ __forceinline__ void accumulate_bf16(const int4& v, float w, float (&acc)[8]) {
+  const uint32_t words[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
+                             static_cast<uint32_t>(v.w)};
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    acc[2 * q] = __fadd_rn(acc[2 * q], __fmul_rn(w, __uint_as_float(words[q] << 16)));
+    acc[2 * q + 1] = __fadd_rn(acc[2 * q + 1], __fmul_rn(w, __uint_as_float(words[q] & 0xFFFF0000u)));
+  }
+}
+
+// kLogfmt: the rows arrived LogFMT-encoded; each slot's piece is decoded (device/logfmt.cuh) before the same sum.
+template <bool kLogfmt>
 __device__ void combine_recv(const LowLatencyCombineParams& p, uint64_t epoch) {
   __shared__ int s_e[kMaxLowLatencyTopk];
   __shared__ float s_w[kMaxLowLatencyTopk];
@@ -348,8 +373,10 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint64_t epoch) {
   const char* my = region(p.window, p.rank);
   const auto* flags = reinterpret_cast<const uint64_t*>(my + L::combine_flag(half, 0));
   const auto* data = reinterpret_cast<const int4*>(my + layout.combine_row(half, 0, 0));
+  const auto* meta_rows = reinterpret_cast<const int32_t*>(my + layout.combine_meta(half, 0, 0));
+  const int meta_words = static_cast<int>(layout.meta_row_bytes / sizeof(int32_t));
   const int row_int4 = H / 8;
-  constexpr int kBatch = 8;
+  constexpr int kBatch = kLogfmt ? 4 : 8;  // slots loaded before summing (LogFMT: fewer, registers)
 
   // Every rank's send releases its flag in every rank once all its rows have been stored. A block without a
   // token waits for nothing (it still takes its ticket below).
@@ -384,25 +411,33 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint64_t epoch) {
       for (int q = 0; q < 8; ++q) acc[q] = 0.0f;
       for (int k0 = 0; k0 < K; k0 += kBatch) {
         int4 v[kBatch];
+        uint32_t meta[kBatch];  // kLogfmt: the metadata word of piece c's division in each slot's row
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          const int k = k0 + u;
+          meta[u] = 0;
+          if constexpr (kLogfmt) {
+            if (k < K && s_e[k] >= 0)
+              meta[u] = static_cast<uint32_t>(
+                  ptx::ld_cg(meta_rows + (static_cast<size_t>(s_e[k]) * T + t) * meta_words + c / 16));
+          }
+        }
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) {
           const int k = k0 + u;
           v[u] = make_int4(0, 0, 0, 0);
-          if (k < K && s_e[k] >= 0)
-            v[u] = ptx::ld_cg(data + (static_cast<size_t>(s_e[k]) * T + t) * row_int4 + c);
+          if (k < K && s_e[k] >= 0) {
+            const int4* row = data + (static_cast<size_t>(s_e[k]) * T + t) * row_int4;
+            if constexpr (kLogfmt) v[u] = device::logfmt_load_piece(row, c, meta[u]);
+            else v[u] = ptx::ld_cg(row + c);
+          }
         }
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) {
           const int k = k0 + u;
           if (k >= K || s_e[k] < 0) continue;
-          const float w = s_w[k];
-          const uint32_t words[4] = {static_cast<uint32_t>(v[u].x), static_cast<uint32_t>(v[u].y),
-                                     static_cast<uint32_t>(v[u].z), static_cast<uint32_t>(v[u].w)};
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            acc[2 * q] = __fadd_rn(acc[2 * q], __fmul_rn(w, __uint_as_float(words[q] << 16)));
-            acc[2 * q + 1] = __fadd_rn(acc[2 * q + 1], __fmul_rn(w, __uint_as_float(words[q] & 0xFFFF0000u)));
-          }
+          if (kLogfmt && detail::logfmt::encodes(meta[u])) device::logfmt_accumulate(v[u], meta[u], s_w[k], acc);
+          else accumulate_bf16(v[u], s_w[k], acc);
         }
       }
       uint32_t out[4];
@@ -421,14 +456,16 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint64_t epoch) {
   if (device::last_block<false>(&p.state->recv_ticket[1]) && threadIdx.x == 0) p.state->recv_epoch[1] = epoch;
 }
 
+// kLogfmt = p.use_logfmt (one instantiation per transport format; the BF16 one is unchanged).
+template <bool kLogfmt>
 __global__ void __launch_bounds__(kThreads, 1) low_latency_combine_kernel(const __grid_constant__ LowLatencyCombineParams p) {
   // After a failed dispatch the handle (layout_range, src_info) is not written: using it would write outside
   // the peers' regions. The error is already recorded; the host raises it.
   if (device::error_recorded(p.wait)) return;
   extern __shared__ int s_dyn[];
   const uint64_t epoch = (p.do_send ? p.state->send_epoch[1] : p.state->recv_epoch[1]) + 1;
-  if (p.do_send) combine_send(p, epoch, s_dyn);
-  if (p.do_recv) combine_recv(p, epoch);
+  if (p.do_send) combine_send<kLogfmt>(p, epoch, s_dyn);
+  if (p.do_recv) combine_recv<kLogfmt>(p, epoch);
 }
 
 // The fused kernels (send and receive in one launch) wait inside the kernel for work other blocks of the same
@@ -515,11 +552,15 @@ void launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks
                               ((p.hidden / 8 + kSendChunkInt4 - 1) / kSendChunkInt4);
   OPENEP_CHECK(max_units < (1LL << 31) - 1 - 65536LL * 32, ErrorCode::kInvalidArgument,
                "low-latency combine: E_local * R * T * hidden is too large (", max_units, " send units)");
+  OPENEP_CHECK(!p.use_logfmt || p.hidden % detail::logfmt::kDivisionChannels == 0, ErrorCode::kInternal,
+               "low-latency LogFMT combine launched with hidden ", p.hidden);
+  void (*kernel)(LowLatencyCombineParams) =
+      p.use_logfmt ? low_latency_combine_kernel<true> : low_latency_combine_kernel<false>;
   if (smem > 48 * 1024) {
-    OPENEP_CUDA_CHECK(cudaFuncSetAttribute(low_latency_combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem)));
+    OPENEP_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  launch(low_latency_combine_kernel, p, num_blocks, smem, grids, stream);
+  launch(kernel, p, num_blocks, smem, grids, stream);
 }
 
 }  // namespace openep::detail

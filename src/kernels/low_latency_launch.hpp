@@ -48,6 +48,7 @@ struct LowLatencyCombineParams {
   const void* topk_idx;
   bool topk_int64;
   const float* topk_weights;
+  bool use_logfmt;             // LogFMT-10 transport (protocol/logfmt.hpp); requires hidden % 128 == 0
   uint16_t* combined_x;
   int64_t* wait_stats;
   bool do_send, do_recv;

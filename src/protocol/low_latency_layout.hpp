@@ -12,7 +12,10 @@
 //              (int32 per top-k slot k: (local expert << 16) | slot inside the (expert, source) range, or -1
 //              when slot k's expert is not on this rank), then the payload (hidden bytes of e4m3 or 2 * hidden
 //              bytes of BF16), then hidden/128 float32 scales when FP8
-//   [combine]  two halves of [E][T][hidden] BF16: the row returned by expert e for my token t
+//   [combine]  two halves of [E][T][hidden] BF16: the row returned by expert e for my token t (with use_logfmt:
+//              the row's LogFMT bytes, a 256-byte slot per 128-channel division; protocol/logfmt.hpp)
+//   [meta]     two halves of [E][T][meta_row_bytes]: the LogFMT metadata of those rows (one uint32 per
+//              128-channel division, padded to 16 bytes; written only by a use_logfmt combine)
 //   [staging]  the zero-copy combine buffer [E_local][R*T][hidden] BF16
 // The signal area does not depend on the shapes, so calls with different shapes never confuse each other:
 // every signal carries a monotonic epoch and a waiter only accepts its own epoch.
@@ -40,6 +43,8 @@ struct LowLatencyLayout {
   size_t row_bytes = 0;            // one BF16 combine row (2 * hidden)
   size_t dispatch_offset = 0, dispatch_half = 0;
   size_t combine_offset = 0, combine_half = 0;
+  size_t meta_row_bytes = 0;       // LogFMT metadata of one combine row: align16(4 * (hidden / 128))
+  size_t combine_meta_offset = 0, combine_meta_half = 0;
   size_t staging_offset = 0;
   size_t total = 0;
   int T = 0;                       // num_max_dispatch_tokens_per_rank
@@ -65,6 +70,10 @@ struct LowLatencyLayout {
   OPENEP_HOST_DEVICE size_t combine_row(int half, int e, int t) const {
     return combine_offset + half * combine_half + (static_cast<size_t>(e) * T + t) * row_bytes;
   }
+  // The LogFMT metadata (uint32 per 128-channel division) of combine_row(half, e, t).
+  OPENEP_HOST_DEVICE size_t combine_meta(int half, int e, int t) const {
+    return combine_meta_offset + half * combine_meta_half + (static_cast<size_t>(e) * T + t) * meta_row_bytes;
+  }
   // Row `row` of the zero-copy combine buffer [E_local][R*T].
   OPENEP_HOST_DEVICE size_t zero_copy_row(size_t row) const { return staging_offset + row * row_bytes; }
 
@@ -84,7 +93,10 @@ struct LowLatencyLayout {
     l.dispatch_half = align(static_cast<size_t>(R) * T * l.msg_bytes, 128);
     l.combine_offset = l.dispatch_offset + 2 * l.dispatch_half;
     l.combine_half = align(static_cast<size_t>(E) * T * hidden * 2, 128);
-    l.staging_offset = l.combine_offset + 2 * l.combine_half;
+    l.meta_row_bytes = align(static_cast<size_t>(hidden / 128) * sizeof(uint32_t), 16);
+    l.combine_meta_offset = l.combine_offset + 2 * l.combine_half;
+    l.combine_meta_half = align(static_cast<size_t>(E) * T * l.meta_row_bytes, 128);
+    l.staging_offset = l.combine_meta_offset + 2 * l.combine_meta_half;
     l.total = align(l.staging_offset + e_local * R * T * hidden * 2, 128);
     return l;
   }

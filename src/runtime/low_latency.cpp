@@ -8,6 +8,7 @@
 #include "runtime/buffer_impl.hpp"
 #include "runtime/check.hpp"
 #include "runtime/low_latency_gin.hpp"
+#include "protocol/logfmt.hpp"
 #include "protocol/low_latency_layout.hpp"
 
 namespace openep {
@@ -80,6 +81,9 @@ void validate_low_latency_combine(const LowLatencyCombineArgs& a, const LowLaten
                    "topk_idx and topk_weights must be given with num_tokens = ", a.num_tokens);
   OPENEP_CHECK_ARG(a.num_tokens == 0 || out.combined_x != nullptr, "combined_x is null");
   OPENEP_CHECK_ARG(reinterpret_cast<uintptr_t>(out.combined_x) % 16 == 0, "combined_x must be 16-byte aligned");
+  OPENEP_CHECK_ARG(!a.use_logfmt || h.hidden % logfmt::kDivisionChannels == 0,
+                   "use_logfmt requires hidden (of the handle) to be a multiple of ", logfmt::kDivisionChannels,
+                   " (one LogFMT metadata word per 128 channels), got ", h.hidden);
 }
 
 }  // namespace detail
@@ -187,10 +191,14 @@ LowLatencyHook Buffer::low_latency_combine(const LowLatencyCombineArgs& a, const
   p.topk_idx = a.topk_idx;
   p.topk_int64 = a.index_type == IndexType::kInt64;
   p.topk_weights = a.topk_weights;
+  p.use_logfmt = a.use_logfmt;
   p.combined_x = out.combined_x;
   p.wait_stats = a.combine_wait_recv_cost_stats;
   p.wait = m.wait_context();
   if (m.transport == detail::Transport::kGin) {  // network path (not yet run on a real network)
+    OPENEP_CHECK(!a.use_logfmt, ErrorCode::kUnsupported,
+                 "low_latency_combine: use_logfmt = true is not available on the GIN transport (this Buffer reaches "
+                 "its peers over the network, BufferOptions::allow_network); pass use_logfmt = false");
     return detail::low_latency_combine_gin(m, p, a.zero_copy, a.return_recv_hook, stream);
   }
   return send_then_receive(m, p, a.return_recv_hook, stream,

@@ -279,5 +279,42 @@ TEST(LowLatencyValidation, RejectsBadArgumentsNamingThem) {
   }
 }
 
+TEST(LowLatencyValidation, LogfmtRequiresHiddenMultipleOf128NamingBoth) {
+  LowLatencyFixture f;
+  LowLatencyCombineArgs c;
+  LowLatencyCombineOutputs co;
+  f.h.num_max_dispatch_tokens_per_rank = 128;
+  f.h.num_experts = 32;
+  c.topk_idx = f.dummy;
+  c.topk_weights = reinterpret_cast<const float*>(f.dummy);
+  c.num_tokens = 4;
+  c.num_topk = 8;
+  c.zero_copy = true;  // LogFMT encodes from the zero-copy buffer too
+  c.use_logfmt = true;
+  co.combined_x = reinterpret_cast<uint16_t*>(f.dummy);
+  f.h.hidden = 2048;
+  EXPECT_NO_THROW(detail::validate_low_latency_combine(c, f.h, co, 2, f.bytes));
+  f.h.hidden = 2048 + 8;
+  f.bytes = low_latency_buffer_size_hint(128, 2048 + 8, 2, 32);
+  expect_error([&] { detail::validate_low_latency_combine(c, f.h, co, 2, f.bytes); }, ErrorCode::kInvalidArgument,
+               "use_logfmt requires hidden (of the handle) to be a multiple of 128 (one LogFMT metadata word per 128 "
+               "channels), got 2056");
+  c.use_logfmt = false;
+  EXPECT_NO_THROW(detail::validate_low_latency_combine(c, f.h, co, 2, f.bytes));
+}
+
+TEST(LowLatencyValidation, SizeHintHoldsTheLogfmtMetadataOfBothCombineHalves) {
+  // [signals][2 dispatch halves][2 combine halves][2 metadata halves][zero-copy]: the metadata of a combine row
+  // is one uint32 per 128 channels, padded to 16 bytes.
+  const detail::LowLatencyLayout l = detail::LowLatencyLayout::make(128, 2560, 2, 32);
+  EXPECT_EQ(l.meta_row_bytes, 80u);
+  EXPECT_EQ(l.combine_meta_offset, l.combine_offset + 2 * l.combine_half);
+  EXPECT_EQ(l.combine_meta_half, 32u * 128 * 80);
+  EXPECT_EQ(l.staging_offset, l.combine_meta_offset + 2 * l.combine_meta_half);
+  EXPECT_EQ(l.combine_meta(1, 3, 5), l.combine_meta_offset + l.combine_meta_half + (3 * 128 + 5) * 80u);
+  EXPECT_EQ(detail::LowLatencyLayout::make(128, 384, 2, 32).meta_row_bytes, 16u);  // 12 bytes, padded
+  EXPECT_EQ(low_latency_buffer_size_hint(128, 2560, 2, 32), l.total);
+}
+
 }  // namespace
 }  // namespace openep

@@ -797,14 +797,14 @@ def expert_out(torch, rank, R, T, hidden, num_experts, src, rng, row_fn=None):
     return y
 
 
-def ll_expected_combine(ctx, want_ref, row_fn=None):
+def ll_expected_combine(ctx, want_ref, row_fn=None, use_logfmt=False):
     torch = ctx.torch
     outs = []
     for d in range(ctx.R):
         w = want_ref.recv(d)
         outs.append(expert_out(torch, d, ctx.R, want_ref.T, want_ref.hidden, want_ref.num_experts, w["src_info"],
                                w["layout_range"], row_fn))
-    return ref.low_latency_combine(want_ref, outs)[ctx.rank]
+    return ref.low_latency_combine(want_ref, outs, use_logfmt=use_logfmt)[ctx.rank]
 
 
 def _gpu(ctx, i):
@@ -812,7 +812,7 @@ def _gpu(ctx, i):
 
 
 def ll_round_trip(ctx, seed, num_tokens, hidden, use_fp8, round_scale=False, use_ue8m0=False, hook=False,
-                  idx_dtype=None, use_out=False, with_stats=False):
+                  idx_dtype=None, use_out=False, with_stats=False, use_logfmt=False, row_fn=None):
     """One dispatch + combine through the Python API, both checked against the reference."""
     torch = ctx.torch
     b = ll_buffer(ctx)
@@ -833,18 +833,18 @@ def ll_round_trip(ctx, seed, num_tokens, hidden, use_fp8, round_scale=False, use
     if with_stats:
         assert torch.equal(stats.cpu(), want.recv(ctx.rank)["count"]), "cumulative_local_expert_recv_stats"
         assert bool((wait.cpu() >= 0).all()), "dispatch_wait_recv_cost_stats"
-    y = expert_out(torch, ctx.rank, ctx.R, LL_T, hidden, LL_E, src, rng).to(ctx.device)
+    y = expert_out(torch, ctx.rank, ctx.R, LL_T, hidden, LL_E, src, rng, row_fn).to(ctx.device)
     out = torch.full((x.shape[0], hidden), float("nan"), dtype=torch.bfloat16, device=ctx.device) if use_out else None
     cwait = torch.zeros(ctx.R, dtype=torch.int64, device=ctx.device) if with_stats else None
     combined, event, chook = b.low_latency_combine(y, idx, w, res[2], return_recv_hook=hook, out=out,
-                                                   combine_wait_recv_cost_stats=cwait)
+                                                   combine_wait_recv_cost_stats=cwait, use_logfmt=use_logfmt)
     assert event.event is None
     if hook:
         chook()
     if use_out:
         assert combined is out
     assert combined.shape == (x.shape[0], hidden) and combined.dtype == torch.bfloat16
-    expect = ll_expected_combine(ctx, want)
+    expect = ll_expected_combine(ctx, want, row_fn, use_logfmt)
     assert _bytes_equal(combined, expect), "low_latency_combine differs from the reference (bitwise)"
     if with_stats:
         assert bool((cwait.cpu() >= 0).all()), "combine_wait_recv_cost_stats"
@@ -901,6 +901,25 @@ def ll_hook_mode_equals_non_hook(ctx):
         c[2]()
     for mb in range(2):
         assert _bytes_equal(combos[mb][0], ll_expected_combine(ctx, wants[mb])), f"micro-batch {mb} combine"
+
+
+def ll_logfmt_combine(ctx):
+    """use_logfmt=True: bitwise equal to the reference's LogFMT combine (fused and hook mode), and close to the BF16
+    combine of the same rows. Rows scaled into [-0.5, 0.5] so that the divisions are LogFMT-encoded (|x| < 1)."""
+    torch = ctx.torch
+
+    def small_rows(e, s, t):
+        return (expert_rows(torch, e, s, t, hidden).float() / 8).to(torch.bfloat16)
+
+    for hidden, hook in ((2048, False), (7168, True)):
+        _, lf = ll_round_trip(ctx, 280 + hook, (64, 40), hidden, use_fp8=True, hook=hook, use_logfmt=True,
+                              row_fn=small_rows)
+        _, bf = ll_round_trip(ctx, 280 + hook, (64, 40), hidden, use_fp8=True, hook=hook, row_fn=small_rows)
+        # |y| <= 0.5: per element |LogFMT - BF16| <= (0.0221 + 2 * 2^-8) * 0.5 * sum_k |w_k| (encoded values
+        # within 2.2%, two BF16 roundings)
+        wsum = ll_inputs(ctx, 280 + hook, (64, 40), hidden)[ctx.rank].topk_weights.abs().sum(1).max().item()
+        err = (lf.float() - bf.float()).abs().max().item()
+        assert err <= 0.03 * 0.5 * wsum, f"LogFMT combine differs from the BF16 combine by {err}"
 
 
 def ll_zero_copy_combine(ctx):
@@ -999,11 +1018,6 @@ def ll_errors(ctx):
         raise AssertionError("FP8 x accepted by combine")
     except openep.OpenEPError as e:
         assert e.code == "invalid_argument" and "x expected dtype bfloat16" in str(e)
-    try:
-        b.low_latency_combine(None, idx, w, res[2], use_logfmt=True)
-        raise AssertionError("use_logfmt accepted")
-    except openep.OpenEPNotAvailableError as e:
-        assert "LogFMT" in str(e)
     # still usable; clean_low_latency_buffer (collective, current stream) then a correct round trip
     b.clean_low_latency_buffer(LL_T, 2048, LL_E)
     torch.cuda.synchronize()

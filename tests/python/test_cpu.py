@@ -146,17 +146,19 @@ def test_low_latency_size_hint_is_the_cores_requirement():
     # Recomputed from the layout documented in src/protocol/low_latency_layout.hpp (not read back from the core):
     # signal area (2 flag tables of 2 x 8192 uint64 + 2 x 8192 int32 counts), two dispatch halves of R x T
     # messages (128-byte routing header + the larger of the BF16 row and the FP8 row with its scales), two
-    # combine halves of E x T BF16 rows, and the zero-copy buffer [E/R][R x T][H] BF16.
+    # combine halves of E x T BF16 rows, two halves of their LogFMT metadata (E x T rows of H/128 uint32, padded
+    # to 16 bytes), and the zero-copy buffer [E/R][R x T][H] BF16.
     def align(v, a):
         return (v + a - 1) // a * a
 
     def layout_bytes(T, H, R, E):
         signals = 2 * 8 * 2 * 8192 + 4 * 2 * 8192
         msg = align(128 + max(2 * H, H + H // 128 * 4), 16)
-        return align(signals + 2 * align(R * T * msg, 128) + 2 * align(E * T * H * 2, 128) + (E // R) * R * T * H * 2,
-                     128)
+        meta = align(H // 128 * 4, 16)
+        return align(signals + 2 * align(R * T * msg, 128) + 2 * align(E * T * H * 2, 128) +
+                     2 * align(E * T * meta, 128) + (E // R) * R * T * H * 2, 128)
 
-    assert h(128, 7168, 8, 288) == layout_bytes(128, 7168, 8, 288) == 1615396864
+    assert h(128, 7168, 8, 288) == layout_bytes(128, 7168, 8, 288) == 1631911936
     assert h(128, 7168, 2, 32) == layout_bytes(128, 7168, 2, 32)
     # the combine receive region alone: 2 halves x E x T BF16 rows
     assert h(128, 7168, 8, 288) > 2 * 288 * 128 * 2 * 7168
@@ -536,10 +538,25 @@ def test_low_latency_combine_argument_checks(over, needle):
     assert needle in str(e.value) and str(e.value).startswith("OpenEP invalid argument: low_latency_combine:")
 
 
-def test_low_latency_combine_logfmt_is_not_available():
-    with pytest.raises(openep.OpenEPNotAvailableError) as e:
-        _ll_buffer().low_latency_combine(**_combine_args(use_logfmt=True))
-    assert e.value.code == "not_available" and "LogFMT" in str(e.value) and "use_logfmt=False" in str(e.value)
+def test_low_latency_combine_passes_use_logfmt_to_the_core(monkeypatch):
+    """use_logfmt reaches the core's arguments (the core validates it: hidden % 128 == 0, NVLink transport)."""
+    import openep.buffer as buffer_module
+    calls = []
+
+    class FakeRuntime:
+        def low_latency_combine(self, args, handle, out, stream):
+            calls.append(args)
+
+        def stream_wait(self, waiting, waited):
+            pass
+
+    buf = _ll_buffer()
+    buf.runtime, buf._device, buf._comm_ptr = FakeRuntime(), 0, 0
+    monkeypatch.setattr(buffer_module, "torch_module", lambda: None)
+    monkeypatch.setattr(buffer_module, "current_raw_stream", lambda device: 0)
+    for flag in (True, False):
+        buf.low_latency_combine(**_combine_args(use_logfmt=flag, out=_LLTensor((64, H_))))
+        assert calls[-1]["use_logfmt"] == int(flag)
 
 
 def test_low_latency_handle_is_deepeps_5_tuple():
@@ -572,6 +589,21 @@ def test_reference_low_latency_bf16_dispatch_and_combine_hand_case():
     out = _C.ref_low_latency_combine(r, [r0["packed_x"], r1["packed_x"]])
     assert out[0] == _bf16_row(0x3F00, 8) + _bf16_row(0x3F00, 8)  # 0.5 * 1.0, 0.25 * 2.0
     assert out[1] == _bf16_row(0x4040, 8)                          # 1.0 * 3.0
+
+
+def test_reference_low_latency_logfmt_combine_hand_case():
+    # 1 rank, 1 expert, T = 1, hidden 128, top-1, weight 1. Rows of 1.0 (amax >= 1) travel as BF16 (unchanged); the
+    # row (0.25, 0, 0.5 ...) is encoded with amax 0.5, amin 0 -> log2 amin clipped to -1 - 32: 0.5 = amax
+    # round-trips to 0.5 (within 1e-6: BF16 0x3F00), 0 -> code 0 -> 0, 0.25 -> code 495 -> 2^(494 * 32/510 - 33)
+    # = 0.24932 (BF16 0x3E7F).
+    H = 128
+    ranks = [(1, _bf16_row(0x3F80, H), _i64(0), struct.pack("<f", 1.0))]
+    r = _C.ref_low_latency_dispatch(1, 1, H, 1, 1, False, False, False, ranks)
+    assert _C.ref_low_latency_combine(r, [_bf16_row(0x3F80, H)], True)[0] == _bf16_row(0x3F80, H)
+    row = struct.pack("<2H", 0x3E80, 0x0000) + _bf16_row(0x3F00, H - 2)
+    assert _C.ref_low_latency_combine(r, [row], False)[0] == row
+    want = struct.pack("<2H", 0x3E7F, 0x0000) + _bf16_row(0x3F00, H - 2)
+    assert _C.ref_low_latency_combine(r, [row], True)[0] == want
 
 
 @pytest.mark.parametrize("round_scale,ue8m0,byte,scale", [(False, False, 0x7E, 1.0 / 448),

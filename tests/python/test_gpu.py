@@ -110,6 +110,10 @@ def test_low_latency_zero_copy_combine():
     _run("ll_zero_copy_combine")
 
 
+def test_low_latency_logfmt_combine():
+    _run("ll_logfmt_combine")
+
+
 def test_low_latency_async_finish_and_streams():
     _run("ll_async_finish_and_streams")
 

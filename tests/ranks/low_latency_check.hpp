@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <memory>
 #include <cstring>
 #include <string>
@@ -76,18 +77,71 @@ inline uint16_t expert_value(int e, int s, int t, int c) {
   return ref::float_to_bf16(f);
 }
 
-// Fills [E_local][R*T][H] expert outputs for rank d from a layout (ranges + src_info).
-inline std::vector<uint16_t> expert_outputs(int d, int El, int R, int T, int H, const int64_t* range, const int* src_info) {
+// Expert output values for the LogFMT combine: per 128-channel division one of six patterns (by division, expert
+// and token), so that every rule of the format is exercised: plain values in [-1, 1] (mostly encoded; BF16 when a
+// value rounds to 1.0), values up to 8 (BF16 fallback), half the channels below amax * 2^-32 (clipped), zeros
+// among small values (amin == 0), all-zero divisions (BF16) or tiny values (~2^-20), a narrow range around 0.25.
+// The same for duplicate copies.
+inline uint16_t logfmt_expert_value(int e, int s, int t, int c) {
+  const uint16_t plain = expert_value(e, s, t, c);
+  const float v = ref::bf16_to_float(plain);
+  switch ((c / 128 + e + t) % 6) {
+    case 0: return plain;
+    case 1: return ref::float_to_bf16(v * 8.0f);
+    case 2: return ref::float_to_bf16(c % 2 ? v * 0x1p-40f : v * 0.5f);
+    case 3: return c % 7 == 0 ? uint16_t{0} : ref::float_to_bf16(v * 0.01f);
+    case 4: return t % 3 == 0 ? uint16_t{0} : ref::float_to_bf16(v * 0x1p-20f);
+    default: return ref::float_to_bf16(0.25f + 0.001f * v);
+  }
+}
+
+inline uint16_t expert_value(int e, int s, int t, int c, bool logfmt) {
+  return logfmt ? logfmt_expert_value(e, s, t, c) : expert_value(e, s, t, c);
+}
+
+// Fills [E_local][R*T][H] expert outputs for rank d from a layout (ranges + src_info); `logfmt`: the LogFMT
+// test values (logfmt_expert_value).
+inline std::vector<uint16_t> expert_outputs(int d, int El, int R, int T, int H, const int64_t* range,
+                                            const int* src_info, bool logfmt = false) {
   std::vector<uint16_t> out(static_cast<size_t>(El) * R * T * H, 0x7FC0);  // rows beyond the counts: NaN
   for (int i = 0; i < El; ++i)
     for (int s = 0; s < R; ++s) {
       const int64_t start = range[i * R + s] >> 32, count = range[i * R + s] & 0xFFFFFFFFLL;
       for (int64_t r = start; r < start + count; ++r) {
         const size_t row = static_cast<size_t>(i) * R * T + r;
-        for (int c = 0; c < H; ++c) out[row * H + c] = expert_value(d * El + i, s, src_info[row], c);
+        for (int c = 0; c < H; ++c) out[row * H + c] = expert_value(d * El + i, s, src_info[row], c, logfmt);
       }
     }
   return out;
+}
+
+// "" when the LogFMT combine `got` of rank s is within the format's error bound of the BF16 combine `bf16`
+// (the reference's, on the same expert values): per element
+//   |got - bf16| <= 0.0221 * sum_k |w_k y_k|  (an encoded value is within a factor 2^(step/2), step <= 32/510)
+//                 + 2^-32 * sum_k |w_k|       (values below amax * 2^-32 < 2^-32 may become 0 or that bound)
+//                 + 1.03 * 2^-7 * max(|got|, |bf16|)  (the two final BF16 roundings)
+inline std::string logfmt_error_bound_mismatch(const std::vector<uint16_t>& got, const std::vector<uint16_t>& bf16,
+                                               const ref::LowLatencyInput& in, int s, int K, int H) {
+  for (int t = 0; t < in.num_tokens; ++t) {
+    for (int c = 0; c < H; ++c) {
+      double magnitude = 0, weights = 0;
+      for (int k = 0; k < K; ++k) {
+        const int64_t e = in.topk_idx[static_cast<size_t>(t) * K + k];
+        if (e < 0) continue;
+        const double w = std::fabs(in.topk_weights[static_cast<size_t>(t) * K + k]);
+        magnitude += w * std::fabs(ref::bf16_to_float(logfmt_expert_value(static_cast<int>(e), s, t, c)));
+        weights += w;
+      }
+      const size_t at = static_cast<size_t>(t) * H + c;
+      const double a = ref::bf16_to_float(got[at]), b = ref::bf16_to_float(bf16[at]);
+      const double tol =
+          0.0221 * magnitude + 0x1p-32 * weights + 1.03 * 0x1p-7 * std::max(std::fabs(a), std::fabs(b)) + 1e-30;
+      if (!(std::fabs(a - b) <= tol))
+        return "token " + std::to_string(t) + " column " + std::to_string(c) + ": LogFMT " + std::to_string(a) +
+               ", BF16 " + std::to_string(b) + ", bound " + std::to_string(tol);
+    }
+  }
+  return {};
 }
 
 struct LLRank {
@@ -154,8 +208,9 @@ struct LLRank {
     handle.layout_range = range.get();
     return o;
   }
-  LowLatencyCombineArgs combine_args(bool hook, bool zero_copy) const {
+  LowLatencyCombineArgs combine_args(bool hook, bool zero_copy, bool logfmt = false) const {
     LowLatencyCombineArgs a;
+    a.use_logfmt = logfmt;
     a.x = zero_copy ? nullptr : expert_out.get();
     a.topk_idx = topk();
     a.index_type = c.index_type;
@@ -221,14 +276,17 @@ inline BufferOptions ll_options(size_t rdma_bytes, double timeout_s = 20.0) {
 }
 
 // The reference of one case for every rank: inputs, dispatch receive, and the combine result of expert outputs
-// placed by the reference's own layout (built once per world).
+// placed by the reference's own layout (built once per world). A LogFMT world (logfmt) uses the LogFMT test
+// values (logfmt_expert_value) and also holds the LogFMT combine; `combined` is then the BF16 combine of the same
+// values (the error bound's baseline).
 struct LLWorld {
   std::vector<ref::LowLatencyInput> inputs;
   std::vector<ref::LowLatencyRecv> want;
   std::vector<std::vector<uint16_t>> combined;
+  std::vector<std::vector<uint16_t>> combined_logfmt;  // only in a LogFMT world
 };
 
-inline LLWorld make_world(const LLCase& c, int R, uint64_t seed) {
+inline LLWorld make_world(const LLCase& c, int R, uint64_t seed, bool logfmt = false) {
   LLWorld w;
   w.inputs = make_inputs(c, R, seed);
   const ref::LowLatencyConfig cfg = config(c, R);
@@ -236,16 +294,19 @@ inline LLWorld make_world(const LLCase& c, int R, uint64_t seed) {
   std::vector<std::vector<uint16_t>> ref_out(R);
   for (int d = 0; d < R; ++d)
     ref_out[d] = expert_outputs(d, c.experts_per_rank, R, c.T, c.hidden, w.want[d].layout_range.data(),
-                                w.want[d].src_info.data());
+                                w.want[d].src_info.data(), logfmt);
   w.combined = ref::low_latency_combine(ref_out, w.want, w.inputs, cfg);
+  if (logfmt) w.combined_logfmt = ref::low_latency_combine(ref_out, w.want, w.inputs, cfg, /*use_logfmt=*/true);
   return w;
 }
 
-// One dispatch (hook or not) + combine (hook or not, zero-copy or not) checked against the reference.
-inline void run_case(Buffer& buffer, const LLCase& c, uint64_t seed, bool hook, bool zero_copy) {
-  SCOPED_TRACE(name(c) + (hook ? "_hook" : "") + (zero_copy ? "_zerocopy" : ""));
+// One dispatch (hook or not) + combine (hook or not, zero-copy or not, LogFMT or not) checked against the
+// reference: bit for bit (LogFMT: against the reference's LogFMT combine, and within the error bound of its BF16
+// combine).
+inline void run_case(Buffer& buffer, const LLCase& c, uint64_t seed, bool hook, bool zero_copy, bool logfmt = false) {
+  SCOPED_TRACE(name(c) + (hook ? "_hook" : "") + (zero_copy ? "_zerocopy" : "") + (logfmt ? "_logfmt" : ""));
   const int R = buffer.num_ranks(), me = buffer.rank();
-  const auto world = once_per_world<LLWorld>([&] { return make_world(c, R, seed); });
+  const auto world = once_per_world<LLWorld>([&] { return make_world(c, R, seed, logfmt); });
   const std::vector<ref::LowLatencyRecv>& want = world->want;
   LLRank g(c, R, me, world->inputs[me]);
   cudaStream_t stream = buffer.comm_stream();
@@ -269,10 +330,10 @@ inline void run_case(Buffer& buffer, const LLCase& c, uint64_t seed, bool hook, 
   for (int64_t v : wait_stats.download()) EXPECT_GE(v, 0) << "dispatch_wait_recv_cost_stats";
 
   // Combine: the reference uses its own placement, the GPU its own; both hold the same expert values.
-  const std::vector<std::vector<uint16_t>>& expect = world->combined;
+  const std::vector<std::vector<uint16_t>>& expect = logfmt ? world->combined_logfmt : world->combined;
   const std::vector<int64_t> range = g.range.download();
   const std::vector<int> src = g.src_info.download();
-  const std::vector<uint16_t> mine = expert_outputs(me, g.El, R, c.T, c.hidden, range.data(), src.data());
+  const std::vector<uint16_t> mine = expert_outputs(me, g.El, R, c.T, c.hidden, range.data(), src.data(), logfmt);
   if (zero_copy) {
     uint16_t* zc = buffer.get_next_low_latency_combine_buffer(g.handle);
     copy_to_device(zc, mine.data(), mine.size() * 2);
@@ -282,13 +343,17 @@ inline void run_case(Buffer& buffer, const LLCase& c, uint64_t seed, bool hook, 
   g.combined.poison();
   LowLatencyCombineOutputs co;
   co.combined_x = g.combined.get();
-  LowLatencyHook ch = buffer.low_latency_combine(g.combine_args(hook, zero_copy), g.handle, co, stream);
+  LowLatencyHook ch = buffer.low_latency_combine(g.combine_args(hook, zero_copy, logfmt), g.handle, co, stream);
   ASSERT_EQ(static_cast<bool>(ch), hook);
   if (hook) ch();
   buffer.synchronize(stream);
   std::vector<uint16_t> got = g.combined.download();
   got.resize(expect[me].size());
   EXPECT_EQ(first_mismatches(got, expect[me], c.hidden, "combined_x"), "");
+  if (logfmt) {
+    EXPECT_EQ(logfmt_error_bound_mismatch(got, world->combined[me], world->inputs[me], me, c.num_topk, c.hidden), "")
+        << "LogFMT combine against the BF16 reference";
+  }
 }
 
 inline std::vector<LLCase> cases() {
@@ -315,6 +380,14 @@ inline std::string case_name(const LLCase& c) {
 inline std::vector<std::pair<std::string, LLCase>> named_cases() {
   std::vector<std::pair<std::string, LLCase>> named;
   for (const LLCase& c : cases()) named.emplace_back(case_name(c), c);
+  return named;
+}
+
+// The cases LogFMT applies to (hidden % 128 == 0): all but the hidden-8 one.
+inline std::vector<std::pair<std::string, LLCase>> logfmt_named_cases() {
+  std::vector<std::pair<std::string, LLCase>> named;
+  for (const LLCase& c : cases())
+    if (c.hidden % 128 == 0) named.emplace_back(case_name(c), c);
   return named;
 }
 

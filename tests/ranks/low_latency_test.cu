@@ -3,7 +3,8 @@
 // per world (once_per_world), so it needs no communication. Outputs are poisoned before each run. Every case
 // is its own named test (LowLatencyVrank.MatchesReference/<case>/EP<N>, ...).
 // Dispatch is compared bit for bit (the FP8 cast included); rows inside one (expert, source) range arrive in
-// any order and are compared canonically (sorted by source token). Combine is compared bit for bit.
+// any order and are compared canonically (sorted by source token). Combine is compared bit for bit (LogFMT
+// combine: with the reference's LogFMT combine, plus its error bound against the BF16 reference).
 #include "ranks/low_latency_check.hpp"
 
 namespace openep::test {
@@ -36,6 +37,43 @@ OPENEP_RANKS_CASES(LowLatency, HookModeAndZeroCopy, LLCase, named_cases, 2, 4, 8
   const LLCase w = for_world(c, world_group().num_ranks());
   Buffer buffer(world_group(), ll_options(buffer_bytes(w, world_group().num_ranks())));
   run_case(buffer, w, seed_of(c) + 90, /*hook=*/true, /*zero_copy=*/(seed_of(c) % 2) == 0);
+}
+
+// LogFMT combine (use_logfmt): bitwise equal to the reference's LogFMT combine and within the format's error bound
+// of its BF16 combine (run_case), on expert values that exercise every rule of the format (logfmt_expert_value).
+// The fused kernel with the caller's x ...
+OPENEP_RANKS_CASES(LowLatency, LogfmtMatchesReference, LLCase, logfmt_named_cases, 2, 4, 8) {
+  const LLCase w = for_world(c, world_group().num_ranks());
+  Buffer buffer(world_group(), ll_options(buffer_bytes(w, world_group().num_ranks())));
+  run_case(buffer, w, seed_of(c) + 700, /*hook=*/false, /*zero_copy=*/false, /*logfmt=*/true);
+}
+
+// ... and hook mode (separate send and receive kernels) encoding from the zero-copy buffer.
+OPENEP_RANKS_CASES(LowLatency, LogfmtHookModeAndZeroCopy, LLCase, logfmt_named_cases, 2, 4, 8) {
+  const LLCase w = for_world(c, world_group().num_ranks());
+  Buffer buffer(world_group(), ll_options(buffer_bytes(w, world_group().num_ranks())));
+  run_case(buffer, w, seed_of(c) + 790, /*hook=*/true, /*zero_copy=*/true, /*logfmt=*/true);
+}
+
+// One Buffer, small cases back to back, LogFMT and BF16 combines alternating with every hook / zero-copy
+// combination (the combine rows and the metadata region are reused across formats and shapes).
+OPENEP_RANKS_TEST_EP(LowLatency, LogfmtAndBf16CombinesBackToBackOnOneBuffer, 2, 4, 8) {
+  const int R = world_group().num_ranks();
+  std::vector<LLCase> small;
+  for (const auto& [n, c] : logfmt_named_cases())
+    if (static_cast<size_t>(c.hidden) * c.T <= 4096u * 128u) small.push_back(for_world(c, R));
+  size_t bytes = 0;
+  for (const LLCase& c : small) bytes = std::max(bytes, buffer_bytes(c, R));
+  Buffer buffer(world_group(), ll_options(bytes));
+  int i = 0;
+  for (int pass = 0; pass < 2; ++pass) {
+    for (const LLCase& c : small) {
+      const bool logfmt = (i + pass) % 2 == 0;
+      run_case(buffer, c, seed_of(c) + 870 + pass, /*hook=*/(i / 2) % 2 == 1, /*zero_copy=*/(i / 4) % 2 == 1, logfmt);
+      ++i;
+      if (::testing::Test::HasFailure()) return;
+    }
+  }
 }
 
 // One Buffer, the small cases back to back with hook / zero-copy alternating (shapes change between calls on
@@ -188,6 +226,24 @@ OPENEP_MGPU_TEST(LowLatency, NetworkPathMatchesTheReferenceAcrossNodes) {
     GTEST_SKIP() << "single-node Group: allow_network is ignored; the GIN path needs ranks in several nodes";
   }
   ASSERT_EQ(buffer.impl().transport, ::openep::detail::Transport::kGin);
+  {  // LogFMT is refused on the GIN transport, before anything launches.
+    const LLCase c = cases()[1];
+    DeviceArray<int> src(static_cast<size_t>(c.experts_per_rank) * group.num_ranks() * c.T);
+    DeviceArray<int64_t> range(static_cast<size_t>(c.experts_per_rank) * group.num_ranks());
+    LowLatencyHandle h;
+    h.src_info = src.get(), h.layout_range = range.get();
+    h.num_max_dispatch_tokens_per_rank = c.T, h.hidden = c.hidden;
+    h.num_experts = c.experts_per_rank * group.num_ranks();
+    LowLatencyCombineArgs a;
+    a.num_topk = c.num_topk, a.zero_copy = true, a.use_logfmt = true;
+    try {
+      buffer.low_latency_combine(a, h, LowLatencyCombineOutputs{}, buffer.comm_stream());
+      ADD_FAILURE() << "use_logfmt accepted on the GIN transport";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kUnsupported) << e.what();
+      EXPECT_NE(std::string(e.what()).find("not available on the GIN transport"), std::string::npos) << e.what();
+    }
+  }
   uint64_t seed = 501;
   int i = 0;
   for (const LLCase& c : cases()) {
