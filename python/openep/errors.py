@@ -43,7 +43,7 @@ class OpenEPError(RuntimeError):
 
 
 class OpenEPNotAvailableError(OpenEPError, NotImplementedError):
-    """A DeepEP V1 capability that OpenEP does not provide yet (e.g. internode mode, shrink mode, LogFMT).
+    """A DeepEP V1 capability that OpenEP does not provide yet (e.g. shrink mode).
 
     It is both an :class:`OpenEPError` (``code == "not_available"``) and a ``NotImplementedError``.
     """
