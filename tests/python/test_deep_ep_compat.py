@@ -148,6 +148,7 @@ def test_the_pth_file_installs_the_finder_when_python_starts(tmp_path):
     shutil.copy(ALIAS_DIR / "openep_deep_ep_alias.pth", site_dir)
     _ok(f"""
 import site, sys
+sys.path.insert(0, {str(site_dir)!r})  # ahead of an installed alias (openep's own site-packages may hold one)
 site.addsitedir({str(site_dir)!r})     # processes the .pth as Python does at start-up for site-packages
 import _openep_deep_ep_alias as alias
 assert alias.decision() is None and sys.meta_path[0] is alias._finder   # installed, nothing decided or imported
