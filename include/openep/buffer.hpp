@@ -27,6 +27,16 @@
 
 namespace openep {
 
+// The network leg of internode normal mode (internode.hpp, docs/INTERNODE.md "Backends of the rail"). Both move
+// the same records and partials, in the same chunks, between the same rail halves; only who drives the network
+// differs.
+//   kHostP2p  the host enqueues grouped ncclSend/ncclRecv on the rail communicator. Runs on every network NCCL
+//             runs on (InfiniBand, RoCE, EFA through its plugin, sockets). The default.
+//   kGin      device-initiated: a small kernel posts NCCL GIN puts with signals to the rail peers and waits
+//             (bounded) for theirs. Needs RDMA NICs NCCL drives with GIN (InfiniBand / RoCE verbs; not sockets,
+//             not stock EFA). WRITTEN AND COMPILED, NOT RUN: the test machines have no RDMA NICs.
+enum class InternodeBackend : int { kHostP2p = 0, kGin = 1 };
+
 struct BufferOptions {
   // Bytes for the normal-mode (NVLink) kernels; see Config size hints. Multiple of 128.
   size_t num_nvl_bytes = 0;
@@ -47,6 +57,14 @@ struct BufferOptions {
   // NOT YET RUN ON A REAL NETWORK: the test machines have no RDMA NICs, so this path builds and its
   // selection is unit-tested, but it has never moved a byte. Treat it as experimental.
   bool allow_network = false;
+  // Internode normal mode only: how the network leg moves (InternodeBackend above). Never chosen for you.
+  // kGin REQUIRES a Group over several nodes in normal mode (else kUnsupported / kInvalidArgument naming this
+  // field) and RDMA NICs with NCCL GIN: creation then builds a GIN-capable device communicator on the RAIL
+  // communicator only (the Group's and the node communicators never get GIN) and registers the rail buffers
+  // (num_rdma_bytes plus a few KiB of headers and control words) as its window; where NCCL offers no GIN it fails
+  // with kUnsupported naming NCCL's reason. The rail communicator is then unusable (it is aborted); the Group's
+  // communicator is not touched. NOT RUN on a real network yet (no RDMA NICs on the test machines).
+  InternodeBackend internode_backend = InternodeBackend::kHostP2p;
 };
 
 // get_dispatch_layout arguments. All pointers are device pointers on the Buffer's device.
@@ -72,7 +90,9 @@ class Buffer {
   // kUnsupported if the ranks span several NVLink domains and neither internode normal mode (not
   // low_latency_mode, num_rdma_bytes > 0; internode.hpp) nor, in low-latency mode, options.allow_network (the
   // GIN path; not yet run on a real network) applies. Internode: nodes must be equal, node-major and of at most
-  // 8 ranks, else kUnsupported saying so; creation splits a node and a rail communicator off the Group's.
+  // 8 ranks, else kUnsupported saying so; creation splits a node and a rail communicator off the Group's. With
+  // options.internode_backend = kGin it also creates the rail's GIN device communicator and window (kUnsupported
+  // naming NCCL's reason where there is no GIN; NOT RUN on a real network).
   Buffer(Group& group, const BufferOptions& options);
   // Drains the communication stream, then releases the window and device memory. Never throws.
   ~Buffer();

@@ -10,6 +10,9 @@
 // it runs on every network NCCL runs on (InfiniBand, RoCE, EFA through its plugin, TCP sockets).
 // RUN SO FAR: over NCCL's socket transport between fake nodes on one host (docs/fake-nodes.md) and on virtual
 // ranks with emulated nodes; NEVER over InfiniBand, RoCE or EFA, and never timed on a real network.
+// Optional second backend of the network leg, BufferOptions::internode_backend = InternodeBackend::kGin
+// (buffer.hpp): the same records, chunks and kernels, the rail exchanges device-initiated with NCCL GIN puts and
+// signals; needs RDMA NICs with NCCL GIN (InfiniBand / RoCE). WRITTEN AND COMPILED, NOT RUN.
 //
 // Semantics (CPU reference, reference/openep/reference.hpp):
 //  * dispatch: exactly the rows, order and top-k localisation of intranode dispatch (ref::dispatch): rows are

@@ -129,6 +129,10 @@ class LowLatencyHandle(_LowLatencyHandleBase):
     # No __slots__: see IntranodeHandle (_openep_checked).
 
 
+# internode_backend values and openep::InternodeBackend (include/openep/buffer.hpp).
+_INTERNODE_BACKENDS = {"host_p2p": 0, "gin": 1}
+
+
 def _env_flag(name):
     """True for 1/true/yes/on, False when unset or 0/false/no/off/empty; anything else is an error."""
     value = os.environ.get(name, "").strip().lower()
@@ -189,6 +193,11 @@ class Buffer:
             ranks share one NVLink domain (NVLink is always used there); without it such a group raises
             ``OpenEPError(code="unsupported")``. Normal mode across nodes (internode) needs no flag, only
             ``num_rdma_bytes > 0``.
+        internode_backend: OpenEP extension, internode normal mode only (default ``"host_p2p"``, or
+            ``OPENEP_INTERNODE_BACKEND``): how the network leg between nodes moves. ``"host_p2p"``: host-enqueued
+            NCCL send/recv, any network NCCL runs on. ``"gin"``: device-initiated NCCL GIN puts and signals; needs
+            RDMA NICs (InfiniBand / RoCE) that NCCL drives with GIN, else ``OpenEPError(code="unsupported")`` at
+            creation. NOT RUN: written and compiled, never run on a real network (no RDMA NICs on the test machines).
 
     Attributes (DeepEP's): ``rank``, ``group``, ``group_size``, ``num_nvl_bytes``, ``num_rdma_bytes``,
     ``low_latency_mode``, ``explicitly_destroy``, ``enable_shrink``, ``runtime`` (None after destroy()): an
@@ -204,7 +213,7 @@ class Buffer:
     def __init__(self, group, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
                  allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, use_fabric=False,
                  explicitly_destroy=False, enable_shrink=False, comm=None, timeout_seconds=None,
-                 allow_network=None):
+                 allow_network=None, internode_backend=None):
         self.runtime = None
         # Checks that need no GPU come first.
         if group is None and comm is None:
@@ -225,6 +234,11 @@ class Buffer:
             allow_network = _env_flag("OPENEP_ALLOW_NETWORK")
         if not isinstance(allow_network, bool):
             raise invalid_argument(f"Buffer: allow_network expected a bool or None, got {type(allow_network).__name__}")
+        if internode_backend is None:
+            internode_backend = os.environ.get("OPENEP_INTERNODE_BACKEND", "host_p2p")
+        if internode_backend not in _INTERNODE_BACKENDS:
+            raise invalid_argument(f"Buffer: internode_backend must be one of {sorted(_INTERNODE_BACKENDS)}, got "
+                                   f"{internode_backend!r}")
         check_nccl_version()
 
         torch = torch_module()
@@ -240,6 +254,7 @@ class Buffer:
         self.enable_shrink = enable_shrink
         self.timeout_seconds = timeout_seconds
         self.allow_network = allow_network
+        self.internode_backend = internode_backend
         self._device = torch.cuda.current_device()
         self._dev = torch.device("cuda", self._device)  # a device object: cheaper than a string per torch.empty
         self._token = object()  # marks the handles this Buffer made (their checked form is reused)
@@ -254,7 +269,8 @@ class Buffer:
         else:
             uid = comm.bcast(uid, root=0)
         self.runtime = Runtime(uid, self.rank, self.group_size, self._device, num_nvl_bytes, num_rdma_bytes,
-                               bool(low_latency_mode), float(timeout_seconds), allow_network)
+                               bool(low_latency_mode), float(timeout_seconds), allow_network,
+                               _INTERNODE_BACKENDS[internode_backend])
         self._internode = bool(self.runtime.is_internode)
         self._comm_ptr = self.runtime.comm_stream
         self._comm_stream = torch.cuda.ExternalStream(self._comm_ptr, device=self._device)

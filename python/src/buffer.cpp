@@ -222,7 +222,7 @@ openep::LowLatencyCombineArgs ll_combine_args_of(const nb::dict& d) {
 class Runtime {
  public:
   Runtime(nb::bytes unique_id, int rank, int num_ranks, int device, size_t num_nvl_bytes, size_t num_rdma_bytes,
-          bool low_latency_mode, double timeout_seconds, bool allow_network) {
+          bool low_latency_mode, double timeout_seconds, bool allow_network, int internode_backend) {
     if (unique_id.size() != sizeof(ncclUniqueId)) {
       fail(openep::ErrorCode::kInvalidArgument, "unique_id must be " + std::to_string(sizeof(ncclUniqueId)) +
                                                     " bytes, got " + std::to_string(unique_id.size()));
@@ -235,6 +235,12 @@ class Runtime {
     o.low_latency_mode = low_latency_mode;
     o.timeout_seconds = timeout_seconds;
     o.allow_network = allow_network;
+    if (internode_backend != static_cast<int>(openep::InternodeBackend::kHostP2p) &&
+        internode_backend != static_cast<int>(openep::InternodeBackend::kGin)) {
+      fail(openep::ErrorCode::kInvalidArgument, "internode_backend must be 0 (host p2p) or 1 (GIN), got " +
+                                                    std::to_string(internode_backend));
+    }
+    o.internode_backend = static_cast<openep::InternodeBackend>(internode_backend);
     device_ = device;
     nb::gil_scoped_release release;
     group_ = openep::Group::create(id, rank, num_ranks, device);
@@ -326,10 +332,10 @@ void bind_buffer(nb::module_& m) {
   }, "A fresh NCCL unique id (128 bytes) for Runtime(); create it on one rank and ship it to the others.");
 
   nb::class_<Runtime>(m, "Runtime", "openep::Group + openep::Buffer (internal; use openep.Buffer).")
-      .def(nb::init<nb::bytes, int, int, int, size_t, size_t, bool, double, bool>(), nb::arg("unique_id"),
+      .def(nb::init<nb::bytes, int, int, int, size_t, size_t, bool, double, bool, int>(), nb::arg("unique_id"),
            nb::arg("rank"), nb::arg("num_ranks"), nb::arg("device"), nb::arg("num_nvl_bytes"),
            nb::arg("num_rdma_bytes"), nb::arg("low_latency_mode"), nb::arg("timeout_seconds"),
-           nb::arg("allow_network") = false)
+           nb::arg("allow_network") = false, nb::arg("internode_backend") = 0)
       .def("destroy", &Runtime::destroy)
       .def("stream_wait", &Runtime::stream_wait, nb::arg("waiter"), nb::arg("waited"),
            "Makes stream `waiter` wait for the work enqueued so far on stream `waited` (cudaStream_t addresses).")

@@ -40,6 +40,7 @@
 #include <cuda_fp8.h>
 #include <nccl_device.h>
 
+#include "device/gin.cuh"
 #include "device/gin_wait.cuh"
 #include "device/fp8.cuh"
 #include "device/ptx.cuh"
@@ -60,15 +61,8 @@ constexpr int kThreads = 512;  // send kernels: one block per SM; fewer threads 
                                // room for the GIN descriptor code's registers
 static_assert(L::kHeaderBytes == sizeof(int32_t) * kMaxLowLatencyTopk, "one header int32 per top-k slot");
 
-// NCCL's ncclGin reads past its tables when the device communicator has no context (nccl-device-api.md
-// 2.7). The host refuses to create a kGin Buffer without one; this guard keeps a broken invariant from
-// turning into wild reads (the peers then time out with rank, peer and phase).
-__device__ __forceinline__ bool gin_ready(const ncclDevComm& dc) { return dc.ginContextCount > 0; }
-
-// Flushes this block's puts on every context (all threads of the block must call it).
-__device__ __forceinline__ void flush_block(const ncclDevComm& dc) {
-  for (int c = 0; c < dc.ginContextCount; ++c) ncclGin(dc, c).flush(ncclCoopCta());
-}
+using device::gin_flush_cta;
+using device::gin_ready;
 
 __device__ __forceinline__ char* local_base(const GinWindow& g) {
   return static_cast<char*>(ncclGetLocalPointer(g.window, 0));
@@ -170,7 +164,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();  // s_* are reused by the next token
   }
-  flush_block(g.dev_comm);  // this block's sources may be reused once the kernel ends
+  gin_flush_cta(g.dev_comm);  // this block's sources may be reused once the kernel ends
 
   if (device::last_block<true>(&p.state->send_ticket[0])) {
     auto* counts = reinterpret_cast<int32_t*>(base + stage + G::counts_of(0, El));
@@ -190,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               sizeof(uint64_t),
               ncclGin_SignalAdd{static_cast<ncclGinSignal_t>(GinSignals::dispatch(p.rank)), 1});
     }
-    flush_block(g.dev_comm);
+    gin_flush_cta(g.dev_comm);
     if (threadIdx.x == 0) p.state->send_epoch[0] = epoch;
   }
 }
@@ -233,7 +227,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     gin.put(world, s, g.window, g.region_offset + layout.combine_row(half, p.rank * El + i, t), g.window,
             g.region_offset + layout.zero_copy_row(row), row_bytes, ncclGin_None{}, ncclGin_None{}, ncclCoopWarp{});
   }
-  flush_block(g.dev_comm);
+  gin_flush_cta(g.dev_comm);
 
   if (device::last_block<true>(&p.state->send_ticket[1])) {
     auto* flags = reinterpret_cast<uint64_t*>(base + g.staging_offset + G::combine_flag(0));
@@ -246,7 +240,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               g.staging_offset + G::combine_flag(d), sizeof(uint64_t),
               ncclGin_SignalAdd{static_cast<ncclGinSignal_t>(GinSignals::combine(R, p.rank)), 1});
     }
-    flush_block(g.dev_comm);
+    gin_flush_cta(g.dev_comm);
     if (threadIdx.x == 0) p.state->send_epoch[1] = epoch;
   }
 }

@@ -20,6 +20,7 @@ enum class DeviceErrorCode : int32_t {
   kInconsistentLayout = 3,   // num_tokens_per_rank[peer] (expected) != tokens is_token_in_rank sends there
   kWorstTokensExceeded = 4,  // expected = num_worst_tokens, observed = rows actually received
   kCapacityExceeded = 5,     // expected = rows the Buffer holds, observed = rows received
+  kRailSizeMismatch = 6,     // GIN rail: expected = bytes the peer expects from me, observed = bytes I send
 };
 
 enum class Phase : int32_t {
@@ -31,6 +32,8 @@ enum class Phase : int32_t {
   kCombineData = 5,
   kLowLatencyDispatch = 6,
   kLowLatencyCombine = 7,
+  kRailReady = 8,            // GIN rail: waiting for a rail peer to be ready to receive
+  kRailData = 9,             // GIN rail: waiting for a rail peer's bytes
 };
 
 inline const char* phase_name(Phase p) {
@@ -43,6 +46,8 @@ inline const char* phase_name(Phase p) {
     case Phase::kCombineData: return "combine (data)";
     case Phase::kLowLatencyDispatch: return "low_latency_dispatch";
     case Phase::kLowLatencyCombine: return "low_latency_combine";
+    case Phase::kRailReady: return "internode rail exchange over GIN (peer ready to receive)";
+    case Phase::kRailData: return "internode rail exchange over GIN (peer's data)";
   }
   return "unknown";
 }

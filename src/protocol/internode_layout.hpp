@@ -118,6 +118,31 @@ struct InternodeRailLayout {
   OPENEP_HOST_DEVICE int64_t capacity(size_t entry_bytes) const { return static_cast<int64_t>(half_bytes / entry_bytes); }
 };
 
+// Everything the rail moves from and into, carved out of one allocation (private device memory for the host-driven
+// rail; the GIN rail's registered window, after its control area: internode_gin_layout.hpp). Offsets from the
+// area's start, each region 4 KiB aligned:
+//   halves         num_rdma_bytes: rail half A and half B (InternodeRailLayout)
+//   header_send    [N][header_ints(M, kMaxInternodeLocalExperts)] int32: my headers, one per destination node
+//   header_recv    [N][same] int32: my rail peers' headers (the rail writes them)
+//   barrier_token  [2][N] int32: Buffer::barrier's rail leg (send, receive)
+struct InternodeRailArea {
+  static constexpr size_t kAlign = 4096;
+  size_t halves_offset = 0, header_send_offset = 0, header_recv_offset = 0, barrier_offset = 0, total_bytes = 0;
+  size_t header_bytes = 0;  // of header_send (and of header_recv)
+
+  static InternodeRailArea make(size_t num_rdma_bytes, int N, int M) {
+    InternodeRailArea a;
+    a.header_bytes = sizeof(int32_t) * static_cast<size_t>(N) * InternodeRecord::header_ints(M, kMaxInternodeLocalExperts);
+    a.halves_offset = 0;
+    a.header_send_offset = align_up(num_rdma_bytes, kAlign);
+    a.header_recv_offset = align_up(a.header_send_offset + a.header_bytes, kAlign);
+    a.barrier_offset = align_up(a.header_recv_offset + a.header_bytes, kAlign);
+    a.total_bytes = align_up(a.barrier_offset + barrier_bytes(N), kAlign);
+    return a;
+  }
+  static size_t barrier_bytes(int N) { return sizeof(int32_t) * 2 * static_cast<size_t>(N); }
+};
+
 // Chunks of the network leg (docs/INTERNODE.md "Chunks"): a rail transfer of `count` entries is cut into
 // `num_chunks` pieces of ceil(count / num_chunks) entries; chunk c is [lo, hi). Both ends of a transfer compute it
 // from the same count (what I send to node n is what n receives from me), so they agree without talking.

@@ -97,6 +97,11 @@ void Buffer::Impl::raise_device_error() {
                  (rec->peer >= 0 ? " on rank " : ""), (rec->peer >= 0 ? std::to_string(rec->peer) : std::string()),
                  " (a size hint gives the bytes). This Buffer refuses further work; destroy it.");
   }
+  if (code == static_cast<int>(detail::DeviceErrorCode::kRailSizeMismatch)) {
+    OPENEP_CHECK(false, ErrorCode::kInternal, detail::phase_name(phase), " on rank ", rec->rank, ": rail peer ",
+                 rec->peer, " expects ", rec->expected, " bytes but this rank sends ", rec->observed,
+                 " (the two sides planned different transfers). This Buffer refuses further work; destroy it.");
+  }
   if (code == static_cast<int>(detail::DeviceErrorCode::kBadExpertIndex)) {
     OPENEP_CHECK(false, ErrorCode::kDeviceCheck, detail::phase_name(phase), " on rank ", rec->rank,
                  ": topk_idx row ", rec->expected, " holds expert id ", rec->observed,
@@ -147,12 +152,10 @@ void release(Buffer::Impl& m) noexcept {
   if (m.fabric) {
     detail::Fabric& f = *m.fabric;
     (m.in.node_fabric ? *m.in.node_fabric : f).close_window(m.win);
-    f.free_device(m.in.rail_buffer);
-    f.free_device(m.in.header_send);
-    f.free_device(m.in.header_recv);
-    f.free_device(m.in.barrier_token);
+    if (m.in.rail && m.in.rail_area) m.in.rail->close_area(m.in.rail_area, f);
     f.free_device(m.in.state);
     f.free_mapped(m.in.host);
+    m.in.rail_area = nullptr;
     m.in.rail_buffer = nullptr, m.in.header_send = nullptr, m.in.header_recv = nullptr, m.in.barrier_token = nullptr;
     m.in.state = nullptr, m.in.host = nullptr;
     m.in.rail.reset();
@@ -209,6 +212,7 @@ void Buffer::init(Group& group, const BufferOptions& options) {
   query.allow_network = options.allow_network;
   query.num_nvl_bytes = options.num_nvl_bytes;
   query.num_rdma_bytes = options.num_rdma_bytes;
+  query.internode_gin = options.internode_backend == InternodeBackend::kGin;
   m.transport = detail::select_transport(query);
   const bool network = m.transport == detail::Transport::kGin;
   if (m.transport == detail::Transport::kNvlink) {
@@ -234,7 +238,8 @@ void Buffer::init(Group& group, const BufferOptions& options) {
     m.in.num_nodes = topo.num_nodes();
     m.in.node = topo.node();
     m.in.local_rank = topo.local_rank();
-    detail::NodeSplit split = m.fabric->split_nodes(topo.ranks_per_node);
+    detail::NodeSplit split =
+        m.fabric->split_nodes(topo.ranks_per_node, detail::requests_gin(m.transport, detail::CommRole::kRail));
     m.in.node_fabric = std::move(split.node);
     m.in.rail = std::move(split.rail);
   }
@@ -265,13 +270,16 @@ void Buffer::init(Group& group, const BufferOptions& options) {
   }
   if (m.internode()) {
     const int N = m.in.num_nodes;
-    const size_t header_bytes = sizeof(int32_t) * static_cast<size_t>(N) *
-                                detail::InternodeRecord::header_ints(m.in.ranks_per_node, detail::kMaxInternodeLocalExperts);
-    m.in.rail_buffer = static_cast<char*>(f.alloc_device(options.num_rdma_bytes));
-    m.in.header_send = static_cast<int32_t*>(f.alloc_device(header_bytes));
-    m.in.header_recv = static_cast<int32_t*>(f.alloc_device(header_bytes));
-    m.in.barrier_token = static_cast<int32_t*>(f.alloc_device(sizeof(int32_t) * 2 * N));
-    OPENEP_CUDA_CHECK(cudaMemsetAsync(m.in.barrier_token, 0, sizeof(int32_t) * 2 * N, m.comm_stream));
+    // Everything the rail moves, in one area (GIN: the rail window, registered here, collectively over the rail).
+    const detail::InternodeRailArea area =
+        detail::InternodeRailArea::make(options.num_rdma_bytes, N, m.in.ranks_per_node);
+    m.in.rail_area = m.in.rail->open_area(area.total_bytes, f);
+    m.in.rail_buffer = m.in.rail_area + area.halves_offset;
+    m.in.header_send = reinterpret_cast<int32_t*>(m.in.rail_area + area.header_send_offset);
+    m.in.header_recv = reinterpret_cast<int32_t*>(m.in.rail_area + area.header_recv_offset);
+    m.in.barrier_token = reinterpret_cast<int32_t*>(m.in.rail_area + area.barrier_offset);
+    OPENEP_CUDA_CHECK(cudaMemsetAsync(m.in.barrier_token, 0, detail::InternodeRailArea::barrier_bytes(N), m.comm_stream));
+    m.in.rail->set_wait_context(m.wait_context());
     m.in.state = static_cast<detail::InternodeState*>(f.alloc_device(sizeof(detail::InternodeState)));
     OPENEP_CUDA_CHECK(cudaMemsetAsync(m.in.state, 0, sizeof(detail::InternodeState), m.comm_stream));
     m.in.host = static_cast<detail::InternodeHostCounters*>(f.alloc_mapped(sizeof(detail::InternodeHostCounters), &view));
@@ -290,7 +298,7 @@ void Buffer::init(Group& group, const BufferOptions& options) {
   m.window_layout = detail::WindowLayout::make(options.num_nvl_bytes, m.internode() ? 0 : options.num_rdma_bytes);
   detail::WindowRequest req;
   req.bytes = m.window_layout.total_bytes;
-  req.gin = network;
+  req.gin = detail::requests_gin(m.transport, m.internode() ? detail::CommRole::kNode : detail::CommRole::kGroup);
   if (network) {
     m.gin_staging_offset = req.bytes;
     req.bytes += detail::LowLatencyGinLayout::area_bytes(options.num_rdma_bytes);
@@ -317,8 +325,9 @@ Buffer::~Buffer() {
     // barrier is bounded by the timeout, so a dead peer delays teardown but cannot hang it.
     if (!m.failed && m.error_record && m.error_record->code == 0 && m.win.local) {
       try {
-        // Only node peers write into the window (rail bytes land in private buffers, stream-ordered), so the
-        // node barrier suffices; it is bounded, where a rail leg to a dead node would not be.
+        // Only node peers write into the window (rail bytes land in private buffers, stream-ordered; with the GIN
+        // rail in its window, but only inside an exchange whose kernel waits for them, so none is pending once the
+        // streams drained), so the node barrier suffices; it is bounded, where a rail leg to a dead node would not be.
         if (m.transport == detail::Transport::kGin) barrier(m.comm_stream);
         else detail::launch_barrier(window_barrier_params(m), m.comm_stream);
       } catch (const std::exception& e) {

@@ -64,14 +64,16 @@ struct Buffer::Impl {
   detail::Transport transport = detail::Transport::kNvlink;
   size_t gin_staging_offset = 0;                         // kGin: window offset of LowLatencyGinLayout
 
-  // Internode normal mode (transport kHostP2p, docs/INTERNODE.md). The window above is the NODE window (its
-  // peer table has ranks_per_node entries, indexed by local rank), opened on node_fabric; the rail moves the
-  // network leg. rail_buffer is private device memory of num_rdma_bytes (two halves, InternodeRailLayout).
+  // Internode normal mode (transport kHostP2p or kInternodeGin, docs/INTERNODE.md). The window above is the NODE
+  // window (its peer table has ranks_per_node entries, indexed by local rank), opened on node_fabric; the rail moves
+  // the network leg. rail_area (InternodeRailArea, from Rail::open_area: private device memory, or the GIN rail's
+  // window) holds rail_buffer (num_rdma_bytes, two halves, InternodeRailLayout), the headers and barrier tokens.
   struct Internode {
     static constexpr int kRailEvents = 17;     // detail::kMaxInternodeChunks + 1
     int ranks_per_node = 1, num_nodes = 1, node = 0, local_rank = 0;
     std::unique_ptr<detail::Fabric> node_fabric;
     std::unique_ptr<detail::Rail> rail;
+    char* rail_area = nullptr;
     char* rail_buffer = nullptr;
     int32_t* header_send = nullptr;            // [N][header_ints_max]
     int32_t* header_recv = nullptr;            // [N][header_ints_max]
@@ -85,7 +87,7 @@ struct Buffer::Impl {
     cudaStream_t rail_stream = nullptr;
     cudaEvent_t rail_events[kRailEvents] = {};
   } in;
-  bool internode() const { return transport == detail::Transport::kHostP2p; }
+  bool internode() const { return detail::is_internode(transport); }
   // Peer table size and this rank's index in it (the node for internode, else the Group).
   int window_ranks() const { return internode() ? in.ranks_per_node : num_ranks; }
   int window_rank() const { return internode() ? in.local_rank : rank; }

@@ -32,7 +32,10 @@ void Fabric::free_mapped(void* p) noexcept {
   if (e != cudaSuccess) std::fprintf(stderr, "OpenEP: cudaFreeHost failed during teardown: %s\n", cudaGetErrorString(e));
 }
 
-NodeSplit Fabric::split_nodes(int) {
+char* Rail::open_area(size_t bytes, Fabric& fabric) { return static_cast<char*>(fabric.alloc_device(bytes)); }
+void Rail::close_area(char* area, Fabric& fabric) noexcept { fabric.free_device(area); }
+
+NodeSplit Fabric::split_nodes(int, bool) {
   OPENEP_CHECK(false, ErrorCode::kUnsupported, "the ", name(), " fabric cannot split its ranks into nodes");
 }
 

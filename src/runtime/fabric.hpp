@@ -64,8 +64,10 @@ class Fabric {
   virtual GridBudget grid_budget(int device_sms) const = 0;
   // Collective over every rank: splits the ranks into nodes of `ranks_per_node` consecutive ranks (node-major)
   // and rails (one rank per node with the same local rank). The node Fabric has ranks_per_node ranks (rank =
-  // local rank) in one NVLink domain and never asks for GIN. Throws kUnsupported where the fabric cannot.
-  virtual NodeSplit split_nodes(int ranks_per_node);
+  // local rank) in one NVLink domain and never asks for GIN. `gin_rail`: the rail is the device-initiated GIN rail
+  // (BufferOptions::internode_backend = kGin; its communicator, and only it, gets a GIN device communicator), else
+  // the host-driven one. Throws kUnsupported where the fabric cannot (no GIN: naming NCCL's reason).
+  virtual NodeSplit split_nodes(int ranks_per_node, bool gin_rail);
   // Priority of the Buffer's communication stream (cudaStreamCreateWithPriority): the device's greatest for
   // one process per GPU (DeepEP's choice); virtual ranks use the default priority, so that every rank's
   // streams come from one pool of hardware queues (see VirtualRankFabric).

@@ -95,7 +95,7 @@ void validate_handle_arrays(const IntranodeHandle& h) {
 void require_nvlink(const Buffer::Impl& m) {
   OPENEP_CHECK(m.transport == detail::Transport::kNvlink, ErrorCode::kUnsupported,
                "normal-mode (intranode) operations need every rank in one NVLink domain; this Buffer spans several",
-               m.transport == detail::Transport::kHostP2p
+               detail::is_internode(m.transport)
                    ? " nodes: use the internode operations (internode_dispatch_prepare / internode_dispatch / "
                      "internode_combine)"
                    : " and uses the network transport, which serves the low-latency operations only");

@@ -2,42 +2,37 @@
 #include "runtime/nccl_fabric.hpp"
 
 #include <cstdio>
+#include <cstdlib>
 
 #include "kernels/launch.hpp"
 #include "kernels/low_latency_gin_launch.hpp"
 #include "protocol/limits.hpp"
 #include "runtime/check.hpp"
+#include "runtime/internode_gin.hpp"
 #include "runtime/transport.hpp"
 
 namespace openep::detail {
 
 // ---- NcclFabric ----
 
-namespace {
-
-void warn_nccl(ncclResult_t res, const char* what) {
+void warn_nccl(ncclResult_t res, const char* what) noexcept {
   if (res != ncclSuccess) std::fprintf(stderr, "OpenEP: %s failed during teardown: %s\n", what, ncclGetErrorString(res));
 }
 
-// ncclDevCommCreate with GIN signals for the network low-latency path (NOT YET RUN ON A REAL NETWORK). Throws
-// kUnsupported naming NCCL's reason when NCCL cannot give GIN (no RDMA NIC / GIN plugin) or gives no context.
-void create_gin_dev_comm(ncclComm_t comm, int num_ranks, FabricWindow& w) {
-  const ncclDevCommRequirements reqs = gin_dev_comm_requirements(num_ranks);
-  const ncclResult_t res = ncclDevCommCreate(comm, &reqs, &w.dev_comm);
-  OPENEP_CHECK(res == ncclSuccess, ErrorCode::kUnsupported, "BufferOptions::allow_network: ncclDevCommCreate "
-               "with GIN failed (", ncclGetErrorString(res), ": ", ncclGetLastError(comm), "); the network path "
-               "needs RDMA NICs with NCCL's GIN support. NCCL may have left the communicator unusable: destroy "
-               "the Group");
-  w.has_dev_comm = true;
-  OPENEP_CHECK(w.dev_comm.ginContextCount > 0, ErrorCode::kUnsupported, "BufferOptions::allow_network: NCCL "
-               "created the device communicator without GIN contexts (ginContextCount = 0, expected > 0); "
-               "check NCCL_GIN_ENABLE and the RDMA NICs");
-  OPENEP_CHECK(w.dev_comm.ginSignalCount >= GinSignals::count(num_ranks), ErrorCode::kUnsupported,
-               "NCCL gave ", w.dev_comm.ginSignalCount, " GIN signals, the network path needs ",
-               GinSignals::count(num_ranks));
+// NOT YET RUN ON A REAL NETWORK (no RDMA NICs on the test machines).
+void create_gin_dev_comm(ncclComm_t comm, const ncclDevCommRequirements& reqs, int signals_needed, const char* option,
+                         const char* remedy, ncclDevComm& dev_comm, bool& created) {
+  created = false;
+  const ncclResult_t res = ncclDevCommCreate(comm, &reqs, &dev_comm);
+  OPENEP_CHECK(res == ncclSuccess, ErrorCode::kUnsupported,
+               gin_unavailable_message(option, ncclGetErrorString(res), ncclGetLastError(comm), remedy));
+  created = true;
+  OPENEP_CHECK(dev_comm.ginContextCount > 0, ErrorCode::kUnsupported, option, ": NCCL created the device "
+               "communicator without GIN contexts (ginContextCount = 0, expected > 0); check NCCL_GIN_ENABLE and the "
+               "RDMA NICs", remedy);
+  OPENEP_CHECK(dev_comm.ginSignalCount >= signals_needed, ErrorCode::kUnsupported, option, ": NCCL gave ",
+               dev_comm.ginSignalCount, " GIN signals, the network path needs ", signals_needed, remedy);
 }
-
-}  // namespace
 
 NcclFabric::NcclFabric(ncclComm_t comm, int device, bool owns_comm) : comm_(comm), owns_comm_(owns_comm), device_(device) {
   OPENEP_NCCL_CHECK(ncclCommUserRank(comm_, &rank_));
@@ -52,24 +47,29 @@ NcclFabric::~NcclFabric() {
   if (owns_comm_ && comm_) warn_nccl(ncclCommDestroy(comm_), "ncclCommDestroy (node communicator)");
 }
 
+NcclRailComm::NcclRailComm(ncclComm_t comm, int device) : comm_(comm), device_(device) {
+  OPENEP_NCCL_CHECK(ncclCommUserRank(comm_, &node_));
+  OPENEP_NCCL_CHECK(ncclCommCount(comm_, &num_nodes_));
+}
+
+NcclRailComm::~NcclRailComm() {
+  if (comm_ == nullptr || aborted_) return;
+  warn_nccl(ncclCommDestroy(comm_), "ncclCommDestroy (rail communicator)");
+}
+
+void NcclRailComm::abort() noexcept {
+  if (comm_ == nullptr || aborted_) return;
+  aborted_ = true;
+  warn_nccl(ncclCommAbort(comm_), "ncclCommAbort (rail communicator)");
+}
+
 namespace {
 
 // Grouped ncclSend/ncclRecv on the rail communicator (rail rank = node).
-class NcclRail final : public Rail {
+class NcclRail final : public NcclRailComm {
  public:
-  NcclRail(ncclComm_t comm, int device) : comm_(comm), device_(device) {
-    OPENEP_NCCL_CHECK(ncclCommUserRank(comm_, &node_));
-    OPENEP_NCCL_CHECK(ncclCommCount(comm_, &num_nodes_));
-  }
-  ~NcclRail() override {
-    if (comm_ == nullptr) return;
-    warn_nccl(aborted_ ? ncclSuccess : ncclCommDestroy(comm_), "ncclCommDestroy (rail communicator)");
-  }
+  using NcclRailComm::NcclRailComm;
   const char* name() const noexcept override { return "NCCL p2p"; }
-  int num_nodes() const noexcept override { return num_nodes_; }
-  int node() const noexcept override { return node_; }
-  bool can_hang() const noexcept override { return true; }
-  bool overlaps() const noexcept override { return true; }
   void exchange(const char* send_base, char* recv_base, const std::vector<RailTransfer>& transfers,
                 cudaStream_t stream) override {
     OPENEP_CHECK(!aborted_, ErrorCode::kBufferFailed, "the rail communicator was aborted after a timeout");
@@ -87,23 +87,18 @@ class NcclRail final : public Rail {
     OPENEP_CHECK(res == ncclSuccess && end == ncclSuccess, ErrorCode::kNccl, "rail exchange on node ", node_, ": ",
                  ncclGetErrorString(res != ncclSuccess ? res : end), " (", ncclGetLastError(comm_), ")");
   }
-  void abort() noexcept override {
-    if (comm_ == nullptr || aborted_) return;
-    aborted_ = true;
-    warn_nccl(ncclCommAbort(comm_), "ncclCommAbort (rail communicator)");
-  }
-
- private:
-  ncclComm_t comm_ = nullptr;
-  int device_ = 0, node_ = 0, num_nodes_ = 0;
-  bool aborted_ = false;
 };
 
 }  // namespace
 
-NodeSplit NcclFabric::split_nodes(int ranks_per_node) {
+NodeSplit NcclFabric::split_nodes(int ranks_per_node, bool gin_rail) {
   OPENEP_CHECK(ranks_per_node >= 1 && num_ranks_ % ranks_per_node == 0, ErrorCode::kInternal, "split_nodes(",
                ranks_per_node, ") of ", num_ranks_, " ranks");
+  // Shared split resources would share GIN state with the Group's communicator (internode.md trap 7).
+  const char* share = std::getenv("NCCL_COMM_SPLIT_SHARE_RESOURCES");
+  OPENEP_CHECK(!gin_rail || share == nullptr || std::atoi(share) == 0, ErrorCode::kUnsupported,
+               "BufferOptions::internode_backend = kGin needs NCCL_COMM_SPLIT_SHARE_RESOURCES unset or 0 (it is \"",
+               share ? share : "", "\"): a rail communicator sharing resources with the Group's would share its GIN state");
   const int node = rank_ / ranks_per_node, local = rank_ % ranks_per_node;
   ncclComm_t node_comm = nullptr, rail_comm = nullptr;
   OPENEP_NCCL_CHECK(ncclCommSplit(comm_, node, local, &node_comm, nullptr));
@@ -112,7 +107,11 @@ NodeSplit NcclFabric::split_nodes(int ranks_per_node) {
   out.node = std::make_unique<NcclFabric>(node_comm, device_, /*owns_comm=*/true);
   OPENEP_NCCL_CHECK(ncclCommSplit(comm_, local, node, &rail_comm, nullptr));
   OPENEP_CHECK(rail_comm != nullptr, ErrorCode::kNccl, "ncclCommSplit returned no rail communicator on rank ", rank_);
-  out.rail = std::make_unique<NcclRail>(rail_comm, device_);
+  if (gin_rail) {
+    out.rail = make_gin_rail(rail_comm, device_, ranks_per_node, local);
+  } else {
+    out.rail = std::make_unique<NcclRail>(rail_comm, device_);
+  }
   OPENEP_CHECK(out.node->num_nvlink_ranks() == ranks_per_node, ErrorCode::kUnsupported, "the node communicator of rank ",
                rank_, " has an NVLink (LSA) team of ", out.node->num_nvlink_ranks(), " ranks, expected ", ranks_per_node,
                " (every rank of a node must reach the others over NVLink)");
@@ -129,7 +128,8 @@ void NcclFabric::open_window(const WindowRequest& req, cudaStream_t stream, char
     OPENEP_NCCL_CHECK(ncclDevCommCreate(comm_, &reqs, &w.dev_comm));
     w.has_dev_comm = true;
   } else {
-    create_gin_dev_comm(comm_, num_ranks_, w);
+    create_gin_dev_comm(comm_, gin_dev_comm_requirements(num_ranks_), GinSignals::count(num_ranks_),
+                        "BufferOptions::allow_network", ": destroy the Group", w.dev_comm, w.has_dev_comm);
   }
   // Zeroed before registration: registration is a world barrier, so every peer's window is zero before anyone
   // can write into it.

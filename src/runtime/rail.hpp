@@ -1,11 +1,14 @@
 // The network leg of internode normal mode: the RAIL, i.e. the ranks with my local rank on every node (one per
-// node; rail rank = node). Internode kernels never touch the network; the host enqueues one exchange per leg
-// (headers, records, partials) on the operation's stream between the kernels. Backends:
+// node; rail rank = node). The protocol's kernels never touch the network; the host enqueues one exchange per leg
+// (headers, records, partials) on the operation's stream between them (the GIN rail's exchange is itself a small
+// kernel there). Backends:
 //   NcclRail     grouped ncclSend/ncclRecv on a rail communicator split from the Group (any network NCCL runs
 //                on: InfiniBand, RoCE, EFA through its plugin, sockets; fake nodes on one host). The default.
 //   VirtualRail  virtual ranks with emulated nodes (openep/testing.hpp): each rank copies what its rail peers
 //                staged for it (cudaMemcpyAsync after their events), host rendezvous between the rail peers.
-// A device-initiated (GIN) backend is the GIN-backend issue's; it is not here.
+//   GinRail      (runtime/internode_gin.hpp; BufferOptions::internode_backend = kGin) the same exchanges,
+//                device-initiated: a one-block kernel on the stream rendezvous with every rail peer over NCCL GIN
+//                puts and signals on the rail communicator. WRITTEN, COMPILED, NOT RUN (no RDMA NICs here).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -13,6 +16,8 @@
 #include <cstddef>
 #include <memory>
 #include <vector>
+
+#include "protocol/device_error.hpp"
 
 namespace openep::detail {
 
@@ -47,6 +52,15 @@ class Rail {
   // Gives up on the network leg after a timeout (NCCL: ncclCommAbort, which also ends NCCL kernels that wait
   // for a dead peer). Later exchanges fail. Never throws.
   virtual void abort() noexcept {}
+
+  // Device memory of `bytes` (not zeroed) that exchanges send from and receive into: every send_base / recv_base
+  // range of an exchange must lie in it. Default: private device memory from `fabric`. The GIN rail registers it as
+  // a window on the rail communicator, which makes the call collective over the rail. One area per Rail.
+  virtual char* open_area(size_t bytes, Fabric& fabric);
+  virtual void close_area(char* area, Fabric& fabric) noexcept;
+  // Where device-side waits of the rail record a failure (the Buffer's error slot). Only the GIN rail waits on
+  // the device; the others ignore it.
+  virtual void set_wait_context(const WaitContext&) {}
 };
 
 // The two halves of a multi-node Group: the ranks of my node (an NVLink domain; its Fabric opens the node

@@ -10,23 +10,31 @@
 //   kHostP2p the Group spans several NVLink domains and the Buffer is in normal mode with num_rdma_bytes > 0:
 //            internode normal mode, NVLink inside a node and host-enqueued NCCL p2p between rail peers
 //            (runtime/rail.hpp); runs on any network NCCL runs on. No opt-in is needed (DeepEP's behaviour).
+//   kInternodeGin the same internode normal mode, same protocol and kernels, but the rail's network leg is
+//            device-initiated (NCCL GIN put + signal, runtime/internode_gin.hpp). Only when the caller sets
+//            BufferOptions::internode_backend = kGin; never chosen automatically. WRITTEN, COMPILED, NOT RUN.
 //
 // NOT YET RUN ON A REAL NETWORK (no RDMA NICs on the test machines): the kGin path builds and its policy is
-// unit-tested on the CPU, but no byte has ever moved through it. kHostP2p has run over NCCL's socket transport
-// between fake nodes (docs/fake-nodes.md), never over InfiniBand/RoCE/EFA.
+// unit-tested on the CPU, but no byte has ever moved through it; the same holds for kInternodeGin. kHostP2p has run
+// over NCCL's socket transport between fake nodes (docs/fake-nodes.md), never over InfiniBand/RoCE/EFA.
 #pragma once
 
 #include <cstddef>
+#include <string>
 
 #include <nccl.h>
 #include <nccl_device.h>
 
+#include "protocol/internode_gin_layout.hpp"
 #include "protocol/limits.hpp"
 #include "protocol/low_latency_gin_layout.hpp"
 
 namespace openep::detail {
 
-enum class Transport : int { kNvlink = 0, kGin = 1, kHostP2p = 2 };
+enum class Transport : int { kNvlink = 0, kGin = 1, kHostP2p = 2, kInternodeGin = 3 };
+
+// Internode normal mode, whichever backend drives its rail.
+constexpr bool is_internode(Transport t) { return t == Transport::kHostP2p || t == Transport::kInternodeGin; }
 
 const char* transport_name(Transport t);
 
@@ -38,6 +46,7 @@ struct TransportQuery {
   bool allow_network = false; // BufferOptions::allow_network
   size_t num_nvl_bytes = 0;   // BufferOptions::num_nvl_bytes (normal-mode region; must be 0 for kGin)
   size_t num_rdma_bytes = 0;  // BufferOptions::num_rdma_bytes (low-latency region)
+  bool internode_gin = false; // BufferOptions::internode_backend == InternodeBackend::kGin
 };
 
 // Pure function: returns the transport, or throws openep::Error (kUnsupported / kInvalidArgument) whose
@@ -45,9 +54,35 @@ struct TransportQuery {
 // allow_network says. Does not check num_nvlink_ranks > 0 (the Buffer checks that first, unchanged).
 Transport select_transport(const TransportQuery& q);
 
+// The communicators a Buffer may create a device communicator on: the Group's (one NVLink domain, or the
+// low-latency network path), an internode Buffer's node communicator, and its rail communicator.
+enum class CommRole : int { kGroup = 0, kNode = 1, kRail = 2 };
+
+// Whether the device communicator a Buffer of transport `t` creates on `role` asks for GIN. True only for the
+// Group's communicator under kGin (low latency, allow_network) and the rail communicator under kInternodeGin:
+// NCCL turns GIN on by itself for a multi-node communicator and, without GIN NICs, fails and poisons it
+// (internode.md trap 1), so an internode Buffer's Group and node communicators never get a GIN request, and the
+// host-driven rail gets no device communicator at all. Buffer creation routes every such decision through here.
+bool requests_gin(Transport t, CommRole role);
+
 // The device-communicator requirements of a kGin Buffer: user signals only (GIN turns on through them and
 // through the multi-node Group); no counters, no multimem, no LSA barriers (the kernels do not use them).
 // Every rank builds the same struct (NCCL assumes identical requirements on all ranks).
 ncclDevCommRequirements gin_dev_comm_requirements(int num_ranks);
+
+// The BufferOptions setting that asks for the internode GIN rail, and what its errors advise.
+inline constexpr const char* kInternodeGinOption = "BufferOptions::internode_backend = kGin";
+inline constexpr const char* kInternodeGinRemedy =
+    ". The rail communicator is aborted; the Group's communicator was not touched. Leave internode_backend at "
+    "kHostP2p (host-driven NCCL p2p, runs on any network)";
+
+// The kUnsupported message when ncclDevCommCreate refuses GIN: names `option`, NCCL's error and reason, what is
+// missing (RDMA NICs NCCL drives with GIN) and ends with `remedy`. Pure (CPU-tested).
+std::string gin_unavailable_message(const char* option, const char* nccl_error, const char* nccl_reason,
+                                    const char* remedy);
+
+// The rail communicator's device-communicator requirements under kInternodeGin: GinRailSignals::count(num_nodes)
+// user signals (which, with the multi-node rail, turn GIN on), nothing else. Identical on every rank.
+ncclDevCommRequirements gin_rail_dev_comm_requirements(int num_nodes);
 
 }  // namespace openep::detail

@@ -292,7 +292,9 @@ class VirtualRankFabric final : public Fabric {
     return b;
   }
 
-  NodeSplit split_nodes(int ranks_per_node) override {
+  NodeSplit split_nodes(int ranks_per_node, bool gin_rail) override {
+    OPENEP_CHECK(!gin_rail, ErrorCode::kUnsupported, "BufferOptions::internode_backend = kGin needs NCCL with GIN "
+                 "(RDMA NICs); virtual ranks have no NCCL: use kHostP2p (their virtual rail)");
     OPENEP_CHECK(!node_scope_ && ranks_per_node == shared_->ranks_per_node(), ErrorCode::kInternal,
                  "split_nodes(", ranks_per_node, ") on virtual ranks with emulated nodes of ", shared_->ranks_per_node());
     NodeSplit out;

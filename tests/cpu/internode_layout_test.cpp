@@ -8,6 +8,7 @@
 
 #include "openep/buffer.hpp"
 #include "openep/error.hpp"
+#include "protocol/internode_gin_layout.hpp"
 #include "protocol/internode_layout.hpp"
 
 namespace openep::detail {
@@ -47,6 +48,47 @@ TEST(InternodeSizeHint, HoldsTheWorstCaseOfEveryRegion) {
     EXPECT_LE(nl.dispatch_offset + nl.half_bytes, nl.combine_offset);
     EXPECT_LE(nl.combine_offset + nl.half_bytes, b.num_nvl_bytes);
     EXPECT_GE(nl.dispatch_offset, nl.headers_offset + sizeof(int32_t) * s.R * nl.header_stride_ints);
+  }
+}
+
+// The rail area (both backends): the halves come first, every region is 4 KiB aligned, none overlaps the next.
+TEST(InternodeRailArea, RegionsAreAlignedDisjointAndHoldTheirContents) {
+  for (const Shape& s : kShapes) {
+    SCOPED_TRACE(std::to_string(s.R) + "x" + std::to_string(s.M) + " T" + std::to_string(s.T));
+    const InternodeBufferSize b = internode_buffer_size_hint(s.R, s.M, s.T, s.H, s.elt, s.S, s.K);
+    const int N = s.R / s.M;
+    const InternodeRailArea a = InternodeRailArea::make(b.num_rdma_bytes, N, s.M);
+    EXPECT_EQ(a.halves_offset, 0u);
+    EXPECT_EQ(a.header_bytes,
+              sizeof(int32_t) * N * static_cast<size_t>(InternodeRecord::header_ints(s.M, kMaxInternodeLocalExperts)));
+    EXPECT_GE(a.header_send_offset, a.halves_offset + b.num_rdma_bytes);
+    EXPECT_GE(a.header_recv_offset, a.header_send_offset + a.header_bytes);
+    EXPECT_GE(a.barrier_offset, a.header_recv_offset + a.header_bytes);
+    EXPECT_GE(a.total_bytes, a.barrier_offset + InternodeRailArea::barrier_bytes(N));
+    for (size_t o : {a.header_send_offset, a.header_recv_offset, a.barrier_offset, a.total_bytes})
+      EXPECT_EQ(o % InternodeRailArea::kAlign, 0u) << o;
+  }
+}
+
+// The GIN rail window: control slots (written by exactly one rail peer each) are distinct, 8-byte aligned and lie
+// before the area; the window holds the whole area.
+TEST(GinRailLayout, ControlSlotsAreDistinctAlignedAndBeforeTheArea) {
+  std::set<size_t> slots;
+  for (int n = 0; n < kMaxInternodeNodes; ++n) {
+    for (size_t o : {GinRailLayout::dest_offset(n), GinRailLayout::dest_bytes(n)}) {
+      EXPECT_TRUE(slots.insert(o).second) << "slot " << o << " used twice";
+      EXPECT_EQ(o % sizeof(uint64_t), 0u);
+      EXPECT_LE(o + sizeof(uint64_t), GinRailLayout::kControlBytes);
+    }
+  }
+  EXPECT_EQ(GinRailLayout::area_offset(), GinRailLayout::kControlBytes);
+  EXPECT_EQ(GinRailLayout::kControlBytes % InternodeRailArea::kAlign, 0u);
+  for (const Shape& s : kShapes) {
+    const InternodeBufferSize b = internode_buffer_size_hint(s.R, s.M, s.T, s.H, s.elt, s.S, s.K);
+    const InternodeRailArea a = InternodeRailArea::make(b.num_rdma_bytes, s.R / s.M, s.M);
+    const size_t w = GinRailLayout::window_bytes(a.total_bytes);
+    EXPECT_GE(w, GinRailLayout::area_offset() + a.total_bytes);
+    EXPECT_EQ(w % InternodeRailArea::kAlign, 0u);
   }
 }
 

@@ -3,12 +3,16 @@
 // window area is sized.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <set>
+#include <utility>
+#include <vector>
 #include <string>
 
 #include "openep/buffer.hpp"
 #include "openep/error.hpp"
 #include "openep/low_latency.hpp"
+#include "protocol/internode_gin_layout.hpp"
 #include "protocol/low_latency_gin_layout.hpp"
 #include "protocol/low_latency_layout.hpp"
 #include "runtime/transport.hpp"
@@ -91,15 +95,22 @@ TEST(TransportPolicy, NetworkPathValidatesItsOptions) {
 
 TEST(TransportPolicy, AllowNetworkIsOffByDefault) { EXPECT_FALSE(BufferOptions{}.allow_network); }
 
-TEST(GinRequirements, AskForSignalsOnlyAndTheSameOnEveryRank) {
-  const ncclDevCommRequirements r = gin_dev_comm_requirements(16);
-  EXPECT_EQ(r.ginSignalCount, GinSignals::count(16));
+// GIN requirements ask for `signals` user signals and nothing else (no counters, no forced GIN, no multicast, no
+// barriers, no resource lists), so every rank builds the same struct.
+void expect_signals_only(const ncclDevCommRequirements& r, int signals) {
+  EXPECT_EQ(r.ginSignalCount, signals);
   EXPECT_EQ(r.ginCounterCount, 0);
   EXPECT_FALSE(r.ginForceEnable);
   EXPECT_FALSE(r.lsaMultimem);  // multicast stays off
   EXPECT_EQ(r.resourceRequirementsList, nullptr);
   EXPECT_EQ(r.teamRequirementsList, nullptr);
   EXPECT_EQ(r.lsaBarrierCount, 0);
+  EXPECT_EQ(r.barrierCount, 0);
+  EXPECT_EQ(r.railGinBarrierCount, 0);
+}
+
+TEST(GinRequirements, AskForSignalsOnlyAndTheSameOnEveryRank) {
+  expect_signals_only(gin_dev_comm_requirements(16), GinSignals::count(16));
 }
 
 TEST(GinSignals, IdsAreDistinctAndInRange) {
@@ -115,6 +126,104 @@ TEST(GinSignals, IdsAreDistinctAndInRange) {
     }
     EXPECT_EQ(static_cast<int>(ids.size()), GinSignals::count(R));
     EXPECT_EQ(*ids.rbegin(), GinSignals::count(R) - 1);
+  }
+}
+
+// ---- internode backend: the GIN rail only when asked, only on a multi-node normal-mode Group ----
+
+TransportQuery internode_query(int num_ranks, int num_nvlink_ranks, bool gin) {
+  TransportQuery q = query(num_ranks, num_nvlink_ranks, false, false);
+  q.num_nvl_bytes = 1 << 20;
+  q.internode_gin = gin;
+  return q;
+}
+
+TEST(TransportPolicy, InternodeBackendIsHostP2pByDefault) {
+  EXPECT_EQ(BufferOptions{}.internode_backend, InternodeBackend::kHostP2p);
+}
+
+TEST(TransportPolicy, InternodeGinIsSelectedOnlyWhenAsked) {
+  for (const auto& shape : {std::pair<int, int>{16, 8}, {2, 1}, {64, 8}, {256, 4}}) {
+    for (bool allow : {false, true}) {
+      TransportQuery q = internode_query(shape.first, shape.second, false);
+      q.allow_network = allow;  // the low-latency opt-in never selects the internode GIN rail
+      EXPECT_EQ(select_transport(q), Transport::kHostP2p) << shape.first << "x" << shape.second << " allow " << allow;
+      q.internode_gin = true;
+      EXPECT_EQ(select_transport(q), Transport::kInternodeGin) << shape.first << "x" << shape.second;
+    }
+  }
+  EXPECT_TRUE(is_internode(Transport::kHostP2p));
+  EXPECT_TRUE(is_internode(Transport::kInternodeGin));
+  EXPECT_FALSE(is_internode(Transport::kNvlink));
+  EXPECT_FALSE(is_internode(Transport::kGin));
+  EXPECT_NE(std::string(transport_name(Transport::kInternodeGin)).find("not yet run"), std::string::npos);
+}
+
+TEST(TransportPolicy, InternodeGinOnASingleNodeIsRefusedNamingTheOption) {
+  for (int ranks : {1, 2, 8}) {
+    expect_refused(internode_query(ranks, ranks, true), ErrorCode::kUnsupported,
+                   "BufferOptions::internode_backend = kGin needs a Group over several nodes");
+    expect_refused(internode_query(ranks, ranks, true), ErrorCode::kUnsupported, "leave internode_backend at kHostP2p");
+  }
+}
+
+TEST(TransportPolicy, InternodeGinInLowLatencyModeIsRefusedNamingTheOption) {
+  for (const auto& shape : {std::pair<int, int>{16, 8}, {8, 8}}) {
+    TransportQuery q = query(shape.first, shape.second, true, true);
+    q.internode_gin = true;
+    expect_refused(q, ErrorCode::kInvalidArgument, "internode_backend = kGin applies to internode normal mode");
+  }
+}
+
+TEST(TransportPolicy, InternodeGinStillNeedsBothRegions) {
+  TransportQuery q = internode_query(16, 8, true);
+  q.num_rdma_bytes = 0;
+  expect_refused(q, ErrorCode::kUnsupported, "num_rdma_bytes > 0");
+  q = internode_query(16, 8, true);
+  q.num_nvl_bytes = 0;
+  expect_refused(q, ErrorCode::kInvalidArgument, "num_nvl_bytes > 0");
+}
+
+// The Group's and the node communicators of an internode Buffer never ask for GIN (NCCL would turn it on by itself
+// and, without GIN NICs, poison them); the rail asks only under the GIN backend.
+TEST(TransportPolicy, OnlyTheChosenCommunicatorEverRequestsGin) {
+  for (Transport t : {Transport::kNvlink, Transport::kGin, Transport::kHostP2p, Transport::kInternodeGin}) {
+    for (CommRole r : {CommRole::kGroup, CommRole::kNode, CommRole::kRail}) {
+      const bool want = (t == Transport::kGin && r == CommRole::kGroup) ||
+                        (t == Transport::kInternodeGin && r == CommRole::kRail);
+      EXPECT_EQ(requests_gin(t, r), want) << transport_name(t) << ", role " << static_cast<int>(r);
+    }
+  }
+  for (Transport t : {Transport::kHostP2p, Transport::kInternodeGin}) {
+    EXPECT_FALSE(requests_gin(t, CommRole::kGroup)) << transport_name(t);
+    EXPECT_FALSE(requests_gin(t, CommRole::kNode)) << transport_name(t);
+  }
+}
+
+TEST(TransportPolicy, GinUnavailableMessageNamesTheOptionNcclsReasonAndTheWayOut) {
+  const std::string m = gin_unavailable_message(kInternodeGinOption, "invalid usage", "GIN not supported.",
+                                                kInternodeGinRemedy);
+  for (const char* part : {"BufferOptions::internode_backend = kGin", "ncclDevCommCreate", "invalid usage",
+                           "GIN not supported.", "RDMA NICs", "socket transport", "rail communicator is aborted",
+                           "Group's communicator was not touched", "kHostP2p"})
+    EXPECT_NE(m.find(part), std::string::npos) << "message lacks \"" << part << "\": " << m;
+}
+
+TEST(GinRailRequirements, AskForRailSignalsOnlyAndTheSameOnEveryRank) {
+  for (int N : {2, 3, 16, kMaxInternodeNodes}) {
+    SCOPED_TRACE(N);
+    expect_signals_only(gin_rail_dev_comm_requirements(N), GinRailSignals::count(N));
+  }
+}
+
+// ready(s) and data(N, s) of every rail rank s are exactly the ids 0 .. count(N) - 1, each once.
+TEST(GinRailSignals, IdsAreDistinctAndInRange) {
+  for (int N : {2, 3, 16, kMaxInternodeNodes}) {
+    std::vector<int> ids;
+    for (int s = 0; s < N; ++s) ids.push_back(GinRailSignals::ready(s)), ids.push_back(GinRailSignals::data(N, s));
+    std::sort(ids.begin(), ids.end());
+    ASSERT_EQ(static_cast<int>(ids.size()), GinRailSignals::count(N));
+    for (int i = 0; i < GinRailSignals::count(N); ++i) EXPECT_EQ(ids[i], i) << N << " nodes";
   }
 }
 

@@ -214,6 +214,19 @@ def test_buffer_rejects_a_malformed_openep_allow_network(monkeypatch):
     assert e.value.code == "invalid_argument" and "OPENEP_ALLOW_NETWORK" in str(e.value) and "maybe" in str(e.value)
 
 
+def test_buffer_rejects_an_unknown_internode_backend():
+    with pytest.raises(openep.OpenEPError) as e:
+        openep.Buffer(_FakeGroup(), internode_backend="rdma")
+    assert e.value.code == "invalid_argument" and "internode_backend must be one of ['gin', 'host_p2p']" in str(e.value)
+
+
+def test_buffer_rejects_a_malformed_openep_internode_backend(monkeypatch):
+    monkeypatch.setenv("OPENEP_INTERNODE_BACKEND", "nvshmem")
+    with pytest.raises(openep.OpenEPError) as e:
+        openep.Buffer(_FakeGroup())
+    assert e.value.code == "invalid_argument" and "'nvshmem'" in str(e.value)
+
+
 @pytest.mark.parametrize("value,want", [("", False), ("0", False), ("off", False), ("1", True), ("TRUE", True),
                                         (" yes ", True)])
 def test_env_flag_parsing(monkeypatch, value, want):
