@@ -699,6 +699,31 @@ std::vector<LowLatencyRecv> low_latency_dispatch(const std::vector<LowLatencyInp
   return recv;
 }
 
+std::vector<LowLatencyInput> mask_ranks(const std::vector<LowLatencyInput>& inputs, const LowLatencyConfig& cfg,
+                                        const std::vector<int>& masked) {
+  const int R = cfg.num_ranks;
+  check_eq("mask_ranks", "inputs.size()", R, static_cast<long long>(inputs.size()));
+  check_at_least("mask_ranks", "num_ranks", 1, R);
+  check_eq("mask_ranks", "num_experts % num_ranks", 0, cfg.num_experts % R);
+  std::vector<char> is_masked(R, 0);
+  for (int r : masked) {
+    if (r < 0 || r >= R) fail("mask_ranks", "masked rank expected in [0, " + to_text(static_cast<long long>(R)) +
+                                                "), got " + to_text(static_cast<long long>(r)));
+    is_masked[r] = 1;
+  }
+  const int El = cfg.num_experts / R;
+  std::vector<LowLatencyInput> out = inputs;
+  for (int r = 0; r < R; ++r) {
+    if (is_masked[r]) {
+      out[r] = LowLatencyInput{};
+      continue;
+    }
+    for (int64_t& e : out[r].topk_idx)
+      if (e >= 0 && is_masked[static_cast<int>(e / El)]) e = -1;
+  }
+  return out;
+}
+
 std::vector<std::vector<uint16_t>> low_latency_combine(const std::vector<std::vector<uint16_t>>& expert_out,
                                                        const std::vector<LowLatencyRecv>& recv,
                                                        const std::vector<LowLatencyInput>& inputs,

@@ -65,6 +65,14 @@ struct BufferOptions {
   // with kUnsupported naming NCCL's reason. The rail communicator is then unusable (it is aborted); the Group's
   // communicator is not touched. NOT RUN on a real network yet (no RDMA NICs on the test machines).
   InternodeBackend internode_backend = InternodeBackend::kHostP2p;
+  // Shrink mode (DeepEP's enable_shrink; low-latency mode over NVLink only): a per-rank mask [num_ranks] lives
+  // in device memory. A masked rank is not sent to, not waited for, and its experts' rows are left out of every
+  // combine (as if those top-k slots were -1). A low-latency receive wait (or a barrier of this Buffer) that
+  // times out MASKS the peer instead of failing: the survivors carry on without it, results equal the reference
+  // with that rank masked. Tokens of a masked rank are not received. Set, query and clear the mask with
+  // low_latency_update_mask_buffer / low_latency_query_mask_buffer / low_latency_clean_mask_buffer.
+  // NOT YET RUN ON A GPU (written 2026-12-02; tests in tests/ranks/low_latency_test.cu, LowLatencyVrank.Shrink*).
+  bool enable_shrink = false;
 };
 
 // get_dispatch_layout arguments. All pointers are device pointers on the Buffer's device.
@@ -172,7 +180,17 @@ class Buffer {
   void clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts,
                                 cudaStream_t stream);
 
-  // Device-side barrier over all ranks of the Group, enqueued on `stream`. Bounded by timeout_seconds.
+  // Shrink mode (REQUIRES options.enable_shrink, else kInvalidArgument). Enqueued on `stream`.
+  //   update: sets the mask entry of rank_to_mask (in [0, num_ranks)) to 1 (mask = true) or 0.
+  //   query:  copies the mask into mask_status, a device array of num_ranks int32 (1 = masked).
+  //   clean:  zeroes every entry.
+  // The mask is this rank's view: ranks may mask a peer at different operations (each after its own timeout).
+  void low_latency_update_mask_buffer(int rank_to_mask, bool mask, cudaStream_t stream);
+  void low_latency_query_mask_buffer(int32_t* mask_status, cudaStream_t stream);
+  void low_latency_clean_mask_buffer(cudaStream_t stream);
+
+  // Device-side barrier over all ranks of the Group, enqueued on `stream`. Bounded by timeout_seconds. In shrink
+  // mode masked ranks are skipped and a peer that does not arrive in time is masked instead of failing.
   void barrier(cudaStream_t stream);
 
   // Waits for `stream`, then raises any error a kernel of this Buffer recorded. On an internode Buffer the wait

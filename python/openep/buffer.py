@@ -32,7 +32,7 @@ from ._checks import INDEX_DTYPES, SCALE_DTYPES, check_int, check_tensor, dtype_
 from ._loader import check_nccl_version
 from ._runtime import Runtime, _wrap_device_memory
 from ._torch import current_raw_stream, torch_module
-from .errors import invalid_argument, not_available
+from .errors import invalid_argument
 from .utils import EventHandle, EventOverlap, _previous_event_handle
 
 __all__ = ["Buffer", "IntranodeHandle", "InternodeHandle", "LowLatencyHandle"]
@@ -183,7 +183,10 @@ class Buffer:
             compatibility and ignored (OpenEP uses NCCL symmetric memory, not NVSHMEM queue pairs or CUDA IPC).
         explicitly_destroy: if True, :meth:`destroy` must be called; otherwise resources are released when the
             Buffer is garbage-collected (a collective barrier, bounded by ``timeout_seconds``).
-        enable_shrink: low-latency failure masking; not available yet (raises when True).
+        enable_shrink: low-latency failure masking (DeepEP's shrink mode; low-latency mode over NVLink only): a
+            rank whose low-latency receive (or barrier) does not arrive within ``timeout_seconds`` is masked
+            instead of raising, and the survivors carry on without it; see the ``low_latency_*_mask_buffer``
+            methods. NOT YET RUN ON A GPU.
         comm: an mpi4py communicator to use instead of ``group`` for the unique-id exchange.
         timeout_seconds: OpenEP extension: how long a device-side wait on a peer may take before it is reported
             as ``OpenEPError(code="timeout")`` (default 10 s, or ``OPENEP_TIMEOUT_SECONDS``).
@@ -224,8 +227,6 @@ class Buffer:
         for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
             if value % 128 != 0:
                 raise invalid_argument(f"Buffer: {name} must be a multiple of 128, got {value}")
-        if enable_shrink:
-            raise not_available("Buffer(enable_shrink=True) (low-latency failure masking)")
         if timeout_seconds is None:
             timeout_seconds = float(os.environ.get("OPENEP_TIMEOUT_SECONDS", "10"))
         if not (0 < timeout_seconds <= 3600):
@@ -270,7 +271,7 @@ class Buffer:
             uid = comm.bcast(uid, root=0)
         self.runtime = Runtime(uid, self.rank, self.group_size, self._device, num_nvl_bytes, num_rdma_bytes,
                                bool(low_latency_mode), float(timeout_seconds), allow_network,
-                               _INTERNODE_BACKENDS[internode_backend])
+                               _INTERNODE_BACKENDS[internode_backend], bool(enable_shrink))
         self._internode = bool(self.runtime.is_internode)
         self._comm_ptr = self.runtime.comm_stream
         self._comm_stream = torch.cuda.ExternalStream(self._comm_ptr, device=self._device)
@@ -1212,15 +1213,34 @@ class Buffer:
                                              self._dev).view(torch.bfloat16).view(shape)
         return cache[key]
 
-    # Shrink mode (failure masking): not available yet.
+    # Shrink mode (failure masking; C++ semantics in include/openep/buffer.hpp, BufferOptions::enable_shrink).
+    def _shrink_rt(self, op):
+        rt = self._rt(op)
+        if not self.enable_shrink:
+            raise invalid_argument(f"{op} requires Buffer(enable_shrink=True)")
+        return rt
+
     def low_latency_update_mask_buffer(self, rank_to_mask, mask=False):
-        """Shrink mode: masks or unmasks a rank (DeepEP 2.8). Not available yet."""
-        raise not_available("Buffer.low_latency_update_mask_buffer")
+        """Shrink mode: masks (``mask=True``) or unmasks rank ``rank_to_mask`` (DeepEP 2.8), on the current stream.
+
+        A masked rank is not sent to, not waited for, and its experts' rows are left out of every low-latency
+        combine. Requires ``enable_shrink=True``.
+        """
+        op = "low_latency_update_mask_buffer"
+        rt = self._shrink_rt(op)
+        check_int(op, "rank_to_mask", rank_to_mask, 0)
+        rt.low_latency_update_mask_buffer(rank_to_mask, bool(mask), torch_module().cuda.current_stream().cuda_stream)
 
     def low_latency_query_mask_buffer(self, mask_status):
-        """Shrink mode: copies the mask into ``mask_status`` (DeepEP 2.8). Not available yet."""
-        raise not_available("Buffer.low_latency_query_mask_buffer")
+        """Shrink mode: copies this rank's mask into ``mask_status``, an int32 CUDA tensor of ``[group_size]``
+        (1 = masked), on the current stream (DeepEP 2.8). Requires ``enable_shrink=True``."""
+        op = "low_latency_query_mask_buffer"
+        rt = self._shrink_rt(op)
+        check_tensor(op, "mask_status", mask_status, ("int32",), (self.group_size,), True, self._dev)
+        rt.low_latency_query_mask_buffer(mask_status.data_ptr(), torch_module().cuda.current_stream().cuda_stream)
 
     def low_latency_clean_mask_buffer(self):
-        """Shrink mode: clears the mask (DeepEP 2.8). Not available yet."""
-        raise not_available("Buffer.low_latency_clean_mask_buffer")
+        """Shrink mode: unmasks every rank, on the current stream (DeepEP 2.8). Requires ``enable_shrink=True``."""
+        op = "low_latency_clean_mask_buffer"
+        rt = self._shrink_rt(op)
+        rt.low_latency_clean_mask_buffer(torch_module().cuda.current_stream().cuda_stream)

@@ -222,7 +222,8 @@ openep::LowLatencyCombineArgs ll_combine_args_of(const nb::dict& d) {
 class Runtime {
  public:
   Runtime(nb::bytes unique_id, int rank, int num_ranks, int device, size_t num_nvl_bytes, size_t num_rdma_bytes,
-          bool low_latency_mode, double timeout_seconds, bool allow_network, int internode_backend) {
+          bool low_latency_mode, double timeout_seconds, bool allow_network, int internode_backend,
+          bool enable_shrink) {
     if (unique_id.size() != sizeof(ncclUniqueId)) {
       fail(openep::ErrorCode::kInvalidArgument, "unique_id must be " + std::to_string(sizeof(ncclUniqueId)) +
                                                     " bytes, got " + std::to_string(unique_id.size()));
@@ -241,6 +242,7 @@ class Runtime {
                                                     std::to_string(internode_backend));
     }
     o.internode_backend = static_cast<openep::InternodeBackend>(internode_backend);
+    o.enable_shrink = enable_shrink;
     device_ = device;
     nb::gil_scoped_release release;
     group_ = openep::Group::create(id, rank, num_ranks, device);
@@ -332,10 +334,10 @@ void bind_buffer(nb::module_& m) {
   }, "A fresh NCCL unique id (128 bytes) for Runtime(); create it on one rank and ship it to the others.");
 
   nb::class_<Runtime>(m, "Runtime", "openep::Group + openep::Buffer (internal; use openep.Buffer).")
-      .def(nb::init<nb::bytes, int, int, int, size_t, size_t, bool, double, bool, int>(), nb::arg("unique_id"),
+      .def(nb::init<nb::bytes, int, int, int, size_t, size_t, bool, double, bool, int, bool>(), nb::arg("unique_id"),
            nb::arg("rank"), nb::arg("num_ranks"), nb::arg("device"), nb::arg("num_nvl_bytes"),
            nb::arg("num_rdma_bytes"), nb::arg("low_latency_mode"), nb::arg("timeout_seconds"),
-           nb::arg("allow_network") = false, nb::arg("internode_backend") = 0)
+           nb::arg("allow_network") = false, nb::arg("internode_backend") = 0, nb::arg("enable_shrink") = false)
       .def("destroy", &Runtime::destroy)
       .def("stream_wait", &Runtime::stream_wait, nb::arg("waiter"), nb::arg("waited"),
            "Makes stream `waiter` wait for the work enqueued so far on stream `waited` (cudaStream_t addresses).")
@@ -447,6 +449,15 @@ void bind_buffer(nb::module_& m) {
       .def("clean_low_latency_buffer", [](Runtime& r, int T, int hidden, int num_experts, uintptr_t stream) {
         r.buffer().clean_low_latency_buffer(T, hidden, num_experts, as_stream(stream));
       }, nb::arg("num_max_dispatch_tokens_per_rank"), nb::arg("hidden"), nb::arg("num_experts"), nb::arg("stream"))
+      .def("low_latency_update_mask_buffer", [](Runtime& r, int rank, bool mask, uintptr_t stream) {
+             r.buffer().low_latency_update_mask_buffer(rank, mask, as_stream(stream));
+           }, nb::arg("rank_to_mask"), nb::arg("mask"), nb::arg("stream"))
+      .def("low_latency_query_mask_buffer", [](Runtime& r, uintptr_t mask_status, uintptr_t stream) {
+             r.buffer().low_latency_query_mask_buffer(reinterpret_cast<int32_t*>(mask_status), as_stream(stream));
+           }, nb::arg("mask_status"), nb::arg("stream"))
+      .def("low_latency_clean_mask_buffer", [](Runtime& r, uintptr_t stream) {
+             r.buffer().low_latency_clean_mask_buffer(as_stream(stream));
+           }, nb::arg("stream"))
       .def("barrier", [](Runtime& r, uintptr_t stream) { r.buffer().barrier(as_stream(stream)); }, nb::arg("stream"))
       .def("synchronize", [](Runtime& r, uintptr_t stream) {
         openep::Buffer& b = r.buffer();

@@ -373,6 +373,15 @@ std::vector<std::vector<uint16_t>> low_latency_combine(const std::vector<std::ve
                                                        const LowLatencyConfig& cfg,
                                                        bool use_logfmt = false);
 
+// Shrink mode (BufferOptions::enable_shrink, DeepEP's failure masking): what the surviving ranks see when the
+// ranks in `masked` are masked. Returns a copy of `inputs` in which every masked rank sends nothing
+// (num_tokens = 0, empty x / topk_idx / topk_weights) and every top-k slot whose expert lives on a masked rank
+// (expert / E_local in masked) is -1. low_latency_dispatch and low_latency_combine of the result give, for every
+// rank NOT in masked, exactly its outputs in shrink mode; masked ranks' own outputs are not specified.
+// REQUIRES: inputs.size() == cfg.num_ranks; every entry of masked in [0, num_ranks).
+std::vector<LowLatencyInput> mask_ranks(const std::vector<LowLatencyInput>& inputs, const LowLatencyConfig& cfg,
+                                        const std::vector<int>& masked);
+
 // ---------------------------------------------------------------------------------------------
 // LogFMT-10: the 10-bit logarithmic transport of the low-latency combine (use_logfmt)
 // ---------------------------------------------------------------------------------------------

@@ -70,4 +70,32 @@ __device__ __forceinline__ bool wait_geq(const WaitContext& ctx, const uint64_t*
       target, peer, phase);
 }
 
+// Shrink mode (low latency, BufferOptions::enable_shrink): like wait_geq, but a peer whose mask entry is set
+// (mask[peer] != 0, by the host or by another thread) is not waited for, and a timeout sets the peer's mask entry
+// instead of recording an error (DeepEP's failure masking: the survivors carry on without that rank).
+enum class PeerWait { kArrived, kMasked, kFailed };
+__device__ __forceinline__ PeerWait wait_geq_or_mask(const WaitContext& ctx, const uint64_t* counter, uint64_t target,
+                                                     int peer, int32_t* mask) {
+  if (ptx::ld_volatile(mask + peer) != 0) return PeerWait::kMasked;
+  if (ptx::ld_acquire_sys(counter) >= target) return PeerWait::kArrived;
+  const uint64_t start = ptx::globaltimer_ns();
+  for (uint32_t iter = 1;; ++iter) {
+    if (ptx::ld_acquire_sys(counter) >= target) return PeerWait::kArrived;
+    if ((iter & 63u) == 0) {
+      if (error_recorded(ctx)) return PeerWait::kFailed;
+      if (ptx::ld_volatile(mask + peer) != 0) return PeerWait::kMasked;  // another block gave up on it
+      if (ptx::globaltimer_ns() - start > ctx.timeout_ns) {
+        atomicExch(mask + peer, 1);
+        __threadfence();
+        return PeerWait::kMasked;
+      }
+    }
+  }
+}
+
+// True when shrink mode is off or the rank is not masked.
+__device__ __forceinline__ bool rank_live(const int32_t* mask, int rank) {
+  return mask == nullptr || ptx::ld_volatile(mask + rank) == 0;
+}
+
 }  // namespace openep::device

@@ -23,6 +23,7 @@ struct BarrierParams {
   int slot;
   int rank;
   int num_ranks;
+  int32_t* mask;                // shrink mode: [num_ranks] masked ranks are skipped, a late one is masked; or null
   WaitContext wait;
 };
 void launch_barrier(const BarrierParams& params, cudaStream_t stream);

@@ -35,6 +35,10 @@
 //    decoded to float32 first, per its division's metadata word).
 //  Without the hook one kernel does both halves (send first, then receive, no grid sync); with the hook the
 //  send kernel and the receive kernel are separate launches and nothing runs in between.
+//  Shrink mode (p.mask != null, BufferOptions::enable_shrink): a masked rank gets no message, count or flag
+//    from the sends, is not waited for by the receives, and its experts' slots are skipped in the combine sum
+//    (as if -1). A receive wait that times out sets the peer's mask entry (device::wait_geq_or_mask) instead
+//    of recording an error; other blocks stop waiting for it as soon as they see the entry.
 //  Why two halves suffice: a rank starts the send of operation n + 2 only after its receive of n + 1, which
 //  needs every peer's send of n + 1, which every peer issues after its receive of n (stream order, or the
 //  documented limit of two operations of one kind in flight).
@@ -83,6 +87,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint64_t epoch,
   __shared__ int s_dest[kMaxLowLatencyTopk];   // owner rank of slot k's expert, or -1
   __shared__ int s_has[kMaxRanksLL];           // the token has at least one expert on rank d
   __shared__ char* s_base[kMaxRanksLL];        // my messages in rank d's window: [my rank][0]
+  __shared__ int s_live[kMaxRanksLL];          // rank d is not masked (shrink mode)
   const int R = p.num_ranks, El = p.num_local_experts, K = p.num_topk, H = p.hidden, T = p.T;
   const int half = static_cast<int>(epoch & 1);
   const L& layout = p.window.layout;
@@ -96,7 +101,10 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint64_t epoch,
   char* payload = reinterpret_cast<char*>(smem);
   float* scales = reinterpret_cast<float*>(payload + row_bytes);
 
-  for (int d = threadIdx.x; d < R; d += blockDim.x) s_base[d] = region(p.window, d) + layout.dispatch_message(half, p.rank, 0);
+  for (int d = threadIdx.x; d < R; d += blockDim.x) {
+    s_base[d] = region(p.window, d) + layout.dispatch_message(half, p.rank, 0);
+    s_live[d] = device::rank_live(p.mask, d);  // shrink mode: masked ranks get nothing
+  }
   for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
     for (int d = threadIdx.x; d < R; d += blockDim.x) s_has[d] = 0;
     __syncthreads();  // also publishes s_base on the first token
@@ -106,7 +114,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint64_t epoch,
       int entry = -1, dest = -1;
       if (e < -1 || e >= p.num_experts) {
         device::record_error(p.wait, DeviceErrorCode::kBadExpertIndex, -1, Phase::kLowLatencyDispatch, t, e);
-      } else if (e >= 0) {
+      } else if (e >= 0 && s_live[static_cast<int>(e) / El]) {
         const int d = static_cast<int>(e) / El, i = static_cast<int>(e) % El;
         const int slot = atomicAdd(&p.state->slot_counter[e], 1);
         if (slot < T) {
@@ -138,6 +146,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint64_t epoch,
     const int total = R * msg_int4;
     for (int j = threadIdx.x; j < total; j += blockDim.x) {
       const int d = j / msg_int4, q = j - d * msg_int4;
+      if (!s_live[d]) continue;
       int4* msg = reinterpret_cast<int4*>(s_base[d] + static_cast<size_t>(t) * layout.msg_bytes);
       if (q < header_int4) {
         const int k = 4 * q;
@@ -158,11 +167,13 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint64_t epoch,
     for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) {
       const int count = min(atomicExch(&p.state->slot_counter[e], 0), T);
       const int d = e / El, i = e % El;
+      if (!s_live[d]) continue;
       auto* c = reinterpret_cast<int32_t*>(region(p.window, d) + L::dispatch_count(half, p.rank * El + i));
       ptx::st_relaxed_sys(c, count);
     }
     __syncthreads();
     for (int d = threadIdx.x; d < R; d += blockDim.x) {
+      if (!s_live[d]) continue;
       ptx::fence_acq_rel_sys();
       auto* flag = reinterpret_cast<uint64_t*>(region(p.window, d) + L::dispatch_flag(half, p.rank));
       ptx::st_release_sys(flag, (epoch << 32) | (static_cast<uint64_t>(K) << 16) |
@@ -184,6 +195,7 @@ __device__ __forceinline__ int dispatch_recv_chunks(const LowLatencyDispatchPara
 // s_start: dynamic shared memory of E ints, (local expert i, source s) -> start of the range at i * R + s.
 __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint64_t epoch, int* s_start) {
   __shared__ int s_tokens[kMaxRanksLL];
+  __shared__ int s_src_live[kMaxRanksLL];  // shrink mode: 0 = masked source (nothing from it)
   __shared__ int s_topk[kMaxRanksLL];
   __shared__ int s_failed;
   const int R = p.num_ranks, El = p.num_local_experts, H = p.hidden, T = p.T;
@@ -203,8 +215,16 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint64_t epoch,
   __syncthreads();
   for (int s = threadIdx.x; s < R; s += blockDim.x) {
     const long long t0 = clock64();
-    if (!device::wait_geq(p.wait, flags + s, target, s, Phase::kLowLatencyDispatch)) s_failed = 1;
-    const uint64_t v = ptx::ld_acquire_sys(flags + s);
+    bool live = true;
+    if (p.mask == nullptr) {
+      if (!device::wait_geq(p.wait, flags + s, target, s, Phase::kLowLatencyDispatch)) s_failed = 1;
+    } else {  // shrink mode: a masked or timed-out source sends nothing
+      const device::PeerWait w = device::wait_geq_or_mask(p.wait, flags + s, target, s, p.mask);
+      if (w == device::PeerWait::kFailed) s_failed = 1;
+      live = w == device::PeerWait::kArrived;
+    }
+    const uint64_t v = live ? ptx::ld_acquire_sys(flags + s) : 0;
+    s_src_live[s] = live;
     s_tokens[s] = static_cast<int>(v & 0xFFFFull);
     s_topk[s] = static_cast<int>((v >> 16) & 0xFFFFull);
     if (p.wait_stats != nullptr && blockIdx.x == 0)
@@ -217,7 +237,7 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint64_t epoch,
   for (int i = threadIdx.x; i < El; i += blockDim.x) {
     int acc = 0;
     for (int s = 0; s < R; ++s) {
-      const int c = ptx::ld_cg(counts + s * El + i);
+      const int c = s_src_live[s] ? ptx::ld_cg(counts + s * El + i) : 0;
       s_start[i * R + s] = acc;
       if (blockIdx.x == 0) p.layout_range[i * R + s] = (static_cast<int64_t>(acc) << 32) | static_cast<int64_t>(c);
       acc += c;
@@ -309,7 +329,10 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch, i
   const L& layout = p.window.layout;
   const int row_int4 = H / 8;
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  __shared__ int s_live[kMaxRanksLL];  // shrink mode: masked ranks get no rows and no flag
+  for (int d = threadIdx.x; d < R; d += blockDim.x) s_live[d] = device::rank_live(p.mask, d);
   scan_expert_rows(p.layout_range, El, R, s_prefix);
+  __syncthreads();
   // Units are (packed row, chunk of the row) over all local experts, warp w of block b starting at unit
   // w * gridDim.x + b: every SM sends, and a hot expert is spread like any other.
   const int nch = (row_int4 + kSendChunkInt4 - 1) / kSendChunkInt4;
@@ -326,7 +349,7 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch, i
     }
     const int s = source_rank_of_row(p.layout_range, R, i, r);
     const int t = p.src_info[static_cast<size_t>(i) * RT + r];
-    if (t < 0 || t >= T) continue;
+    if (t < 0 || t >= T || !s_live[s]) continue;
     int4* dst = reinterpret_cast<int4*>(region(p.window, s) + layout.combine_row(half, p.rank * El + i, t));
     if constexpr (kLogfmt) {  // warp-uniform: t, s and the chunk are the warp's
       auto* meta = reinterpret_cast<int32_t*>(region(p.window, s) + layout.combine_meta(half, p.rank * El + i, t));
@@ -342,6 +365,7 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch, i
   // The last block (acq_rel.sys ticket: it sees every block's stores) releases one flag per rank.
   if (device::last_block<true>(&p.state->send_ticket[1])) {
     for (int d = threadIdx.x; d < R; d += blockDim.x) {
+      if (!s_live[d]) continue;
       ptx::fence_acq_rel_sys();
       auto* flag = reinterpret_cast<uint64_t*>(region(p.window, d) + L::combine_flag(half, p.rank));
       ptx::st_release_sys(flag, epoch);
@@ -384,7 +408,11 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint64_t epoch) {
   __syncthreads();
   for (int s = threadIdx.x; blockIdx.x < p.num_tokens && s < R; s += blockDim.x) {
     const long long t0 = clock64();
-    if (!device::wait_geq(p.wait, flags + s, epoch, s, Phase::kLowLatencyCombine)) s_failed = 1;
+    if (p.mask == nullptr) {
+      if (!device::wait_geq(p.wait, flags + s, epoch, s, Phase::kLowLatencyCombine)) s_failed = 1;
+    } else if (device::wait_geq_or_mask(p.wait, flags + s, epoch, s, p.mask) == device::PeerWait::kFailed) {
+      s_failed = 1;  // shrink mode: a masked or timed-out rank's rows are left out below
+    }
     if (p.wait_stats != nullptr && blockIdx.x == 0)
       atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + s), static_cast<unsigned long long>(clock64() - t0));
   }
@@ -400,6 +428,7 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint64_t epoch) {
         e = -1;
         s_failed = 1;
       }
+      if (e >= 0 && !device::rank_live(p.mask, static_cast<int>(e) / p.num_local_experts)) e = -1;  // shrink mode
       s_e[k] = static_cast<int>(e);
       s_w[k] = p.topk_weights[static_cast<int64_t>(t) * K + k];
     }

@@ -34,6 +34,7 @@ struct LowLatencyDispatchParams {
   int64_t* layout_range;
   int* cumulative_stats;
   int64_t* wait_stats;
+  int32_t* mask;  // shrink mode: [R] 1 = masked rank (not sent to, not waited for, contributions absent); null: off
   bool do_send, do_recv;
   WaitContext wait;
 };
@@ -51,6 +52,7 @@ struct LowLatencyCombineParams {
   bool use_logfmt;             // LogFMT-10 transport (protocol/logfmt.hpp); requires hidden % 128 == 0
   uint16_t* combined_x;
   int64_t* wait_stats;
+  int32_t* mask;  // shrink mode: [R] 1 = masked rank (not sent to, not waited for, contributions absent); null: off
   bool do_send, do_recv;
   WaitContext wait;
 };

@@ -20,8 +20,8 @@ __global__ void query_peer_bases_kernel(ncclWindow_t window, int num_peers, char
 }
 
 __global__ void barrier_kernel(const __grid_constant__ BarrierParams params) {
-  const device::BarrierRef ref{params.peer_bases, params.barrier_offset, params.epoch,
-                               params.slot,       params.rank,           params.num_ranks};
+  const device::BarrierRef ref{params.peer_bases, params.barrier_offset, params.epoch, params.slot,
+                               params.rank,       params.num_ranks,      params.mask};
   device::barrier_block(ref, params.wait, Phase::kBarrier);
 }
 

@@ -54,6 +54,7 @@ detail::BarrierParams window_barrier_params(const Buffer::Impl& m) {
   p.slot = detail::kHostBarrierSlot;
   p.rank = m.window_rank();
   p.num_ranks = m.window_ranks();
+  p.mask = m.shrink_mask;  // shrink mode: a mask-aware barrier (null otherwise)
   p.wait = m.wait_context();
   return p;
 }
@@ -163,11 +164,13 @@ void release(Buffer::Impl& m) noexcept {
     f.free_device(m.peer_bases_device);
     f.free_device(m.local_state);
     f.free_device(m.ll_state);
+    f.free_device(m.shrink_mask);
     f.free_device(m.layout_workspace);
     f.free_mapped(m.error_record);
     f.free_mapped(m.host_counters);
   }
   m.peer_bases_device = nullptr, m.local_state = nullptr, m.ll_state = nullptr, m.layout_workspace = nullptr;
+  m.shrink_mask = nullptr;
   m.error_record = nullptr, m.host_counters = nullptr;
   if (m.comm_stream) warn_cuda(cudaStreamDestroy(m.comm_stream), "cudaStreamDestroy");
   m.comm_stream = nullptr;
@@ -215,6 +218,7 @@ void Buffer::init(Group& group, const BufferOptions& options) {
   query.internode_gin = options.internode_backend == InternodeBackend::kGin;
   m.transport = detail::select_transport(query);
   const bool network = m.transport == detail::Transport::kGin;
+  detail::validate_shrink_options(options.enable_shrink, options.low_latency_mode, m.transport);
   if (m.transport == detail::Transport::kNvlink) {
     OPENEP_CHECK(m.num_ranks <= detail::kMaxNvlinkPeers, ErrorCode::kUnsupported, "NVLink domain of ", m.num_ranks,
                  " ranks exceeds the supported ", detail::kMaxNvlinkPeers);
@@ -267,6 +271,10 @@ void Buffer::init(Group& group, const BufferOptions& options) {
   if (options.num_rdma_bytes > 0 && !m.internode()) {
     m.ll_state = static_cast<detail::LowLatencyState*>(f.alloc_device(sizeof(detail::LowLatencyState)));
     OPENEP_CUDA_CHECK(cudaMemsetAsync(m.ll_state, 0, sizeof(detail::LowLatencyState), m.comm_stream));
+  }
+  if (options.enable_shrink) {
+    m.shrink_mask = static_cast<int32_t*>(f.alloc_device(sizeof(int32_t) * m.num_ranks));
+    OPENEP_CUDA_CHECK(cudaMemsetAsync(m.shrink_mask, 0, sizeof(int32_t) * m.num_ranks, m.comm_stream));
   }
   if (m.internode()) {
     const int N = m.in.num_nodes;

@@ -31,6 +31,8 @@ void check_nccl_version(int compiled, int loaded);
 void validate_normal_dispatch_data(const DispatchArgs& a);
 // Combine checks shared by intranode and internode combine (hidden, x, top-k weights, outputs).
 void validate_normal_combine_data(const CombineArgs& a, int num_recv_tokens, int num_tokens, const CombineOutputs& out);
+// BufferOptions::enable_shrink needs low-latency mode over NVLink (kInvalidArgument / kUnsupported otherwise).
+void validate_shrink_options(bool enable_shrink, bool low_latency_mode, Transport transport);
 
 }  // namespace openep::detail
 
@@ -58,6 +60,7 @@ struct Buffer::Impl {
   int num_device_sms = 0;
   detail::GridBudget grids;                              // largest grid per kernel (fabric's grid_budget)
   detail::LowLatencyState* ll_state = nullptr;           // device memory, zeroed (when num_rdma_bytes > 0)
+  int32_t* shrink_mask = nullptr;                        // enable_shrink: device memory [num_ranks], zeroed
   // How the kernels reach peers, decided once at creation (runtime/transport.hpp). kGin: a multi-node Group
   // in low-latency mode with allow_network; NOT YET RUN ON A REAL NETWORK. Then win.dev_comm has GIN contexts,
   // the peer table holds only this rank's own base, and the window ends with the GIN staging area.

@@ -86,6 +86,15 @@ void validate_low_latency_combine(const LowLatencyCombineArgs& a, const LowLaten
                    " (one LogFMT metadata word per 128 channels), got ", h.hidden);
 }
 
+void validate_shrink_options(bool enable_shrink, bool low_latency_mode, Transport transport) {
+  if (!enable_shrink) return;
+  OPENEP_CHECK_ARG(low_latency_mode, "enable_shrink requires low_latency_mode (shrink mode masks failed ranks in the "
+                   "low-latency operations), got low_latency_mode = false");
+  OPENEP_CHECK(transport == Transport::kNvlink, ErrorCode::kUnsupported,
+               "enable_shrink is available over NVLink only; this Buffer reaches its peers over the network (GIN), "
+               "where shrink mode is not implemented");
+}
+
 }  // namespace detail
 
 namespace {
@@ -155,6 +164,7 @@ LowLatencyHook Buffer::low_latency_dispatch(const LowLatencyDispatchArgs& a, Low
   p.layout_range = h.layout_range;
   p.cumulative_stats = a.cumulative_local_expert_recv_stats;
   p.wait_stats = a.dispatch_wait_recv_cost_stats;
+  p.mask = m.shrink_mask;
   p.wait = m.wait_context();
   if (m.transport == detail::Transport::kGin) {  // network path (not yet run on a real network)
     return detail::low_latency_dispatch_gin(m, p, a.return_recv_hook, stream);
@@ -194,6 +204,7 @@ LowLatencyHook Buffer::low_latency_combine(const LowLatencyCombineArgs& a, const
   p.use_logfmt = a.use_logfmt;
   p.combined_x = out.combined_x;
   p.wait_stats = a.combine_wait_recv_cost_stats;
+  p.mask = m.shrink_mask;
   p.wait = m.wait_context();
   if (m.transport == detail::Transport::kGin) {  // network path (not yet run on a real network)
     OPENEP_CHECK(!a.use_logfmt, ErrorCode::kUnsupported,
@@ -218,6 +229,38 @@ uint16_t* Buffer::get_next_low_latency_combine_buffer(const LowLatencyHandle& h)
                                                     h.num_experts);
   return reinterpret_cast<uint16_t*>(m.win.local + m.window_layout.rdma_offset +
                                      l.staging_offset);
+}
+
+namespace {
+int32_t* require_shrink(Buffer::Impl& m, const char* op) {
+  m.check_usable();
+  OPENEP_CHECK_ARG(m.shrink_mask != nullptr, op, " requires BufferOptions::enable_shrink = true");
+  return m.shrink_mask;
+}
+}  // namespace
+
+void Buffer::low_latency_update_mask_buffer(int rank_to_mask, bool mask, cudaStream_t stream) {
+  int32_t* m = require_shrink(*impl_, "low_latency_update_mask_buffer");
+  OPENEP_CHECK_ARG(rank_to_mask >= 0 && rank_to_mask < impl_->num_ranks, "rank_to_mask must be in [0, ",
+                   impl_->num_ranks, "), got ", rank_to_mask);
+  OPENEP_CUDA_CHECK(cudaMemsetAsync(m + rank_to_mask, 0, sizeof(int32_t), stream));
+  if (mask) {
+    // Little-endian int32: the entry was just zeroed, setting its low byte makes it exactly 1.
+    OPENEP_CUDA_CHECK(cudaMemsetAsync(m + rank_to_mask, 1, 1, stream));
+  }
+}
+
+void Buffer::low_latency_query_mask_buffer(int32_t* mask_status, cudaStream_t stream) {
+  int32_t* m = require_shrink(*impl_, "low_latency_query_mask_buffer");
+  OPENEP_CHECK_ARG(mask_status != nullptr, "mask_status is null (a device array of num_ranks int32)");
+  // Entries are 0 or 1 (set above, or by a kernel's timeout with atomicExch(…, 1)).
+  OPENEP_CUDA_CHECK(cudaMemcpyAsync(mask_status, m, sizeof(int32_t) * impl_->num_ranks, cudaMemcpyDeviceToDevice,
+                                    stream));
+}
+
+void Buffer::low_latency_clean_mask_buffer(cudaStream_t stream) {
+  int32_t* m = require_shrink(*impl_, "low_latency_clean_mask_buffer");
+  OPENEP_CUDA_CHECK(cudaMemsetAsync(m, 0, sizeof(int32_t) * impl_->num_ranks, stream));
 }
 
 void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts,

@@ -909,6 +909,35 @@ TEST(ReferenceLowLatency, DispatchCountsLayoutRangesAndSourceIndices) {
   EXPECT_EQ(recv[1].src_info, (std::vector<int>{0, -1, -1, -1, -1, -1, -1, -1, /**/ 2, 1, -1, -1, -1, -1, -1, -1}));
 }
 
+TEST(ReferenceLowLatencyShrink, MaskedRankSendsNothingAndItsExpertsBecomeMinusOne) {
+  const std::vector<LowLatencyInput> m = mask_ranks(ll_inputs(), ll_config(), {1});
+  ASSERT_EQ(m.size(), 2u);
+  EXPECT_EQ(m[1].num_tokens, 0);
+  EXPECT_TRUE(m[1].x.empty() && m[1].topk_idx.empty() && m[1].topk_weights.empty());
+  // Rank 0's slots on experts 2 and 3 (rank 1) are dropped; x and weights are unchanged.
+  EXPECT_EQ(m[0].topk_idx, (std::vector<int64_t>{1, -1, 1, 1, -1, -1}));
+  EXPECT_EQ(m[0].x, ll_inputs()[0].x);
+  EXPECT_EQ(m[0].topk_weights, ll_inputs()[0].topk_weights);
+  // What survivor rank 0 receives: expert 1 gets rank 0's t0, t1, t1 only (rank 1's t0 is gone), expert 0 nothing.
+  const std::vector<LowLatencyRecv> recv = low_latency_dispatch(m, ll_config());
+  EXPECT_EQ(recv[0].count, (std::vector<int>{0, 3}));
+  EXPECT_EQ(recv[0].src_info, (std::vector<int>{-1, -1, -1, -1, -1, -1, -1, -1, /**/ 0, 1, 1, -1, -1, -1, -1, -1}));
+  // Nothing masked: the inputs are returned unchanged.
+  const std::vector<LowLatencyInput> none = mask_ranks(ll_inputs(), ll_config(), {});
+  EXPECT_EQ(none[0].topk_idx, ll_inputs()[0].topk_idx);
+  EXPECT_EQ(none[1].num_tokens, 2);
+}
+
+TEST(ReferenceLowLatencyShrink, RejectsAMaskedRankOutOfRange) {
+  try {
+    mask_ranks(ll_inputs(), ll_config(), {2});
+    ADD_FAILURE() << "expected std::invalid_argument";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("mask_ranks: masked rank expected in [0, 2), got 2"), std::string::npos)
+        << e.what();
+  }
+}
+
 TEST(ReferenceLowLatency, DispatchCopiesBf16RowsIntoPackedSlots) {
   const std::vector<LowLatencyRecv> recv = low_latency_dispatch(ll_inputs(), ll_config());
   EXPECT_EQ(first_mismatches(recv[0].packed_x, packed({kRow10}, {kRow00, kRow01, kRow01, kRow10}), 4, "rank 0"), "");

@@ -100,6 +100,15 @@ TEST(ConfigValidation, RejectsOddSmCount) {
   expect_error([] { set_default_num_sms(3); }, ErrorCode::kInvalidArgument, "num_sms must be even and > 0, got 3");
 }
 
+TEST(ShrinkValidation, NeedsLowLatencyModeOverNvlink) {
+  EXPECT_NO_THROW(detail::validate_shrink_options(false, false, detail::Transport::kHostP2p));
+  EXPECT_NO_THROW(detail::validate_shrink_options(true, true, detail::Transport::kNvlink));
+  expect_error([] { detail::validate_shrink_options(true, false, detail::Transport::kNvlink); },
+               ErrorCode::kInvalidArgument, "enable_shrink requires low_latency_mode");
+  expect_error([] { detail::validate_shrink_options(true, true, detail::Transport::kGin); }, ErrorCode::kUnsupported,
+               "enable_shrink is available over NVLink only");
+}
+
 TEST(ConfigValidation, RejectsInternodeChunksOutOfRange) {
   for (int bad : {0, 17, -1}) {
     Config c;

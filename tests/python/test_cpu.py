@@ -237,11 +237,6 @@ def test_env_flag_parsing(monkeypatch, value, want):
     assert _env_flag("OPENEP_TEST_FLAG") is False
 
 
-def test_buffer_shrink_mode_not_available_yet():
-    with pytest.raises(openep.OpenEPNotAvailableError):
-        openep.Buffer(_FakeGroup(), enable_shrink=True)
-
-
 def test_internode_calls_on_a_destroyed_buffer_name_the_call():
     buf = object.__new__(openep.Buffer)
     buf.runtime = None
@@ -269,11 +264,12 @@ def test_internode_size_hint_matches_the_core():
 @pytest.mark.parametrize("method,args", [
     ("low_latency_update_mask_buffer", (1,)), ("low_latency_query_mask_buffer", (None,)),
     ("low_latency_clean_mask_buffer", ())])
-def test_unlanded_methods_raise_not_available(method, args):
-    buf = object.__new__(openep.Buffer)  # no GPU: the stubs fail before touching the Buffer's state
-    with pytest.raises(openep.OpenEPNotAvailableError) as e:
+def test_mask_methods_need_enable_shrink(method, args):
+    buf = object.__new__(openep.Buffer)  # no GPU: the check comes before any use of the core
+    buf.runtime, buf.enable_shrink = object(), False
+    with pytest.raises(openep.OpenEPError) as e:
         getattr(buf, method)(*args)
-    assert "not available yet" in str(e.value)
+    assert f"{method} requires Buffer(enable_shrink=True)" in str(e.value)
 
 
 # ---- tensor checks (duck-typed, so they run without torch) ------------------------------------------------

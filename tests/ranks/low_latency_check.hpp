@@ -284,29 +284,37 @@ struct LLWorld {
   std::vector<ref::LowLatencyRecv> want;
   std::vector<std::vector<uint16_t>> combined;
   std::vector<std::vector<uint16_t>> combined_logfmt;  // only in a LogFMT world
+  std::vector<ref::LowLatencyInput> ref_inputs;        // what the reference saw: inputs, or ref::mask_ranks of them
 };
 
-inline LLWorld make_world(const LLCase& c, int R, uint64_t seed, bool logfmt = false) {
+// `masked` (shrink mode): the GPU ranks get the full inputs, the reference sees ref::mask_ranks(inputs, masked),
+// so every rank not in `masked` must equal it.
+inline LLWorld make_world(const LLCase& c, int R, uint64_t seed, bool logfmt = false,
+                          const std::vector<int>& masked = {}) {
   LLWorld w;
   w.inputs = make_inputs(c, R, seed);
   const ref::LowLatencyConfig cfg = config(c, R);
-  w.want = ref::low_latency_dispatch(w.inputs, cfg);
+  w.ref_inputs = masked.empty() ? w.inputs : ref::mask_ranks(w.inputs, cfg, masked);
+  w.want = ref::low_latency_dispatch(w.ref_inputs, cfg);
   std::vector<std::vector<uint16_t>> ref_out(R);
   for (int d = 0; d < R; ++d)
     ref_out[d] = expert_outputs(d, c.experts_per_rank, R, c.T, c.hidden, w.want[d].layout_range.data(),
                                 w.want[d].src_info.data(), logfmt);
-  w.combined = ref::low_latency_combine(ref_out, w.want, w.inputs, cfg);
-  if (logfmt) w.combined_logfmt = ref::low_latency_combine(ref_out, w.want, w.inputs, cfg, /*use_logfmt=*/true);
+  w.combined = ref::low_latency_combine(ref_out, w.want, w.ref_inputs, cfg);
+  if (logfmt) w.combined_logfmt = ref::low_latency_combine(ref_out, w.want, w.ref_inputs, cfg, /*use_logfmt=*/true);
   return w;
 }
 
 // One dispatch (hook or not) + combine (hook or not, zero-copy or not, LogFMT or not) checked against the
 // reference: bit for bit (LogFMT: against the reference's LogFMT combine, and within the error bound of its BF16
 // combine).
-inline void run_case(Buffer& buffer, const LLCase& c, uint64_t seed, bool hook, bool zero_copy, bool logfmt = false) {
-  SCOPED_TRACE(name(c) + (hook ? "_hook" : "") + (zero_copy ? "_zerocopy" : "") + (logfmt ? "_logfmt" : ""));
+// `masked` (shrink mode): the ranks the survivors have masked; only survivors may call it then.
+inline void run_case(Buffer& buffer, const LLCase& c, uint64_t seed, bool hook, bool zero_copy, bool logfmt = false,
+                     const std::vector<int>& masked = {}) {
+  SCOPED_TRACE(name(c) + (hook ? "_hook" : "") + (zero_copy ? "_zerocopy" : "") + (logfmt ? "_logfmt" : "") +
+               (masked.empty() ? "" : "_masked"));
   const int R = buffer.num_ranks(), me = buffer.rank();
-  const auto world = once_per_world<LLWorld>([&] { return make_world(c, R, seed, logfmt); });
+  const auto world = once_per_world<LLWorld>([&] { return make_world(c, R, seed, logfmt, masked); });
   const std::vector<ref::LowLatencyRecv>& want = world->want;
   LLRank g(c, R, me, world->inputs[me]);
   cudaStream_t stream = buffer.comm_stream();
@@ -351,7 +359,7 @@ inline void run_case(Buffer& buffer, const LLCase& c, uint64_t seed, bool hook, 
   got.resize(expect[me].size());
   EXPECT_EQ(first_mismatches(got, expect[me], c.hidden, "combined_x"), "");
   if (logfmt) {
-    EXPECT_EQ(logfmt_error_bound_mismatch(got, world->combined[me], world->inputs[me], me, c.num_topk, c.hidden), "")
+    EXPECT_EQ(logfmt_error_bound_mismatch(got, world->combined[me], world->ref_inputs[me], me, c.num_topk, c.hidden), "")
         << "LogFMT combine against the BF16 reference";
   }
 }

@@ -5,6 +5,11 @@
 // Dispatch is compared bit for bit (the FP8 cast included); rows inside one (expert, source) range arrive in
 // any order and are compared canonically (sorted by source token). Combine is compared bit for bit (LogFMT
 // combine: with the reference's LogFMT combine, plus its error bound against the BF16 reference).
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "openep/error.hpp"
 #include "ranks/low_latency_check.hpp"
 
 namespace openep::test {
@@ -92,6 +97,94 @@ OPENEP_RANKS_TEST_EP(LowLatency, CasesBackToBackOnOneBuffer, 2, 4, 8, 16) {
     ++i;
     if (::testing::Test::HasFailure()) break;
   }
+}
+
+// Shrink mode: the last rank stops taking part after the first round (its thread and its Buffer stay, like a
+// process that hangs). Every survivor's first receive that waits for it times out and masks it instead of failing;
+// from then on the survivors carry on without it (fused, hook, zero-copy and LogFMT rounds), bitwise equal to the
+// reference with that rank masked, and no error is raised. The mask then names exactly that rank.
+OPENEP_RANKS_TEST_EP(LowLatency, ShrinkMasksARankThatStopsAndTheOthersCarryOn, 2, 4, 8) {
+  const int R = world_group().num_ranks(), me = world_group().rank(), gone = R - 1;
+  const LLCase c{64, 128, 2048, 8, 8, false, false, false, Route::kUniform};
+  BufferOptions o = ll_options(buffer_bytes(c, R), 2.0);
+  o.enable_shrink = true;
+  Buffer buffer(world_group(), o);
+  run_case(buffer, c, 700, /*hook=*/false, /*zero_copy=*/false);  // everyone
+  if (me != gone && !::testing::Test::HasFailure()) {
+    for (int round = 0; round < 4; ++round) {
+      run_case(buffer, c, 701 + round, /*hook=*/round % 2 == 1, /*zero_copy=*/round == 2, /*logfmt=*/round == 3, {gone});
+      if (::testing::Test::HasFailure()) break;
+    }
+    DeviceArray<int32_t> status(R);
+    status.poison();
+    buffer.low_latency_query_mask_buffer(status.get(), buffer.comm_stream());
+    buffer.synchronize(buffer.comm_stream());
+    std::vector<int32_t> want(R, 0);
+    want[gone] = 1;
+    EXPECT_EQ(status.download(), want) << "low_latency_query_mask_buffer";
+  }
+  host_barrier();  // the stopped rank waits here until the survivors are done; then every Buffer is destroyed
+}
+
+// Shrink mode, masked from the host on every rank: nobody sends to that rank or waits for it, its experts' slots
+// are left out, and no timeout is needed. Then the mask is cleaned, the low-latency state reset collectively
+// (clean_low_latency_buffer), and a round with every rank equals the unmasked reference again.
+OPENEP_RANKS_TEST_EP(LowLatency, ShrinkHostMaskedRankIsLeftOutThenRejoins, 2, 4, 8) {
+  const int R = world_group().num_ranks(), me = world_group().rank(), masked = R / 2;
+  const LLCase c{48, 64, 2048, 4, 8, true, false, false, Route::kUniform};
+  BufferOptions o = ll_options(buffer_bytes(c, R), 2.0);
+  o.enable_shrink = true;
+  Buffer buffer(world_group(), o);
+  cudaStream_t stream = buffer.comm_stream();
+  buffer.low_latency_update_mask_buffer(masked, true, stream);
+  buffer.synchronize(stream);
+  host_barrier();
+  if (me != masked) {
+    for (int round = 0; round < 2; ++round) {
+      run_case(buffer, c, 800 + round, /*hook=*/round == 1, /*zero_copy=*/false, /*logfmt=*/false, {masked});
+      if (::testing::Test::HasFailure()) break;
+    }
+  }
+  host_barrier();
+  buffer.low_latency_clean_mask_buffer(stream);
+  DeviceArray<int32_t> status(R);
+  status.poison();
+  buffer.low_latency_query_mask_buffer(status.get(), stream);
+  buffer.synchronize(stream);
+  EXPECT_EQ(status.download(), std::vector<int32_t>(R, 0)) << "after low_latency_clean_mask_buffer";
+  buffer.clean_low_latency_buffer(c.T, c.hidden, c.experts_per_rank * R, stream);
+  buffer.synchronize(stream);
+  run_case(buffer, c, 810, /*hook=*/false, /*zero_copy=*/true);  // every rank again
+}
+
+// The mask methods need enable_shrink, and rank_to_mask must be a rank of the Group.
+OPENEP_RANKS_TEST_EP(LowLatency, ShrinkMethodsCheckTheirArguments, 2) {
+  const int R = world_group().num_ranks();
+  const LLCase c{8, 64, 2048, 4, 8, false, false, false, Route::kUniform};
+  Buffer plain(world_group(), ll_options(buffer_bytes(c, R)));
+  DeviceArray<int32_t> status(R);
+  cudaStream_t stream = plain.comm_stream();
+  const auto expect_error = [](const std::function<void()>& fn, const std::string& needle) {
+    try {
+      fn();
+      ADD_FAILURE() << "expected an OpenEP error containing '" << needle << "'";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  expect_error([&] { plain.low_latency_update_mask_buffer(0, true, stream); },
+               "low_latency_update_mask_buffer requires BufferOptions::enable_shrink = true");
+  expect_error([&] { plain.low_latency_query_mask_buffer(status.get(), stream); },
+               "low_latency_query_mask_buffer requires BufferOptions::enable_shrink = true");
+  expect_error([&] { plain.low_latency_clean_mask_buffer(stream); },
+               "low_latency_clean_mask_buffer requires BufferOptions::enable_shrink = true");
+  BufferOptions o = ll_options(buffer_bytes(c, R));
+  o.enable_shrink = true;
+  Buffer shrink(world_group(), o);
+  expect_error([&] { shrink.low_latency_update_mask_buffer(R, true, shrink.comm_stream()); },
+               "rank_to_mask must be in [0, " + std::to_string(R) + "), got " + std::to_string(R));
+  expect_error([&] { shrink.low_latency_query_mask_buffer(nullptr, shrink.comm_stream()); }, "mask_status is null");
 }
 
 // Two micro-batches in flight: send(0), send(1), then both hooks; then the combines the same way.
