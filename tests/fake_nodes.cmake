@@ -34,3 +34,21 @@ openep_add_fake_node_test(fake_node_4x1 4 1 1)
 # 2 nodes x 2 ranks: ranks of one node need distinct GPUs (NVLink inside the node, sockets between nodes).
 # On 4 GPUs every rank has its own GPU; on 2 GPUs the two nodes share them (launch.py's rule: rank % GPUs).
 openep_add_fake_node_test(fake_node_2x2 4 2 2)
+
+# The same fake-node worlds with NCCL's network between the fake nodes provided by the loopback GIN test plugin
+# (tests/gin_loopback/, launch.py --gin-loopback): NCCL_NET=OpenEPLoopback, NCCL_GIN_TYPE=2, so GIN (proxy type)
+# exists and FakeNodeGinProbe expects the GIN low-latency Buffer to be CREATED instead of refused.
+# NOT YET RUN ON A GPU (written on a CPU machine); exit 77 (skipped) without a GPU.
+function(openep_add_fake_node_gin_test name nproc ranks_per_node min_gpus)
+  add_test(NAME ${name}
+    COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tools/launch.py
+            --nproc ${nproc} --ranks-per-node ${ranks_per_node} --min-gpus ${min_gpus} --timeout 600
+            --gin-loopback $<TARGET_FILE:openep_gin_loopback>
+            --log-dir ${CMAKE_BINARY_DIR}/fake_node_logs/${name}
+            -- $<TARGET_FILE:openep_fake_node_tests>)
+  set_tests_properties(${name} PROPERTIES LABELS "fakenode;gin_loopback" SKIP_RETURN_CODE 77 TIMEOUT 660
+                       RUN_SERIAL TRUE)
+endfunction()
+openep_add_fake_node_gin_test(fake_node_gin_2x1 2 1 1)
+openep_add_fake_node_gin_test(fake_node_gin_4x1 4 1 1)
+openep_add_fake_node_gin_test(fake_node_gin_2x2 4 2 2)

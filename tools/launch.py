@@ -105,6 +105,20 @@ def fake_node_env(rank, nproc, ranks_per_node, num_gpus):
     return env
 
 
+# Name of the loopback GIN plugin's network (tests/gin_loopback/plugin.cpp, ncclNetPlugin_v11.name).
+GIN_LOOPBACK_NET_NAME = "OpenEPLoopback"
+
+
+def gin_loopback_env(plugin_path):
+    """Variables that route a fake-node world through the loopback GIN test plugin (tests/gin_loopback/).
+
+    NCCL_NET_PLUGIN loads it, NCCL_NET picks its network instead of Socket, NCCL_GIN_TYPE=2 (proxy) pins the GIN
+    type it provides, OPENEP_GIN_LOOPBACK tells the fake-node tests that GIN is expected to be present.
+    """
+    return {"NCCL_NET_PLUGIN": plugin_path, "NCCL_NET": GIN_LOOPBACK_NET_NAME, "NCCL_GIN_TYPE": "2",
+            "OPENEP_GIN_LOOPBACK": plugin_path}
+
+
 def describe_fake_topology(nproc, ranks_per_node, num_gpus):
     """One line naming the nodes, their ranks and GPUs (printed by main before the children start)."""
     check_fake_topology(nproc, ranks_per_node, num_gpus)
@@ -153,6 +167,9 @@ def main():
     ap.add_argument("--ranks-per-node", type=int, default=None, metavar="M",
                     help="fake nodes of M ranks each (own NCCL_HOSTID per node, NCCL Socket network over "
                          "loopback between nodes); --nproc may then exceed the GPU count. Default: one node")
+    ap.add_argument("--gin-loopback", default=None, metavar="SO",
+                    help="with --ranks-per-node: use the loopback GIN test plugin at SO as NCCL's network between "
+                         "fake nodes (NCCL_NET_PLUGIN=SO, NCCL_NET=OpenEPLoopback, NCCL_GIN_TYPE=2)")
     ap.add_argument("cmd", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     cmd = args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd
@@ -162,6 +179,12 @@ def main():
     num_gpus = count_gpus()
     nproc = args.nproc or num_gpus
     fake = args.ranks_per_node is not None
+    if args.gin_loopback is not None:
+        if not fake:
+            ap.error("--gin-loopback needs --ranks-per-node")
+        if not os.path.isfile(args.gin_loopback):
+            ap.error(f"--gin-loopback: no such file {args.gin_loopback}")
+        args.gin_loopback = os.path.abspath(args.gin_loopback)
     if fake:
         if num_gpus < args.min_gpus:
             print(f"launch.py: skipped: needs at least {args.min_gpus} GPUs, this machine has {num_gpus}",
@@ -194,6 +217,8 @@ def main():
     for rank in range(nproc):
         env = dict(os.environ)
         env.update(fake_node_env(rank, nproc, args.ranks_per_node, num_gpus) if fake else single_node_env(rank, nproc))
+        if args.gin_loopback:
+            env.update(gin_loopback_env(args.gin_loopback))
         env["OPENEP_UNIQUE_ID_FILE"] = os.path.join(id_dir, "nccl_id")
         full = list(cmd)
         if is_gtest:

@@ -10,7 +10,8 @@
 //   FakeNodeInternodeGin internode normal mode over the GIN rail (internode_backend = kGin) where GIN exists;
 //                    on sockets (no GIN) creation fails cleanly and the test is skipped, saying so. Near the end, on
 //                    a throwaway split.
-//   FakeNodeGinProbe the network (GIN) low-latency path fails cleanly on sockets (no GIN there). Runs LAST, on a
+//   FakeNodeGinProbe the network (GIN) low-latency path fails cleanly on sockets (no GIN there); under the loopback
+//                    GIN plugin (OPENEP_GIN_LOOPBACK, CTest fake_node_gin_*) it must succeed instead. Runs LAST, on a
 //                    throwaway split: a failed GIN device communicator may leave its communicator unusable.
 //
 // Test order matters (gtest runs them in the order of this file; do not shuffle). Every blocking phase runs
@@ -23,6 +24,7 @@
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -520,9 +522,18 @@ TEST(FakeNodeGinProbe, NetworkLowLatencyBufferFailsWithoutGin) {
 
   const Outcome out = try_create_buffer(*split, low_latency_options(true), 3 * kCollectiveSeconds,
                                         "low-latency mode, allow_network = true (GIN) on the split");
-  say("GIN probe on sockets: %s after %.3f s: %s", out.threw ? "failed" : "SUCCEEDED", out.seconds, out.what.c_str());
+  // Under the loopback GIN test plugin (launch.py --gin-loopback sets OPENEP_GIN_LOOPBACK; CTest
+  // fake_node_gin_*), NCCL has a proxy-type GIN between the fake nodes, so the same Buffer must be CREATED.
+  // NOT YET RUN ON A GPU (tests/gin_loopback/README.md).
+  const bool gin_loopback = getenv("OPENEP_GIN_LOOPBACK") != nullptr;
+  say("GIN probe on %s: %s after %.3f s: %s", gin_loopback ? "the loopback GIN plugin" : "sockets",
+      out.threw ? "failed" : "SUCCEEDED", out.seconds, out.what.c_str());
   RecordProperty("gin_probe_error", out.what);
-  expect_unsupported(out, {"allow_network", "ncclDevCommCreate", "GIN"}, kGinProbeSeconds);
+  if (gin_loopback) {
+    EXPECT_FALSE(out.threw) << "GIN low-latency Buffer refused under the loopback GIN plugin: " << out.what;
+  } else {
+    expect_unsupported(out, {"allow_network", "ncclDevCommCreate", "GIN"}, kGinProbeSeconds);
+  }
   // NCCL's own words (measured once: "GIN not supported."), recorded, not asserted: they are NCCL's, not ours.
   RecordProperty("gin_probe_nccl_says_gin_not_supported", contains(out.what, "GIN not supported") ? "yes" : "no");
 

@@ -188,3 +188,12 @@ def test_launcher_skips_and_refuses(tmp_path):
     assert out.returncode == 2 and "Duplicate GPU detected" in out.stdout
     out, _ = run_launcher(tmp_path, 2, "--nproc", "3", "--ranks-per-node", "2", "--min-gpus", "1")
     assert out.returncode == 2 and "not a multiple" in out.stdout
+
+
+def test_gin_loopback_env_routes_the_network_through_the_plugin():
+    env = launch.gin_loopback_env("/x/libopenep_gin_loopback.so")
+    assert env == {"NCCL_NET_PLUGIN": "/x/libopenep_gin_loopback.so", "NCCL_NET": "OpenEPLoopback",
+                   "NCCL_GIN_TYPE": "2", "OPENEP_GIN_LOOPBACK": "/x/libopenep_gin_loopback.so"}
+    # The name must match the plugin's ncclNetPlugin_v11.name, or NCCL_NET selects no network.
+    src = (LAUNCH_PY.parents[1] / "tests" / "gin_loopback" / "plugin.cpp").read_text()
+    assert 'g_net_name[] = "OpenEPLoopback"' in src
