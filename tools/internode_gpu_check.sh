@@ -8,6 +8,7 @@
 #   OPENEP_INTERNODE_BENCH=1  bench/internode_bench.cu on 2 fake nodes of one GPU (loopback sockets: no speed claim)
 #   OPENEP_PY_INTERNODE=1     pip install . and tests/python/fakenode_internode.py on 2 fake nodes, the deep_ep alias
 #                             (python/deep_ep_alias: install, import deep_ep with torch) and pytest tests/python
+#                             and the engine call patterns (tests/python/engines/*_pattern.py) on 2 fake nodes
 #   OPENEP_VRANK_ALSO=REGEX   other virtual-rank CTest tests too (e.g. 'vrank_(intranode|runtime|overlap)')
 # Logs go to $OUT (default internode_check_out); the summary is printed last.
 #   OUT=<dir> OPENEP_COMMIT=<sha> bash tools/internode_gpu_check.sh
@@ -56,7 +57,11 @@ from deep_ep.utils import EventHandle
 assert deep_ep.Buffer is openep.Buffer and deep_ep.buffer.Buffer is openep.Buffer and Config is openep.Config
 assert deep_ep.topk_idx_t == torch.int64
 print(\"import deep_ep: ok\", deep_ep.Buffer)"'
-  step pytest 300 python3 -m pytest -rs -p no:cacheprovider tests/python
+  for engine in megatron sglang vllm; do  # normal mode as internode mode; their decode parts report SKIPPED
+    step "engine_${engine}_fake_nodes" 300 python3 tools/launch.py --nproc 2 --ranks-per-node 1 --min-gpus 1 \
+      --timeout 280 --log-dir "$OUT/engine_${engine}_logs" -- python3 "tests/python/engines/${engine}_pattern.py"
+  done
+  step pytest 600 python3 -m pytest -rs -p no:cacheprovider tests/python
   python3 -m pip uninstall -y openep-deep-ep-alias >/dev/null 2>&1
 fi
 if [ "${OPENEP_SANITIZER_PROBE:-0}" = 1 ]; then
@@ -74,6 +79,9 @@ grep -hE "^\[  PASSED  \]|^\[  FAILED  \]" "$OUT"/vrank_internode.log 2>/dev/nul
 [ -f "$OUT/overlap_ep8_repeat.log" ] && { echo -n "overlap EP8 repeat: "; grep -c "^\[       OK \]" "$OUT/overlap_ep8_repeat.log" | tr -d '\n'; echo -n " ok, "; grep -c "^\[  FAILED  \] OverlapVrank" "$OUT/overlap_ep8_repeat.log"; }
 [ -f "$OUT/internode_results.jsonl" ] && cat "$OUT/internode_results.jsonl"
 [ -f "$OUT/deep_ep_alias.log" ] && grep -E "import deep_ep|Error" "$OUT/deep_ep_alias.log" | head -3
+for engine in megatron sglang vllm; do
+  cat "$OUT/engine_${engine}_logs"/rank*.log 2>/dev/null | grep -E "pattern on .*(ok|FAILED) \(|SKIPPED" | sort -u
+done
 [ -f "$OUT/pytest.log" ] && tail -n 1 "$OUT/pytest.log"
 [ -f "$OUT/sanitizer_hook_probe.log" ] && grep -E "ERROR SUMMARY|OK \]|FAILED" "$OUT/sanitizer_hook_probe.log" | head -4
 exit 0
