@@ -453,6 +453,21 @@ void check_combine_args(const char* fn,
 
 }  // namespace
 
+namespace {
+// The end of every normal-mode combine row: acc (float32, one per column) += bias0 row, then += bias1 row (row t of
+// source rank s, where given), then each column rounded once to BF16 into out.
+void add_biases_and_round(std::vector<float>& acc, const std::vector<std::vector<uint16_t>>& bias0,
+                          const std::vector<std::vector<uint16_t>>& bias1, int s, int t, uint16_t* out) {
+  const size_t hidden = acc.size();
+  for (const auto* bias : {&bias0, &bias1}) {
+    if (bias->empty()) continue;
+    const uint16_t* row = (*bias)[s].data() + static_cast<size_t>(t) * hidden;
+    for (size_t c = 0; c < hidden; ++c) acc[c] += bf16_to_float(row[c]);
+  }
+  for (size_t c = 0; c < hidden; ++c) out[c] = float_to_bf16(acc[c]);
+}
+}  // namespace
+
 std::vector<CombineOutput> combine(const std::vector<CombineInput>& inputs,
                                    const std::vector<RankRecv>& dispatched,
                                    const std::vector<RankInput>& original,
@@ -479,12 +494,7 @@ std::vector<CombineOutput> combine(const std::vector<CombineInput>& inputs,
         const uint16_t* row = inputs[d].x.data() + pos[d] * hidden;
         for (size_t c = 0; c < hidden; ++c) acc[c] += bf16_to_float(row[c]);
       }
-      for (const auto* bias : {&bias0, &bias1}) {
-        if (bias->empty()) continue;
-        const uint16_t* row = (*bias)[s].data() + t * hidden;
-        for (size_t c = 0; c < hidden; ++c) acc[c] += bf16_to_float(row[c]);
-      }
-      for (size_t c = 0; c < hidden; ++c) out[s].x[t * hidden + c] = float_to_bf16(acc[c]);
+      add_biases_and_round(acc, bias0, bias1, s, t, out[s].x.data() + t * hidden);
       if (!cfg.with_topk) continue;
       for (int k = 0; k < num_topk; ++k) {
         float acc = 0.0f;
@@ -538,12 +548,7 @@ std::vector<CombineOutput> combine_internode(const std::vector<CombineInput>& in
         }
         for (size_t c = 0; c < hidden; ++c) acc[c] += bf16_to_float(float_to_bf16(partial[c]));
       }
-      for (const auto* bias : {&bias0, &bias1}) {
-        if (bias->empty()) continue;
-        const uint16_t* row = (*bias)[s].data() + t * hidden;
-        for (size_t c = 0; c < hidden; ++c) acc[c] += bf16_to_float(row[c]);
-      }
-      for (size_t c = 0; c < hidden; ++c) out[s].x[t * hidden + c] = float_to_bf16(acc[c]);
+      add_biases_and_round(acc, bias0, bias1, s, t, out[s].x.data() + t * hidden);
       if (!cfg.with_topk) continue;
       for (int k = 0; k < num_topk; ++k) {
         float total = 0.0f;

@@ -89,7 +89,7 @@ class DeepEPRuntimeQueries:
 
     def is_internode_available(self):
         """True while available for an internode Buffer (normal mode over several nodes: dispatch/combine take
-        the internode path, experimental from Python, see Buffer.internode_dispatch)."""
+        the internode path, run from Python on fake nodes only, see Buffer.internode_dispatch)."""
         return bool(self.alive) and bool(self.is_internode)
 
     def get_comm_stream(self):

@@ -698,6 +698,13 @@ class Buffer:
         rt = self._rt(op)
         config = self.get_combine_config(self.group_size) if config is None else config
         hd = self._unpack_handle(op, handle)
+        return self._combine_call(op, rt.combine, hd, tuple(handle), x, topk_weights, bias, config, previous_event,
+                                  async_finish, allocate_on_comm_stream)
+
+    def _combine_call(self, op, launch, hd, handle_tensors, x, topk_weights, bias, config, previous_event,
+                      async_finish, allocate_on_comm_stream):
+        """The body intranode and internode combine share: tensor checks, arguments, outputs, streams.
+        ``launch(args, handle dict, outputs, stream)`` is the core call; ``handle_tensors`` are kept alive."""
         torch = torch_module()
         dev = self._dev
         num_recv, num_tokens = hd["num_recv_tokens"], hd["num_tokens"]
@@ -709,8 +716,7 @@ class Buffer:
             num_topk = topk_weights.shape[1]
         biases = () if bias is None else (bias if isinstance(bias, tuple) else (bias,))
         if len(biases) > 2:
-            raise invalid_argument(f"combine: bias expected a tensor or a tuple of at most 2 tensors, got "
-                                   f"{len(biases)}")
+            raise invalid_argument(f"{op}: bias expected a tensor or a tuple of at most 2 tensors, got {len(biases)}")
         for i, b in enumerate(biases):
             check_tensor(op, f"bias[{i}]", b, ("bfloat16",), (num_tokens, hidden), True, dev)
         args = {"x": x.data_ptr(), "hidden": hidden, "num_topk": num_topk, "config": config,
@@ -725,9 +731,9 @@ class Buffer:
             if num_topk > 0:
                 combined_w = torch.empty((num_tokens, num_topk), dtype=torch.float32, device=dev)
                 outs["combined_topk_weights"] = combined_w.data_ptr()
-            rt.combine(args, hd, outs, self._comm_stream.cuda_stream)
+            launch(args, hd, outs, self._comm_stream.cuda_stream)
             event = self._finish(compute, async_finish, allocate_on_comm_stream,
-                                 (x, topk_weights, combined_x, combined_w) + tuple(biases) + tuple(handle))
+                                 (x, topk_weights, combined_x, combined_w) + tuple(biases) + handle_tensors)
         return combined_x, combined_w, event
 
     # ------------------------------------------------------------------------------------------------------
@@ -752,7 +758,7 @@ class Buffer:
                            is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
                            expert_alignment=1, num_worst_tokens=0, config=None, previous_event=None,
                            async_finish=False, allocate_on_comm_stream=False):
-        """Internode normal dispatch (experimental from Python, see above). Arguments and results as
+        """Internode normal dispatch (run on fake nodes only, see above). Arguments and results as
         :meth:`dispatch`, plus ``num_tokens_per_rdma_rank`` ``[num_nodes]`` int32 from :meth:`get_dispatch_layout`;
         returns an :class:`InternodeHandle`. With ``num_worst_tokens > 0`` every rank must pass the same number of
         tokens (the network legs then have fixed sizes)."""
@@ -863,43 +869,14 @@ class Buffer:
 
     def internode_combine(self, x, handle, topk_weights=None, bias=None, config=None, previous_event=None,
                           async_finish=False, allocate_on_comm_stream=False):
-        """Internode normal combine (experimental from Python, see above). Arguments and results as :meth:`combine`;
+        """Internode normal combine (run on fake nodes only, see above). Arguments and results as :meth:`combine`;
         the order is the reference's ``combine_internode``: per node in fp32, BF16 node partials, nodes ascending."""
         op = "internode_combine"
         rt = self._require_internode(op)
         config = self.get_combine_config(self.group_size) if config is None else config
         hd = self._internode_handle(op, handle)
-        torch = torch_module()
-        dev = self._dev
-        num_recv, num_tokens = hd["num_recv_tokens"], hd["num_tokens"]
-        check_tensor(op, "x", x, ("bfloat16",), (num_recv, None), True, dev)
-        hidden = x.shape[1]
-        num_topk = 0
-        if topk_weights is not None:
-            check_tensor(op, "topk_weights", topk_weights, ("float32",), (num_recv, None), True, dev)
-            num_topk = topk_weights.shape[1]
-        biases = () if bias is None else (bias if isinstance(bias, tuple) else (bias,))
-        if len(biases) > 2:
-            raise invalid_argument(f"{op}: bias expected a tensor or a tuple of at most 2 tensors, got {len(biases)}")
-        for i, b in enumerate(biases):
-            check_tensor(op, f"bias[{i}]", b, ("bfloat16",), (num_tokens, hidden), True, dev)
-        args = {"x": x.data_ptr(), "hidden": hidden, "num_topk": num_topk, "config": config,
-                "topk_weights": topk_weights.data_ptr() if topk_weights is not None else 0}
-        for i, b in enumerate(biases):
-            args[f"bias_{i}"] = b.data_ptr()
-        compute = self._begin(op, previous_event, async_finish, allocate_on_comm_stream)
-        with self._alloc_context(allocate_on_comm_stream):
-            combined_x = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=dev)
-            outs = {"combined_x": combined_x.data_ptr()}
-            combined_w = None
-            if num_topk > 0:
-                combined_w = torch.empty((num_tokens, num_topk), dtype=torch.float32, device=dev)
-                outs["combined_topk_weights"] = combined_w.data_ptr()
-            rt.internode_combine(args, hd, outs, self._comm_stream.cuda_stream)
-            event = self._finish(compute, async_finish, allocate_on_comm_stream,
-                                 (x, topk_weights, combined_x, combined_w) + tuple(biases) + tuple(
-                                     t for t in handle if t is not None))
-        return combined_x, combined_w, event
+        return self._combine_call(op, rt.internode_combine, hd, tuple(t for t in handle if t is not None), x,
+                                  topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream)
 
     # Low-latency mode (DeepEP 2.8, 5.8 - 5.15): decode-sized dispatch/combine among the ranks of one NVLink
     # domain, CUDA-graph capturable, optional receive hooks.
