@@ -331,8 +331,7 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch, i
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   __shared__ int s_live[kMaxRanksLL];  // shrink mode: masked ranks get no rows and no flag
   for (int d = threadIdx.x; d < R; d += blockDim.x) s_live[d] = device::rank_live(p.mask, d);
-  scan_expert_rows(p.layout_range, El, R, s_prefix);
-  __syncthreads();
+  scan_expert_rows(p.layout_range, El, R, s_prefix);  // ends with __syncthreads: s_live is visible after it
   // Units are (packed row, chunk of the row) over all local experts, warp w of block b starting at unit
   // w * gridDim.x + b: every SM sends, and a hot expert is spread like any other.
   const int nch = (row_int4 + kSendChunkInt4 - 1) / kSendChunkInt4;
