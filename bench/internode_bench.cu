@@ -178,6 +178,12 @@ class Bench {
       buffer_->internode_combine(ca, h_, co, stream_);
       buffer_->synchronize(stream_);
     };
+    // Outputs poisoned (0xFF: NaN / -1) before the checked calls, so a row the kernels never wrote cannot pass.
+    const size_t rows_poison = static_cast<size_t>(T) * R_;
+    OPENEP_CUDA_CHECK(cudaMemset(recv_x_, 0xFF, rows_poison * H * sizeof(uint16_t)));
+    OPENEP_CUDA_CHECK(cudaMemset(recv_w_, 0xFF, rows_poison * K * sizeof(float)));
+    OPENEP_CUDA_CHECK(cudaMemset(combined_, 0xFF, static_cast<size_t>(T) * H * sizeof(uint16_t)));
+    OPENEP_CUDA_CHECK(cudaMemset(combined_w_, 0xFF, static_cast<size_t>(T) * K * sizeof(float)));
     dispatch();
     check_dispatch(want[me]);
     combine();
