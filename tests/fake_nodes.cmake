@@ -52,3 +52,34 @@ endfunction()
 openep_add_fake_node_gin_test(fake_node_gin_2x1 2 1 1)
 openep_add_fake_node_gin_test(fake_node_gin_4x1 4 1 1)
 openep_add_fake_node_gin_test(fake_node_gin_2x2 4 2 2)
+
+# The multi-GPU binary (openep_mgpu_tests) in fake-node worlds: its internode and low-latency suites then run
+# across NCCL nodes on one GPU, every case bitwise against the reference.
+#  - fake_node_mgpu_internode_{2x1,4x1}: InternodeMgpu.* over the default rail (NCCL send/recv over sockets);
+#  - fake_node_gin_mgpu_{2x1,4x1}: under the loopback GIN plugin, InternodeMgpu.* with the GIN rail
+#    (OPENEP_TEST_INTERNODE_BACKEND=gin) and LowLatencyMgpu.* over GIN (OPENEP_TEST_LL_NETWORK=1 sets
+#    allow_network): fused, hook, zero-copy, graph replays, two operations in flight, the stalled peer's
+#    timeout. Left out there, by design: LogFMT (refused on the GIN transport) and shrink mode (NVLink only).
+function(openep_add_fake_node_mgpu_test name nproc gin filter)
+  set(plugin_args)
+  set(env_props)
+  set(labels fakenode)
+  if(gin)
+    set(plugin_args --gin-loopback $<TARGET_FILE:openep_gin_loopback>)
+    set(env_props "OPENEP_TEST_INTERNODE_BACKEND=gin;OPENEP_TEST_LL_NETWORK=1")
+    set(labels "fakenode;gin_loopback")
+  endif()
+  add_test(NAME ${name}
+    COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tools/launch.py
+            --nproc ${nproc} --ranks-per-node 1 --min-gpus 1 --timeout 600 ${plugin_args}
+            --log-dir ${CMAKE_BINARY_DIR}/fake_node_logs/${name}
+            -- $<TARGET_FILE:openep_mgpu_tests> --gtest_filter=${filter})
+  set_tests_properties(${name} PROPERTIES LABELS "${labels}" SKIP_RETURN_CODE 77 TIMEOUT 660 RUN_SERIAL TRUE)
+  if(env_props)
+    set_tests_properties(${name} PROPERTIES ENVIRONMENT "${env_props}")
+  endif()
+endfunction()
+foreach(n 2 4)
+  openep_add_fake_node_mgpu_test(fake_node_mgpu_internode_${n}x1 ${n} OFF "InternodeMgpu.*")
+  openep_add_fake_node_mgpu_test(fake_node_gin_mgpu_${n}x1 ${n} ON "InternodeMgpu.*:LowLatencyMgpu.*:-*Logfmt*:*Shrink*")
+endforeach()

@@ -14,6 +14,9 @@
 #   sanitizer  compute-sanitizer racecheck and memcheck over virtual-rank tests at EP4 (OPENEP_SANITIZER_FILTER)
 #   bench      the benchmark (needs 2+ GPUs)
 # OPENEP_PIP_CHECK=1 also runs `pip install .` and the Python tests.
+# Subsets (a session splitting the check over several device calls): OPENEP_VRANK_REGEX / OPENEP_FAKENODE_REGEX
+# (ctest -R of the vrank / fakenode steps), OPENEP_VRANK_LIMIT / OPENEP_FAKENODE_LIMIT (their time limits, s),
+# OPENEP_LAUNCH_TIMEOUT_CAP (tools/launch.py: caps each fake-node world's own timeout).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -47,9 +50,11 @@ if want build; then
 fi
 want cpu && step cpu_tests 120 ctest --test-dir "$BUILD_DIR" -L cpu --output-on-failure
 want gpu && step gpu_tests 300 ctest --test-dir "$BUILD_DIR" -L '^gpu$' -V
-want vrank && step vrank_tests "${OPENEP_VRANK_LIMIT:-1500}" ctest --test-dir "$BUILD_DIR" -L vrank -LE soak -V
+want vrank && step vrank_tests "${OPENEP_VRANK_LIMIT:-1500}" ctest --test-dir "$BUILD_DIR" -L vrank -LE soak \
+  -R "${OPENEP_VRANK_REGEX:-.}" -V
 want soak && step soak 900 ctest --test-dir "$BUILD_DIR" -L soak -V
-want fakenode && { step fake_node_tests 700 ctest --test-dir "$BUILD_DIR" -L fakenode -V;
+want fakenode && { step fake_node_tests "${OPENEP_FAKENODE_LIMIT:-1500}" ctest --test-dir "$BUILD_DIR" -L fakenode \
+  -R "${OPENEP_FAKENODE_REGEX:-.}" -V;
                    cp -r "$BUILD_DIR/fake_node_logs" "$OUT/" 2>/dev/null; }
 want mgpu && { step mgpu_tests 700 ctest --test-dir "$BUILD_DIR" -L mgpu -V; cp -r "$BUILD_DIR/mgpu_logs" "$OUT/" 2>/dev/null; }
 if want sanitizer; then

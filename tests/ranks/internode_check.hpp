@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <random>
@@ -124,6 +125,10 @@ inline BufferOptions options_for(const Case& c, int R, int M, double timeout_s =
   o.num_nvl_bytes = s.num_nvl_bytes;
   o.num_rdma_bytes = s.num_rdma_bytes;
   o.timeout_seconds = test_timeout(timeout_s);
+  // OPENEP_TEST_INTERNODE_BACKEND=gin (the fake-node GIN CTest tests): the device-initiated GIN rail instead of
+  // the default NCCL send/recv rail.
+  const char* backend = std::getenv("OPENEP_TEST_INTERNODE_BACKEND");
+  if (backend != nullptr && std::string(backend) == "gin") o.internode_backend = InternodeBackend::kGin;
   return o;
 }
 

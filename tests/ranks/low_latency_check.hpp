@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <memory>
 #include <cstring>
 #include <string>
@@ -272,6 +273,10 @@ inline BufferOptions ll_options(size_t rdma_bytes, double timeout_s = 20.0) {
   o.num_rdma_bytes = rdma_bytes;
   o.low_latency_mode = true;
   o.timeout_seconds = test_timeout(timeout_s);
+  // OPENEP_TEST_LL_NETWORK=1 (the fake-node GIN CTest tests, tests/fake_nodes.cmake): allow_network, so the
+  // multi-GPU binary's low-latency tests run over GIN when its world spans fake nodes.
+  const char* network = std::getenv("OPENEP_TEST_LL_NETWORK");
+  o.allow_network = network != nullptr && std::string(network) == "1";
   return o;
 }
 
