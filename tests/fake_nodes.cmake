@@ -9,10 +9,11 @@
 add_executable(openep_fake_node_tests
   ${CMAKE_CURRENT_LIST_DIR}/fakenode/fake_node_test.cu
   ${CMAKE_CURRENT_LIST_DIR}/fakenode/fake_node_main.cpp
-  ${CMAKE_CURRENT_LIST_DIR}/common/launcher_env.cpp)
+  ${CMAKE_CURRENT_LIST_DIR}/common/launcher_env.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/common/crash_handler.cpp)
 target_include_directories(openep_fake_node_tests PRIVATE ${PROJECT_SOURCE_DIR}/tests ${PROJECT_SOURCE_DIR}/src)
 target_link_libraries(openep_fake_node_tests PRIVATE openep_core openep_reference GTest::gtest)
-openep_executable_defaults(openep_fake_node_tests)
+openep_test_executable(openep_fake_node_tests)
 
 find_package(Python3 COMPONENTS Interpreter REQUIRED)
 

@@ -5,7 +5,10 @@
 
 #include <cstdio>
 
+#include "common/crash_handler.hpp"
+
 int main(int argc, char** argv) {
+  openep::test::install_crash_handler();
   int num_devices = 0;
   const cudaError_t err = cudaGetDeviceCount(&num_devices);
   if (err != cudaSuccess || num_devices == 0) {

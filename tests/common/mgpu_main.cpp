@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/crash_handler.hpp"
 #include "common/gpu_util.hpp"
 #include "common/launcher_env.hpp"
 #include "common/mgpu.hpp"
@@ -48,6 +49,7 @@ bool register_ranks_test(RanksTestSpec spec) {
 }  // namespace openep::test
 
 int main(int argc, char** argv) {
+  openep::test::install_crash_handler();
   using namespace openep::test;
   ::testing::InitGoogleTest(&argc, argv);
   try {

@@ -15,6 +15,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/crash_handler.hpp"
 #include "common/gpu_util.hpp"
 #include "common/ranks.hpp"
 #include "common/ranks_test.hpp"
@@ -153,6 +154,7 @@ bool register_ranks_test(RanksTestSpec spec) {
 }  // namespace openep::test
 
 int main(int argc, char** argv) {
+  openep::test::install_crash_handler();
   // Before the first CUDA call: eager module loading and enough hardware queues (openep/testing.hpp).
   openep::testing::prepare_process_for_virtual_ranks();
   ::testing::InitGoogleTest(&argc, argv);

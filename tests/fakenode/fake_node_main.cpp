@@ -14,6 +14,7 @@
 #include <string>
 #include <thread>
 
+#include "common/crash_handler.hpp"
 #include "common/launcher_env.hpp"
 #include "fakenode/fake_node.hpp"
 
@@ -105,6 +106,7 @@ Deadline::~Deadline() {
 }  // namespace openep::test::fakenode
 
 int main(int argc, char** argv) {
+  openep::test::install_crash_handler();
   using namespace openep::test::fakenode;
   // --help and --gtest_list_tests work without the launcher (no GPU, no NCCL): gtest prints and runs nothing.
   bool info_only = false;

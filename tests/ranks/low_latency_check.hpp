@@ -310,6 +310,13 @@ inline LLWorld make_world(const LLCase& c, int R, uint64_t seed, bool logfmt = f
   return w;
 }
 
+// A rank that sits out a run_case round (shrink tests) still takes that round's shared world: rank 0 builds the
+// worlds in call order (once_per_world), so every rank must make the same sequence of calls or a later round
+// would pair with an earlier round's world.
+inline void sit_out_case(const LLCase& c, int R, uint64_t seed, bool logfmt = false, const std::vector<int>& masked = {}) {
+  (void)once_per_world<LLWorld>([&] { return make_world(c, R, seed, logfmt, masked); });
+}
+
 // One dispatch (hook or not) + combine (hook or not, zero-copy or not, LogFMT or not) checked against the
 // reference: bit for bit (LogFMT: against the reference's LogFMT combine, and within the error bound of its BF16
 // combine).
