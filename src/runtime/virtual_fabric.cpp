@@ -227,6 +227,10 @@ class VirtualRail final : public Rail {
         shared_->meet(key, members_, rank_, reinterpret_cast<uintptr_t>(pulled_), "rail exchange (pulled)");
     for (int n = 0; n < num_nodes_; ++n)
       if (n != node_) OPENEP_CUDA_CHECK(cudaStreamWaitEvent(stream, reinterpret_cast<cudaEvent_t>(pulled[n]), 0));
+    // Nobody leaves before every peer has enqueued its waits on our `pulled_`: a rank that left early could
+    // re-record it (next exchange) or destroy it (its Buffer's end) while a peer's cudaStreamWaitEvent still
+    // reads it. Seen on an H200 at 804206e: a segfault in cuStreamWaitEvent under internode_combine, N2xM2.
+    (void)shared_->meet(key, members_, rank_, 0, "rail exchange (waits enqueued)");
   }
 
  private:

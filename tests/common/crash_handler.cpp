@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <cstring>
 #include <initializer_list>
 
@@ -36,6 +37,8 @@ void on_fatal_signal(int sig) {
 }  // namespace
 
 void install_crash_handler() {
+  // Line-buffered stdout (launch.py and CTest pipe it): a crash keeps every line printed before it.
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   void* warm[1];
   (void)backtrace(warm, 1);
   for (int sig : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT}) signal(sig, on_fatal_signal);

@@ -1,7 +1,8 @@
 """pytest setup for OpenEP's Python tests.
 
 CPU tests (no marker) need only the built package. GPU tests (marker ``gpu``) need torch and at least 2 CUDA
-GPUs; without them they are reported as SKIPPED with the reason, never as passed. With
+GPUs, those of marker ``gpu1`` (fake nodes sharing one GPU) torch and 1 GPU; without them they are reported as
+SKIPPED with the reason, never as passed. With
 ``OPENEP_PYTEST_SKIP_EXIT=77`` (set by CTest) a session whose selected tests were all skipped exits 77, which
 CTest reports as "Skipped".
 """
@@ -18,6 +19,7 @@ os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs torch and at least 2 CUDA GPUs (one process per GPU)")
+    config.addinivalue_line("markers", "gpu1: needs torch and 1 CUDA GPU (e.g. fake nodes sharing one GPU)")
 
 
 def gpu_skip_reason(min_gpus=2):
@@ -35,13 +37,14 @@ def gpu_skip_reason(min_gpus=2):
 
 
 def pytest_collection_modifyitems(config, items):
-    reason = gpu_skip_reason()
-    if reason is None:
-        return
-    marker = pytest.mark.skip(reason=f"GPU test skipped: {reason}")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(marker)
+    for key, min_gpus in (("gpu", 2), ("gpu1", 1)):
+        reason = gpu_skip_reason(min_gpus)
+        if reason is None:
+            continue
+        marker = pytest.mark.skip(reason=f"GPU test skipped: {reason}")
+        for item in items:
+            if key in item.keywords:
+                item.add_marker(marker)
 
 
 _counts = {"passed": 0, "failed": 0, "skipped": 0}

@@ -66,7 +66,7 @@ def test_engine_pattern_on_2_gpus(engine, tmp_path):
     _run_pattern(engine, False, tmp_path)
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu1
 @pytest.mark.parametrize("engine", ENGINES)
 def test_engine_pattern_on_2_fake_nodes(engine, tmp_path):
     """Normal mode as internode mode (2 fake nodes x 1 rank); the decode parts are skipped by the scripts."""
