@@ -117,10 +117,17 @@ def combine(dispatched, xs, topk_weights=None, bias_0=None, bias_1=None, ranks_p
     ``[N_s, H]`` bfloat16. Returns per rank ``(combined_x [N_s, H] bfloat16, combined_weights [N_s, K] or None)``.
     ``ranks_per_node``: the internode order (``ref::combine_internode``: per node in fp32, BF16 node partials,
     nodes ascending); ``None``: the flat order of intranode combine.
+    Without ``topk_weights`` after a dispatch that carried top-k (DeepEP's combine with ``topk_weights=None``),
+    the combined rows are the same and the combined weights are ``None``.
     """
     torch = torch_module()
     R = dispatched.num_ranks
-    ranks = [(_bytes(xs[d]), _bytes(topk_weights[d]) if topk_weights is not None else b"") for d in range(R)]
+    # Without weights after a top-k dispatch, the native reference combines zeros (the rows do not depend on them)
+    # and the weights are returned as None.
+    weights_given = topk_weights is not None
+    zero_weights = not weights_given and dispatched.with_topk
+    ranks = [(_bytes(xs[d]), _bytes(topk_weights[d]) if weights_given else
+              bytes(4 * xs[d].shape[0] * dispatched.num_topk) if zero_weights else b"") for d in range(R)]
     b0 = [_bytes(b) for b in bias_0] if bias_0 is not None else []
     b1 = [_bytes(b) for b in bias_1] if bias_1 is not None else []
     res = _C.ref_combine(dispatched.native, ranks, b0, b1, int(ranks_per_node or 0))
@@ -128,8 +135,8 @@ def combine(dispatched, xs, topk_weights=None, bias_0=None, bias_1=None, ranks_p
     for s, (x, w) in enumerate(res):
         n = dispatched.num_tokens[s]
         out.append((_tensor(x, torch.bfloat16, (n, dispatched.hidden)),
-                    _tensor(w, torch.float32, (n, dispatched.num_topk)) if len(w) or (
-                        topk_weights is not None and n == 0) else None))
+                    _tensor(w, torch.float32, (n, dispatched.num_topk)) if weights_given and (len(w) or n == 0)
+                    else None))
     return out
 
 

@@ -664,3 +664,24 @@ def test_a_low_latency_handle_skips_revalidation_only_in_the_buffer_that_made_it
     with pytest.raises(openep.OpenEPError) as e:
         other._ll_unpack_handle("low_latency_combine", h)
     assert "handle.packed_recv_src_info expected a tensor" in str(e.value)
+
+
+@pytest.mark.parametrize("ranks_per_node", [None, 1])
+def test_reference_combine_without_weights_after_a_topk_dispatch(ranks_per_node):
+    # DeepEP's combine with topk_weights=None after a dispatch that carried top-k: same rows, weights None. (The
+    # engine call patterns combine this way; the reference refused it before.) Needs torch (CPU is enough).
+    torch = pytest.importorskip("torch")
+    from openep import reference
+    R, H, K, E = 2, 8, 2, 4
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(3, H, generator=g).to(torch.bfloat16) for _ in range(R)]
+    idxs = [torch.tensor([[0, 3], [1, 2], [-1, 2]]) for _ in range(R)]
+    ws = [torch.rand(3, K, generator=g) for _ in range(R)]
+    d = reference.dispatch(xs, idxs, E, topk_weights=ws)
+    rows = [d.recv(r)["x"] for r in range(R)]
+    weighted = reference.combine(d, rows, topk_weights=[d.recv(r)["topk_weights"] for r in range(R)],
+                                 ranks_per_node=ranks_per_node)
+    bare = reference.combine(d, rows, ranks_per_node=ranks_per_node)
+    for r in range(R):
+        assert torch.equal(bare[r][0], weighted[r][0])
+        assert bare[r][1] is None and weighted[r][1] is not None
