@@ -31,6 +31,7 @@
 #include "device/copy.cuh"
 #include "device/ticket.cuh"
 #include "device/wait.cuh"
+#include "kernels/load.hpp"
 #include "kernels/internode_launch.hpp"
 #include "runtime/check.hpp"
 
@@ -564,6 +565,18 @@ void launch_internode_node_reduce(const InternodeNodeReduceParams& p, int num_bl
 void launch_internode_combine_final(const InternodeCombineFinalParams& p, int num_blocks, cudaStream_t stream) {
   internode_combine_final_kernel<<<blocks_for(p.num_tokens, num_blocks), kThreads, 0, stream>>>(p);
   OPENEP_CUDA_CHECK(cudaGetLastError());
+}
+
+void load_internode_kernels() {
+  load_kernel(reinterpret_cast<const void*>(&internode_begin_kernel), "internode_begin_kernel");
+  load_kernel(reinterpret_cast<const void*>(&internode_plan_kernel), "internode_plan_kernel");
+  load_kernel(reinterpret_cast<const void*>(&internode_count_kernel), "internode_count_kernel");
+  load_kernel(reinterpret_cast<const void*>(&internode_pack_kernel), "internode_pack_kernel");
+  load_kernel(reinterpret_cast<const void*>(&internode_forward_kernel), "internode_forward_kernel");
+  load_kernel(reinterpret_cast<const void*>(&internode_drain_kernel), "internode_drain_kernel");
+  load_kernel(reinterpret_cast<const void*>(&internode_combine_send_kernel), "internode_combine_send_kernel");
+  load_kernel(reinterpret_cast<const void*>(&internode_node_reduce_kernel), "internode_node_reduce_kernel");
+  load_kernel(reinterpret_cast<const void*>(&internode_combine_final_kernel), "internode_combine_final_kernel");
 }
 
 }  // namespace openep::detail

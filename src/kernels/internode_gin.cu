@@ -29,6 +29,7 @@
 #include "device/gin_wait.cuh"
 #include "device/ptx.cuh"
 #include "device/wait.cuh"
+#include "kernels/load.hpp"
 #include "kernels/internode_gin_launch.hpp"
 #include "protocol/internode_gin_layout.hpp"
 #include "runtime/check.hpp"
@@ -113,6 +114,10 @@ void launch_gin_rail_exchange(const GinRailExchangeParams& p, cudaStream_t strea
   const int threads = (p.num_peers + 31) / 32 * 32;
   gin_rail_exchange_kernel<<<1, threads, 0, stream>>>(p);
   OPENEP_CUDA_CHECK(cudaGetLastError());
+}
+
+void load_internode_gin_kernels() {
+  load_kernel(reinterpret_cast<const void*>(&gin_rail_exchange_kernel), "gin_rail_exchange_kernel");
 }
 
 }  // namespace openep::detail

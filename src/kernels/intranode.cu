@@ -22,6 +22,7 @@
 #include "device/barrier.cuh"
 #include "device/copy.cuh"
 #include "device/wait.cuh"
+#include "kernels/load.hpp"
 #include "kernels/intranode_launch.hpp"
 #include "protocol/intranode_layout.hpp"
 #include "runtime/check.hpp"
@@ -508,6 +509,14 @@ void launch_intranode_combine(const CombineParams& p, int num_blocks, cudaStream
   else if (p.num_ranks <= 4) intranode_combine_kernel<4><<<num_blocks, kCombineThreads, 0, stream>>>(p);
   else intranode_combine_kernel<8><<<num_blocks, kCombineThreads, 0, stream>>>(p);
   OPENEP_CUDA_CHECK(cudaGetLastError());
+}
+
+void load_intranode_kernels() {
+  load_kernel(reinterpret_cast<const void*>(&intranode_prepare_kernel), "intranode_prepare_kernel");
+  load_kernel(reinterpret_cast<const void*>(&intranode_dispatch_kernel), "intranode_dispatch_kernel");
+  load_kernel(reinterpret_cast<const void*>(&intranode_combine_kernel<2>), "intranode_combine_kernel<2>");
+  load_kernel(reinterpret_cast<const void*>(&intranode_combine_kernel<4>), "intranode_combine_kernel<4>");
+  load_kernel(reinterpret_cast<const void*>(&intranode_combine_kernel<8>), "intranode_combine_kernel<8>");
 }
 
 }  // namespace openep::detail

@@ -8,6 +8,7 @@
 #include <cuda/atomic>
 
 #include "device/wait.cuh"
+#include "kernels/load.hpp"
 #include "kernels/launch.hpp"
 #include "runtime/check.hpp"
 
@@ -152,6 +153,11 @@ void launch_dispatch_layout(const LayoutArgs& a, int num_ranks, int num_nodes, i
   else
     dispatch_layout_kernel<int32_t><<<blocks, kTokensPerBlock, smem, stream>>>(p);
   OPENEP_CUDA_CHECK(cudaGetLastError());
+}
+
+void load_layout_kernels() {
+  load_kernel(reinterpret_cast<const void*>(&dispatch_layout_kernel<int64_t>), "dispatch_layout_kernel<int64_t>");
+  load_kernel(reinterpret_cast<const void*>(&dispatch_layout_kernel<int32_t>), "dispatch_layout_kernel<int32_t>");
 }
 
 }  // namespace openep::detail

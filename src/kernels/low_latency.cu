@@ -51,6 +51,7 @@
 #include "device/ptx.cuh"
 #include "device/ticket.cuh"
 #include "device/wait.cuh"
+#include "kernels/load.hpp"
 #include "kernels/low_latency_rows.cuh"
 #include "kernels/low_latency_launch.hpp"
 #include "openep/low_latency.hpp"
@@ -589,6 +590,12 @@ void launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
   launch(kernel, p, num_blocks, smem, grids, stream);
+}
+
+void load_low_latency_kernels() {
+  load_kernel(reinterpret_cast<const void*>(&low_latency_dispatch_kernel), "low_latency_dispatch_kernel");
+  load_kernel(reinterpret_cast<const void*>(&low_latency_combine_kernel<false>), "low_latency_combine_kernel<false>");
+  load_kernel(reinterpret_cast<const void*>(&low_latency_combine_kernel<true>), "low_latency_combine_kernel<true>");
 }
 
 }  // namespace openep::detail

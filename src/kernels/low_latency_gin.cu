@@ -46,6 +46,7 @@
 #include "device/ptx.cuh"
 #include "device/ticket.cuh"
 #include "device/wait.cuh"
+#include "kernels/load.hpp"
 #include "kernels/low_latency_rows.cuh"
 #include "kernels/low_latency_gin_launch.hpp"
 #include "openep/low_latency.hpp"
@@ -357,6 +358,15 @@ void launch_query_own_base(ncclWindow_t window, int rank, int num_ranks, char** 
                "own-base query with rank ", rank, " of ", num_ranks);
   query_own_base_kernel<<<1, one_block_threads(num_ranks), 0, stream>>>(window, rank, num_ranks, peer_bases);
   OPENEP_CUDA_CHECK(cudaGetLastError());
+}
+
+void load_low_latency_gin_kernels() {
+  load_kernel(reinterpret_cast<const void*>(&gin_dispatch_send_kernel), "gin_dispatch_send_kernel");
+  load_kernel(reinterpret_cast<const void*>(&gin_combine_send_kernel), "gin_combine_send_kernel");
+  load_kernel(reinterpret_cast<const void*>(&gin_signal_wait_kernel), "gin_signal_wait_kernel");
+  load_kernel(reinterpret_cast<const void*>(&gin_barrier_kernel), "gin_barrier_kernel");
+  load_kernel(reinterpret_cast<const void*>(&gin_reset_signals_kernel), "gin_reset_signals_kernel");
+  load_kernel(reinterpret_cast<const void*>(&query_own_base_kernel), "query_own_base_kernel");
 }
 
 }  // namespace openep::detail

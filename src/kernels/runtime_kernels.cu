@@ -7,6 +7,7 @@
 // captured graph replays correctly. A rank that never arrives leaves the others waiting until the timeout,
 // which records (rank, peer, phase=barrier) and ends the kernel.
 #include "device/barrier.cuh"
+#include "kernels/load.hpp"
 #include "kernels/launch.hpp"
 #include "protocol/limits.hpp"
 #include "runtime/check.hpp"
@@ -39,6 +40,11 @@ void launch_barrier(const BarrierParams& params, cudaStream_t stream) {
   const int threads = (params.num_ranks + 31) / 32 * 32;
   barrier_kernel<<<1, threads, 0, stream>>>(params);
   OPENEP_CUDA_CHECK(cudaGetLastError());
+}
+
+void load_runtime_kernels() {
+  load_kernel(reinterpret_cast<const void*>(&query_peer_bases_kernel), "query_peer_bases_kernel");
+  load_kernel(reinterpret_cast<const void*>(&barrier_kernel), "barrier_kernel");
 }
 
 }  // namespace openep::detail

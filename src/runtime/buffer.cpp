@@ -12,6 +12,7 @@
 
 #include "kernels/intranode_launch.hpp"
 #include "kernels/launch.hpp"
+#include "kernels/load.hpp"
 #include "runtime/buffer_impl.hpp"
 #include "runtime/check.hpp"
 #include "runtime/low_latency_gin.hpp"
@@ -249,6 +250,10 @@ void Buffer::init(Group& group, const BufferOptions& options) {
   }
 
   OPENEP_CUDA_CHECK(cudaSetDevice(m.device));
+  // Every kernel loaded before any of ours can spin (kernels/load.hpp: lazy loading could otherwise deadlock a
+  // first launch against a spinning kernel). Once per process and device; virtual ranks all pass here before
+  // their first launch.
+  detail::load_all_kernels(m.device);
   OPENEP_CUDA_CHECK(cudaDeviceGetAttribute(&m.num_device_sms, cudaDevAttrMultiProcessorCount, m.device));
   m.grids = m.fabric->grid_budget(m.num_device_sms);
   OPENEP_CUDA_CHECK(cudaStreamCreateWithPriority(&m.comm_stream, cudaStreamNonBlocking, m.fabric->comm_stream_priority()));

@@ -195,8 +195,12 @@ cudaStream_t stream_for(int device) {
   auto it = streams.find(device);
   if (it != streams.end()) return it->second;
   cudaStream_t s = nullptr;
+  int previous = -1;
+  cudaGetDevice(&previous);  // may run on the application's thread (gin_regmr): leave its device as it was
   cudaSetDevice(device);
-  if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) != cudaSuccess) {
+  const cudaError_t e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+  if (previous >= 0) cudaSetDevice(previous);
+  if (e != cudaSuccess) {
     WARN("cudaStreamCreateWithFlags failed on device %d", device);
     return nullptr;
   }
@@ -625,6 +629,13 @@ ncclResult_t gin_regmr(void* collv, void* data, size_t size, int type, uint64_t,
       return ncclInvalidArgument;
     }
     r->device = at.device;
+    // The copy stream is made here, on the registering (application) thread: made lazily on NCCL's GIN proxy
+    // thread, cudaStreamCreate waited for a driver lock that the application thread held in a kernel launch
+    // blocked behind a kernel that waited for this very proxy (a deadlock seen on an H200 at 006b633).
+    if (!stream_for(r->device)) {
+      delete r;
+      return ncclSystemError;
+    }
   } else if (type != kPtrHost) {
     delete r;
     return ncclInvalidArgument;
