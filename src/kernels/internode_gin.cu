@@ -11,13 +11,15 @@
 //
 // One exchange, thread i for peer n = peers[i] (e = exchanges[n] + 1, the pair's exchange count; every flag is
 // monotonic and device-side, so CUDA-graph replays and any sequence of operations keep both sides in step):
-//   1. ready    putValue(dest_offset(me) = where n's bytes land in my window), putValue(dest_bytes(me) = how many
-//               I expect) with SignalAdd(ready(me), 1), all on n's context. My stream has reached the exchange, so
-//               every earlier reader of that receive range is done: this is the rendezvous ncclRecv provides.
+//   1. ready    stage {where n's bytes land in my window, how many I expect} in my out_slot(n) and put those 16
+//               bytes to n's in_slot(me) with SignalAdd(ready(me), 1), on n's context (a put from the window, not
+//               putValue: NCCL 2.28.9's proxy backend breaks inline puts, internode_gin_layout.hpp). My stream has
+//               reached the exchange, so every earlier reader of that receive range is done: this is the
+//               rendezvous ncclRecv provides.
 //   2. send     bounded wait until ready(n) >= e on my context (its acquire makes n's slots visible), read where n
 //               wants my bytes, check the byte counts agree (else kRailSizeMismatch), fence, put them there with
 //               SignalAdd(data(me), 1) (a bare signal when there are none) on n's context: the signal lands after
-//               the bytes and after my putValues of step 1 (same context, same peer).
+//               the bytes and after my ready put of step 1 (same context, same peer).
 //   3. flush    the block's puts have read their sources (the kernels after me may overwrite them).
 //   4. receive  bounded wait until data(n) >= e on my context: n's bytes are in my window; exchanges[n] = e.
 // No cycle: each side waits only for steps the other posts before its own waits. Every wait names rank, the peer's
@@ -46,10 +48,14 @@ __device__ __forceinline__ int group_rank(const GinRailExchangeParams& p, int no
 
 // Step 1: tells peer t.node where its bytes land here and how many I expect, then raises ready(me) on it.
 __device__ __forceinline__ void post_ready(const GinRailExchangeParams& p, const ncclTeam& rail, const GinRailPeer& t) {
+  char* base = static_cast<char*>(ncclGetLocalPointer(p.window, 0));
+  uint64_t* out = reinterpret_cast<uint64_t*>(base + GL::out_slot(t.node));
+  out[0] = t.recv_offset;
+  out[1] = t.recv_bytes;
+  ptx::fence_acq_rel_sys();  // the staged pair, before the NIC (or NCCL's proxy) reads it
   const ncclGin to(p.dev_comm, t.node);  // the receiver's context (GinRailSignals)
-  to.putValue(rail, t.node, p.window, GL::dest_offset(p.node), t.recv_offset);
-  to.putValue(rail, t.node, p.window, GL::dest_bytes(p.node), t.recv_bytes,
-              ncclGin_SignalAdd{static_cast<ncclGinSignal_t>(GS::ready(p.node)), 1});
+  to.put(rail, t.node, p.window, GL::in_slot(p.node), p.window, GL::out_slot(t.node), GL::kSlotBytes,
+         ncclGin_SignalAdd{static_cast<ncclGinSignal_t>(GS::ready(p.node)), 1});
 }
 
 // Step 2: once t.node is ready, my bytes to where it asked, with data(me) raised after them. False on failure.

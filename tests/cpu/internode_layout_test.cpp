@@ -75,7 +75,10 @@ TEST(InternodeRailArea, RegionsAreAlignedDisjointAndHoldTheirContents) {
 TEST(GinRailLayout, ControlSlotsAreDistinctAlignedAndBeforeTheArea) {
   std::set<size_t> slots;
   for (int n = 0; n < kMaxInternodeNodes; ++n) {
-    for (size_t o : {GinRailLayout::dest_offset(n), GinRailLayout::dest_bytes(n)}) {
+    EXPECT_EQ(GinRailLayout::dest_offset(n), GinRailLayout::in_slot(n));
+    EXPECT_EQ(GinRailLayout::dest_bytes(n), GinRailLayout::in_slot(n) + sizeof(uint64_t));
+    for (size_t o : {GinRailLayout::in_slot(n), GinRailLayout::in_slot(n) + 8, GinRailLayout::out_slot(n),
+                     GinRailLayout::out_slot(n) + 8}) {
       EXPECT_TRUE(slots.insert(o).second) << "slot " << o << " used twice";
       EXPECT_EQ(o % sizeof(uint64_t), 0u);
       EXPECT_LE(o + sizeof(uint64_t), GinRailLayout::kControlBytes);
