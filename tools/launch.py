@@ -119,7 +119,7 @@ def gin_loopback_env(plugin_path):
             "OPENEP_GIN_LOOPBACK": plugin_path}
 
 
-def describe_fake_topology(nproc, ranks_per_node, num_gpus):
+def describe_fake_topology(nproc, ranks_per_node, num_gpus, network="NCCL_NET=Socket over lo"):
     """One line naming the nodes, their ranks and GPUs (printed by main before the children start)."""
     check_fake_topology(nproc, ranks_per_node, num_gpus)
     num_nodes = nproc // ranks_per_node
@@ -136,7 +136,7 @@ def describe_fake_topology(nproc, ranks_per_node, num_gpus):
     return (f"launch.py: fake nodes: {nproc} ranks = {num_nodes} node{'s' if num_nodes != 1 else ''} x "
             f"{ranks_per_node} on {num_gpus} GPU{'s' if num_gpus != 1 else ''} (up to {max(per_gpu)} "
             f"processes per GPU); " + "; ".join(nodes)
-            + f"; NCCL_HOSTID={FAKE_HOSTID_PREFIX}<node>, NCCL_NET=Socket over lo between nodes")
+            + f"; NCCL_HOSTID={FAKE_HOSTID_PREFIX}<node>, {network} between nodes")
 
 
 def count_gpus():
@@ -191,7 +191,9 @@ def main():
                   flush=True)
             return SKIP
         try:
-            print(describe_fake_topology(nproc, args.ranks_per_node, num_gpus), flush=True)
+            network = (f"NCCL_NET={GIN_LOOPBACK_NET_NAME} (loopback GIN test plugin {args.gin_loopback})"
+                       if args.gin_loopback else "NCCL_NET=Socket over lo")
+            print(describe_fake_topology(nproc, args.ranks_per_node, num_gpus, network), flush=True)
         except TopologyError as e:
             print(f"launch.py: {e}", flush=True)
             return 2
