@@ -84,3 +84,13 @@ foreach(n 2 4)
   openep_add_fake_node_mgpu_test(fake_node_mgpu_internode_${n}x1 ${n} OFF "InternodeMgpu.*")
   openep_add_fake_node_mgpu_test(fake_node_gin_mgpu_${n}x1 ${n} ON "InternodeMgpu.*:LowLatencyMgpu.*:-*Logfmt*:*Shrink*")
 endforeach()
+
+# A rank killed with SIGKILL, the survivors shrink the Group and carry on (FakeNodeRecovery): alone, 4 fake nodes on
+# one GPU, rank 3 dies on purpose (launch.py --expect-killed 3). NOT YET RUN ON A GPU.
+add_test(NAME fake_node_recovery_4x1
+  COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tools/launch.py
+          --nproc 4 --ranks-per-node 1 --min-gpus 1 --timeout 600 --expect-killed 3
+          --log-dir ${CMAKE_BINARY_DIR}/fake_node_logs/fake_node_recovery_4x1
+          -- $<TARGET_FILE:openep_fake_node_tests> --gtest_filter=FakeNodeRecovery.*)
+set_tests_properties(fake_node_recovery_4x1 PROPERTIES LABELS fakenode SKIP_RETURN_CODE 77 TIMEOUT 660 RUN_SERIAL TRUE
+                     ENVIRONMENT "OPENEP_FAKE_NODE_RECOVERY=1")

@@ -8,6 +8,9 @@ Each process gets RANK, WORLD_SIZE, LOCAL_RANK and OPENEP_UNIQUE_ID_FILE (a path
 rank 0 writes the NCCL unique id there and the others read it). Output of every rank goes to DIR/rank<i>.log
 (and rank 0's is also echoed live). If CMD is a gtest binary, each rank also writes DIR/rank<i>.xml.
 
+--expect-killed RANK (repeatable): a fault-tolerance test kills that rank with SIGKILL on purpose; its death neither
+counts as a failure nor ends the others, but the run fails if that rank ends any other way.
+
 Exit status: 0 when every rank exits 0; 77 (skip) when the machine has fewer GPUs than --min-gpus (the reason
 is printed); 124 when the global timeout expires (all ranks are killed); otherwise the first non-zero rank
 status. The NVLink-multicast switches are forced off in every child (NCCL_NVLS_ENABLE=0 and friends).
@@ -170,6 +173,9 @@ def main():
     ap.add_argument("--gin-loopback", default=None, metavar="SO",
                     help="with --ranks-per-node: use the loopback GIN test plugin at SO as NCCL's network between "
                          "fake nodes (NCCL_NET_PLUGIN=SO, NCCL_NET=OpenEPLoopback, NCCL_GIN_TYPE=2)")
+    ap.add_argument("--expect-killed", type=int, action="append", default=[], metavar="RANK",
+                    help="RANK is meant to die by SIGKILL (a fault-tolerance test kills it): its death is not a "
+                         "failure and does not end the others; it IS a failure if RANK ends any other way")
     ap.add_argument("cmd", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     cmd = args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd
@@ -178,6 +184,10 @@ def main():
 
     num_gpus = count_gpus()
     nproc = args.nproc or num_gpus
+    for r in args.expect_killed:
+        if not 0 <= r < nproc:
+            print(f"launch.py: --expect-killed {r} is not a rank of the {nproc} started", flush=True)
+            return 2
     fake = args.ranks_per_node is not None
     if args.gin_loopback is not None:
         if not fake:
@@ -253,7 +263,8 @@ def main():
     failed_rank = None
     while True:
         codes = [p.poll() for p in procs]
-        bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+        bad = [(r, c) for r, c in enumerate(codes)
+               if c not in (None, 0) and not (r in args.expect_killed and c == -signal.SIGKILL)]
         if bad and failed_rank is None:
             failed_rank, status = bad[0]
             # Give the others a grace period to finish (they may report their own errors), then kill.
@@ -283,6 +294,13 @@ def main():
 
     codes = [p.returncode for p in procs]
     print(f"launch.py: {nproc} ranks, exit codes {codes}, logs in {log_dir}", flush=True)
+    for r in args.expect_killed:
+        if 0 <= r < nproc and codes[r] != -signal.SIGKILL:
+            print(f"launch.py: rank {r} was expected to die by SIGKILL (--expect-killed) but ended with {codes[r]}",
+                  flush=True)
+            if status == 0:
+                status, failed_rank = 1, r
+    codes = [0 if (r in args.expect_killed and c == -signal.SIGKILL) else c for r, c in enumerate(codes)]
     if status != 0 or any(c != 0 for c in codes):
         if failed_rank is not None:
             print(f"launch.py: rank {failed_rank} failed with status {status}; its log follows:", flush=True)

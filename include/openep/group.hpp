@@ -12,6 +12,7 @@
 #include <nccl.h>
 
 #include <memory>
+#include <vector>
 
 #include "openep/types.hpp"
 
@@ -38,6 +39,16 @@ class Group {
   // ncclCommSplit. `parent` is borrowed: it is neither modified nor destroyed. REQUIRES: the current CUDA
   // device is the one `parent` was created on; pass it as `device`.
   static std::unique_ptr<Group> split_from(ncclComm_t parent, int device);
+
+  // After a peer died: collective over the ranks NOT in `excluded` (the survivors; the excluded ranks must not
+  // call it). Returns a new Group of the survivors, ranked in their old order (rank r becomes r minus the excluded
+  // ranks below r), on this Group's device. Uses ncclCommShrink with NCCL_SHRINK_ABORT, which first ends whatever
+  // this Group's communicator still has in flight: afterwards destroy this Group and use the new one (Buffers too:
+  // destroy every Buffer of this Group BEFORE calling it, and make new ones on the result).
+  // REQUIRES: `excluded` non-empty, each entry in [0, num_ranks()), no duplicates, not this rank (kInvalidArgument
+  // otherwise); a Group with an NCCL communicator (virtual ranks: kUnsupported). Like create(), it waits for every
+  // survivor without a time bound: run it under the launcher's timeout.
+  std::unique_ptr<Group> shrink(const std::vector<int>& excluded) const;
 
   ~Group();
   Group(const Group&) = delete;

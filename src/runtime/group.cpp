@@ -63,6 +63,29 @@ std::unique_ptr<Group> Group::split_from(ncclComm_t parent, int device) {
   return std::unique_ptr<Group>(new Group(comm, device));
 }
 
+std::unique_ptr<Group> Group::shrink(const std::vector<int>& excluded) const {
+  OPENEP_CHECK_ARG(!excluded.empty(), "Group::shrink: excluded must name at least one rank, got none");
+  OPENEP_CHECK_ARG(static_cast<int>(excluded.size()) < num_ranks_, "Group::shrink: excluded names ", excluded.size(),
+                   " ranks of a Group of ", num_ranks_, "; at least one must remain");
+  std::vector<int> list = excluded;  // ncclCommShrink sorts it in place
+  std::vector<bool> seen(num_ranks_, false);
+  for (size_t i = 0; i < list.size(); ++i) {
+    const int r = list[i];
+    OPENEP_CHECK_ARG(r >= 0 && r < num_ranks_, "Group::shrink: excluded[", i, "] must be a rank in [0, ", num_ranks_,
+                     "), got ", r);
+    OPENEP_CHECK_ARG(!seen[r], "Group::shrink: excluded names rank ", r, " twice");
+    OPENEP_CHECK_ARG(r != rank_, "Group::shrink: excluded names this rank (", r, "); only the survivors call it");
+    seen[r] = true;
+  }
+  OPENEP_CHECK(comm_ != nullptr, ErrorCode::kUnsupported,
+               "Group::shrink needs an NCCL communicator; a Group of virtual ranks has none");
+  OPENEP_CUDA_CHECK(cudaSetDevice(device_));
+  ncclComm_t comm = nullptr;
+  OPENEP_NCCL_CHECK(ncclCommShrink(comm_, list.data(), static_cast<int>(list.size()), &comm, nullptr, NCCL_SHRINK_ABORT));
+  OPENEP_CHECK(comm != nullptr, ErrorCode::kNccl, "ncclCommShrink returned no communicator for rank ", rank_);
+  return std::unique_ptr<Group>(new Group(comm, device_));
+}
+
 Group::~Group() {
   fabric_.reset();
   if (comm_ == nullptr) return;

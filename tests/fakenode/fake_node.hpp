@@ -28,6 +28,9 @@ struct FakeNodeEnv {
 // The process's environment and its world Group (created once in main() from the launcher's unique id).
 const FakeNodeEnv& fake_env();
 Group& world();
+// After a peer died (FakeNodeRecovery): aborts the world communicator (ncclCommAbort: local, never waits for the dead
+// peer) and drops the world Group without its collective-free but peer-touching destroy. world() is invalid after.
+void abandon_world();
 
 // While alive, the process must get past the guarded code within `seconds`, else it exits (kWatchdogExit)
 // after printing "rank R: <what> did not finish within S s". Nestable; destruction disarms.

@@ -89,7 +89,16 @@ FakeNodeEnv read_fake_node_env() {
 }  // namespace
 
 const FakeNodeEnv& fake_env() { return g_env; }
-Group& world() { return *g_group; }
+Group& world() {
+  if (!g_group) throw std::logic_error("world() after abandon_world()");
+  return *g_group;
+}
+void abandon_world() {
+  if (!g_group) return;
+  const ncclResult_t r = ncclCommAbort(g_group->comm());
+  if (r != ncclSuccess) std::fprintf(stderr, "abandon_world: ncclCommAbort: %s\n", ncclGetErrorString(r));
+  (void)g_group.release();  // its communicator is gone; the Group object is left behind on purpose
+}
 
 Deadline::Deadline(double seconds, std::string what) {
   const auto span = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));

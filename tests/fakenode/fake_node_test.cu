@@ -10,6 +10,8 @@
 //   FakeNodeInternodeGin internode normal mode over the GIN rail (internode_backend = kGin) where GIN exists;
 //                    on sockets (no GIN) creation fails cleanly and the test is skipped, saying so. Near the end, on
 //                    a throwaway split.
+//   FakeNodeRecovery only with OPENEP_FAKE_NODE_RECOVERY=1 (CTest fake_node_recovery_4x1, alone): a rank is killed
+//                    with SIGKILL; the survivors get kTimeout, shrink the Group and carry on (skipped otherwise).
 //   FakeNodeGinProbe the network (GIN) low-latency path fails cleanly on sockets (no GIN there); under the loopback
 //                    GIN plugin (OPENEP_GIN_LOOPBACK, CTest fake_node_gin_*) it must succeed instead. Runs LAST, on a
 //                    throwaway split: a failed GIN device communicator may leave its communicator unusable.
@@ -26,6 +28,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <csignal>
 #include <memory>
 #include <string>
 #include <vector>
@@ -576,6 +579,92 @@ TEST(FakeNodeGinProbe, NetworkLowLatencyBufferFailsWithoutGin) {
   ASSERT_EQ(bad, -1) << "world all-reduce after the GIN probe reported success but element " << bad << " is wrong";
   say("world communicator still works after the failed GIN device communicator on its split");
   RecordProperty("world_after_gin_probe", "works");
+}
+
+// ---- ONLY on request, alone (CTest fake_node_recovery_4x1): a rank killed with SIGKILL, and the survivors after it ----
+// The last rank takes part in one internode round, then kills itself (SIGKILL: no destructor, no goodbye, its sockets
+// closed by the kernel). Every survivor's next dispatch must end in kTimeout within timeout_seconds, not hang; the
+// survivors destroy their Buffer, shrink the Group without the dead rank (Group::shrink: ncclCommShrink with
+// NCCL_SHRINK_ABORT), build a new Buffer on it and run a new internode case, bitwise against the reference of the
+// smaller world. Runs only with OPENEP_FAKE_NODE_RECOVERY=1 (the killed rank breaks the world for any later test);
+// launch.py --expect-killed tells the launcher that death is the plan. Needs 3 or more nodes (2 must survive).
+// WRITTEN ON A CPU MACHINE, NOT YET RUN.
+TEST(FakeNodeRecovery, SurvivorsOfAKilledRankShrinkTheGroupAndCarryOn) {
+  const char* on = std::getenv("OPENEP_FAKE_NODE_RECOVERY");
+  if (on == nullptr || std::string(on) != "1")
+    GTEST_SKIP() << "kills a rank: runs only alone, with OPENEP_FAKE_NODE_RECOVERY=1 (CTest fake_node_recovery_4x1)";
+  const FakeNodeEnv& e = fake_env();
+  const int R = e.world_size, M = e.ranks_per_node, victim = R - 1;
+  ASSERT_EQ(M, 1) << "written for one rank per node (the survivors of a node of M > 1 would lose their NVLink team)";
+  ASSERT_GE(R / M, 3) << "needs 3 or more nodes, so that 2 survive";
+  const double timeout_s = 5;
+  const internode::Case c{64, 2048, 8, 8, false, true, internode::Route::kUniform};
+  std::unique_ptr<Group> group;
+  {
+    Deadline d(kCollectiveSeconds, "Group::split_from(world) for the recovery test");
+    group = Group::split_from(world().comm(), e.device);
+  }
+  {
+    std::unique_ptr<Buffer> buffer;
+    {
+      Deadline d(kCollectiveSeconds, "Buffer creation (all ranks alive)");
+      buffer = std::make_unique<Buffer>(*group, internode::options_for(c, R, M, timeout_s));
+    }
+    {
+      Deadline d(4 * kCollectiveSeconds, "the round with every rank alive");
+      const internode::World w = internode::make_world(c, R, M, 21);
+      ASSERT_NO_FATAL_FAILURE(internode::run_case(*buffer, c, w));
+      if (::testing::Test::HasFailure()) return;
+    }
+    if (e.rank == victim) {
+      say("rank %d: killing myself with SIGKILL", e.rank);
+      std::raise(SIGKILL);
+    }
+    // Survivors: the dead rank's rail leg never completes.
+    const internode::World w = internode::make_world(c, R, M, 22);
+    const intranode::Case ic = internode::as_intranode(c);
+    internode::Runner run(*buffer, c, w.inputs[e.rank], ic);
+    internode::Dispatched dd;
+    Deadline d(4 * kCollectiveSeconds, "dispatch after the victim died (must end in kTimeout)");
+    const Clock::time_point t0 = Clock::now();
+    try {
+      run.dispatch(dd, 0);
+      ADD_FAILURE() << "dispatch with a dead (SIGKILLed) peer succeeded";
+    } catch (const Error& err) {
+      const double waited = seconds_since(t0);
+      say("after the kill: %s after %.1f s: %s", error_code_name(err.code()), waited, err.what());
+      EXPECT_STREQ(error_code_name(err.code()), error_code_name(ErrorCode::kTimeout)) << err.what();
+      EXPECT_TRUE(contains(err.what(), std::to_string(victim))) << "the error does not name rank " << victim << ": "
+                                                                << err.what();
+      EXPECT_LT(waited, 3 * timeout_s + 10) << err.what();
+    }
+    Deadline dd2(kCollectiveSeconds, "destroying the Buffer after the victim died");
+    buffer.reset();
+  }
+  std::unique_ptr<Group> survivors;
+  {
+    Deadline d(kCollectiveSeconds, "Group::shrink without the dead rank");
+    survivors = group->shrink({victim});
+  }
+  ASSERT_EQ(survivors->num_ranks(), R - 1);
+  ASSERT_EQ(survivors->rank(), e.rank);  // the victim is the last rank: nobody is renumbered
+  {
+    Deadline d(kCollectiveSeconds, "destroying the old Group (it still names the dead rank)");
+    group.reset();
+  }
+  {
+    Deadline d(4 * kCollectiveSeconds, "a new Buffer and an internode round on the survivors");
+    Buffer buffer(*survivors, internode::options_for(c, R - 1, M, timeout_s));
+    const internode::World w = internode::make_world(c, R - 1, M, 23);
+    ASSERT_NO_FATAL_FAILURE(internode::run_case(buffer, c, w));
+    if (e.rank == 0 && !::testing::Test::HasFailure())
+      say("survivors: %d ranks after the shrink, internode round bitwise equal to the reference", R - 1);
+  }
+  {
+    Deadline d(kCollectiveSeconds, "destroying the survivors' Group");
+    survivors.reset();
+  }
+  abandon_world();  // the world communicator still names the dead rank
 }
 
 }  // namespace

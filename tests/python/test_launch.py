@@ -197,3 +197,44 @@ def test_gin_loopback_env_routes_the_network_through_the_plugin():
     # The name must match the plugin's ncclNetPlugin_v11.name, or NCCL_NET selects no network.
     src = (LAUNCH_PY.parents[1] / "tests" / "gin_loopback" / "plugin.cpp").read_text()
     assert 'g_net_name[] = "OpenEPLoopback"' in src
+
+
+# ---- --expect-killed (fault-tolerance tests kill one rank on purpose) --------------------------------------
+KILL_CHILD = ("import os, signal, sys, time\n"
+              "rank = int(os.environ['RANK'])\n"
+              "if rank == int(sys.argv[1]): os.kill(os.getpid(), signal.SIGKILL)\n"
+              "time.sleep(1.0)\n"  # the survivors outlive the victim: its death must not end them
+              "print('survivor', rank, 'done', flush=True)\n")
+
+
+def run_kill(tmp_path, victim, *launcher_args):
+    env = {k: v for k, v in os.environ.items() if k not in FAKE_ONLY and k != "CUDA_VISIBLE_DEVICES"}
+    env["OPENEP_NUM_GPUS"] = "1"
+    return subprocess.run([sys.executable, str(LAUNCH_PY), "--nproc", "3", "--ranks-per-node", "1", "--min-gpus", "1",
+                           *launcher_args, "--timeout", "60", "--log-dir", str(tmp_path / "logs"), "--",
+                           sys.executable, "-c", KILL_CHILD, str(victim)],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_expect_killed_rank_dying_by_sigkill_is_a_pass_and_the_others_finish(tmp_path):
+    out = run_kill(tmp_path, 2, "--expect-killed", "2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    for r in (0, 1):
+        assert f"survivor {r} done" in (tmp_path / "logs" / f"rank{r}.log").read_text()
+
+
+def test_expect_killed_rank_that_lives_is_a_failure(tmp_path):
+    out = run_kill(tmp_path, -1, "--expect-killed", "2")  # nobody is killed
+    assert out.returncode != 0
+    assert "rank 2 was expected to die by SIGKILL" in out.stdout
+
+
+def test_an_unexpected_kill_is_still_a_failure(tmp_path):
+    out = run_kill(tmp_path, 1, "--expect-killed", "2")
+    assert out.returncode != 0, out.stdout
+    assert "rank 1 failed" in out.stdout
+
+
+def test_expect_killed_out_of_range_is_refused(tmp_path):
+    out = run_kill(tmp_path, -1, "--expect-killed", "3")
+    assert out.returncode == 2 and "--expect-killed 3" in out.stdout, out.stdout + out.stderr

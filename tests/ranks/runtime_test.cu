@@ -137,4 +137,38 @@ OPENEP_MGPU_TEST(Group, SplitFromExistingCommunicatorWorks) {
   host_barrier();  // the parent communicator still works
 }
 
+// Group::shrink checks its argument before any collective (so every rank can call it with a bad list), and a Group
+// of virtual ranks, which has no communicator, refuses it. The real shrink after a killed rank runs on fake nodes
+// (FakeNodeRecovery in fakenode/fake_node_test.cu).
+OPENEP_RANKS_TEST(Group, ShrinkChecksItsArgumentsFirst) {
+  Group& g = world_group();
+  const int R = g.num_ranks(), me = g.rank();
+  const auto code_of = [&](const std::vector<int>& excluded) {
+    try {
+      (void)g.shrink(excluded);
+    } catch (const Error& e) {
+      return std::string(error_code_name(e.code())) + ": " + e.what();
+    }
+    return std::string("no error");
+  };
+  const std::string invalid = error_code_name(ErrorCode::kInvalidArgument);
+  EXPECT_EQ(code_of({}).rfind(invalid, 0), 0u) << code_of({});
+  EXPECT_EQ(code_of({R}).rfind(invalid, 0), 0u) << code_of({R});
+  EXPECT_EQ(code_of({-1}).rfind(invalid, 0), 0u) << code_of({-1});
+  EXPECT_EQ(code_of({me}).rfind(invalid, 0), 0u) << code_of({me});
+  const int other = (me + 1) % R;
+  EXPECT_EQ(code_of({other, other}).rfind(invalid, 0), 0u) << code_of({other, other});
+  std::vector<int> all_others;
+  for (int r = 0; r < R; ++r)
+    if (r != me) all_others.push_back(r);
+  all_others.push_back(me);  // every rank: nobody would remain
+  EXPECT_EQ(code_of(all_others).rfind(invalid, 0), 0u) << code_of(all_others);
+  if (g.comm() == nullptr) {
+    const std::string got = code_of({other});
+    EXPECT_EQ(got.rfind(error_code_name(ErrorCode::kUnsupported), 0), 0u) << got;
+    EXPECT_NE(got.find("virtual ranks"), std::string::npos) << got;
+  }
+  host_barrier();
+}
+
 }  // namespace openep::test
