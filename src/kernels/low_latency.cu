@@ -52,8 +52,9 @@
 #include "device/ticket.cuh"
 #include "device/wait.cuh"
 #include "kernels/load.hpp"
-#include "kernels/low_latency_rows.cuh"
 #include "kernels/low_latency_launch.hpp"
+#include "kernels/low_latency_rows.cuh"
+#include "kernels/low_latency_send.cuh"
 #include "openep/low_latency.hpp"
 #include "runtime/check.hpp"
 
@@ -78,111 +79,57 @@ __device__ __forceinline__ int64_t read_topk(const void* p, bool i64, int64_t id
 // Routing entry of top-k slot k in a message: (local expert << 16) | slot inside the (expert, source) range.
 static_assert(L::kHeaderBytes == sizeof(int32_t) * kMaxLowLatencyTopk, "one header int32 per top-k slot");
 static_assert(kMaxLowLatencyTopk <= 32, "the receive reads a message's routing header with one warp");
+static_assert(kMaxRanksLL <= kMaxLowLatencySendRanks, "the send's shared arrays hold every rank");
 
-__device__ __forceinline__ int header_entry(const int* s_entry, const int* s_dest, int K, int k, int d) {
-  return k < K && s_dest[k] == d ? s_entry[k] : -1;
-}
+// The NVLink dispatch transport (low_latency_send.cuh): the block stages the row in shared memory and stores each
+// message straight into the receiver's window (LSA pointers); counts are relaxed stores, the flag a release.
+struct LsaDispatch {
+  const LowLatencyDispatchParams& p;
+  int4* smem;      // dynamic shared memory: the staged row (payload and scales)
+  char** s_base;   // shared [R]: my messages in rank d's window, [my rank][0]
 
-__device__ void dispatch_send(const LowLatencyDispatchParams& p, uint64_t epoch, int4* smem) {
-  __shared__ int s_entry[kMaxLowLatencyTopk];  // (local expert << 16) | slot, or -1
-  __shared__ int s_dest[kMaxLowLatencyTopk];   // owner rank of slot k's expert, or -1
-  __shared__ int s_has[kMaxRanksLL];           // the token has at least one expert on rank d
-  __shared__ char* s_base[kMaxRanksLL];        // my messages in rank d's window: [my rank][0]
-  __shared__ int s_live[kMaxRanksLL];          // rank d is not masked (shrink mode)
-  const int R = p.num_ranks, El = p.num_local_experts, K = p.num_topk, H = p.hidden, T = p.T;
-  const int half = static_cast<int>(epoch & 1);
-  const L& layout = p.window.layout;
-  const int row_bytes = p.use_fp8 ? H : 2 * H;
-  const int num_scales = p.use_fp8 ? H / 128 : 0;
-  const int payload_int4 = (row_bytes + num_scales * 4 + 15) / 16;
-  const int header_int4 = (K + 3) / 4;  // only the first K entries of the header are written (and read)
-  const int msg_int4 = header_int4 + payload_int4;
-  constexpr int kHeaderInt4 = static_cast<int>(L::kHeaderBytes / 16);
-  const int chunks = H / 8;  // int4 chunks of the BF16 row
-  char* payload = reinterpret_cast<char*>(smem);
-  float* scales = reinterpret_cast<float*>(payload + row_bytes);
-
-  for (int d = threadIdx.x; d < R; d += blockDim.x) {
-    s_base[d] = region(p.window, d) + layout.dispatch_message(half, p.rank, 0);
-    s_live[d] = device::rank_live(p.mask, d);  // shrink mode: masked ranks get nothing
+  __device__ __forceinline__ void begin(int half) {
+    for (int d = threadIdx.x; d < p.num_ranks; d += blockDim.x)
+      s_base[d] = region(p.window, d) + p.window.layout.dispatch_message(half, p.rank, 0);
   }
-  for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
-    for (int d = threadIdx.x; d < R; d += blockDim.x) s_has[d] = 0;
-    __syncthreads();  // also publishes s_base on the first token
-    if (threadIdx.x < K) {
-      const int k = threadIdx.x;
-      const int64_t e = read_topk(p.topk_idx, p.topk_int64, static_cast<int64_t>(t) * K + k);
-      int entry = -1, dest = -1;
-      if (e < -1 || e >= p.num_experts) {
-        device::record_error(p.wait, DeviceErrorCode::kBadExpertIndex, -1, Phase::kLowLatencyDispatch, t, e);
-      } else if (e >= 0 && s_live[static_cast<int>(e) / El]) {
-        const int d = static_cast<int>(e) / El, i = static_cast<int>(e) % El;
-        const int slot = atomicAdd(&p.state->slot_counter[e], 1);
-        if (slot < T) {
-          entry = (i << 16) | slot;
-          dest = d;
-          s_has[d] = 1;
-        } else {
-          device::record_error(p.wait, DeviceErrorCode::kCapacityExceeded, d, Phase::kLowLatencyDispatch, T,
-                               slot + 1);
-        }
-      }
-      s_entry[k] = entry;
-      s_dest[k] = dest;
-    }
-    const int4* xrow = reinterpret_cast<const int4*>(p.x + static_cast<size_t>(t) * H);
-    if (!p.use_fp8) {
-      for (int c = threadIdx.x; c < chunks; c += blockDim.x) smem[c] = ptx::ld_nc_no_allocate(xrow + c);
-    } else {
-      for (int base = 0; base < chunks; base += blockDim.x) {  // uniform trip count: shuffles see all lanes
-        const int c = base + threadIdx.x;
-        const bool active = c < chunks;
-        const int4 v = active ? ptx::ld_nc_no_allocate(xrow + c) : make_int4(0, 0, 0, 0);
-        device::cast_fp8_chunk(v, active, p.round_scale, reinterpret_cast<uint2*>(payload) + c, scales + c / 16);
-      }
-    }
-    __syncthreads();
-    // One message per destination rank at [my rank][t]: the routing header always (a token with no expert
-    // there says so), the payload only where the token has an expert.
-    const int total = R * msg_int4;
+  __device__ __forceinline__ char* payload(int) const { return reinterpret_cast<char*>(smem); }
+  // One message per destination rank at [my rank][t]: the routing header always (a token with no expert there
+  // says so), the payload only where the token has an expert.
+  __device__ __forceinline__ void post_token(int t, const DispatchRowGeometry& g, const TokenRoute& route) {
+    constexpr int kHeaderInt4 = static_cast<int>(L::kHeaderBytes / 16);
+    const int msg_int4 = g.header_int4 + g.payload_int4;
+    const int total = p.num_ranks * msg_int4;
     for (int j = threadIdx.x; j < total; j += blockDim.x) {
       const int d = j / msg_int4, q = j - d * msg_int4;
-      if (!s_live[d]) continue;
-      int4* msg = reinterpret_cast<int4*>(s_base[d] + static_cast<size_t>(t) * layout.msg_bytes);
-      if (q < header_int4) {
-        const int k = 4 * q;
-        ptx::st_no_allocate(msg + q, make_int4(header_entry(s_entry, s_dest, K, k, d),
-                                               header_entry(s_entry, s_dest, K, k + 1, d),
-                                               header_entry(s_entry, s_dest, K, k + 2, d),
-                                               header_entry(s_entry, s_dest, K, k + 3, d)));
-      } else if (s_has[d]) {
-        ptx::st_no_allocate(msg + kHeaderInt4 + (q - header_int4), smem[q - header_int4]);
+      if (!route.live[d]) continue;
+      int4* msg = reinterpret_cast<int4*>(s_base[d] + static_cast<size_t>(t) * p.window.layout.msg_bytes);
+      if (q < g.header_int4) {
+        ptx::st_no_allocate(msg + q, header_int4(route, p.num_topk, q, d));
+      } else if (route.has[d]) {
+        ptx::st_no_allocate(msg + kHeaderInt4 + (q - g.header_int4), smem[q - g.header_int4]);
       }
     }
-    __syncthreads();  // shared memory is reused by the next token
   }
-
-  if (device::last_block<true>(&p.state->send_ticket[0])) {
-    // Counts first (every block's messages are visible to this block through the ticket), then per rank one
-    // release of the flag that carries the epoch, this rank's top-k and token count.
+  __device__ __forceinline__ void end_tokens() {}
+  // Counts first (every block's messages are visible to this block through the ticket), then per rank one
+  // release of the flag.
+  __device__ __forceinline__ void publish_dispatch(int half, uint64_t flag, const int* s_live) {
+    const int El = p.num_local_experts;
     for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) {
-      const int count = min(atomicExch(&p.state->slot_counter[e], 0), T);
+      const int count = take_count(p, e);
       const int d = e / El, i = e % El;
       if (!s_live[d]) continue;
       auto* c = reinterpret_cast<int32_t*>(region(p.window, d) + L::dispatch_count(half, p.rank * El + i));
       ptx::st_relaxed_sys(c, count);
     }
     __syncthreads();
-    for (int d = threadIdx.x; d < R; d += blockDim.x) {
+    for (int d = threadIdx.x; d < p.num_ranks; d += blockDim.x) {
       if (!s_live[d]) continue;
       ptx::fence_acq_rel_sys();
-      auto* flag = reinterpret_cast<uint64_t*>(region(p.window, d) + L::dispatch_flag(half, p.rank));
-      ptx::st_release_sys(flag, (epoch << 32) | (static_cast<uint64_t>(K) << 16) |
-                                    static_cast<uint64_t>(p.num_tokens));
+      ptx::st_release_sys(reinterpret_cast<uint64_t*>(region(p.window, d) + L::dispatch_flag(half, p.rank)), flag);
     }
-    if (threadIdx.x == 0) p.state->send_epoch[0] = epoch;
   }
-}
+};
 
 // Int4 pieces of a payload row one warp copies per unit of the dispatch receive (kRecvUnroll per lane).
 constexpr int kRecvUnroll = 4;
@@ -309,7 +256,11 @@ __global__ void __launch_bounds__(kThreads, 1) low_latency_dispatch_kernel(const
   if (device::error_recorded(p.wait)) return;  // an earlier kernel failed: its epochs and handle are not valid
   extern __shared__ int4 smem[];
   const uint64_t epoch = (p.do_send ? p.state->send_epoch[0] : p.state->recv_epoch[0]) + 1;
-  if (p.do_send) dispatch_send(p, epoch, smem);
+  if (p.do_send) {
+    __shared__ char* s_base[kMaxRanksLL];
+    LsaDispatch net{p, smem, s_base};
+    dispatch_send(p, epoch, net);
+  }
   if (p.do_recv) dispatch_recv(p, epoch, reinterpret_cast<int*>(smem));
 }
 
@@ -320,26 +271,18 @@ __global__ void __launch_bounds__(kThreads, 1) low_latency_dispatch_kernel(const
 constexpr int kSendUnroll = 4;
 constexpr int kSendChunkInt4 = 32 * kSendUnroll;
 
-// s_prefix: dynamic shared memory of E_local + 1 ints (rows of the local experts before expert i).
-// kLogfmt: the chunk is LogFMT-encoded on its way (device/logfmt.cuh) and its metadata stored beside the row.
-template <bool kLogfmt>
-__device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch, int* s_prefix) {
-  const int R = p.num_ranks, El = p.num_local_experts, H = p.hidden, T = p.T;
-  const int RT = R * T;
-  const int half = static_cast<int>(epoch & 1);
-  const L& layout = p.window.layout;
-  const int row_int4 = H / 8;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  __shared__ int s_live[kMaxRanksLL];  // shrink mode: masked ranks get no rows and no flag
-  for (int d = threadIdx.x; d < R; d += blockDim.x) s_live[d] = device::rank_live(p.mask, d);
-  scan_expert_rows(p.layout_range, El, R, s_prefix);  // ends with __syncthreads: s_live is visible after it
-  // Units are (packed row, chunk of the row) over all local experts, warp w of block b starting at unit
-  // w * gridDim.x + b: every SM sends, and a hot expert is spread like any other.
-  const int nch = (row_int4 + kSendChunkInt4 - 1) / kSendChunkInt4;
-  const int units = s_prefix[El] * nch;  // rows <= E_local * R * T: fits an int (checked by the launcher)
-  for (int u = warp * gridDim.x + blockIdx.x; u < units; u += gridDim.x * warps) {  // warp-uniform
-    const int q = u / nch, c = u - q * nch;
-    const int i = local_expert_of_row(s_prefix, El, q), r = q - s_prefix[i];
+// The NVLink combine transport (low_latency_send.cuh): a warp loads a chunk of the row and stores it straight into
+// the source rank's window (kLogfmt: LogFMT-encoded on its way, device/logfmt.cuh, its metadata beside the row).
+struct LsaCombine {
+  __device__ __forceinline__ static int chunks_per_row(int row_int4) {
+    return (row_int4 + kSendChunkInt4 - 1) / kSendChunkInt4;
+  }
+  template <bool kLogfmt>
+  __device__ __forceinline__ void send_unit(const LowLatencyCombineParams& p, int half, int i, int r, int c,
+                                            const int* s_live, int lane) {
+    const int R = p.num_ranks, El = p.num_local_experts, T = p.T, RT = R * T;
+    const int row_int4 = p.hidden / 8;
+    const L& layout = p.window.layout;
     const int4* src = reinterpret_cast<const int4*>(p.x) + (static_cast<size_t>(i) * RT + r) * row_int4;
     int4 v[kSendUnroll];
 #pragma unroll
@@ -349,7 +292,7 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch, i
     }
     const int s = source_rank_of_row(p.layout_range, R, i, r);
     const int t = p.src_info[static_cast<size_t>(i) * RT + r];
-    if (t < 0 || t >= T || !s_live[s]) continue;
+    if (t < 0 || t >= T || !s_live[s]) return;
     int4* dst = reinterpret_cast<int4*>(region(p.window, s) + layout.combine_row(half, p.rank * El + i, t));
     if constexpr (kLogfmt) {  // warp-uniform: t, s and the chunk are the warp's
       auto* meta = reinterpret_cast<int32_t*>(region(p.window, s) + layout.combine_meta(half, p.rank * El + i, t));
@@ -362,17 +305,16 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint64_t epoch, i
       }
     }
   }
-  // The last block (acq_rel.sys ticket: it sees every block's stores) releases one flag per rank.
-  if (device::last_block<true>(&p.state->send_ticket[1])) {
-    for (int d = threadIdx.x; d < R; d += blockDim.x) {
+  __device__ __forceinline__ void end_rows() {}
+  __device__ __forceinline__ void publish_combine(const LowLatencyCombineParams& p, int half, uint64_t epoch,
+                                                  const int* s_live) {
+    for (int d = threadIdx.x; d < p.num_ranks; d += blockDim.x) {
       if (!s_live[d]) continue;
       ptx::fence_acq_rel_sys();
-      auto* flag = reinterpret_cast<uint64_t*>(region(p.window, d) + L::combine_flag(half, p.rank));
-      ptx::st_release_sys(flag, epoch);
+      ptx::st_release_sys(reinterpret_cast<uint64_t*>(region(p.window, d) + L::combine_flag(half, p.rank)), epoch);
     }
-    if (threadIdx.x == 0) p.state->send_epoch[1] = epoch;
   }
-}
+};
 
 // acc[k] += w * channel k of a BF16 piece (float32 multiply, then add, each rounded: no FMA).
 __device__ __forceinline__ void accumulate_bf16(const int4& v, float w, float (&acc)[8]) {
@@ -493,7 +435,10 @@ __global__ void __launch_bounds__(kThreads, 1) low_latency_combine_kernel(const 
   if (device::error_recorded(p.wait)) return;
   extern __shared__ int s_dyn[];
   const uint64_t epoch = (p.do_send ? p.state->send_epoch[1] : p.state->recv_epoch[1]) + 1;
-  if (p.do_send) combine_send<kLogfmt>(p, epoch, s_dyn);
+  if (p.do_send) {
+    LsaCombine net;
+    combine_send<LsaCombine, kLogfmt>(p, epoch, net, s_dyn);
+  }
   if (p.do_recv) combine_recv<kLogfmt>(p, epoch);
 }
 

@@ -47,8 +47,9 @@
 #include "device/ticket.cuh"
 #include "device/wait.cuh"
 #include "kernels/load.hpp"
-#include "kernels/low_latency_rows.cuh"
 #include "kernels/low_latency_gin_launch.hpp"
+#include "kernels/low_latency_rows.cuh"
+#include "kernels/low_latency_send.cuh"
 #include "openep/low_latency.hpp"
 #include "protocol/low_latency_gin_layout.hpp"
 #include "runtime/check.hpp"
@@ -61,6 +62,7 @@ using G = LowLatencyGinLayout;
 constexpr int kThreads = 512;  // send kernels: one block per SM; fewer threads than NVLink's 1024 leave
                                // room for the GIN descriptor code's registers
 static_assert(L::kHeaderBytes == sizeof(int32_t) * kMaxLowLatencyTopk, "one header int32 per top-k slot");
+static_assert(kMaxGinRanks <= kMaxLowLatencySendRanks, "the send's shared arrays hold every rank");
 
 using device::gin_flush_cta;
 using device::gin_ready;
@@ -70,180 +72,131 @@ __device__ __forceinline__ char* local_base(const GinWindow& g) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// dispatch send
+// dispatch send: dispatch_send<GinDispatch> (low_latency_send.cuh)
 
-__device__ __forceinline__ int header_entry(const int* s_entry, const int* s_dest, int K, int k, int d) {
-  return k < K && s_dest[k] == d ? s_entry[k] : -1;
-}
+// The GIN dispatch transport: the row is staged in the window's staging payload row [t], one routing header per
+// destination at staging [d][t]; thread d posts to rank d the header and, where the token has an expert on d, the
+// payload, on d's context (see the protocol).
+struct GinDispatch {
+  const LowLatencyDispatchParams& p;
+  const GinWindow& g;
+  ncclTeam world;
+  char* base;        // my window
+  int half = 0;
 
-// Claims the slots of token t and fills s_entry / s_dest / s_has (threads k < K). Same as the NVLink send.
-__device__ __forceinline__ void route_token(const LowLatencyDispatchParams& p, int t, int* s_entry, int* s_dest,
-                                            int* s_has) {
-  const int K = p.num_topk, El = p.num_local_experts, T = p.T;
-  if (threadIdx.x >= K) return;
-  const int k = threadIdx.x;
-  const int64_t idx = static_cast<int64_t>(t) * K + k;
-  const int64_t e = p.topk_int64 ? static_cast<const int64_t*>(p.topk_idx)[idx]
-                                 : static_cast<int64_t>(static_cast<const int32_t*>(p.topk_idx)[idx]);
-  int entry = -1, dest = -1;
-  if (e < -1 || e >= p.num_experts) {
-    device::record_error(p.wait, DeviceErrorCode::kBadExpertIndex, -1, Phase::kLowLatencyDispatch, t, e);
-  } else if (e >= 0) {
-    const int d = static_cast<int>(e) / El, i = static_cast<int>(e) % El;
-    const int slot = atomicAdd(&p.state->slot_counter[e], 1);
-    if (slot < T) {
-      entry = (i << 16) | slot;
-      dest = d;
-      s_has[d] = 1;
-    } else {
-      device::record_error(p.wait, DeviceErrorCode::kCapacityExceeded, d, Phase::kLowLatencyDispatch, T, slot + 1);
+  __device__ __forceinline__ void begin(int h) { half = h; }
+  __device__ __forceinline__ char* payload(int t) const { return base + g.staging_offset + g.staging.payload(t); }
+  __device__ __forceinline__ void post_token(int t, const DispatchRowGeometry& geo, const TokenRoute& route) {
+    const int R = p.num_ranks;
+    const size_t stage = g.staging_offset;
+    for (int j = threadIdx.x; j < R * geo.header_int4; j += blockDim.x) {
+      const int d = j / geo.header_int4, q = j - d * geo.header_int4;
+      reinterpret_cast<int4*>(base + stage + g.staging.header(d, t))[q] = header_int4(route, p.num_topk, q, d);
+    }
+    __syncthreads();  // the staging stores of the whole block happen before the posts below
+    const size_t payload_off = stage + g.staging.payload(t);
+    for (int d = threadIdx.x; d < R; d += blockDim.x) {
+      if (!route.live[d]) continue;
+      const ncclGin gin(g.dev_comm, d);  // context of receiver d (see the protocol)
+      const size_t dst = g.region_offset + p.window.layout.dispatch_message(half, p.rank, t);  // [my rank][t] at d
+      gin.put(world, d, g.window, dst, g.window, stage + g.staging.header(d, t),
+              static_cast<size_t>(geo.header_int4) * 16);
+      if (route.has[d]) {
+        gin.put(world, d, g.window, dst + L::kHeaderBytes, g.window, payload_off,
+                static_cast<size_t>(geo.payload_int4) * 16);
+      }
     }
   }
-  s_entry[k] = entry;
-  s_dest[k] = dest;
-}
+  __device__ __forceinline__ void end_tokens() { gin_flush_cta(g.dev_comm); }  // this block's sources may be reused after it
+  __device__ __forceinline__ void publish_dispatch(int h, uint64_t flag, const int* s_live) {
+    const int R = p.num_ranks, El = p.num_local_experts;
+    const size_t stage = g.staging_offset;
+    auto* counts = reinterpret_cast<int32_t*>(base + stage + G::counts_of(0, El));
+    auto* flags = reinterpret_cast<uint64_t*>(base + stage + G::dispatch_flag(0));
+    for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) counts[e] = take_count(p, e);
+    for (int d = threadIdx.x; d < R; d += blockDim.x) flags[d] = flag;
+    __syncthreads();  // staged counts and flags before the posts
+    for (int d = threadIdx.x; d < R; d += blockDim.x) {
+      if (!s_live[d]) continue;
+      const ncclGin gin(g.dev_comm, d);
+      gin.put(world, d, g.window, g.region_offset + L::dispatch_count(h, p.rank * El), g.window,
+              stage + G::counts_of(d, El), static_cast<size_t>(El) * 4);
+      // The signal lands after the counts and every message this rank put to d (same context, same peer).
+      gin.put(world, d, g.window, g.region_offset + L::dispatch_flag(h, p.rank), g.window, stage + G::dispatch_flag(d),
+              sizeof(uint64_t), ncclGin_SignalAdd{static_cast<ncclGinSignal_t>(GinSignals::dispatch(p.rank)), 1});
+    }
+    gin_flush_cta(g.dev_comm);
+  }
+};
 
 __global__ void __launch_bounds__(kThreads, 1)
     gin_dispatch_send_kernel(const __grid_constant__ LowLatencyGinDispatchParams gp) {
-  __shared__ int s_entry[kMaxLowLatencyTopk];  // (local expert << 16) | slot, or -1
-  __shared__ int s_dest[kMaxLowLatencyTopk];   // owner rank of slot k's expert, or -1
-  __shared__ int s_has[kMaxGinRanks];          // the token has at least one expert on rank d
+  if (!gin_ready(gp.gin.dev_comm)) return;
   const LowLatencyDispatchParams& p = gp.base;
-  const GinWindow& g = gp.gin;
-  if (!gin_ready(g.dev_comm)) return;
-  const ncclTeam world = ncclTeamWorld(g.dev_comm);
-  const uint64_t epoch = p.state->send_epoch[0] + 1;
-  const int half = static_cast<int>(epoch & 1);
-  const int R = p.num_ranks, El = p.num_local_experts, K = p.num_topk, H = p.hidden, T = p.T;
-  const L& layout = p.window.layout;
-  const int row_bytes = p.use_fp8 ? H : 2 * H;
-  const int num_scales = p.use_fp8 ? H / 128 : 0;
-  const int payload_int4 = (row_bytes + num_scales * 4 + 15) / 16;
-  const int header_int4 = (K + 3) / 4;  // only the first K header entries are written and read
-  const int chunks = H / 8;             // int4 chunks of the BF16 row
-  char* const base = local_base(g);
-  const size_t stage = g.staging_offset;  // window offsets from here on
-
-  for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
-    for (int d = threadIdx.x; d < R; d += blockDim.x) s_has[d] = 0;
-    __syncthreads();
-    route_token(p, t, s_entry, s_dest, s_has);
-    // Cast (or copy) the row straight into its staging payload row.
-    const size_t payload_off = stage + g.staging.payload(t);
-    char* payload = base + payload_off;
-    const int4* xrow = reinterpret_cast<const int4*>(p.x + static_cast<size_t>(t) * H);
-    if (!p.use_fp8) {
-      for (int c = threadIdx.x; c < chunks; c += blockDim.x)
-        reinterpret_cast<int4*>(payload)[c] = ptx::ld_nc_no_allocate(xrow + c);
-    } else {
-      float* scales = reinterpret_cast<float*>(payload + row_bytes);
-      for (int b = 0; b < chunks; b += blockDim.x) {  // uniform trip count: shuffles see all lanes
-        const int c = b + threadIdx.x;
-        const bool active = c < chunks;
-        const int4 v = active ? ptx::ld_nc_no_allocate(xrow + c) : make_int4(0, 0, 0, 0);
-        device::cast_fp8_chunk(v, active, p.round_scale, reinterpret_cast<uint2*>(payload) + c, scales + c / 16);
-      }
-    }
-    __syncthreads();  // s_entry / s_dest / s_has are complete
-    // One routing header per destination at staging [d][t] (a token with no expert on d says so).
-    for (int j = threadIdx.x; j < R * header_int4; j += blockDim.x) {
-      const int d = j / header_int4, q = j - d * header_int4, k = 4 * q;
-      int4* hdr = reinterpret_cast<int4*>(base + stage + g.staging.header(d, t));
-      hdr[q] = make_int4(header_entry(s_entry, s_dest, K, k, d), header_entry(s_entry, s_dest, K, k + 1, d),
-                         header_entry(s_entry, s_dest, K, k + 2, d), header_entry(s_entry, s_dest, K, k + 3, d));
-    }
-    __syncthreads();  // the staging stores of the whole block happen before the posts below
-    for (int d = threadIdx.x; d < R; d += blockDim.x) {
-      const ncclGin gin(g.dev_comm, d);  // context of receiver d (see the protocol)
-      const size_t dst = g.region_offset + layout.dispatch_message(half, p.rank, t);  // [my rank][t] at d
-      const size_t hdr = stage + g.staging.header(d, t);
-      gin.put(world, d, g.window, dst, g.window, hdr, static_cast<size_t>(header_int4) * 16);
-      if (s_has[d]) {
-        gin.put(world, d, g.window, dst + L::kHeaderBytes, g.window, payload_off,
-                static_cast<size_t>(payload_int4) * 16);
-      }
-    }
-    __syncthreads();  // s_* are reused by the next token
-  }
-  gin_flush_cta(g.dev_comm);  // this block's sources may be reused once the kernel ends
-
-  if (device::last_block<true>(&p.state->send_ticket[0])) {
-    auto* counts = reinterpret_cast<int32_t*>(base + stage + G::counts_of(0, El));
-    auto* flags = reinterpret_cast<uint64_t*>(base + stage + G::dispatch_flag(0));
-    for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x)
-      counts[e] = min(atomicExch(&p.state->slot_counter[e], 0), T);
-    for (int d = threadIdx.x; d < R; d += blockDim.x)
-      flags[d] = (epoch << 32) | (static_cast<uint64_t>(K) << 16) | static_cast<uint64_t>(p.num_tokens);
-    __syncthreads();  // staged counts and flags before the posts
-    for (int d = threadIdx.x; d < R; d += blockDim.x) {
-      const ncclGin gin(g.dev_comm, d);
-      const size_t region = g.region_offset;
-      gin.put(world, d, g.window, region + L::dispatch_count(half, p.rank * El), g.window,
-              stage + G::counts_of(d, El), static_cast<size_t>(El) * 4);
-      // The signal lands after the counts and every message this rank put to d (same context, same peer).
-      gin.put(world, d, g.window, region + L::dispatch_flag(half, p.rank), g.window, stage + G::dispatch_flag(d),
-              sizeof(uint64_t),
-              ncclGin_SignalAdd{static_cast<ncclGinSignal_t>(GinSignals::dispatch(p.rank)), 1});
-    }
-    gin_flush_cta(g.dev_comm);
-    if (threadIdx.x == 0) p.state->send_epoch[0] = epoch;
-  }
+  GinDispatch net{p, gp.gin, ncclTeamWorld(gp.gin.dev_comm), local_base(gp.gin)};
+  dispatch_send(p, p.state->send_epoch[0] + 1, net);
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// combine send
+// combine send: combine_send<GinCombine, false> (low_latency_send.cuh; LogFMT is refused on this transport)
+
+// The GIN combine transport: a warp takes a whole packed row (one unit per row); unless zero_copy it copies the row
+// into the zero-copy area (the put source must lie in the window), then posts one put of the row (warp coop: the
+// put syncs the warp, covering its lanes' stores; lane 0 posts) to the source rank's combine half.
+struct GinCombine {
+  const LowLatencyGinCombineParams& gp;
+  ncclTeam world;
+  char* base;        // my window
+
+  __device__ __forceinline__ static int chunks_per_row(int) { return 1; }
+  template <bool kLogfmt>
+  __device__ __forceinline__ void send_unit(const LowLatencyCombineParams& p, int half, int i, int r, int,
+                                            const int* s_live, int lane) {
+    static_assert(!kLogfmt, "LogFMT is refused on the GIN transport (host-checked)");
+    const GinWindow& g = gp.gin;
+    const int R = p.num_ranks, El = p.num_local_experts, T = p.T, RT = R * T;
+    const int row_int4 = p.hidden / 8;
+    const int s = source_rank_of_row(p.layout_range, R, i, r);
+    const size_t row = static_cast<size_t>(i) * RT + r;
+    const int t = p.src_info[row];
+    if (t < 0 || t >= T || !s_live[s]) return;
+    if (gp.stage_x) {
+      const int4* src = reinterpret_cast<const int4*>(p.x) + row * row_int4;
+      int4* dst = reinterpret_cast<int4*>(base + g.region_offset + p.window.layout.zero_copy_row(row));
+      for (int j = lane; j < row_int4; j += 32) dst[j] = ptx::ld_nc_no_allocate(src + j);
+    }
+    const ncclGin gin(g.dev_comm, s);
+    gin.put(world, s, g.window, g.region_offset + p.window.layout.combine_row(half, p.rank * El + i, t), g.window,
+            g.region_offset + p.window.layout.zero_copy_row(row), static_cast<size_t>(p.hidden) * 2, ncclGin_None{},
+            ncclGin_None{}, ncclCoopWarp{});
+  }
+  __device__ __forceinline__ void end_rows() { gin_flush_cta(gp.gin.dev_comm); }
+  __device__ __forceinline__ void publish_combine(const LowLatencyCombineParams& p, int half, uint64_t epoch,
+                                                  const int* s_live) {
+    const GinWindow& g = gp.gin;
+    auto* flags = reinterpret_cast<uint64_t*>(base + g.staging_offset + G::combine_flag(0));
+    for (int d = threadIdx.x; d < p.num_ranks; d += blockDim.x) flags[d] = epoch;
+    __syncthreads();
+    for (int d = threadIdx.x; d < p.num_ranks; d += blockDim.x) {
+      if (!s_live[d]) continue;
+      const ncclGin gin(g.dev_comm, d);
+      // The signal lands after every row this rank put to d (same context, same peer).
+      gin.put(world, d, g.window, g.region_offset + L::combine_flag(half, p.rank), g.window,
+              g.staging_offset + G::combine_flag(d), sizeof(uint64_t),
+              ncclGin_SignalAdd{static_cast<ncclGinSignal_t>(GinSignals::combine(p.num_ranks, p.rank)), 1});
+    }
+    gin_flush_cta(g.dev_comm);
+  }
+};
 
 // s_prefix: dynamic shared memory of E_local + 1 ints (rows of the local experts before expert i).
 __global__ void __launch_bounds__(kThreads, 1)
     gin_combine_send_kernel(const __grid_constant__ LowLatencyGinCombineParams gp) {
   extern __shared__ int s_prefix[];
+  if (!gin_ready(gp.gin.dev_comm)) return;
   const LowLatencyCombineParams& p = gp.base;
-  const GinWindow& g = gp.gin;
-  if (!gin_ready(g.dev_comm)) return;
-  const ncclTeam world = ncclTeamWorld(g.dev_comm);
-  const uint64_t epoch = p.state->send_epoch[1] + 1;
-  const int half = static_cast<int>(epoch & 1);
-  const int R = p.num_ranks, El = p.num_local_experts, H = p.hidden, T = p.T;
-  const int RT = R * T;
-  const L& layout = p.window.layout;
-  const int row_int4 = H / 8;
-  const size_t row_bytes = static_cast<size_t>(H) * 2;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  char* const base = local_base(g);
-  scan_expert_rows(p.layout_range, El, R, s_prefix);
-  const int rows = s_prefix[El];
-  for (int q = warp * gridDim.x + blockIdx.x; q < rows; q += gridDim.x * warps) {  // warp-uniform
-    const int i = local_expert_of_row(s_prefix, El, q), r = q - s_prefix[i];
-    const int s = source_rank_of_row(p.layout_range, R, i, r);
-    const size_t row = static_cast<size_t>(i) * RT + r;
-    const int t = p.src_info[row];
-    if (t < 0 || t >= T) continue;
-    if (gp.stage_x) {  // the put source must lie in the window: copy the caller's row into the zero-copy area
-      const int4* src = reinterpret_cast<const int4*>(p.x) + row * row_int4;
-      int4* dst = reinterpret_cast<int4*>(base + g.region_offset + layout.zero_copy_row(row));
-      for (int j = lane; j < row_int4; j += 32) dst[j] = ptx::ld_nc_no_allocate(src + j);
-    }
-    // Warp coop: the put syncs the warp (covering its lanes' stores), lane 0 posts.
-    const ncclGin gin(g.dev_comm, s);
-    gin.put(world, s, g.window, g.region_offset + layout.combine_row(half, p.rank * El + i, t), g.window,
-            g.region_offset + layout.zero_copy_row(row), row_bytes, ncclGin_None{}, ncclGin_None{}, ncclCoopWarp{});
-  }
-  gin_flush_cta(g.dev_comm);
-
-  if (device::last_block<true>(&p.state->send_ticket[1])) {
-    auto* flags = reinterpret_cast<uint64_t*>(base + g.staging_offset + G::combine_flag(0));
-    for (int d = threadIdx.x; d < R; d += blockDim.x) flags[d] = epoch;
-    __syncthreads();
-    for (int d = threadIdx.x; d < R; d += blockDim.x) {
-      const ncclGin gin(g.dev_comm, d);
-      // The signal lands after every row this rank put to d (same context, same peer).
-      gin.put(world, d, g.window, g.region_offset + L::combine_flag(half, p.rank), g.window,
-              g.staging_offset + G::combine_flag(d), sizeof(uint64_t),
-              ncclGin_SignalAdd{static_cast<ncclGinSignal_t>(GinSignals::combine(R, p.rank)), 1});
-    }
-    gin_flush_cta(g.dev_comm);
-    if (threadIdx.x == 0) p.state->send_epoch[1] = epoch;
-  }
+  GinCombine net{gp, ncclTeamWorld(gp.gin.dev_comm), local_base(gp.gin)};
+  combine_send<GinCombine, false>(p, p.state->send_epoch[1] + 1, net, s_prefix);
 }
 
 // ---------------------------------------------------------------------------------------------------------
