@@ -72,6 +72,8 @@ if [ "${OPENEP_PIP_CHECK:-0}" = 1 ]; then
 fi
 want bench && step bench 450 python3 tools/launch.py --min-gpus 2 --timeout 400 --log-dir "$OUT/bench_logs" -- \
   "$BUILD_DIR/bench/openep_bench" --commit "$commit" --results "$OUT/results.jsonl" "$@"
+# The SM sweep as a PNG next to the JSON lines (tools/plot_bench.py; matplotlib is on the GPU machines' image).
+want bench && [ -s "$OUT/results.jsonl" ] && step plot 60 python3 tools/plot_bench.py "$OUT/results.jsonl" --commit "$commit"
 echo
 echo "================ OpenEP GPU check: $num_gpus x $card, commit $commit ================"
 for f in cpu_tests gpu_tests vrank_tests soak fake_node_tests mgpu_tests; do
