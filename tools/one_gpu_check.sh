@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Everything one GPU can check, in two device calls of under 10 minutes each (a lent machine allows 10 minutes a
+# command; it goes back 30 s after a call, so issue part 2 right after part 1 returns and the build is still there).
+# Steps of one part run side by side on the one GPU (fake-node worlds and the Python checks next to the virtual-rank
+# suites: they wait on sockets and the host most of the time). Logs go to $OUT/<part>/..., packed into
+# $OUT/logs<part>.tgz (one file comes back, not hundreds); the summary is printed last.
+#   OUT=<dir> OPENEP_COMMIT=<sha> bash tools/one_gpu_check.sh 1     build, cpu, gpu; then together: the GIN and
+#                                                                    recovery fake-node worlds and the 2x1 ones, vrank
+#                                                                    runtime / internode / low latency EP2-4, Python
+#   OUT=<dir> OPENEP_COMMIT=<sha> bash tools/one_gpu_check.sh 2     together: vrank fabric / intranode / overlap /
+#                                                                    low latency EP8-16, the soak, the 4x1 fake-node
+#                                                                    worlds; then memcheck of the tiny hook case
+# OPENEP_LAUNCH_TIMEOUT_CAP (default 150) caps each fake-node world.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+part=${1:?usage: one_gpu_check.sh 1|2}
+OUT=${OUT:-one_gpu_check_out}
+commit=${OPENEP_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export OPENEP_LAUNCH_TIMEOUT_CAP=${OPENEP_LAUNCH_TIMEOUT_CAP:-150}
+P="$OUT/part$part"
+mkdir -p "$P"
+check() {  # check NAME SECONDS STEPS [VAR=VALUE...]: tools/gpu_check.sh with those steps, into $P/NAME
+  local name=$1 limit=$2 steps=$3
+  shift 3
+  env "$@" OUT="$P/$name" OPENEP_COMMIT="$commit" OPENEP_STEPS="$steps" timeout --kill-after=10 "$limit" \
+    bash tools/gpu_check.sh >"$P/$name.txt" 2>&1
+  echo "$name: rc $?" >>"$P/rc.txt"
+}
+t0=$SECONDS
+if [ "$part" = 1 ]; then
+  check build 240 build,cpu,gpu
+  check fakenode 520 fakenode OPENEP_FAKENODE_LIMIT=500 \
+    OPENEP_FAKENODE_REGEX='fake_node_(2x1|mgpu_internode_2x1|gin_2x1|gin_mgpu_2x1|recovery_4x1)$' &
+  check vrank 520 vrank OPENEP_VRANK_LIMIT=500 OPENEP_VRANK_REGEX='runtime|internode|low_latency_ep(2|4)$' &
+  (OUT="$P/python" timeout --kill-after=10 300 bash tools/python_gpu_check.sh "fake_nodes or without_weights or tools" \
+     >"$P/python.txt" 2>&1; echo "python: rc $?" >>"$P/rc.txt") &
+  wait
+elif [ "$part" = 2 ]; then
+  check vrank 540 vrank OPENEP_VRANK_LIMIT=520 OPENEP_VRANK_REGEX='fabric|intranode|overlap|low_latency_ep(8|16)$' &
+  check soak 400 soak &
+  check fakenode 480 fakenode OPENEP_FAKENODE_LIMIT=460 \
+    OPENEP_FAKENODE_REGEX='fake_node_(4x1|mgpu_internode_4x1|gin_4x1|gin_mgpu_4x1)$' &
+  wait
+  if [ $((SECONDS - t0)) -lt 480 ]; then  # the tiny hook case that stalled under memcheck (does kernel loading end it?)
+    OPENEP_TEST_TIMEOUT_SCALE=10 timeout 90 compute-sanitizer --tool memcheck --error-exitcode 3 \
+      build/tests/openep_vrank_tests --gtest_filter='LowLatencyVrank.HookModeAndZeroCopy/tokens33*/EP4' \
+      >"$P/memcheck_hook.txt" 2>&1
+    echo "memcheck_hook: rc $?" >>"$P/rc.txt"
+  fi
+else
+  echo "one_gpu_check.sh: part must be 1 or 2, got $part" >&2
+  exit 2
+fi
+cp -r build/fake_node_logs "$P/" 2>/dev/null
+tar czf "$OUT/logs$part.tgz" -C "$OUT" "part$part" 2>/dev/null
+echo
+echo "================ one_gpu_check part $part: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), commit $commit, $((SECONDS - t0)) s ================"
+cat "$P/rc.txt"
+for f in "$P"/*.txt; do
+  case "$f" in */rc.txt) continue ;; esac
+  echo "--- $(basename "$f" .txt)"
+  sed -n '/================ OpenEP GPU check/,$p' "$f" | grep -vE "^step |^={5,}" | head -30
+done
+grep -hE "== pip install|== pytest|passed|failed" "$P/python.txt" 2>/dev/null | tail -4
+grep -hE "ERROR SUMMARY|OK \]|FAILED" "$P/memcheck_hook.txt" 2>/dev/null | head -3
+exit 0
