@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Every kernel of src/kernels/*.cu is loaded up front (src/kernels/load.hpp): for each ``__global__`` function
-of a file, that file's ``load_<file>_kernels()`` (``load_runtime_kernels()`` for runtime_kernels.cu) must pass it (every instantiation the file launches, for a
-template) to ``load_kernel``. A kernel left out would be loaded lazily at its first launch, which can deadlock
-against a spinning kernel. Exit 1 naming what is missing. CTest: check_kernel_loading (label cpu)."""
+of a file, that file's ``list_<file>_kernels()`` (``list_runtime_kernels()`` for runtime_kernels.cu) must list
+it (every instantiation the file launches, for a template). A kernel left out would be loaded lazily at its
+first launch, which can deadlock against a spinning kernel. Exit 1 naming what is missing. CTest: check_kernel_loading (label cpu)."""
 import pathlib
 import re
 import sys
@@ -14,8 +14,8 @@ for cu in sorted((root / "src" / "kernels").glob("*.cu")):
     kernels = re.findall(r"__global__\s+(?:void\s+)?(?:__launch_bounds__\([^)]*\)\s*)?(?:void\s+)?(\w+)\s*\(", text)
     if not kernels:
         continue
-    fn = "load_" + (cu.stem if cu.stem.endswith("_kernels") else cu.stem + "_kernels")
-    m = re.search(r"void " + fn + r"\(\) \{(.*?)\n\}", text, re.S)
+    fn = "list_" + (cu.stem if cu.stem.endswith("_kernels") else cu.stem + "_kernels")
+    m = re.search(r"void " + fn + r"\(std::vector<KernelRef>& out\) \{(.*?)\n\}", text, re.S)
     if not m:
         missing.append(f"{cu.name}: no {fn}()")
         continue

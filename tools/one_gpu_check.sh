@@ -42,7 +42,7 @@ elif [ "$part" = 2 ]; then
   check fakenode 480 fakenode OPENEP_FAKENODE_LIMIT=460 \
     OPENEP_FAKENODE_REGEX='fake_node_(4x1|mgpu_internode_4x1|gin_4x1|gin_mgpu_4x1)$' &
   wait
-  if [ $((SECONDS - t0)) -lt 480 ]; then  # the tiny hook case that stalled under memcheck (does kernel loading end it?)
+  if [ $((SECONDS - t0)) -lt 480 ]; then  # the tiny hook case that stalled under memcheck (docs/DESIGN.md)
     OPENEP_TEST_TIMEOUT_SCALE=10 timeout 90 compute-sanitizer --tool memcheck --error-exitcode 3 \
       build/tests/openep_vrank_tests --gtest_filter='LowLatencyVrank.HookModeAndZeroCopy/tokens33*/EP4' \
       >"$P/memcheck_hook.txt" 2>&1

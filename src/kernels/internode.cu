@@ -567,16 +567,16 @@ void launch_internode_combine_final(const InternodeCombineFinalParams& p, int nu
   OPENEP_CUDA_CHECK(cudaGetLastError());
 }
 
-void load_internode_kernels() {
-  load_kernel(reinterpret_cast<const void*>(&internode_begin_kernel), "internode_begin_kernel");
-  load_kernel(reinterpret_cast<const void*>(&internode_plan_kernel), "internode_plan_kernel");
-  load_kernel(reinterpret_cast<const void*>(&internode_count_kernel), "internode_count_kernel");
-  load_kernel(reinterpret_cast<const void*>(&internode_pack_kernel), "internode_pack_kernel");
-  load_kernel(reinterpret_cast<const void*>(&internode_forward_kernel), "internode_forward_kernel");
-  load_kernel(reinterpret_cast<const void*>(&internode_drain_kernel), "internode_drain_kernel");
-  load_kernel(reinterpret_cast<const void*>(&internode_combine_send_kernel), "internode_combine_send_kernel");
-  load_kernel(reinterpret_cast<const void*>(&internode_node_reduce_kernel), "internode_node_reduce_kernel");
-  load_kernel(reinterpret_cast<const void*>(&internode_combine_final_kernel), "internode_combine_final_kernel");
+void list_internode_kernels(std::vector<KernelRef>& out) {
+  out.push_back({reinterpret_cast<const void*>(&internode_begin_kernel), "internode_begin_kernel"});
+  out.push_back({reinterpret_cast<const void*>(&internode_plan_kernel), "internode_plan_kernel"});
+  out.push_back({reinterpret_cast<const void*>(&internode_count_kernel), "internode_count_kernel"});
+  out.push_back({reinterpret_cast<const void*>(&internode_pack_kernel), "internode_pack_kernel"});
+  out.push_back({reinterpret_cast<const void*>(&internode_forward_kernel), "internode_forward_kernel"});
+  out.push_back({reinterpret_cast<const void*>(&internode_drain_kernel), "internode_drain_kernel"});
+  out.push_back({reinterpret_cast<const void*>(&internode_combine_send_kernel), "internode_combine_send_kernel"});
+  out.push_back({reinterpret_cast<const void*>(&internode_node_reduce_kernel), "internode_node_reduce_kernel"});
+  out.push_back({reinterpret_cast<const void*>(&internode_combine_final_kernel), "internode_combine_final_kernel"});
 }
 
 }  // namespace openep::detail

@@ -122,8 +122,8 @@ void launch_gin_rail_exchange(const GinRailExchangeParams& p, cudaStream_t strea
   OPENEP_CUDA_CHECK(cudaGetLastError());
 }
 
-void load_internode_gin_kernels() {
-  load_kernel(reinterpret_cast<const void*>(&gin_rail_exchange_kernel), "gin_rail_exchange_kernel");
+void list_internode_gin_kernels(std::vector<KernelRef>& out) {
+  out.push_back({reinterpret_cast<const void*>(&gin_rail_exchange_kernel), "gin_rail_exchange_kernel"});
 }
 
 }  // namespace openep::detail

@@ -511,12 +511,12 @@ void launch_intranode_combine(const CombineParams& p, int num_blocks, cudaStream
   OPENEP_CUDA_CHECK(cudaGetLastError());
 }
 
-void load_intranode_kernels() {
-  load_kernel(reinterpret_cast<const void*>(&intranode_prepare_kernel), "intranode_prepare_kernel");
-  load_kernel(reinterpret_cast<const void*>(&intranode_dispatch_kernel), "intranode_dispatch_kernel");
-  load_kernel(reinterpret_cast<const void*>(&intranode_combine_kernel<2>), "intranode_combine_kernel<2>");
-  load_kernel(reinterpret_cast<const void*>(&intranode_combine_kernel<4>), "intranode_combine_kernel<4>");
-  load_kernel(reinterpret_cast<const void*>(&intranode_combine_kernel<8>), "intranode_combine_kernel<8>");
+void list_intranode_kernels(std::vector<KernelRef>& out) {
+  out.push_back({reinterpret_cast<const void*>(&intranode_prepare_kernel), "intranode_prepare_kernel"});
+  out.push_back({reinterpret_cast<const void*>(&intranode_dispatch_kernel), "intranode_dispatch_kernel"});
+  out.push_back({reinterpret_cast<const void*>(&intranode_combine_kernel<2>), "intranode_combine_kernel<2>"});
+  out.push_back({reinterpret_cast<const void*>(&intranode_combine_kernel<4>), "intranode_combine_kernel<4>"});
+  out.push_back({reinterpret_cast<const void*>(&intranode_combine_kernel<8>), "intranode_combine_kernel<8>"});
 }
 
 }  // namespace openep::detail

@@ -155,9 +155,9 @@ void launch_dispatch_layout(const LayoutArgs& a, int num_ranks, int num_nodes, i
   OPENEP_CUDA_CHECK(cudaGetLastError());
 }
 
-void load_layout_kernels() {
-  load_kernel(reinterpret_cast<const void*>(&dispatch_layout_kernel<int64_t>), "dispatch_layout_kernel<int64_t>");
-  load_kernel(reinterpret_cast<const void*>(&dispatch_layout_kernel<int32_t>), "dispatch_layout_kernel<int32_t>");
+void list_layout_kernels(std::vector<KernelRef>& out) {
+  out.push_back({reinterpret_cast<const void*>(&dispatch_layout_kernel<int64_t>), "dispatch_layout_kernel<int64_t>"});
+  out.push_back({reinterpret_cast<const void*>(&dispatch_layout_kernel<int32_t>), "dispatch_layout_kernel<int32_t>"});
 }
 
 }  // namespace openep::detail

@@ -2,35 +2,36 @@
 // at its first launch, and that load may synchronize the context. OpenEP's kernels spin on each other and on the
 // network (a dispatch waits for its peers' sends, a GIN barrier for the proxy thread's puts), so a first launch
 // while one of them spins can wait for a kernel that waits for it: a deadlock (the CUDA C++ Programming Guide's
-// "lazy loading" caveat on concurrent kernels). Buffer creation therefore loads every kernel on its device once
-// per process (load_all_kernels), before any of them can spin.
+// "lazy loading" caveat on concurrent kernels; seen with the GIN path on 2026-12-02). Buffer creation therefore
+// loads every kernel on its device once per process (load_all_kernels), before any of them can spin.
 #pragma once
 
-#include <cuda_runtime.h>
-
-#include "runtime/check.hpp"
+#include <vector>
 
 namespace openep::detail {
 
-// Forces `kernel` to be loaded on the current device (cudaFuncGetAttributes loads it under lazy loading).
-inline void load_kernel(const void* kernel, const char* name) {
-  cudaFuncAttributes attr{};
-  const cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
-  OPENEP_CHECK(e == cudaSuccess, ErrorCode::kCuda, "loading kernel ", name, " (cudaFuncGetAttributes): ",
-               cudaGetErrorString(e), "; built for sm_90a, is this a Hopper GPU?");
-}
+// A kernel, as the CUDA runtime names it (its host stub), and a name for messages.
+struct KernelRef {
+  const void* fn;
+  const char* name;
+};
 
-// One per kernel file: loads every kernel of src/kernels/<file>.cu on the current device.
-void load_runtime_kernels();
-void load_layout_kernels();
-void load_intranode_kernels();
-void load_internode_kernels();
-void load_internode_gin_kernels();
-void load_low_latency_kernels();
-void load_low_latency_gin_kernels();
+// One per kernel file: appends every kernel of src/kernels/<file>.cu (every instantiation it launches).
+// tools/check_kernel_loading.py (CTest check_kernel_loading) keeps these lists complete.
+void list_runtime_kernels(std::vector<KernelRef>& out);
+void list_layout_kernels(std::vector<KernelRef>& out);
+void list_intranode_kernels(std::vector<KernelRef>& out);
+void list_internode_kernels(std::vector<KernelRef>& out);
+void list_internode_gin_kernels(std::vector<KernelRef>& out);
+void list_low_latency_kernels(std::vector<KernelRef>& out);
+void list_low_latency_gin_kernels(std::vector<KernelRef>& out);
 
-// All of them, on `device`, once per process and device (thread-safe; later calls return at once). Restores the
-// calling thread's current device.
+// Every kernel of the library.
+std::vector<KernelRef> all_kernels();
+
+// Loads all of them on `device` (cudaFuncGetAttributes loads a kernel under lazy loading), once per process and
+// device (thread-safe; later calls return at once). Restores the calling thread's current device. Throws kCuda
+// naming the kernel that failed to load.
 void load_all_kernels(int device);
 
 }  // namespace openep::detail

@@ -537,10 +537,10 @@ void launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks
   launch(kernel, p, num_blocks, smem, grids, stream);
 }
 
-void load_low_latency_kernels() {
-  load_kernel(reinterpret_cast<const void*>(&low_latency_dispatch_kernel), "low_latency_dispatch_kernel");
-  load_kernel(reinterpret_cast<const void*>(&low_latency_combine_kernel<false>), "low_latency_combine_kernel<false>");
-  load_kernel(reinterpret_cast<const void*>(&low_latency_combine_kernel<true>), "low_latency_combine_kernel<true>");
+void list_low_latency_kernels(std::vector<KernelRef>& out) {
+  out.push_back({reinterpret_cast<const void*>(&low_latency_dispatch_kernel), "low_latency_dispatch_kernel"});
+  out.push_back({reinterpret_cast<const void*>(&low_latency_combine_kernel<false>), "low_latency_combine_kernel<false>"});
+  out.push_back({reinterpret_cast<const void*>(&low_latency_combine_kernel<true>), "low_latency_combine_kernel<true>"});
 }
 
 }  // namespace openep::detail

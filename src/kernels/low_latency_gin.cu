@@ -313,13 +313,13 @@ void launch_query_own_base(ncclWindow_t window, int rank, int num_ranks, char** 
   OPENEP_CUDA_CHECK(cudaGetLastError());
 }
 
-void load_low_latency_gin_kernels() {
-  load_kernel(reinterpret_cast<const void*>(&gin_dispatch_send_kernel), "gin_dispatch_send_kernel");
-  load_kernel(reinterpret_cast<const void*>(&gin_combine_send_kernel), "gin_combine_send_kernel");
-  load_kernel(reinterpret_cast<const void*>(&gin_signal_wait_kernel), "gin_signal_wait_kernel");
-  load_kernel(reinterpret_cast<const void*>(&gin_barrier_kernel), "gin_barrier_kernel");
-  load_kernel(reinterpret_cast<const void*>(&gin_reset_signals_kernel), "gin_reset_signals_kernel");
-  load_kernel(reinterpret_cast<const void*>(&query_own_base_kernel), "query_own_base_kernel");
+void list_low_latency_gin_kernels(std::vector<KernelRef>& out) {
+  out.push_back({reinterpret_cast<const void*>(&gin_dispatch_send_kernel), "gin_dispatch_send_kernel"});
+  out.push_back({reinterpret_cast<const void*>(&gin_combine_send_kernel), "gin_combine_send_kernel"});
+  out.push_back({reinterpret_cast<const void*>(&gin_signal_wait_kernel), "gin_signal_wait_kernel"});
+  out.push_back({reinterpret_cast<const void*>(&gin_barrier_kernel), "gin_barrier_kernel"});
+  out.push_back({reinterpret_cast<const void*>(&gin_reset_signals_kernel), "gin_reset_signals_kernel"});
+  out.push_back({reinterpret_cast<const void*>(&query_own_base_kernel), "query_own_base_kernel"});
 }
 
 }  // namespace openep::detail

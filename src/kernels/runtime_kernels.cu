@@ -42,9 +42,9 @@ void launch_barrier(const BarrierParams& params, cudaStream_t stream) {
   OPENEP_CUDA_CHECK(cudaGetLastError());
 }
 
-void load_runtime_kernels() {
-  load_kernel(reinterpret_cast<const void*>(&query_peer_bases_kernel), "query_peer_bases_kernel");
-  load_kernel(reinterpret_cast<const void*>(&barrier_kernel), "barrier_kernel");
+void list_runtime_kernels(std::vector<KernelRef>& out) {
+  out.push_back({reinterpret_cast<const void*>(&query_peer_bases_kernel), "query_peer_bases_kernel"});
+  out.push_back({reinterpret_cast<const void*>(&barrier_kernel), "barrier_kernel"});
 }
 
 }  // namespace openep::detail

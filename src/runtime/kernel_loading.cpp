@@ -1,10 +1,25 @@
-// load_all_kernels (kernels/load.hpp): every kernel on a device, once per process and device.
+// all_kernels and load_all_kernels (kernels/load.hpp).
+#include <cuda_runtime.h>
+
 #include <mutex>
 #include <set>
 
 #include "kernels/load.hpp"
+#include "runtime/check.hpp"
 
 namespace openep::detail {
+
+std::vector<KernelRef> all_kernels() {
+  std::vector<KernelRef> k;
+  list_runtime_kernels(k);
+  list_layout_kernels(k);
+  list_intranode_kernels(k);
+  list_internode_kernels(k);
+  list_internode_gin_kernels(k);
+  list_low_latency_kernels(k);
+  list_low_latency_gin_kernels(k);
+  return k;
+}
 
 void load_all_kernels(int device) {
   static std::mutex mu;
@@ -14,17 +29,15 @@ void load_all_kernels(int device) {
   int previous = 0;
   OPENEP_CUDA_CHECK(cudaGetDevice(&previous));
   OPENEP_CUDA_CHECK(cudaSetDevice(device));
-  try {
-    load_runtime_kernels();
-    load_layout_kernels();
-    load_intranode_kernels();
-    load_internode_kernels();
-    load_internode_gin_kernels();
-    load_low_latency_kernels();
-    load_low_latency_gin_kernels();
-  } catch (...) {
-    (void)cudaSetDevice(previous);
-    throw;
+  for (const KernelRef& k : all_kernels()) {
+    cudaFuncAttributes attr{};
+    const cudaError_t e = cudaFuncGetAttributes(&attr, k.fn);
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      (void)cudaSetDevice(previous);
+      OPENEP_CHECK(false, ErrorCode::kCuda, "loading kernel ", k.name, " on device ", device,
+                   " (cudaFuncGetAttributes): ", cudaGetErrorString(e), "; OpenEP is built for sm_90a (Hopper)");
+    }
   }
   OPENEP_CUDA_CHECK(cudaSetDevice(previous));
   loaded.insert(device);
