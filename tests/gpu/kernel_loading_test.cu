@@ -2,6 +2,7 @@
 // lazy loading can wait for a spinning kernel. Checked with the driver's own view (cuFuncIsLoaded) in this process,
 // which runs with the default module loading (lazy unless CUDA_MODULE_LOADING says otherwise).
 #include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 #include <nccl.h>
@@ -18,11 +19,24 @@
 namespace openep::test {
 namespace {
 
+// The driver functions come through the runtime's entry-point query: the test binary does not link libcuda (so
+// it still loads, and skips, on a machine without a driver).
+template <typename Fn>
+Fn driver_function(const char* name, unsigned version) {
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult status = cudaDriverEntryPointSymbolNotFound;
+  const cudaError_t e = cudaGetDriverEntryPointByVersion(name, &fn, version, cudaEnableDefault, &status);
+  EXPECT_TRUE(e == cudaSuccess && status == cudaDriverEntryPointSuccess && fn != nullptr) << name;
+  return reinterpret_cast<Fn>(fn);
+}
+
 bool is_loaded(const detail::KernelRef& k) {
+  static const auto func_is_loaded = driver_function<PFN_cuFuncIsLoaded_v12040>("cuFuncIsLoaded", 12040);
+  if (func_is_loaded == nullptr) return false;
   cudaFunction_t f = nullptr;
   EXPECT_EQ(cudaGetFuncBySymbol(&f, k.fn), cudaSuccess) << k.name;
   CUfunctionLoadingState state = CU_FUNCTION_LOADING_STATE_MAX;
-  EXPECT_EQ(cuFuncIsLoaded(&state, reinterpret_cast<CUfunction>(f)), CUDA_SUCCESS) << k.name;
+  EXPECT_EQ(func_is_loaded(&state, reinterpret_cast<CUfunction>(f)), CUDA_SUCCESS) << k.name;
   return state == CU_FUNCTION_LOADING_STATE_LOADED;
 }
 
@@ -31,8 +45,10 @@ TEST(KernelLoading, BufferCreationLoadsEveryKernel) {
   ASSERT_GE(kernels.size(), 24u);  // tools/check_kernel_loading.py keeps the list complete
   TEST_CUDA_CHECK(cudaSetDevice(0));
   TEST_CUDA_CHECK(cudaFree(nullptr));  // the context
+  const auto get_loading_mode = driver_function<PFN_cuModuleGetLoadingMode_v11070>("cuModuleGetLoadingMode", 11070);
+  ASSERT_NE(get_loading_mode, nullptr);
   CUmoduleLoadingMode mode = CU_MODULE_LAZY_LOADING;
-  ASSERT_EQ(cuModuleGetLoadingMode(&mode), CUDA_SUCCESS);
+  ASSERT_EQ(get_loading_mode(&mode), CUDA_SUCCESS);
   int loaded_before = 0;
   for (const auto& k : kernels) loaded_before += is_loaded(k);
   if (mode == CU_MODULE_LAZY_LOADING) {
