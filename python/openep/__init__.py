@@ -13,7 +13,7 @@ real DeepEP is importable: it is kept, with a warning, until ``OPENEP_SHADOW_DEE
 
 Exported (DeepEP's names): :class:`Buffer`, :class:`Config`, :class:`EventOverlap`, :class:`EventHandle`,
 ``topk_idx_t`` (``torch.int64``). OpenEP additions: :class:`OpenEPError` (every error OpenEP raises),
-:class:`OpenEPNotAvailableError` (capabilities that have not landed yet, e.g. shrink mode),
+:class:`OpenEPNotAvailableError` (DeepEP capabilities OpenEP has no counterpart for, e.g. CUDA IPC handles),
 :func:`compiled_nccl_version`, :func:`loaded_nccl_version`, :class:`IntranodeHandle`,
 :class:`LowLatencyHandle`, and
 :mod:`openep.reference` (the CPU reference, the specification the tests compare against).

@@ -4,8 +4,9 @@ Names, argument order, defaults, return tuples and stream semantics follow DeepE
 (../shared/docs/deepep-v1-interface.md sections 2, 4 and 5.11), so code written for ``deep_ep`` runs unchanged
 after ``import openep as deep_ep``, or after ``import deep_ep`` once OpenEP's alias is installed
 (``pip install ./python/deep_ep_alias``, see python/deep_ep_alias/README.md), for everything OpenEP has landed:
-intranode normal mode and low-latency mode (EP 2..8 ranks on one NVLink domain). Internode and shrink-mode methods
-exist with DeepEP's signatures and raise :class:`openep.OpenEPNotAvailableError`.
+intranode normal mode and low-latency mode (EP 2..8 ranks on one NVLink domain), internode normal mode (NVLink inside
+a node, NCCL between nodes; from Python run only on fake nodes over sockets), LogFMT combine and shrink mode. What
+OpenEP has no counterpart for (CUDA IPC and NVSHMEM bootstrap) raises :class:`openep.OpenEPNotAvailableError`.
 
 Streams (DeepEP 5.11), for get_dispatch_layout, dispatch and combine (the low-latency rules are stated above
 ``Buffer.low_latency_dispatch`` and in its docstring):
@@ -186,7 +187,7 @@ class Buffer:
         enable_shrink: low-latency failure masking (DeepEP's shrink mode; low-latency mode over NVLink only): a
             rank whose low-latency receive (or barrier) does not arrive within ``timeout_seconds`` is masked
             instead of raising, and the survivors carry on without it; see the ``low_latency_*_mask_buffer``
-            methods. NOT YET RUN ON A GPU.
+            methods. Its kernels have run on virtual ranks (C++ tests, EP2/4/8); from Python not yet on a GPU.
         comm: an mpi4py communicator to use instead of ``group`` for the unique-id exchange.
         timeout_seconds: OpenEP extension: how long a device-side wait on a peer may take before it is reported
             as ``OpenEPError(code="timeout")`` (default 10 s, or ``OPENEP_TIMEOUT_SECONDS``).
@@ -200,7 +201,8 @@ class Buffer:
             ``OPENEP_INTERNODE_BACKEND``): how the network leg between nodes moves. ``"host_p2p"``: host-enqueued
             NCCL send/recv, any network NCCL runs on. ``"gin"``: device-initiated NCCL GIN puts and signals; needs
             RDMA NICs (InfiniBand / RoCE) that NCCL drives with GIN, else ``OpenEPError(code="unsupported")`` at
-            creation. NOT RUN: written and compiled, never run on a real network (no RDMA NICs on the test machines).
+            creation. Never run on a real network (no RDMA NICs on the test machines); under the loopback GIN test
+            plugin its first run crashed in NCCL 2.28.9 (since worked around, not re-run).
 
     Attributes (DeepEP's): ``rank``, ``group``, ``group_size``, ``num_nvl_bytes``, ``num_rdma_bytes``,
     ``low_latency_mode``, ``explicitly_destroy``, ``enable_shrink``, ``runtime`` (None after destroy()): an
