@@ -7,6 +7,7 @@
 #   OUT=<dir> OPENEP_COMMIT=<sha> bash tools/one_gpu_check.sh 1     build, cpu, gpu; then together: the GIN and
 #                                                                    recovery fake-node worlds and the 2x1 ones, vrank
 #                                                                    runtime / internode / low latency EP2-4, Python
+#                                                                    (pytest subset, then fakenode_internode.py)
 #   OUT=<dir> OPENEP_COMMIT=<sha> bash tools/one_gpu_check.sh 2     together: vrank fabric / intranode / overlap /
 #                                                                    low latency EP8-16, the soak, the 4x1 fake-node
 #                                                                    worlds; then memcheck of the tiny hook case
@@ -34,7 +35,11 @@ if [ "$part" = 1 ]; then
     OPENEP_FAKENODE_REGEX='fake_node_(2x1|mgpu_internode_2x1|gin_2x1|gin_mgpu_2x1|recovery_4x1)$' &
   check vrank 520 vrank OPENEP_VRANK_LIMIT=500 OPENEP_VRANK_REGEX='runtime|internode|low_latency_ep(2|4)$' &
   (OUT="$P/python" timeout --kill-after=10 300 bash tools/python_gpu_check.sh "fake_nodes or without_weights or tools" \
-     >"$P/python.txt" 2>&1; echo "python: rc $?" >>"$P/rc.txt") &
+     >"$P/python.txt" 2>&1; echo "python: rc $?" >>"$P/rc.txt"
+   # DeepEP-style internode code from Python (layout, dispatch, combine, cached dispatch) on 2 fake nodes
+   timeout --kill-after=10 200 python3 tools/launch.py --nproc 2 --ranks-per-node 1 --min-gpus 1 --timeout 180 \
+     --log-dir "$P/py_internode_logs" -- python3 tests/python/fakenode_internode.py >"$P/py_internode.txt" 2>&1
+   echo "py_internode: rc $?" >>"$P/rc.txt") &
   wait
 elif [ "$part" = 2 ]; then
   check vrank 540 vrank OPENEP_VRANK_LIMIT=520 OPENEP_VRANK_REGEX='fabric|intranode|overlap|low_latency_ep(8|16)$' &
