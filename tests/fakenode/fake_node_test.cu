@@ -408,6 +408,33 @@ TEST(FakeNodeInternode, WorstCaseGraphReplaysWithNewDataMatchReference) {
   if (me == 0) say("internode worst-case graph: 4 replays with new data match the reference");
 }
 
+// Rank `me`'s next internode dispatch on `buffer` must end in kTimeout (a rail peer is dead or never joins), naming
+// this rank's rail peers (the same local rank on every other node, the dead one included), within `max_seconds`
+// when that is > 0. `label` goes into the log line and the failure messages.
+void expect_dispatch_timeout(Buffer& buffer, const internode::Case& c, const internode::World& w, const char* label,
+                             double max_seconds) {
+  const FakeNodeEnv& e = fake_env();
+  const int R = e.world_size, M = e.ranks_per_node;
+  const intranode::Case ic = internode::as_intranode(c);
+  internode::Runner run(buffer, c, w.inputs[e.rank], ic);
+  internode::Dispatched dd;
+  Deadline d(4 * kCollectiveSeconds, std::string("dispatch with ") + label + " (must end in kTimeout)");
+  const Clock::time_point t0 = Clock::now();
+  try {
+    run.dispatch(dd, 0);
+    ADD_FAILURE() << "dispatch with " << label << " succeeded";
+  } catch (const Error& err) {
+    const double waited = seconds_since(t0);
+    say("%s: %s after %.1f s: %s", label, error_code_name(err.code()), waited, err.what());
+    EXPECT_STREQ(error_code_name(err.code()), error_code_name(ErrorCode::kTimeout)) << err.what();
+    std::string peers;
+    for (int n = 0; n < R / M; ++n)
+      if (n != e.node) peers += (peers.empty() ? "" : ", ") + std::to_string(n * M + e.rank % M);
+    EXPECT_TRUE(contains(err.what(), "rail peers (ranks " + peers + ")")) << err.what();
+    if (max_seconds > 0) EXPECT_LT(waited, max_seconds) << err.what();
+  }
+}
+
 // A rank that never joins: its rail peers' next operation fails with kTimeout naming the rail peers (the stuck NCCL
 // leg is aborted) instead of hanging, and the process and the world communicator stay usable.
 TEST(FakeNodeInternode, DeadRailPeerBecomesATimeoutError) {
@@ -418,25 +445,8 @@ TEST(FakeNodeInternode, DeadRailPeerBecomesATimeoutError) {
   {
     BufferOptions o = internode::options_for(c, R, M, 5);
     Buffer buffer(world(), o);
-    if (e.rank != R - 1) {  // the last rank "dies": it never calls dispatch
-      const intranode::Case ic = internode::as_intranode(c);
-      internode::Runner run(buffer, c, w.inputs[e.rank], ic);
-      internode::Dispatched dd;
-      Deadline d(4 * kCollectiveSeconds, "dispatch against a dead rail peer (must end in kTimeout)");
-      const Clock::time_point t0 = Clock::now();
-      try {
-        run.dispatch(dd, 0);
-        ADD_FAILURE() << "dispatch with a dead rail peer succeeded";
-      } catch (const Error& err) {
-        say("dead rail peer: %s after %.1f s: %s", error_code_name(err.code()), seconds_since(t0), err.what());
-        EXPECT_STREQ(error_code_name(err.code()), error_code_name(ErrorCode::kTimeout)) << err.what();
-        // The message lists this rank's rail peers (the same local rank on every other node), the dead one included.
-        std::string peers;
-        for (int n = 0; n < R / M; ++n)
-          if (n != e.node) peers += (peers.empty() ? "" : ", ") + std::to_string(n * M + e.rank % M);
-        EXPECT_TRUE(contains(err.what(), "rail peers (ranks " + peers + ")")) << err.what();
-      }
-    }
+    // the last rank "dies": it never calls dispatch
+    if (e.rank != R - 1) expect_dispatch_timeout(buffer, c, w, "a dead rail peer", 0);
   }
   ASSERT_NO_FATAL_FAILURE(check_all_reduce(world().comm(), 4096, "after the dead-rail-peer test"));
 }
@@ -620,24 +630,9 @@ TEST(FakeNodeRecovery, SurvivorsOfAKilledRankShrinkTheGroupAndCarryOn) {
       say("rank %d: killing myself with SIGKILL", e.rank);
       std::raise(SIGKILL);
     }
-    // Survivors: the dead rank's rail leg never completes.
-    const internode::World w = internode::make_world(c, R, M, 22);
-    const intranode::Case ic = internode::as_intranode(c);
-    internode::Runner run(*buffer, c, w.inputs[e.rank], ic);
-    internode::Dispatched dd;
-    Deadline d(4 * kCollectiveSeconds, "dispatch after the victim died (must end in kTimeout)");
-    const Clock::time_point t0 = Clock::now();
-    try {
-      run.dispatch(dd, 0);
-      ADD_FAILURE() << "dispatch with a dead (SIGKILLed) peer succeeded";
-    } catch (const Error& err) {
-      const double waited = seconds_since(t0);
-      say("after the kill: %s after %.1f s: %s", error_code_name(err.code()), waited, err.what());
-      EXPECT_STREQ(error_code_name(err.code()), error_code_name(ErrorCode::kTimeout)) << err.what();
-      EXPECT_TRUE(contains(err.what(), std::to_string(victim))) << "the error does not name rank " << victim << ": "
-                                                                << err.what();
-      EXPECT_LT(waited, 3 * timeout_s + 10) << err.what();
-    }
+    // Survivors: the dead rank's rail leg never completes; the error's rail-peer list names it.
+    expect_dispatch_timeout(*buffer, c, internode::make_world(c, R, M, 22), "a SIGKILLed rail peer",
+                            3 * timeout_s + 10);
     Deadline dd2(kCollectiveSeconds, "destroying the Buffer after the victim died");
     buffer.reset();
   }
