@@ -302,7 +302,14 @@ void launch_gin_barrier(const GinBarrierParams& p, cudaStream_t stream) {
 }
 
 void launch_gin_reset_signals(const ncclDevComm& dev_comm, int num_ranks, cudaStream_t stream) {
-  gin_reset_signals_kernel<<<1, 256, 0, stream>>>(dev_comm, GinSignals::num_resettable(num_ranks));
+  launch_gin_zero_signals(dev_comm, GinSignals::num_resettable(num_ranks), stream);
+}
+
+void launch_gin_zero_signals(const ncclDevComm& dev_comm, int num_signals, cudaStream_t stream) {
+  OPENEP_CHECK(num_signals >= 0 && num_signals <= static_cast<int>(dev_comm.ginSignalCount), ErrorCode::kInternal,
+               "zeroing ", num_signals, " GIN signals of a device communicator that has ", dev_comm.ginSignalCount);
+  if (num_signals == 0) return;
+  gin_reset_signals_kernel<<<1, 256, 0, stream>>>(dev_comm, num_signals);
   OPENEP_CUDA_CHECK(cudaGetLastError());
 }
 

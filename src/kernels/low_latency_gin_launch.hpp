@@ -69,6 +69,13 @@ void launch_gin_barrier(const GinBarrierParams& p, cudaStream_t stream);
 // Zeroes the dispatch and combine signals (not the barrier ones) on every context. REQUIRES: no traffic
 // targets them (clean_low_latency_buffer calls it between two barriers).
 void launch_gin_reset_signals(const ncclDevComm& dev_comm, int num_ranks, cudaStream_t stream);
+// Zeroes signals [0, num_signals) of `dev_comm` on every context. NCCL 2.28.9 hands a new device communicator a
+// range of a per-communicator signal pool that an earlier, destroyed one may have used, WITHOUT zeroing it
+// (ncclGinAllocSignalsCounters is a plain space allocator): a new Buffer would see its predecessor's counts and
+// pass its first waits at once (seen on an H200 with the loopback GIN plugin: flags read as 0, wrong rows).
+// REQUIRES: no peer signals `dev_comm` yet (create_gin_dev_comm calls it before the window registration, which
+// is collective).
+void launch_gin_zero_signals(const ncclDevComm& dev_comm, int num_signals, cudaStream_t stream);
 // Fills peer_bases[p] = nullptr for every p except peer_bases[rank] = this rank's own window base (the
 // receive kernels read only their own region; a non-LSA peer has no valid LSA pointer).
 void launch_query_own_base(ncclWindow_t window, int rank, int num_ranks, char** peer_bases, cudaStream_t stream);

@@ -32,6 +32,18 @@ void create_gin_dev_comm(ncclComm_t comm, const ncclDevCommRequirements& reqs, i
                "RDMA NICs", remedy);
   OPENEP_CHECK(dev_comm.ginSignalCount >= signals_needed, ErrorCode::kUnsupported, option, ": NCCL gave ",
                dev_comm.ginSignalCount, " GIN signals, the network path needs ", signals_needed, remedy);
+  // NCCL does not zero the signals of a new device communicator (launch_gin_zero_signals says why). No peer can
+  // signal us before the caller's window registration (collective), which comes after this.
+  cudaStream_t s = nullptr;
+  OPENEP_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  try {
+    launch_gin_zero_signals(dev_comm, signals_needed, s);
+    OPENEP_CUDA_CHECK(cudaStreamSynchronize(s));
+  } catch (...) {
+    cudaStreamDestroy(s);
+    throw;
+  }
+  OPENEP_CUDA_CHECK(cudaStreamDestroy(s));
 }
 
 NcclFabric::NcclFabric(ncclComm_t comm, int device, bool owns_comm) : comm_(comm), owns_comm_(owns_comm), device_(device) {

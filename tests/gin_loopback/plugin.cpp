@@ -661,13 +661,21 @@ ncclResult_t gin_deregmr(void* collv, void* mh) {
 
 bool known(CollComm* c, uint64_t id) { return id == kNoWindow || c->windows.count(id); }
 
+// A put whose window was deregistered here while it was in flight (the receiver released memory a peer still
+// writes to: a protocol error of the caller) is an error NCCL reports, not a crash of the process.
 bool apply(CollComm* c, const WireOp& op, Part part) {
-  if (part == Part::kData) {
-    if (op.hdr.size == 0) return true;
-    return copy_in(*c->windows.at(op.hdr.win_id), op.hdr.dst_off, op.hdr.size, op.data.data());
+  const uint64_t id = part == Part::kData ? op.hdr.win_id : op.hdr.sig_win_id;
+  if (part == Part::kData && op.hdr.size == 0) return true;
+  auto it = c->windows.find(id);
+  if (it == c->windows.end()) {
+    WARN("GIN: a %s from rank %u (seq %llu) names window %llu, which is not registered here (deregistered while "
+         "the put was in flight)", part == Part::kData ? "put" : "signal", op.hdr.src_rank,
+         (unsigned long long)op.hdr.seq, (unsigned long long)id);
+    return false;
   }
+  if (part == Part::kData) return copy_in(*it->second, op.hdr.dst_off, op.hdr.size, op.data.data());
   uint64_t add = op.hdr.sig_op == kSignalOpInc ? 1 : op.hdr.sig_value;
-  return signal_add(*c->windows.at(op.hdr.sig_win_id), op.hdr.sig_off, add);
+  return signal_add(*it->second, op.hdr.sig_off, add);
 }
 
 // Moves bytes both ways and applies what the ordering engines release. Caller holds g_mu.
