@@ -268,6 +268,12 @@ inline std::string check_dispatch(const LLRank& g, const ref::LowLatencyRecv& wa
   return {};
 }
 
+// Whether the low-latency tests run over the network (GIN) path: OPENEP_TEST_LL_NETWORK=1 (below).
+inline bool ll_over_network() {
+  const char* network = std::getenv("OPENEP_TEST_LL_NETWORK");
+  return network != nullptr && std::string(network) == "1";
+}
+
 inline BufferOptions ll_options(size_t rdma_bytes, double timeout_s = 20.0) {
   BufferOptions o;
   o.num_rdma_bytes = rdma_bytes;
@@ -275,8 +281,7 @@ inline BufferOptions ll_options(size_t rdma_bytes, double timeout_s = 20.0) {
   o.timeout_seconds = test_timeout(timeout_s);
   // OPENEP_TEST_LL_NETWORK=1 (the fake-node GIN CTest tests, tests/fake_nodes.cmake): allow_network, so the
   // multi-GPU binary's low-latency tests run over GIN when its world spans fake nodes.
-  const char* network = std::getenv("OPENEP_TEST_LL_NETWORK");
-  o.allow_network = network != nullptr && std::string(network) == "1";
+  o.allow_network = ll_over_network();
   return o;
 }
 
