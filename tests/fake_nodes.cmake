@@ -39,7 +39,7 @@ openep_add_fake_node_test(fake_node_2x2 4 2 2)
 # The same fake-node worlds with NCCL's network between the fake nodes provided by the loopback GIN test plugin
 # (tests/gin_loopback/, launch.py --gin-loopback): NCCL_NET=OpenEPLoopback, NCCL_GIN_TYPE=2, so GIN (proxy type)
 # exists and FakeNodeGinProbe expects the GIN low-latency Buffer to be CREATED instead of refused.
-# NOT YET RUN ON A GPU (written on a CPU machine); exit 77 (skipped) without a GPU.
+# fake_node_gin_2x1 and _4x1 pass on one H200 (2026-12-02); exit 77 (skipped) without a GPU.
 function(openep_add_fake_node_gin_test name nproc ranks_per_node min_gpus)
   add_test(NAME ${name}
     COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tools/launch.py
@@ -86,7 +86,7 @@ foreach(n 2 4)
 endforeach()
 
 # A rank killed with SIGKILL, the survivors shrink the Group and carry on (FakeNodeRecovery): alone, 4 fake nodes on
-# one GPU, rank 3 dies on purpose (launch.py --expect-killed 3). NOT YET RUN ON A GPU.
+# one GPU, rank 3 dies on purpose (launch.py --expect-killed 3). Passes on one H200 (2026-12-02, 86e625e).
 add_test(NAME fake_node_recovery_4x1
   COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tools/launch.py
           --nproc 4 --ranks-per-node 1 --min-gpus 1 --timeout 600 --expect-killed 3

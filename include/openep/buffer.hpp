@@ -54,8 +54,9 @@ struct BufferOptions {
   //   about num_rdma_bytes / 2 more window memory, and the low-latency operations move every message with
   //   GIN puts (same outputs and handle as over NVLink); normal-mode operations fail with kUnsupported.
   //   Creation fails with kUnsupported naming NCCL's reason when the fabric offers no GIN.
-  // NOT YET RUN ON A REAL NETWORK: the test machines have no RDMA NICs, so this path builds and its
-  // selection is unit-tested, but it has never moved a byte. Treat it as experimental.
+  // EXPERIMENTAL: never run on a real network (the test machines have no RDMA NICs). It has run only under
+  // OpenEP's loopback GIN test plugin between fake nodes on one GPU (dispatch and combine, BF16/FP8, hook,
+  // zero-copy, bitwise against the reference; tests/gin_loopback/README.md).
   bool allow_network = false;
   // Internode normal mode only: how the network leg moves (InternodeBackend above). Never chosen for you.
   // kGin REQUIRES a Group over several nodes in normal mode (else kUnsupported / kInvalidArgument naming this
@@ -71,7 +72,8 @@ struct BufferOptions {
   // times out MASKS the peer instead of failing: the survivors carry on without it, results equal the reference
   // with that rank masked. Tokens of a masked rank are not received. Set, query and clear the mask with
   // low_latency_update_mask_buffer / low_latency_query_mask_buffer / low_latency_clean_mask_buffer.
-  // NOT YET RUN ON A GPU (written 2026-12-02; tests in tests/ranks/low_latency_test.cu, LowLatencyVrank.Shrink*).
+  // Run on virtual ranks at EP2/4/8 on one H200 (LowLatencyVrank.Shrink*, tests/ranks/low_latency_test.cu); not
+  // yet with a killed process.
   bool enable_shrink = false;
 };
 

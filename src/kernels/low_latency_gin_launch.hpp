@@ -1,6 +1,6 @@
 // Launchers of the network (GIN) low-latency kernels, src/kernels/low_latency_gin.cu (protocol there).
-// Used only by a Buffer created with Transport::kGin (runtime/transport.hpp). NOT YET RUN ON A REAL NETWORK:
-// the test machines have no RDMA NICs, so these kernels are compiled and linked but have never executed.
+// Used only by a Buffer created with Transport::kGin (runtime/transport.hpp). Run only under the
+// loopback GIN test plugin (fake nodes on one GPU, tests/gin_loopback/README.md), never on a real network.
 #pragma once
 
 #include <cuda_runtime.h>

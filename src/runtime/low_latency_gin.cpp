@@ -1,5 +1,5 @@
-// Host side of the network (GIN) low-latency path. NOT YET RUN ON A REAL NETWORK: the test machines have no
-// RDMA NICs, so this code is compiled and linked, and its policy is CPU-tested, but it has never executed.
+// Host side of the network (GIN) low-latency path. Run only under the loopback GIN test plugin (fake nodes on one
+// H200: tests/gin_loopback/README.md); never on a real network (no RDMA NICs on the test machines).
 #include "runtime/low_latency_gin.hpp"
 
 #include <nccl_device.h>

@@ -19,7 +19,7 @@ void warn_nccl(ncclResult_t res, const char* what) noexcept {
   if (res != ncclSuccess) std::fprintf(stderr, "OpenEP: %s failed during teardown: %s\n", what, ncclGetErrorString(res));
 }
 
-// NOT YET RUN ON A REAL NETWORK (no RDMA NICs on the test machines).
+// Run under the loopback GIN test plugin (low-latency Buffers on fake nodes); never on a real network.
 void create_gin_dev_comm(ncclComm_t comm, const ncclDevCommRequirements& reqs, int signals_needed, const char* option,
                          const char* remedy, ncclDevComm& dev_comm, bool& created) {
   created = false;

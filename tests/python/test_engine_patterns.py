@@ -269,7 +269,7 @@ def test_engine_shapes_fit_openeps_own_requirement():
 @pytest.mark.parametrize("engine", ENGINES)
 def test_scripts_import_without_torch_and_say_how_to_install_deep_ep(engine):
     mod = _load(engine)
-    assert "NOT RUN ON A GPU YET" in mod.__doc__ and "tools/launch.py --nproc 2" in mod.__doc__
+    assert "NOT YET RUN on 2 real GPUs" in mod.__doc__ and "tools/launch.py --nproc 2" in mod.__doc__
     assert "--ranks-per-node 1 --min-gpus 1" in mod.__doc__
     # -S: no site-packages, so neither the alias nor openep is importable: the script must stop with the message
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}

@@ -1,5 +1,6 @@
 """Megatron-LM's DeepEP call pattern (the "flex" token dispatcher with the deepep backend), replayed through
-``import deep_ep`` and checked against openep.reference. NOT RUN ON A GPU YET.
+``import deep_ep`` and checked against openep.reference. RUN on 2 fake nodes on one H200
+(86e625e, 2026-12-02: internode normal mode; the decode part skips there); NOT YET RUN on 2 real GPUs.
 
 What it follows (read in NVIDIA/Megatron-LM, megatron/core/transformer/moe/):
   * token_dispatcher.py, _DeepepManager: __init__ calls set_deepep_num_sms(20) (Buffer.set_num_sms);

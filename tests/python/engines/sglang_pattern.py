@@ -1,5 +1,6 @@
 """SGLang's DeepEP call pattern (prefill in normal mode, decode in low-latency mode, one shared Buffer), replayed
-through ``import deep_ep`` and checked against openep.reference. NOT RUN ON A GPU YET.
+through ``import deep_ep`` and checked against openep.reference. RUN on 2 fake nodes on one H200
+(86e625e, 2026-12-02: internode normal mode; the decode part skips there); NOT YET RUN on 2 real GPUs.
 
 What it follows (read in sgl-project/sglang, python/sglang/srt/layers/moe/token_dispatcher/deepep.py):
   * DeepEPConfig: --deepep-config JSON turned into ``Config(**normal_dispatch)`` / ``Config(**normal_combine)``
