@@ -34,7 +34,8 @@ namespace openep {
 //             runs on (InfiniBand, RoCE, EFA through its plugin, sockets). The default.
 //   kGin      device-initiated: a small kernel posts NCCL GIN puts with signals to the rail peers and waits
 //             (bounded) for theirs. Needs RDMA NICs NCCL drives with GIN (InfiniBand / RoCE verbs; not sockets,
-//             not stock EFA). WRITTEN AND COMPILED, NOT RUN: the test machines have no RDMA NICs.
+//             not stock EFA). RUN only under the loopback GIN test plugin (fake nodes on one H200, 2026-12-02);
+//             NEVER on a real network: the test machines have no RDMA NICs.
 enum class InternodeBackend : int { kHostP2p = 0, kGin = 1 };
 
 struct BufferOptions {
@@ -56,7 +57,8 @@ struct BufferOptions {
   //   Creation fails with kUnsupported naming NCCL's reason when the fabric offers no GIN.
   // EXPERIMENTAL: never run on a real network (the test machines have no RDMA NICs). It has run only under
   // OpenEP's loopback GIN test plugin between fake nodes on one GPU (dispatch and combine, BF16/FP8, hook,
-  // zero-copy, bitwise against the reference; tests/gin_loopback/README.md).
+  // zero-copy, graph replays, the missing-peer timeout, bitwise against the reference, 2 and 4 nodes with one rank
+  // per node; tests/gin_loopback/README.md).
   bool allow_network = false;
   // Internode normal mode only: how the network leg moves (InternodeBackend above). Never chosen for you.
   // kGin REQUIRES a Group over several nodes in normal mode (else kUnsupported / kInvalidArgument naming this
@@ -64,7 +66,9 @@ struct BufferOptions {
   // communicator only (the Group's and the node communicators never get GIN) and registers the rail buffers
   // (num_rdma_bytes plus a few KiB of headers and control words) as its window; where NCCL offers no GIN it fails
   // with kUnsupported naming NCCL's reason. The rail communicator is then unusable (it is aborted); the Group's
-  // communicator is not touched. NOT RUN on a real network yet (no RDMA NICs on the test machines).
+  // communicator is not touched. EXPERIMENTAL: run only under the loopback GIN test plugin between fake nodes on one
+  // H200 (2026-12-02: the internode suite bitwise, 2 and 4 nodes, one rank per node); NOT RUN on a real network yet
+  // (no RDMA NICs on the test machines).
   InternodeBackend internode_backend = InternodeBackend::kHostP2p;
   // Shrink mode (DeepEP's enable_shrink; low-latency mode over NVLink only): a per-rank mask [num_ranks] lives
   // in device memory. A masked rank is not sent to, not waited for, and its experts' rows are left out of every
@@ -102,7 +106,7 @@ class Buffer {
   // GIN path; not yet run on a real network) applies. Internode: nodes must be equal, node-major and of at most
   // 8 ranks, else kUnsupported saying so; creation splits a node and a rail communicator off the Group's. With
   // options.internode_backend = kGin it also creates the rail's GIN device communicator and window (kUnsupported
-  // naming NCCL's reason where there is no GIN; NOT RUN on a real network).
+  // naming NCCL's reason where there is no GIN; not yet run on a real network).
   Buffer(Group& group, const BufferOptions& options);
   // Drains the communication stream, then releases the window and device memory. Never throws.
   ~Buffer();

@@ -12,7 +12,9 @@
 // ranks with emulated nodes; NEVER over InfiniBand, RoCE or EFA, and never timed on a real network.
 // Optional second backend of the network leg, BufferOptions::internode_backend = InternodeBackend::kGin
 // (buffer.hpp): the same records, chunks and kernels, the rail exchanges device-initiated with NCCL GIN puts and
-// signals; needs RDMA NICs with NCCL GIN (InfiniBand / RoCE). WRITTEN AND COMPILED, NOT RUN.
+// signals; needs RDMA NICs with NCCL GIN (InfiniBand / RoCE). RUN only under the loopback GIN test plugin
+// (tests/gin_loopback) in fake-node worlds on one H200 (2026-12-02): the internode suite bitwise in 2- and 4-node
+// worlds, one rank per node; NEVER on a real network (no RDMA NICs here), never with several ranks per node.
 //
 // Semantics (CPU reference, reference/openep/reference.hpp):
 //  * dispatch: exactly the rows, order and top-k localisation of intranode dispatch (ref::dispatch): rows are
@@ -32,7 +34,9 @@
 // and phase. The network leg is NCCL's: Buffer::synchronize() on an internode Buffer waits at most
 // timeout_seconds (+5 s) and then aborts the rail communicator and raises kTimeout, so a dead node becomes an
 // error, not a hang. CUDA graphs: worst-case and cached mode enqueue only kernels and fixed-size NCCL p2p (the
-// rail is warmed up at Buffer creation), but capture has NOT BEEN RUN yet; virtual ranks cannot capture at all.
+// rail is warmed up at Buffer creation); capture of worst-case layout + dispatch + combine has run on fake nodes
+// (FakeNodeInternode.WorstCaseGraphReplaysWithNewDataMatchReference, 2 and 4 nodes on one H200; cached mode in a
+// graph has not); virtual ranks cannot capture at all.
 #pragma once
 
 #include <cstddef>

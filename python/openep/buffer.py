@@ -194,16 +194,17 @@ class Buffer:
         allow_network: OpenEP extension (default False, or ``OPENEP_ALLOW_NETWORK=1``): lets a low-latency Buffer
             whose ranks span several NVLink domains (nodes) use the network path over NCCL GIN. EXPERIMENTAL: that
             path has never run on a real network (no RDMA NICs on the test machines); it has run only under
-            OpenEP's loopback GIN test plugin between fake nodes on one GPU. Ignored when all
-            ranks share one NVLink domain (NVLink is always used there); without it such a group raises
+            OpenEP's loopback GIN test plugin between fake nodes on one H200 (2026-12-02, one rank per node). Ignored
+            when all ranks share one NVLink domain (NVLink is always used there); without it such a group raises
             ``OpenEPError(code="unsupported")``. Normal mode across nodes (internode) needs no flag, only
             ``num_rdma_bytes > 0``.
         internode_backend: OpenEP extension, internode normal mode only (default ``"host_p2p"``, or
             ``OPENEP_INTERNODE_BACKEND``): how the network leg between nodes moves. ``"host_p2p"``: host-enqueued
             NCCL send/recv, any network NCCL runs on. ``"gin"``: device-initiated NCCL GIN puts and signals; needs
             RDMA NICs (InfiniBand / RoCE) that NCCL drives with GIN, else ``OpenEPError(code="unsupported")`` at
-            creation. Never run on a real network (no RDMA NICs on the test machines); under the loopback GIN test
-            plugin its first run crashed in NCCL 2.28.9 (since worked around; the internode GIN suite has not run).
+            creation. Never run on a real network (no RDMA NICs on the test machines); it has run only under the
+            loopback GIN test plugin between fake nodes on one H200 (2026-12-02, one rank per node: the internode
+            suite passes bitwise in 2- and 4-node worlds).
 
     Attributes (DeepEP's): ``rank``, ``group``, ``group_size``, ``num_nvl_bytes``, ``num_rdma_bytes``,
     ``low_latency_mode``, ``explicitly_destroy``, ``enable_shrink``, ``runtime`` (None after destroy()): an

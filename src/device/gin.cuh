@@ -1,5 +1,6 @@
 // Small GIN helpers shared by the network low-latency kernels (kernels/low_latency_gin.cu) and the internode GIN
-// rail (kernels/internode_gin.cu). NOT YET RUN ON A REAL NETWORK (no RDMA NICs on the test machines).
+// rail (kernels/internode_gin.cu). NOT YET RUN ON A REAL NETWORK (no RDMA NICs on the test machines); run only
+// under the loopback GIN test plugin (fake nodes on one H200, 2026-12-02).
 #pragma once
 
 #include <nccl_device.h>

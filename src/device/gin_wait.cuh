@@ -1,6 +1,7 @@
 // Bounded wait on an NCCL GIN signal (network path; NOT YET RUN ON A REAL NETWORK, no RDMA NICs on the
-// test machines). NCCL's waitSignal spins forever; this polls readSignal (acquire) under the same timeout,
-// early exit and error record as device::wait_geq (wait.cuh), so a lost signal names rank, peer and phase.
+// test machines; run only under the loopback GIN test plugin). NCCL's waitSignal spins forever; this polls
+// readSignal (acquire) under the same timeout, early exit and error record as device::wait_geq (wait.cuh), so a
+// lost signal names rank, peer and phase.
 //
 // Signals only grow between resets, so the condition is "value - target >= 0" in wrap-around arithmetic
 // (the rolling comparison NCCL uses too).

@@ -1,8 +1,11 @@
 // The internode GIN rail (BufferOptions::internode_backend = kGin): one Rail::exchange as a device-initiated
 // rendezvous with every listed rail peer, over NCCL GIN puts and signals on the rail communicator.
 //
-// NOT RUN ON A REAL NETWORK. The test machines have no RDMA NICs, so this file is compiled (sm_90a, warnings are
-// errors) and linked into openep_core, but its kernel has never executed.
+// RUN only under the loopback GIN test plugin (tests/gin_loopback: a GIN proxy network emulated over Unix sockets
+// on one host) in fake-node worlds on one H200 (2026-12-02, 9b5ce90): InternodeMgpu.*, 16 cases bitwise against the
+// CPU reference (BF16/FP8, up to 4096 tokens x hidden 7168, chunked), 2 and 4 nodes with one rank per node.
+// NEVER ON A REAL NETWORK: the test machines have no RDMA NICs, so real NICs (InfiniBand/RoCE), GDAKI, NIC ordering
+// and speed are untested; so is more than one rank per node (needs 2+ GPUs).
 //
 // The protocol above it is internode normal mode's, unchanged (docs/INTERNODE.md): the same records, partials,
 // headers and chunks move between the same rail halves; pack / forward / node-reduce / combine_final are the

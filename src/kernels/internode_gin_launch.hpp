@@ -1,6 +1,6 @@
 // Launcher of the internode GIN rail's exchange kernel (src/kernels/internode_gin.cu has the protocol). Used only
-// by a Buffer created with BufferOptions::internode_backend = kGin (Transport::kInternodeGin). NOT RUN on a real
-// network: the test machines have no RDMA NICs, so this kernel is compiled and linked but has never executed.
+// by a Buffer created with BufferOptions::internode_backend = kGin (Transport::kInternodeGin). RUN only under the
+// loopback GIN test plugin (fake nodes on one H200, 2026-12-02); NEVER on a real network (no RDMA NICs here).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -1,8 +1,9 @@
 // Low-latency dispatch and combine for ranks in other nodes: NCCL GIN (network) puts and signals.
 //
-// RUN under the loopback GIN test plugin (fake nodes on one H200, 2026-12-02, a628bd5: 24 low-latency cases of
-// LowLatencyMgpu bitwise against the reference, 2 and 4 nodes); NEVER on a real network (no RDMA NICs here).
-// Real NICs, GDAKI, NIC ordering and speed are untested. It is used
+// RUN only under the loopback GIN test plugin (fake nodes on one H200, 2026-12-02: 24 LowLatencyMgpu cases at
+// a628bd5, graph replays and the missing-peer timeout at 9b5ce90, bitwise against the reference, 2 and 4 nodes, one
+// rank per node); NEVER on a real network (no RDMA NICs here). Real NICs (InfiniBand/RoCE), GDAKI, NIC ordering and
+// speed are untested, and so is more than one rank per node (needs 2+ GPUs). It is used
 // only by a Buffer created with Transport::kGin (runtime/transport.hpp: a multi-node Group, low-latency mode
 // and BufferOptions::allow_network); a single-node Buffer never launches anything from here, and the NVLink
 // kernels (low_latency.cu) are unchanged.

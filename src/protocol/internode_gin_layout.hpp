@@ -1,6 +1,6 @@
 // The window of the internode GIN rail (BufferOptions::internode_backend = kGin, runtime/internode_gin.hpp):
-// registered on the RAIL communicator only, the same size and layout on every rank. NOT RUN on a real network (no
-// RDMA NICs on the test machines); compiled and CPU-tested only.
+// registered on the RAIL communicator only, the same size and layout on every rank. CPU-tested, and RUN only under
+// the loopback GIN test plugin (fake nodes on one H200, 2026-12-02); NEVER on a real network (no RDMA NICs here).
 //
 //   [control]  kControlBytes, per rail peer (node) n two 16-byte slots of two uint64 {dest_offset, dest_bytes}:
 //                in_slot(n)   written ONLY by n (one 16-byte put from its out_slot(me)): where, in n's window, the

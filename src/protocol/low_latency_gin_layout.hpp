@@ -2,7 +2,8 @@
 // on a Buffer created with Transport::kGin, after everything the NVLink layout has (WindowLayout::total_bytes).
 // GIN reads a put's source through the NIC, so the source must lie in a registered window: messages are
 // staged here, then put to the same offsets of the receiver's low-latency region (LowLatencyLayout), which
-// is unchanged. NOT YET RUN ON A REAL NETWORK (no RDMA NICs on the test machines).
+// is unchanged. NOT YET RUN ON A REAL NETWORK (no RDMA NICs on the test machines); run only under the loopback
+// GIN test plugin (fake nodes on one H200, 2026-12-02).
 //
 //   [control]  counts  int32 [kMaxExperts]: the dispatch rows this rank sends to each global expert
 //                      (destination d's experts are the El consecutive entries from d * El)

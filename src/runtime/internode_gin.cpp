@@ -1,5 +1,5 @@
-// Host side of the internode GIN rail (runtime/internode_gin.hpp). NOT RUN ON A REAL NETWORK (no RDMA NICs on the
-// test machines): compiled and linked; the kernel it launches has never executed.
+// Host side of the internode GIN rail (runtime/internode_gin.hpp). RUN only under the loopback GIN test plugin
+// (fake nodes on one H200, 2026-12-02); NEVER on a real network (no RDMA NICs here).
 #include "runtime/internode_gin.hpp"
 
 #include <nccl_device.h>

@@ -3,8 +3,12 @@
 // kernels as the host-driven NcclRail; each exchange is a one-block kernel (kernels/internode_gin.cu) that
 // rendezvous with every rail peer over NCCL GIN puts and signals.
 //
-// NOT RUN ON A REAL NETWORK: the test machines have no RDMA NICs. This is compiled and linked, its selection and
-// window layout are CPU-tested, and its creation failure on sockets is what the fake-node test sees.
+// RUN only under the loopback GIN test plugin (tests/gin_loopback) in fake-node worlds on one H200 (2026-12-02,
+// 9b5ce90): InternodeMgpu.*, 16 cases bitwise against the CPU reference (BF16/FP8, up to 4096 tokens x hidden 7168,
+// chunked), in 2- and 4-node worlds with one rank per node. NEVER ON A REAL NETWORK: the test machines have no RDMA
+// NICs (no InfiniBand/RoCE, GDAKI, real NIC ordering or speed); never with several ranks per node (needs 2+ GPUs).
+// Its selection and window layout are CPU-tested, and its creation failure on plain sockets (no GIN) is what the
+// fake-node test sees there.
 #pragma once
 
 #include <nccl.h>

@@ -1,6 +1,7 @@
 // Host side of the network (GIN) low-latency path: the launch sequences of
 // dispatch and combine, and the barrier. Used only when Buffer::Impl::transport is kGin.
-// NOT YET RUN ON A REAL NETWORK (no RDMA NICs on the test machines): compiled and linked only.
+// NOT YET RUN ON A REAL NETWORK (no RDMA NICs on the test machines): run only under the loopback GIN test plugin
+// (fake nodes on one H200, 2026-12-02).
 #pragma once
 
 #include <nccl.h>

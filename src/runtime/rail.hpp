@@ -8,7 +8,8 @@
 //                staged for it (cudaMemcpyAsync after their events), host rendezvous between the rail peers.
 //   GinRail      (runtime/internode_gin.hpp; BufferOptions::internode_backend = kGin) the same exchanges,
 //                device-initiated: a one-block kernel on the stream rendezvous with every rail peer over NCCL GIN
-//                puts and signals on the rail communicator. WRITTEN, COMPILED, NOT RUN (no RDMA NICs here).
+//                puts and signals on the rail communicator. RUN only under the loopback GIN test plugin (fake
+//                nodes on one H200, 2026-12-02); NEVER on a real network (no RDMA NICs here).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -12,11 +12,14 @@
 //            (runtime/rail.hpp); runs on any network NCCL runs on. No opt-in is needed (DeepEP's behaviour).
 //   kInternodeGin the same internode normal mode, same protocol and kernels, but the rail's network leg is
 //            device-initiated (NCCL GIN put + signal, runtime/internode_gin.hpp). Only when the caller sets
-//            BufferOptions::internode_backend = kGin; never chosen automatically. WRITTEN, COMPILED, NOT RUN.
+//            BufferOptions::internode_backend = kGin; never chosen automatically. Loopback plugin only (below).
 //
-// NOT YET RUN ON A REAL NETWORK (no RDMA NICs on the test machines): the kGin path builds and its policy is
-// unit-tested on the CPU, but no byte has ever moved through it; the same holds for kInternodeGin. kHostP2p has run
-// over NCCL's socket transport between fake nodes (docs/fake-nodes.md), never over InfiniBand/RoCE/EFA.
+// NOT YET RUN ON A REAL NETWORK (no RDMA NICs on the test machines: no InfiniBand/RoCE, GDAKI, real NIC ordering or
+// speed). kGin and kInternodeGin have run only under the loopback GIN test plugin (tests/gin_loopback: a GIN proxy
+// network emulated over Unix sockets on one host) in fake-node worlds on one H200 (2026-12-02), 2 and 4 nodes with
+// one rank per node, bitwise against the CPU reference; never with several ranks per node on GIN (needs 2+ GPUs).
+// Their policy is unit-tested on the CPU. kHostP2p has run over NCCL's socket transport between fake nodes
+// (docs/fake-nodes.md), never over InfiniBand/RoCE/EFA.
 #pragma once
 
 #include <cstddef>

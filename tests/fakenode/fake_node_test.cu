@@ -410,9 +410,11 @@ TEST(FakeNodeInternode, WorstCaseGraphReplaysWithNewDataMatchReference) {
 
 // Rank `me`'s next internode dispatch on `buffer` must end in kTimeout (a rail peer is dead or never joins), naming
 // this rank's rail peers (the same local rank on every other node, the dead one included), within `max_seconds`
-// when that is > 0. `label` goes into the log line and the failure messages.
+// when that is > 0. `label` goes into the log line and the failure messages. `must_name`, when not empty, replaces
+// the rail-peer phrase as the text the error must contain (the GIN rail names the one peer its device wait timed
+// out on).
 void expect_dispatch_timeout(Buffer& buffer, const internode::Case& c, const internode::World& w, const char* label,
-                             double max_seconds) {
+                             double max_seconds, const std::string& must_name = std::string()) {
   const FakeNodeEnv& e = fake_env();
   const int R = e.world_size, M = e.ranks_per_node;
   const intranode::Case ic = internode::as_intranode(c);
@@ -430,7 +432,8 @@ void expect_dispatch_timeout(Buffer& buffer, const internode::Case& c, const int
     std::string peers;
     for (int n = 0; n < R / M; ++n)
       if (n != e.node) peers += (peers.empty() ? "" : ", ") + std::to_string(n * M + e.rank % M);
-    EXPECT_TRUE(contains(err.what(), "rail peers (ranks " + peers + ")")) << err.what();
+    const std::string phrase = must_name.empty() ? "rail peers (ranks " + peers + ")" : must_name;
+    EXPECT_TRUE(contains(err.what(), phrase)) << "expected \"" << phrase << "\" in: " << err.what();
     if (max_seconds > 0) EXPECT_LT(waited, max_seconds) << err.what();
   }
 }
@@ -519,6 +522,44 @@ TEST(FakeNodeInternodeGin, MatchesReferenceWhereGinExists) {
     if (::testing::Test::HasFailure()) return;
     if (e.rank == 0) say("internode GIN %s: ok (%.2f s incl. the reference)", internode::name(c).c_str(), seconds_since(t0));
   }
+}
+
+// A rail peer that never joins, on the GIN rail: the others' dispatch fails with kTimeout naming that peer and the
+// GIN rail phase within the Buffer's timeout, and the process and the world communicator stay usable. Needs GIN
+// between the fake nodes (the loopback GIN test plugin, CTest fake_node_gin_*); on sockets the GIN backend is
+// refused at creation (MatchesReferenceWhereGinExists checks that) and this test skips.
+TEST(FakeNodeInternodeGin, DeadRailPeerBecomesATimeoutError) {
+  const FakeNodeEnv& e = fake_env();
+  if (getenv("OPENEP_GIN_LOOPBACK") == nullptr)
+    GTEST_SKIP() << "needs GIN between the fake nodes (launch.py --gin-loopback)";
+  const int R = e.world_size, M = e.ranks_per_node;
+  const internode::Case c{64, 2048, 8, 8, false, true, internode::Route::kUniform};
+  const internode::World w = internode::make_world(c, R, M, 12);
+  std::unique_ptr<Group> split;
+  {
+    Deadline d(kCollectiveSeconds, "Group::split_from(world) for the GIN dead-rail-peer test");
+    split = Group::split_from(world().comm(), e.device);
+  }
+  {
+    BufferOptions o = internode::options_for(c, R, M, 5);
+    o.internode_backend = InternodeBackend::kGin;
+    std::unique_ptr<Buffer> buffer;
+    {
+      Deadline d(3 * kCollectiveSeconds, "internode GIN Buffer creation (dead-rail-peer test)");
+      buffer = std::make_unique<Buffer>(*split, o);
+    }
+    // The last rank "dies": it never calls dispatch. With one rank per node every other rank is its rail peer, and
+    // its device wait on the dead one times out first (the live peers' bytes arrive). With M > 1 a rank may time
+    // out on a live node peer held up by the dead one, so only the timeout itself is required there.
+    const int dead = R - 1;
+    const std::string phrase = M == 1 ? "for peer " + std::to_string(dead) + " in phase 'internode rail exchange over GIN"
+                                      : std::string("OpenEP timeout");
+    if (e.rank != dead) expect_dispatch_timeout(*buffer, c, w, "a dead rail peer on the GIN rail", 0, phrase);
+    Deadline d(3 * kCollectiveSeconds, "destroying the GIN Buffer after the dead-rail-peer test");
+    buffer.reset();
+    split.reset();
+  }
+  ASSERT_NO_FATAL_FAILURE(check_all_reduce(world().comm(), 4096, "after the GIN dead-rail-peer test"));
 }
 
 // ---- LAST: the GIN path on sockets, on a throwaway split of the world ----
