@@ -12,14 +12,16 @@
 #                                                                    low latency EP8-16, the soak, the 4x1 fake-node
 #                                                                    worlds; then memcheck on 2 fake nodes (sockets
 #                                                                    rail; low latency and internode over GIN)
-# OPENEP_LAUNCH_TIMEOUT_CAP (default 150) caps each fake-node world.
+# OPENEP_LAUNCH_TIMEOUT_CAP (default 300) caps each fake-node world (the GIN worlds of the multi-GPU binary take
+# an estimated ~150 s with 2 nodes and ~300 s with 4 under the loopback plugin, from the pieces timed on 2026-12-02:
+# every case is a new Buffer over slow sockets).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 part=${1:?usage: one_gpu_check.sh 1|2}
 OUT=${OUT:-one_gpu_check_out}
 commit=${OPENEP_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-export OPENEP_LAUNCH_TIMEOUT_CAP=${OPENEP_LAUNCH_TIMEOUT_CAP:-150}
+export OPENEP_LAUNCH_TIMEOUT_CAP=${OPENEP_LAUNCH_TIMEOUT_CAP:-300}
 P="$OUT/part$part"
 mkdir -p "$P"
 check() {  # check NAME SECONDS STEPS [VAR=VALUE...]: tools/gpu_check.sh with those steps, into $P/NAME
@@ -46,11 +48,12 @@ elif [ "$part" = 2 ]; then
   check vrank 540 vrank OPENEP_VRANK_LIMIT=520 OPENEP_VRANK_REGEX='fabric|intranode|overlap|low_latency_ep(8|16)$' &
   check soak 400 soak &
   check fakenode 480 fakenode OPENEP_FAKENODE_LIMIT=460 \
-    OPENEP_FAKENODE_REGEX='fake_node_(4x1|mgpu_internode_4x1|gin_4x1|gin_mgpu_4x1)$' &
+    OPENEP_FAKENODE_REGEX='fake_node_(4x1|mgpu_internode_4x1|gin_4x1)$' &
+  check fakenode_gin 480 fakenode OPENEP_FAKENODE_LIMIT=460 OPENEP_FAKENODE_REGEX='fake_node_gin_mgpu_4x1$' &
   wait
-  if [ $((SECONDS - t0)) -lt 400 ]; then  # memcheck with every rank its own process (tools/sanitizer_check.sh)
+  if [ $((SECONDS - t0)) -lt 470 ]; then  # memcheck with every rank its own process (tools/sanitizer_check.sh)
     OUT="$P/sanitizer" OPENEP_COMMIT="$commit" OPENEP_SANITIZER_SUITES="fake_nodes fake_nodes_gin" \
-      OPENEP_SANITIZER_LIMIT=90 timeout --kill-after=10 200 bash tools/sanitizer_check.sh >"$P/sanitizer.txt" 2>&1
+      OPENEP_SANITIZER_LIMIT=60 timeout --kill-after=10 120 bash tools/sanitizer_check.sh >"$P/sanitizer.txt" 2>&1
     echo "sanitizer: rc $?" >>"$P/rc.txt"
   fi
 else
