@@ -192,6 +192,10 @@ def main():
     p.add_argument("--profile", default="", help="comma-separated ops to run under cProfile first (rank 0 prints)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--ranks", type=int, default=0,
+                   help="processes, one per GPU (default: every GPU, at least 2); 1 = EP1 on one GPU, which measures "
+                        "the Python layer's host cost (host_call) with no NVLink traffic: compare such rows only "
+                        "with each other")
     a = p.parse_args()
     import socket
 
@@ -199,9 +203,10 @@ def main():
     import torch.multiprocessing as mp
     for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
         os.environ.setdefault(k, v)
-    world = torch.cuda.device_count()
-    if world < 2:
-        print("python_api_bench: needs >= 2 GPUs")
+    gpus = torch.cuda.device_count()
+    world = a.ranks or gpus
+    if world > gpus or (a.ranks == 0 and world < 2):
+        print(f"python_api_bench: needs {'>= 2' if a.ranks == 0 else a.ranks} GPUs (or --ranks 1), found {gpus}")
         raise SystemExit(77)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

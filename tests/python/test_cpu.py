@@ -549,7 +549,7 @@ def test_low_latency_combine_argument_checks(over, needle):
 
 def test_low_latency_combine_passes_use_logfmt_to_the_core(monkeypatch):
     """use_logfmt reaches the core's arguments (the core validates it: hidden % 128 == 0, NVLink transport)."""
-    import openep.buffer as buffer_module
+    import openep._low_latency as ll_module
     calls = []
 
     class FakeRuntime:
@@ -561,8 +561,8 @@ def test_low_latency_combine_passes_use_logfmt_to_the_core(monkeypatch):
 
     buf = _ll_buffer()
     buf.runtime, buf._device, buf._comm_ptr = FakeRuntime(), 0, 0
-    monkeypatch.setattr(buffer_module, "torch_module", lambda: None)
-    monkeypatch.setattr(buffer_module, "current_raw_stream", lambda device: 0)
+    monkeypatch.setattr(ll_module, "torch_module", lambda: None)
+    monkeypatch.setattr(ll_module, "current_raw_stream", lambda device: 0)
     for flag in (True, False):
         buf.low_latency_combine(**_combine_args(use_logfmt=flag, out=_LLTensor((64, H_))))
         assert calls[-1]["use_logfmt"] == int(flag)

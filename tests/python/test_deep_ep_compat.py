@@ -335,8 +335,8 @@ class _StubRuntime:
 
 def _stream_buffer(monkeypatch):
     """A Buffer without a GPU whose _begin runs for real against a stub core and a fake current stream."""
-    import openep.buffer as buffer_module
-    monkeypatch.setattr(buffer_module, "current_raw_stream", lambda device: 0xC0FFEE)
+    import openep._streams as streams_module
+    monkeypatch.setattr(streams_module, "current_raw_stream", lambda device: 0xC0FFEE)
     buf = object.__new__(openep.Buffer)
     buf.runtime, buf._device, buf._comm_ptr, buf._comm_stream = _StubRuntime(), 0, 0xC0, "comm-stream"
     return buf
