@@ -65,24 +65,25 @@ class InternodeOps:
             node_prefix = torch.empty((R, M), dtype=torch.int32, device=dev)
             gbl = torch.empty((R,), dtype=torch.int32, device=dev)
             rdma = torch.empty((N,), dtype=torch.int32, device=dev)
-            hd = {"num_tokens": num_tokens, "is_token_in_rank": is_token_in_rank.data_ptr(),
-                  "send_pos": send_pos.data_ptr(), "send_rdma_head": send_rdma_head.data_ptr(),
-                  "node_prefix": node_prefix.data_ptr(), "recv_gbl_rank_prefix_sum": gbl.data_ptr(),
-                  "recv_rdma_rank_prefix_sum": rdma.data_ptr()}
+            hd = _C.InternodeHandle()
+            hd.num_tokens, hd.is_token_in_rank = num_tokens, is_token_in_rank.data_ptr()
+            hd.send_pos, hd.send_rdma_head = send_pos.data_ptr(), send_rdma_head.data_ptr()
+            hd.node_prefix, hd.recv_gbl_rank_prefix_sum = node_prefix.data_ptr(), gbl.data_ptr()
+            hd.recv_rdma_rank_prefix_sum = rdma.data_ptr()
             stream = self._comm_stream.cuda_stream
-            num_recv, num_rdma_recv, per_expert, host = rt.internode_dispatch_prepare(args, hd, stream)
-            hd.update(host)
+            # fills the handle's counts (host fields) in place
+            num_recv, num_rdma_recv, per_expert = rt.internode_dispatch_prepare(args, hd, stream)
             mask = torch.empty((num_rdma_recv,), dtype=torch.int32, device=dev)
             recv_src_idx = torch.empty((num_recv,), dtype=torch.int32, device=dev)
             recv_src_meta = torch.empty((num_recv, 2), dtype=torch.int32, device=dev)
-            hd.update(recv_rdma_mask=mask.data_ptr(), recv_src_idx=recv_src_idx.data_ptr(),
-                      recv_src_meta=recv_src_meta.data_ptr())
+            hd.recv_rdma_mask, hd.recv_src_idx = mask.data_ptr(), recv_src_idx.data_ptr()
+            hd.recv_src_meta = recv_src_meta.data_ptr()
             recv_x, recv_scales, outs = self._recv_tensors(x, scales, num_recv)
             recv_topk_idx = recv_topk_weights = None
             if num_topk > 0:
                 recv_topk_idx = torch.empty((num_recv, num_topk), dtype=topk_idx.dtype, device=dev)
                 recv_topk_weights = torch.empty((num_recv, num_topk), dtype=torch.float32, device=dev)
-                outs.update(recv_topk_idx=recv_topk_idx.data_ptr(), recv_topk_weights=recv_topk_weights.data_ptr())
+                outs.recv_topk_idx, outs.recv_topk_weights = recv_topk_idx.data_ptr(), recv_topk_weights.data_ptr()
             rt.internode_dispatch(args, hd, outs, stream)
             handle = InternodeHandle(is_token_in_rank, None, None, None, rdma, None, gbl, recv_src_meta, send_rdma_head,
                                      mask)
@@ -109,13 +110,13 @@ class InternodeOps:
                                    allocate_on_comm_stream):
         op = "internode_dispatch"
         hd = self._internode_handle(op, handle)
-        if x.shape[0] != hd["num_tokens"]:
-            raise invalid_argument(f"{op}: cached mode expected x with {hd['num_tokens']} rows (the handle's token "
+        if x.shape[0] != hd.num_tokens:
+            raise invalid_argument(f"{op}: cached mode expected x with {hd.num_tokens} rows (the handle's token "
                                    f"count), got {x.shape[0]}")
         args = self._dispatch_args(x, scales, config)
         compute = self._begin(op, previous_event, async_finish, allocate_on_comm_stream)
         with self._alloc_context(allocate_on_comm_stream):
-            recv_x, recv_scales, outs = self._recv_tensors(x, scales, hd["num_recv_tokens"])
+            recv_x, recv_scales, outs = self._recv_tensors(x, scales, hd.num_recv_tokens)
             rt.internode_dispatch_cached(args, hd, outs, self._comm_stream.cuda_stream)
             event = self._finish(compute, async_finish, allocate_on_comm_stream,
                                  (x, scales, recv_x, recv_scales) + tuple(t for t in handle if t is not None))

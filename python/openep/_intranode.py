@@ -2,6 +2,7 @@
 cached), combine. A mixin of :class:`openep.Buffer`; tensor checks happen here (the core cannot see tensors), the
 core validates the rest again before it launches anything."""
 
+from . import _C
 from ._checks import INDEX_DTYPES, SCALE_DTYPES, check_int, check_tensor, dtype_name, element_size
 from ._handles import IntranodeHandle
 from ._torch import torch_module
@@ -43,16 +44,17 @@ class IntranodeOps:
             num_tokens_per_rank = torch.empty((R,), dtype=torch.int32, device=dev)
             num_tokens_per_expert = torch.empty((num_experts,), dtype=torch.int32, device=dev)
             is_token_in_rank = torch.empty((num_tokens, R), dtype=torch.bool, device=dev)
-            layout = {
-                "topk_idx": topk_idx.data_ptr(), "topk_int64": int(dtype_name(topk_idx.dtype) == "int64"),
-                "num_tokens": num_tokens, "num_topk": num_topk, "num_experts": num_experts,
-                "num_tokens_per_rank": num_tokens_per_rank.data_ptr(),
-                "num_tokens_per_expert": num_tokens_per_expert.data_ptr(),
-                "is_token_in_rank": is_token_in_rank.data_ptr()}
+            layout = _C.LayoutArgs()
+            layout.topk_idx = topk_idx.data_ptr()
+            layout.topk_int64 = dtype_name(topk_idx.dtype) == "int64"
+            layout.num_tokens, layout.num_topk, layout.num_experts = num_tokens, num_topk, num_experts
+            layout.num_tokens_per_rank = num_tokens_per_rank.data_ptr()
+            layout.num_tokens_per_expert = num_tokens_per_expert.data_ptr()
+            layout.is_token_in_rank = is_token_in_rank.data_ptr()
             num_tokens_per_rdma_rank = None
             if getattr(self, "_internode", False):
                 num_tokens_per_rdma_rank = torch.empty((rt.num_nodes,), dtype=torch.int32, device=dev)
-                layout["num_tokens_per_rdma_rank"] = num_tokens_per_rdma_rank.data_ptr()
+                layout.num_tokens_per_rdma_rank = num_tokens_per_rdma_rank.data_ptr()
             rt.get_dispatch_layout(layout, self._comm_stream.cuda_stream)
             event = self._finish(compute, async_finish, allocate_on_comm_stream,
                                  (topk_idx, num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank))
@@ -142,9 +144,10 @@ class IntranodeOps:
             rank_prefix_matrix = torch.empty((R, R), dtype=torch.int32, device=dev)
             num_tokens_per_src = torch.empty((R,), dtype=torch.int32, device=dev)
             send_pos = torch.empty((num_tokens, R), dtype=torch.int32, device=dev)
-            hd = {"num_tokens": num_tokens, "is_token_in_rank": is_token_in_rank.data_ptr(),
-                  "rank_prefix_matrix": rank_prefix_matrix.data_ptr(),
-                  "num_tokens_per_src": num_tokens_per_src.data_ptr(), "send_pos": send_pos.data_ptr()}
+            hd = _C.IntranodeHandle()
+            hd.num_tokens, hd.is_token_in_rank = num_tokens, is_token_in_rank.data_ptr()
+            hd.rank_prefix_matrix, hd.num_tokens_per_src = rank_prefix_matrix.data_ptr(), num_tokens_per_src.data_ptr()
+            hd.send_pos = send_pos.data_ptr()
             stream = self._comm_stream.cuda_stream
             num_recv, per_expert = rt.dispatch_prepare(args, hd, stream)
             recv_src_idx = torch.empty((num_recv,), dtype=torch.int32, device=dev)
@@ -153,8 +156,8 @@ class IntranodeOps:
             if num_topk > 0:
                 recv_topk_idx = torch.empty((num_recv, num_topk), dtype=topk_idx.dtype, device=dev)
                 recv_topk_weights = torch.empty((num_recv, num_topk), dtype=torch.float32, device=dev)
-                outs.update(recv_topk_idx=recv_topk_idx.data_ptr(), recv_topk_weights=recv_topk_weights.data_ptr())
-            hd.update(num_recv_tokens=num_recv, recv_src_idx=recv_src_idx.data_ptr())
+                outs.recv_topk_idx, outs.recv_topk_weights = recv_topk_idx.data_ptr(), recv_topk_weights.data_ptr()
+            hd.num_recv_tokens, hd.recv_src_idx = num_recv, recv_src_idx.data_ptr()
             rt.dispatch(args, hd, outs, stream)
             handle = IntranodeHandle(rank_prefix_matrix, num_tokens_per_src, None, recv_src_idx, is_token_in_rank,
                                      send_pos)
@@ -188,31 +191,33 @@ class IntranodeOps:
             check_tensor(op, "topk_weights", topk_weights, ("float32",), (num_tokens, num_topk), True, dev)
         args = self._dispatch_args(x, scales, config)
         for name, t, _, _ in routing:
-            args[name] = t.data_ptr()
-        args.update({"topk_idx": topk_idx.data_ptr() if topk_idx is not None else 0,
-                     "topk_int64": int(topk_idx is None or dtype_name(topk_idx.dtype) == "int64"),
-                     "topk_weights": topk_weights.data_ptr() if topk_weights is not None else 0,
-                     "num_topk": num_topk, "num_experts": routing[-1][1].shape[0],
-                     "expert_alignment": expert_alignment, "num_worst_tokens": num_worst_tokens})
+            setattr(args, name, t.data_ptr())
+        if topk_idx is not None:
+            args.topk_idx, args.topk_weights = topk_idx.data_ptr(), topk_weights.data_ptr()
+            args.topk_int64 = dtype_name(topk_idx.dtype) == "int64"
+        args.num_topk, args.num_experts = num_topk, routing[-1][1].shape[0]
+        args.expert_alignment, args.num_worst_tokens = expert_alignment, num_worst_tokens
         return args, num_topk
 
     def _dispatch_args(self, x, scales, config):
-        num_tokens, hidden = x.shape
-        args = {"x": x.data_ptr(), "num_tokens": num_tokens, "hidden": hidden, "x_elem_bytes": element_size(x),
-                "config": config}
+        args = _C.DispatchArgs()
+        args.x = x.data_ptr()
+        args.num_tokens, args.hidden = x.shape
+        args.x_elem_bytes, args.config = element_size(x), config
         if scales is not None:
-            args.update(x_scales=scales.data_ptr(), num_scales=scales.shape[1],
-                        scale_token_stride=scales.stride(0), scale_hidden_stride=scales.stride(1))
+            args.x_scales, args.num_scales = scales.data_ptr(), scales.shape[1]
+            args.scale_token_stride, args.scale_hidden_stride = scales.stride(0), scales.stride(1)
         return args
 
     def _recv_tensors(self, x, scales, num_recv):
         torch = torch_module()
         recv_x = torch.empty((num_recv, x.shape[1]), dtype=x.dtype, device=self._dev)
-        outs = {"recv_x": recv_x.data_ptr()}
+        outs = _C.DispatchOutputs()
+        outs.recv_x = recv_x.data_ptr()
         recv_scales = None
         if scales is not None:
             recv_scales = torch.empty((num_recv, scales.shape[1]), dtype=scales.dtype, device=self._dev)
-            outs["recv_x_scales"] = recv_scales.data_ptr()
+            outs.recv_x_scales = recv_scales.data_ptr()
         return recv_x, recv_scales, outs
 
     def _unpack_handle(self, op, handle):
@@ -229,23 +234,24 @@ class IntranodeOps:
         check_tensor(op, "handle.recv_src_idx", recv_src_idx, ("int32",), (None,), True, dev)
         check_tensor(op, "handle.is_token_in_rank", is_token_in_rank, ("bool",), (None, R), True, dev)
         check_tensor(op, "handle.send_pos", send_pos, ("int32",), (is_token_in_rank.shape[0], R), True, dev)
-        hd = {"num_tokens": is_token_in_rank.shape[0], "num_recv_tokens": recv_src_idx.shape[0],
-              "is_token_in_rank": is_token_in_rank.data_ptr(), "rank_prefix_matrix": rank_prefix_matrix.data_ptr(),
-              "num_tokens_per_src": num_tokens_per_src.data_ptr(), "send_pos": send_pos.data_ptr(),
-              "recv_src_idx": recv_src_idx.data_ptr()}
+        hd = _C.IntranodeHandle()
+        hd.num_tokens, hd.num_recv_tokens = is_token_in_rank.shape[0], recv_src_idx.shape[0]
+        hd.is_token_in_rank, hd.rank_prefix_matrix = is_token_in_rank.data_ptr(), rank_prefix_matrix.data_ptr()
+        hd.num_tokens_per_src, hd.send_pos = num_tokens_per_src.data_ptr(), send_pos.data_ptr()
+        hd.recv_src_idx = recv_src_idx.data_ptr()
         return hd
 
     def _cached_dispatch(self, rt, x, scales, handle, config, previous_event, async_finish,
                          allocate_on_comm_stream):
         op = "dispatch"
         hd = self._unpack_handle(op, handle)
-        if x.shape[0] != hd["num_tokens"]:
-            raise invalid_argument(f"dispatch: cached mode expected x with {hd['num_tokens']} rows (the handle's "
+        if x.shape[0] != hd.num_tokens:
+            raise invalid_argument(f"dispatch: cached mode expected x with {hd.num_tokens} rows (the handle's "
                                    f"token count), got {x.shape[0]}")
         args = self._dispatch_args(x, scales, config)
         compute = self._begin(op, previous_event, async_finish, allocate_on_comm_stream)
         with self._alloc_context(allocate_on_comm_stream):
-            recv_x, recv_scales, outs = self._recv_tensors(x, scales, hd["num_recv_tokens"])
+            recv_x, recv_scales, outs = self._recv_tensors(x, scales, hd.num_recv_tokens)
             rt.dispatch_cached(args, hd, outs, self._comm_stream.cuda_stream)
             event = self._finish(compute, async_finish, allocate_on_comm_stream,
                                  (x, scales, recv_x, recv_scales) + tuple(handle))
@@ -283,10 +289,10 @@ class IntranodeOps:
     def _combine_call(self, op, launch, hd, handle_tensors, x, topk_weights, bias, config, previous_event,
                       async_finish, allocate_on_comm_stream):
         """The body intranode and internode combine share: tensor checks, arguments, outputs, streams.
-        ``launch(args, handle dict, outputs, stream)`` is the core call; ``handle_tensors`` are kept alive."""
+        ``launch(args, core handle, outputs, stream)`` is the core call; ``handle_tensors`` are kept alive."""
         torch = torch_module()
         dev = self._dev
-        num_recv, num_tokens = hd["num_recv_tokens"], hd["num_tokens"]
+        num_recv, num_tokens = hd.num_recv_tokens, hd.num_tokens
         check_tensor(op, "x", x, ("bfloat16",), (num_recv, None), True, dev)
         hidden = x.shape[1]
         num_topk = 0
@@ -298,18 +304,23 @@ class IntranodeOps:
             raise invalid_argument(f"{op}: bias expected a tensor or a tuple of at most 2 tensors, got {len(biases)}")
         for i, b in enumerate(biases):
             check_tensor(op, f"bias[{i}]", b, ("bfloat16",), (num_tokens, hidden), True, dev)
-        args = {"x": x.data_ptr(), "hidden": hidden, "num_topk": num_topk, "config": config,
-                "topk_weights": topk_weights.data_ptr() if topk_weights is not None else 0}
-        for i, b in enumerate(biases):
-            args[f"bias_{i}"] = b.data_ptr()
+        args = _C.CombineArgs()
+        args.x, args.hidden, args.num_topk, args.config = x.data_ptr(), hidden, num_topk, config
+        if topk_weights is not None:
+            args.topk_weights = topk_weights.data_ptr()
+        if biases:
+            args.bias_0 = biases[0].data_ptr()
+            if len(biases) > 1:
+                args.bias_1 = biases[1].data_ptr()
         compute = self._begin(op, previous_event, async_finish, allocate_on_comm_stream)
         with self._alloc_context(allocate_on_comm_stream):
             combined_x = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=dev)
-            outs = {"combined_x": combined_x.data_ptr()}
+            outs = _C.CombineOutputs()
+            outs.combined_x = combined_x.data_ptr()
             combined_w = None
             if num_topk > 0:
                 combined_w = torch.empty((num_tokens, num_topk), dtype=torch.float32, device=dev)
-                outs["combined_topk_weights"] = combined_w.data_ptr()
+                outs.combined_topk_weights = combined_w.data_ptr()
             launch(args, hd, outs, self._comm_stream.cuda_stream)
             event = self._finish(compute, async_finish, allocate_on_comm_stream,
                                  (x, topk_weights, combined_x, combined_w) + tuple(biases) + handle_tensors)

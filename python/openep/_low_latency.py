@@ -27,6 +27,14 @@ def _make_recv_hook(op, core_hook, tensors):
     return hook
 
 
+def _ll_core_handle(src_info, layout_range, T, hidden, num_experts):
+    """The core's LowLatencyHandle over a Python handle's tensors and shapes."""
+    hd = _C.LowLatencyHandle()
+    hd.src_info, hd.layout_range = src_info.data_ptr(), layout_range.data_ptr()
+    hd.num_max_dispatch_tokens_per_rank, hd.hidden, hd.num_experts = T, hidden, num_experts
+    return hd
+
+
 class LowLatencyOps:
     """low_latency_dispatch / combine, the zero-copy buffer, clean_low_latency_buffer and the shrink-mode masks."""
 
@@ -73,9 +81,7 @@ class LowLatencyOps:
         El = num_experts // R
         check_tensor(op, "handle.packed_recv_src_info", src_info, ("int32",), (El, R * T), True, dev)
         check_tensor(op, "handle.packed_recv_layout_range", layout_range, ("int64",), (El, R), True, dev)
-        hd = {"src_info": src_info.data_ptr(), "layout_range": layout_range.data_ptr(),
-              "num_max_dispatch_tokens_per_rank": T, "hidden": hidden, "num_experts": num_experts}
-        return hd, El, T, hidden, num_experts
+        return _ll_core_handle(src_info, layout_range, T, hidden, num_experts), El, T, hidden, num_experts
 
     def _ll_finish(self, op, compute, async_finish, return_recv_hook, core_hook, tensors):
         """The EventOverlap and hook of a low-latency call (stream rules above)."""
@@ -215,20 +221,22 @@ class LowLatencyOps:
         recv_count = torch.empty((El,), dtype=torch.int32, device=dev)
         src_info = torch.empty((El, P), dtype=torch.int32, device=dev)
         layout_range = torch.empty((El, R), dtype=torch.int64, device=dev)
-        args = {"x": x.data_ptr(), "num_tokens": num_tokens, "hidden": hidden, "topk_idx": topk_idx.data_ptr(),
-                "topk_int64": int(dtype_name(topk_idx.dtype) == "int64"), "num_topk": num_topk,
-                "num_max_dispatch_tokens_per_rank": T, "num_experts": num_experts, "use_fp8": int(use_fp8),
-                "round_scale": int(round_scale), "use_ue8m0": int(use_ue8m0),
-                "return_recv_hook": int(bool(return_recv_hook))}
+        args = _C.LowLatencyDispatchArgs()
+        args.x, args.num_tokens, args.hidden = x.data_ptr(), num_tokens, hidden
+        args.topk_idx, args.topk_int64, args.num_topk = topk_idx.data_ptr(), dtype_name(topk_idx.dtype) == "int64", \
+            num_topk
+        args.num_max_dispatch_tokens_per_rank, args.num_experts = T, num_experts
+        args.use_fp8, args.round_scale, args.use_ue8m0 = use_fp8, round_scale, use_ue8m0
+        args.return_recv_hook = bool(return_recv_hook)
         if cumulative_local_expert_recv_stats is not None:
-            args["cumulative_local_expert_recv_stats"] = cumulative_local_expert_recv_stats.data_ptr()
+            args.cumulative_local_expert_recv_stats = cumulative_local_expert_recv_stats.data_ptr()
         if dispatch_wait_recv_cost_stats is not None:
-            args["dispatch_wait_recv_cost_stats"] = dispatch_wait_recv_cost_stats.data_ptr()
-        hd = {"src_info": src_info.data_ptr(), "layout_range": layout_range.data_ptr()}
-        hd_full = dict(hd, num_max_dispatch_tokens_per_rank=T, hidden=hidden, num_experts=num_experts)
-        outs = {"packed_recv_x": packed_recv_x.data_ptr(), "packed_recv_count": recv_count.data_ptr()}
+            args.dispatch_wait_recv_cost_stats = dispatch_wait_recv_cost_stats.data_ptr()
+        hd = _ll_core_handle(src_info, layout_range, T, hidden, num_experts)
+        outs = _C.LowLatencyDispatchOutputs()
+        outs.packed_recv_x, outs.packed_recv_count = packed_recv_x.data_ptr(), recv_count.data_ptr()
         if scales is not None:
-            outs["packed_recv_scales"] = scales.data_ptr()
+            outs.packed_recv_scales = scales.data_ptr()
         if return_recv_hook:
             stream = compute
         else:
@@ -236,7 +244,7 @@ class LowLatencyOps:
             rt.stream_wait(stream, compute)
         core_hook = rt.low_latency_dispatch(args, hd, outs, stream)
         handle = LowLatencyHandle(src_info, layout_range, T, hidden, num_experts)
-        handle._openep_checked = (self._token, (hd_full, El, T, hidden, num_experts))  # = _ll_unpack_handle's
+        handle._openep_checked = (self._token, (hd, El, T, hidden, num_experts))  # = _ll_unpack_handle's
         event, hook = self._ll_finish(op, compute, async_finish, return_recv_hook, core_hook,
                                       (x, topk_idx, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
                                        packed_recv_x, scales, recv_count, src_info, layout_range))
@@ -300,18 +308,23 @@ class LowLatencyOps:
         torch = torch_module()
         compute = current_raw_stream(self._device)
         combined_x = out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=dev)
-        args = {"x": x.data_ptr() if x is not None else 0, "topk_idx": topk_idx.data_ptr(),
-                "topk_int64": int(dtype_name(topk_idx.dtype) == "int64"), "topk_weights": topk_weights.data_ptr(),
-                "num_tokens": num_tokens, "num_topk": num_topk, "zero_copy": int(bool(zero_copy)),
-                "use_logfmt": int(bool(use_logfmt)), "return_recv_hook": int(bool(return_recv_hook))}
+        args = _C.LowLatencyCombineArgs()
+        if x is not None:
+            args.x = x.data_ptr()
+        args.topk_idx, args.topk_int64 = topk_idx.data_ptr(), dtype_name(topk_idx.dtype) == "int64"
+        args.topk_weights, args.num_tokens, args.num_topk = topk_weights.data_ptr(), num_tokens, num_topk
+        args.zero_copy, args.use_logfmt = bool(zero_copy), bool(use_logfmt)
+        args.return_recv_hook = bool(return_recv_hook)
         if combine_wait_recv_cost_stats is not None:
-            args["combine_wait_recv_cost_stats"] = combine_wait_recv_cost_stats.data_ptr()
+            args.combine_wait_recv_cost_stats = combine_wait_recv_cost_stats.data_ptr()
+        outs = _C.LowLatencyCombineOutputs()
+        outs.combined_x = combined_x.data_ptr()
         if return_recv_hook:
             stream = compute
         else:
             stream = self._comm_ptr
             rt.stream_wait(stream, compute)
-        core_hook = rt.low_latency_combine(args, hd, {"combined_x": combined_x.data_ptr()}, stream)
+        core_hook = rt.low_latency_combine(args, hd, outs, stream)
         event, hook = self._ll_finish(op, compute, async_finish, return_recv_hook, core_hook,
                                       (x, topk_idx, topk_weights, combine_wait_recv_cost_stats, combined_x)
                                       + tuple(handle[:2]))

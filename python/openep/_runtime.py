@@ -24,7 +24,8 @@ through one NCCL symmetric window, registered when ``openep.Buffer`` is created)
 already connected, as DeepEP's ``sync`` refuses a runtime that is already available).
 
 The operation methods of the runtime (``get_dispatch_layout``, ``dispatch``, ``low_latency_dispatch``, ...) take
-OpenEP's internal argument dicts, not DeepEP's tensor arguments: call the Buffer's methods.
+OpenEP's internal argument structs (``_C.DispatchArgs``, ...), not DeepEP's tensor arguments: call the Buffer's
+methods.
 
 The queries live in :class:`DeepEPRuntimeQueries`, a plain mixin that reads only ``rank``, ``num_ranks``,
 ``num_nvlink_ranks``, ``is_internode``, ``alive``, ``device``, ``comm_stream`` and ``local_buffer`` from the core, so

@@ -1,9 +1,11 @@
 // Binding of openep::Group + openep::Buffer as one object, openep._C.Runtime.
 //
-// Arguments cross as plain dicts of ints (device addresses, shapes, strides) whose keys mirror the fields of
-// the core's argument structs; unknown keys are rejected, so a typo in python/openep/ fails loudly. Streams
-// cross as cudaStream_t addresses (torch.cuda.Stream.cuda_stream). Calls that may block the host (NCCL init,
-// window registration, the exact-mode count wait, synchronize) release the GIL.
+// Arguments cross as the core's own structs (openep._C.DispatchArgs, IntranodeHandle, ...: bind_structs below),
+// each field a property of the same name; device pointers are Python ints (addresses), IndexType is the bool
+// property topk_int64. The structs have no __dict__, so a misspelt field in python/openep/ raises AttributeError.
+// Handles are filled in place by the prepare calls. Streams cross as cudaStream_t addresses
+// (torch.cuda.Stream.cuda_stream). Calls that may block the host (NCCL init, window registration, the exact-mode
+// count wait, synchronize) release the GIL.
 #include <cuda_runtime.h>
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
@@ -12,13 +14,14 @@
 
 #include <cstring>
 #include <functional>
-#include <initializer_list>
 #include <memory>
 #include <string>
 
 #include "openep/buffer.hpp"
 #include "openep/error.hpp"
 #include "openep/group.hpp"
+#include "openep/internode.hpp"
+#include "openep/intranode.hpp"
 #include "openep/low_latency.hpp"
 #include "runtime/buffer_impl.hpp"
 #include "runtime/check.hpp"
@@ -31,192 +34,7 @@ namespace {
   throw openep::Error(code, __FILE__, __LINE__, msg);
 }
 
-// Strict dict access: every key of `d` must be in `allowed`.
-void check_keys(const nb::dict& d, std::initializer_list<const char*> allowed, const char* what) {
-  for (auto [k, v] : d) {
-    const std::string key = nb::cast<std::string>(k);
-    bool ok = false;
-    for (const char* a : allowed) ok = ok || key == a;
-    if (!ok) fail(openep::ErrorCode::kInternal, std::string(what) + ": unknown field '" + key + "'");
-  }
-}
-template <typename T>
-T* ptr(const nb::dict& d, const char* k) {
-  return d.contains(k) ? reinterpret_cast<T*>(nb::cast<uintptr_t>(d[k])) : nullptr;
-}
-int64_t num(const nb::dict& d, const char* k, int64_t def) { return d.contains(k) ? nb::cast<int64_t>(d[k]) : def; }
 cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
-
-openep::Config config_of(const nb::dict& d) {
-  return d.contains("config") ? nb::cast<openep::Config>(d["config"]) : openep::Config{};
-}
-
-openep::IntranodeHandle handle_of(const nb::dict& d) {
-  check_keys(d, {"num_tokens", "num_recv_tokens", "is_token_in_rank", "rank_prefix_matrix", "num_tokens_per_src",
-                 "send_pos", "recv_src_idx"}, "handle");
-  openep::IntranodeHandle h;
-  h.num_tokens = static_cast<int>(num(d, "num_tokens", 0));
-  h.num_recv_tokens = static_cast<int>(num(d, "num_recv_tokens", 0));
-  h.is_token_in_rank = ptr<const bool>(d, "is_token_in_rank");
-  h.rank_prefix_matrix = ptr<int>(d, "rank_prefix_matrix");
-  h.num_tokens_per_src = ptr<int>(d, "num_tokens_per_src");
-  h.send_pos = ptr<int>(d, "send_pos");
-  h.recv_src_idx = ptr<int>(d, "recv_src_idx");
-  return h;
-}
-
-openep::DispatchArgs dispatch_args_of(const nb::dict& d) {
-  check_keys(d, {"x", "num_tokens", "hidden", "x_elem_bytes", "x_scales", "num_scales", "scale_token_stride",
-                 "scale_hidden_stride", "topk_idx", "topk_int64", "topk_weights", "num_topk", "is_token_in_rank",
-                 "num_tokens_per_rank", "num_tokens_per_expert", "num_experts", "expert_alignment",
-                 "num_worst_tokens", "config", "num_tokens_per_rdma_rank", "max_tokens_per_rank"}, "dispatch arguments");
-  openep::DispatchArgs a;
-  a.x = ptr<const void>(d, "x");
-  a.num_tokens = static_cast<int>(num(d, "num_tokens", 0));
-  a.hidden = static_cast<int>(num(d, "hidden", 0));
-  a.x_elem_bytes = static_cast<int>(num(d, "x_elem_bytes", 2));
-  a.x_scales = ptr<const void>(d, "x_scales");
-  a.num_scales = static_cast<int>(num(d, "num_scales", 0));
-  a.scale_token_stride = num(d, "scale_token_stride", 0);
-  a.scale_hidden_stride = num(d, "scale_hidden_stride", 1);
-  a.topk_idx = ptr<const void>(d, "topk_idx");
-  a.index_type = num(d, "topk_int64", 1) ? openep::IndexType::kInt64 : openep::IndexType::kInt32;
-  a.topk_weights = ptr<const float>(d, "topk_weights");
-  a.num_topk = static_cast<int>(num(d, "num_topk", 0));
-  a.is_token_in_rank = ptr<const bool>(d, "is_token_in_rank");
-  a.num_tokens_per_rank = ptr<const int>(d, "num_tokens_per_rank");
-  a.num_tokens_per_expert = ptr<const int>(d, "num_tokens_per_expert");
-  a.num_experts = static_cast<int>(num(d, "num_experts", 0));
-  a.expert_alignment = static_cast<int>(num(d, "expert_alignment", 1));
-  a.num_worst_tokens = static_cast<int>(num(d, "num_worst_tokens", 0));
-  a.config = config_of(d);
-  a.num_tokens_per_rdma_rank = ptr<const int>(d, "num_tokens_per_rdma_rank");
-  a.max_tokens_per_rank = static_cast<int>(num(d, "max_tokens_per_rank", 0));
-  return a;
-}
-
-// Internode handle: device arrays as addresses, host fields as ints and lists (openep/internode.hpp).
-openep::InternodeHandle internode_handle_of(const nb::dict& d) {
-  check_keys(d, {"num_tokens", "num_recv_tokens", "num_rdma_recv_tokens", "is_token_in_rank", "send_pos",
-                 "send_rdma_head", "node_prefix", "recv_gbl_rank_prefix_sum", "recv_rdma_rank_prefix_sum",
-                 "recv_rdma_mask", "recv_src_idx", "recv_src_meta", "rdma_send_counts", "rdma_recv_counts",
-                 "records_per_node", "hidden", "num_topk"}, "internode handle");
-  openep::InternodeHandle h;
-  h.num_tokens = static_cast<int>(num(d, "num_tokens", 0));
-  h.num_recv_tokens = static_cast<int>(num(d, "num_recv_tokens", 0));
-  h.num_rdma_recv_tokens = static_cast<int>(num(d, "num_rdma_recv_tokens", 0));
-  h.is_token_in_rank = ptr<const bool>(d, "is_token_in_rank");
-  h.send_pos = ptr<int>(d, "send_pos");
-  h.send_rdma_head = ptr<int>(d, "send_rdma_head");
-  h.node_prefix = ptr<int>(d, "node_prefix");
-  h.recv_gbl_rank_prefix_sum = ptr<int>(d, "recv_gbl_rank_prefix_sum");
-  h.recv_rdma_rank_prefix_sum = ptr<int>(d, "recv_rdma_rank_prefix_sum");
-  h.recv_rdma_mask = ptr<int>(d, "recv_rdma_mask");
-  h.recv_src_idx = ptr<int>(d, "recv_src_idx");
-  h.recv_src_meta = ptr<int>(d, "recv_src_meta");
-  if (d.contains("rdma_send_counts")) h.rdma_send_counts = nb::cast<std::vector<int>>(d["rdma_send_counts"]);
-  if (d.contains("rdma_recv_counts")) h.rdma_recv_counts = nb::cast<std::vector<int>>(d["rdma_recv_counts"]);
-  h.records_per_node = static_cast<int>(num(d, "records_per_node", 0));
-  h.hidden = static_cast<int>(num(d, "hidden", 0));
-  h.num_topk = static_cast<int>(num(d, "num_topk", 0));
-  return h;
-}
-
-// The host fields internode_dispatch_prepare filled, for the Python handle to keep.
-nb::dict internode_host_fields(const openep::InternodeHandle& h) {
-  nb::dict d;
-  d["num_recv_tokens"] = h.num_recv_tokens;
-  d["num_rdma_recv_tokens"] = h.num_rdma_recv_tokens;
-  d["rdma_send_counts"] = h.rdma_send_counts;
-  d["rdma_recv_counts"] = h.rdma_recv_counts;
-  d["records_per_node"] = h.records_per_node;
-  d["hidden"] = h.hidden;
-  d["num_topk"] = h.num_topk;
-  return d;
-}
-
-openep::CombineArgs combine_args_of(const nb::dict& d) {
-  check_keys(d, {"x", "hidden", "topk_weights", "num_topk", "bias_0", "bias_1", "config"}, "combine arguments");
-  openep::CombineArgs a;
-  a.x = ptr<const uint16_t>(d, "x");
-  a.hidden = static_cast<int>(num(d, "hidden", 0));
-  a.topk_weights = ptr<const float>(d, "topk_weights");
-  a.num_topk = static_cast<int>(num(d, "num_topk", 0));
-  a.bias_0 = ptr<const uint16_t>(d, "bias_0");
-  a.bias_1 = ptr<const uint16_t>(d, "bias_1");
-  a.config = config_of(d);
-  return a;
-}
-
-openep::CombineOutputs combine_outputs_of(const nb::dict& out) {
-  check_keys(out, {"combined_x", "combined_topk_weights"}, "combine outputs");
-  openep::CombineOutputs o;
-  o.combined_x = ptr<uint16_t>(out, "combined_x");
-  o.combined_topk_weights = ptr<float>(out, "combined_topk_weights");
-  return o;
-}
-
-openep::DispatchOutputs dispatch_outputs_of(const nb::dict& d) {
-  check_keys(d, {"recv_x", "recv_x_scales", "recv_topk_idx", "recv_topk_weights"}, "dispatch outputs");
-  openep::DispatchOutputs o;
-  o.recv_x = ptr<void>(d, "recv_x");
-  o.recv_x_scales = ptr<void>(d, "recv_x_scales");
-  o.recv_topk_idx = ptr<void>(d, "recv_topk_idx");
-  o.recv_topk_weights = ptr<float>(d, "recv_topk_weights");
-  return o;
-}
-
-openep::LowLatencyHandle ll_handle_of(const nb::dict& d) {
-  check_keys(d, {"src_info", "layout_range", "num_max_dispatch_tokens_per_rank", "hidden", "num_experts"},
-             "low-latency handle");
-  openep::LowLatencyHandle h;
-  h.src_info = ptr<int>(d, "src_info");
-  h.layout_range = ptr<int64_t>(d, "layout_range");
-  h.num_max_dispatch_tokens_per_rank = static_cast<int>(num(d, "num_max_dispatch_tokens_per_rank", 0));
-  h.hidden = static_cast<int>(num(d, "hidden", 0));
-  h.num_experts = static_cast<int>(num(d, "num_experts", 0));
-  return h;
-}
-
-openep::LowLatencyDispatchArgs ll_dispatch_args_of(const nb::dict& d) {
-  check_keys(d, {"x", "num_tokens", "hidden", "topk_idx", "topk_int64", "num_topk",
-                 "num_max_dispatch_tokens_per_rank", "num_experts", "use_fp8", "round_scale", "use_ue8m0",
-                 "cumulative_local_expert_recv_stats", "dispatch_wait_recv_cost_stats", "return_recv_hook"},
-             "low_latency_dispatch arguments");
-  openep::LowLatencyDispatchArgs a;
-  a.x = ptr<const uint16_t>(d, "x");
-  a.num_tokens = static_cast<int>(num(d, "num_tokens", 0));
-  a.hidden = static_cast<int>(num(d, "hidden", 0));
-  a.topk_idx = ptr<const void>(d, "topk_idx");
-  a.index_type = num(d, "topk_int64", 1) ? openep::IndexType::kInt64 : openep::IndexType::kInt32;
-  a.num_topk = static_cast<int>(num(d, "num_topk", 0));
-  a.num_max_dispatch_tokens_per_rank = static_cast<int>(num(d, "num_max_dispatch_tokens_per_rank", 0));
-  a.num_experts = static_cast<int>(num(d, "num_experts", 0));
-  a.use_fp8 = num(d, "use_fp8", 1) != 0;
-  a.round_scale = num(d, "round_scale", 0) != 0;
-  a.use_ue8m0 = num(d, "use_ue8m0", 0) != 0;
-  a.cumulative_local_expert_recv_stats = ptr<int>(d, "cumulative_local_expert_recv_stats");
-  a.dispatch_wait_recv_cost_stats = ptr<int64_t>(d, "dispatch_wait_recv_cost_stats");
-  a.return_recv_hook = num(d, "return_recv_hook", 0) != 0;
-  return a;
-}
-
-openep::LowLatencyCombineArgs ll_combine_args_of(const nb::dict& d) {
-  check_keys(d, {"x", "topk_idx", "topk_int64", "topk_weights", "num_tokens", "num_topk", "zero_copy",
-                 "use_logfmt", "combine_wait_recv_cost_stats", "return_recv_hook"}, "low_latency_combine arguments");
-  openep::LowLatencyCombineArgs a;
-  a.x = ptr<const uint16_t>(d, "x");
-  a.topk_idx = ptr<const void>(d, "topk_idx");
-  a.index_type = num(d, "topk_int64", 1) ? openep::IndexType::kInt64 : openep::IndexType::kInt32;
-  a.topk_weights = ptr<const float>(d, "topk_weights");
-  a.num_tokens = static_cast<int>(num(d, "num_tokens", 0));
-  a.num_topk = static_cast<int>(num(d, "num_topk", 0));
-  a.zero_copy = num(d, "zero_copy", 0) != 0;
-  a.use_logfmt = num(d, "use_logfmt", 0) != 0;
-  a.combine_wait_recv_cost_stats = ptr<int64_t>(d, "combine_wait_recv_cost_stats");
-  a.return_recv_hook = num(d, "return_recv_hook", 0) != 0;
-  return a;
-}
 
 // One Group (private NCCL communicator) and the Buffer on it. The Group must outlive the Buffer.
 class Runtime {
@@ -319,9 +137,145 @@ nb::object make_hook(Runtime& r, openep::LowLatencyHook fn, const char* op) {
   return nb::cast(std::move(h));
 }
 
+// A pointer field of a core struct as a read-write property holding a device address (a Python int, 0 = null).
+template <typename C, typename P>
+void address(nb::class_<C>& cls, const char* name, P* C::*field) {
+  cls.def_prop_rw(name, [field](const C& c) { return reinterpret_cast<uintptr_t>(c.*field); },
+                  [field](C& c, uintptr_t v) { c.*field = reinterpret_cast<P*>(v); });
+}
+// IndexType as the bool property topk_int64 (True: int64 top-k indices, False: int32).
+template <typename C>
+void index_type(nb::class_<C>& cls) {
+  cls.def_prop_rw("topk_int64", [](const C& c) { return c.index_type == openep::IndexType::kInt64; },
+                  [](C& c, bool v) { c.index_type = v ? openep::IndexType::kInt64 : openep::IndexType::kInt32; });
+}
+template <typename C>
+nb::class_<C> core_struct(nb::module_& m, const char* name, const char* doc) {
+  nb::class_<C> cls(m, name, doc);
+  cls.def(nb::init<>());
+  return cls;
+}
+
+// The core's argument, output and handle structs (include/openep/{buffer,intranode,internode,low_latency}.hpp),
+// field for field, for python/openep/ to fill; the headers document every field.
+void bind_structs(nb::module_& m) {
+  using namespace openep;
+  auto la = core_struct<LayoutArgs>(m, "LayoutArgs", "openep::LayoutArgs (internal).");
+  address(la, "topk_idx", &LayoutArgs::topk_idx);
+  index_type(la);
+  la.def_rw("num_tokens", &LayoutArgs::num_tokens).def_rw("num_topk", &LayoutArgs::num_topk)
+      .def_rw("num_experts", &LayoutArgs::num_experts);
+  address(la, "num_tokens_per_rank", &LayoutArgs::num_tokens_per_rank);
+  address(la, "num_tokens_per_expert", &LayoutArgs::num_tokens_per_expert);
+  address(la, "is_token_in_rank", &LayoutArgs::is_token_in_rank);
+  address(la, "num_tokens_per_rdma_rank", &LayoutArgs::num_tokens_per_rdma_rank);
+
+  auto ih = core_struct<IntranodeHandle>(m, "IntranodeHandle", "openep::IntranodeHandle (internal).");
+  ih.def_rw("num_tokens", &IntranodeHandle::num_tokens).def_rw("num_recv_tokens", &IntranodeHandle::num_recv_tokens);
+  address(ih, "is_token_in_rank", &IntranodeHandle::is_token_in_rank);
+  address(ih, "rank_prefix_matrix", &IntranodeHandle::rank_prefix_matrix);
+  address(ih, "num_tokens_per_src", &IntranodeHandle::num_tokens_per_src);
+  address(ih, "send_pos", &IntranodeHandle::send_pos);
+  address(ih, "recv_src_idx", &IntranodeHandle::recv_src_idx);
+
+  auto da = core_struct<DispatchArgs>(m, "DispatchArgs", "openep::DispatchArgs (internal).");
+  address(da, "x", &DispatchArgs::x);
+  da.def_rw("num_tokens", &DispatchArgs::num_tokens).def_rw("hidden", &DispatchArgs::hidden)
+      .def_rw("x_elem_bytes", &DispatchArgs::x_elem_bytes).def_rw("num_scales", &DispatchArgs::num_scales)
+      .def_rw("scale_token_stride", &DispatchArgs::scale_token_stride)
+      .def_rw("scale_hidden_stride", &DispatchArgs::scale_hidden_stride).def_rw("num_topk", &DispatchArgs::num_topk)
+      .def_rw("num_experts", &DispatchArgs::num_experts).def_rw("expert_alignment", &DispatchArgs::expert_alignment)
+      .def_rw("num_worst_tokens", &DispatchArgs::num_worst_tokens).def_rw("config", &DispatchArgs::config)
+      .def_rw("max_tokens_per_rank", &DispatchArgs::max_tokens_per_rank);
+  address(da, "x_scales", &DispatchArgs::x_scales);
+  address(da, "topk_idx", &DispatchArgs::topk_idx);
+  index_type(da);
+  address(da, "topk_weights", &DispatchArgs::topk_weights);
+  address(da, "is_token_in_rank", &DispatchArgs::is_token_in_rank);
+  address(da, "num_tokens_per_rank", &DispatchArgs::num_tokens_per_rank);
+  address(da, "num_tokens_per_expert", &DispatchArgs::num_tokens_per_expert);
+  address(da, "num_tokens_per_rdma_rank", &DispatchArgs::num_tokens_per_rdma_rank);
+
+  auto dout = core_struct<DispatchOutputs>(m, "DispatchOutputs", "openep::DispatchOutputs (internal).");
+  address(dout, "recv_x", &DispatchOutputs::recv_x);
+  address(dout, "recv_x_scales", &DispatchOutputs::recv_x_scales);
+  address(dout, "recv_topk_idx", &DispatchOutputs::recv_topk_idx);
+  address(dout, "recv_topk_weights", &DispatchOutputs::recv_topk_weights);
+
+  auto ca = core_struct<CombineArgs>(m, "CombineArgs", "openep::CombineArgs (internal).");
+  address(ca, "x", &CombineArgs::x);
+  ca.def_rw("hidden", &CombineArgs::hidden).def_rw("num_topk", &CombineArgs::num_topk)
+      .def_rw("config", &CombineArgs::config);
+  address(ca, "topk_weights", &CombineArgs::topk_weights);
+  address(ca, "bias_0", &CombineArgs::bias_0);
+  address(ca, "bias_1", &CombineArgs::bias_1);
+
+  auto cout_ = core_struct<CombineOutputs>(m, "CombineOutputs", "openep::CombineOutputs (internal).");
+  address(cout_, "combined_x", &CombineOutputs::combined_x);
+  address(cout_, "combined_topk_weights", &CombineOutputs::combined_topk_weights);
+
+  // The host fields (counts of the network legs) are filled by internode_dispatch_prepare and read by the core
+  // only; Python sees the scalars.
+  auto nh = core_struct<InternodeHandle>(m, "InternodeHandle", "openep::InternodeHandle (internal).");
+  nh.def_rw("num_tokens", &InternodeHandle::num_tokens).def_rw("num_recv_tokens", &InternodeHandle::num_recv_tokens)
+      .def_rw("num_rdma_recv_tokens", &InternodeHandle::num_rdma_recv_tokens)
+      .def_ro("records_per_node", &InternodeHandle::records_per_node).def_ro("hidden", &InternodeHandle::hidden)
+      .def_ro("num_topk", &InternodeHandle::num_topk);
+  address(nh, "is_token_in_rank", &InternodeHandle::is_token_in_rank);
+  address(nh, "send_pos", &InternodeHandle::send_pos);
+  address(nh, "send_rdma_head", &InternodeHandle::send_rdma_head);
+  address(nh, "node_prefix", &InternodeHandle::node_prefix);
+  address(nh, "recv_gbl_rank_prefix_sum", &InternodeHandle::recv_gbl_rank_prefix_sum);
+  address(nh, "recv_rdma_rank_prefix_sum", &InternodeHandle::recv_rdma_rank_prefix_sum);
+  address(nh, "recv_rdma_mask", &InternodeHandle::recv_rdma_mask);
+  address(nh, "recv_src_idx", &InternodeHandle::recv_src_idx);
+  address(nh, "recv_src_meta", &InternodeHandle::recv_src_meta);
+
+  auto lh = core_struct<LowLatencyHandle>(m, "LowLatencyHandle", "openep::LowLatencyHandle (internal).");
+  address(lh, "src_info", &LowLatencyHandle::src_info);
+  address(lh, "layout_range", &LowLatencyHandle::layout_range);
+  lh.def_rw("num_max_dispatch_tokens_per_rank", &LowLatencyHandle::num_max_dispatch_tokens_per_rank)
+      .def_rw("hidden", &LowLatencyHandle::hidden).def_rw("num_experts", &LowLatencyHandle::num_experts);
+
+  auto lda = core_struct<LowLatencyDispatchArgs>(m, "LowLatencyDispatchArgs", "openep::LowLatencyDispatchArgs (internal).");
+  address(lda, "x", &LowLatencyDispatchArgs::x);
+  address(lda, "topk_idx", &LowLatencyDispatchArgs::topk_idx);
+  index_type(lda);
+  lda.def_rw("num_tokens", &LowLatencyDispatchArgs::num_tokens).def_rw("hidden", &LowLatencyDispatchArgs::hidden)
+      .def_rw("num_topk", &LowLatencyDispatchArgs::num_topk)
+      .def_rw("num_max_dispatch_tokens_per_rank", &LowLatencyDispatchArgs::num_max_dispatch_tokens_per_rank)
+      .def_rw("num_experts", &LowLatencyDispatchArgs::num_experts).def_rw("use_fp8", &LowLatencyDispatchArgs::use_fp8)
+      .def_rw("round_scale", &LowLatencyDispatchArgs::round_scale)
+      .def_rw("use_ue8m0", &LowLatencyDispatchArgs::use_ue8m0)
+      .def_rw("return_recv_hook", &LowLatencyDispatchArgs::return_recv_hook);
+  address(lda, "cumulative_local_expert_recv_stats", &LowLatencyDispatchArgs::cumulative_local_expert_recv_stats);
+  address(lda, "dispatch_wait_recv_cost_stats", &LowLatencyDispatchArgs::dispatch_wait_recv_cost_stats);
+
+  auto ldo = core_struct<LowLatencyDispatchOutputs>(m, "LowLatencyDispatchOutputs",
+                                                    "openep::LowLatencyDispatchOutputs (internal).");
+  address(ldo, "packed_recv_x", &LowLatencyDispatchOutputs::packed_recv_x);
+  address(ldo, "packed_recv_scales", &LowLatencyDispatchOutputs::packed_recv_scales);
+  address(ldo, "packed_recv_count", &LowLatencyDispatchOutputs::packed_recv_count);
+
+  auto lca = core_struct<LowLatencyCombineArgs>(m, "LowLatencyCombineArgs", "openep::LowLatencyCombineArgs (internal).");
+  address(lca, "x", &LowLatencyCombineArgs::x);
+  address(lca, "topk_idx", &LowLatencyCombineArgs::topk_idx);
+  index_type(lca);
+  address(lca, "topk_weights", &LowLatencyCombineArgs::topk_weights);
+  lca.def_rw("num_tokens", &LowLatencyCombineArgs::num_tokens).def_rw("num_topk", &LowLatencyCombineArgs::num_topk)
+      .def_rw("zero_copy", &LowLatencyCombineArgs::zero_copy).def_rw("use_logfmt", &LowLatencyCombineArgs::use_logfmt)
+      .def_rw("return_recv_hook", &LowLatencyCombineArgs::return_recv_hook);
+  address(lca, "combine_wait_recv_cost_stats", &LowLatencyCombineArgs::combine_wait_recv_cost_stats);
+
+  auto lco = core_struct<LowLatencyCombineOutputs>(m, "LowLatencyCombineOutputs",
+                                                   "openep::LowLatencyCombineOutputs (internal).");
+  address(lco, "combined_x", &LowLatencyCombineOutputs::combined_x);
+}
+
 }  // namespace
 
 void bind_buffer(nb::module_& m) {
+  bind_structs(m);
   nb::class_<LowLatencyRecvHook>(m, "LowLatencyHook",
                                  "The receive half of a hook-mode low-latency call (internal; openep.Buffer wraps it).")
       .def("__call__", &LowLatencyRecvHook::call,
@@ -358,26 +312,14 @@ void bind_buffer(nb::module_& m) {
         const size_t bytes = rdma ? m.options.num_rdma_bytes : m.options.num_nvl_bytes;
         return std::make_tuple(reinterpret_cast<uintptr_t>(base + off), bytes);
       }, nb::arg("rdma"))
-      .def("get_dispatch_layout", [](Runtime& r, nb::dict d, uintptr_t stream) {
-        check_keys(d, {"topk_idx", "topk_int64", "num_tokens", "num_topk", "num_experts", "num_tokens_per_rank",
-                       "num_tokens_per_expert", "is_token_in_rank", "num_tokens_per_rdma_rank"},
-                   "get_dispatch_layout arguments");
-        openep::LayoutArgs a;
-        a.topk_idx = ptr<const void>(d, "topk_idx");
-        a.index_type = num(d, "topk_int64", 1) ? openep::IndexType::kInt64 : openep::IndexType::kInt32;
-        a.num_tokens = static_cast<int>(num(d, "num_tokens", 0));
-        a.num_topk = static_cast<int>(num(d, "num_topk", 0));
-        a.num_experts = static_cast<int>(num(d, "num_experts", 0));
-        a.num_tokens_per_rank = ptr<int>(d, "num_tokens_per_rank");
-        a.num_tokens_per_expert = ptr<int>(d, "num_tokens_per_expert");
-        a.is_token_in_rank = ptr<bool>(d, "is_token_in_rank");
-        a.num_tokens_per_rdma_rank = ptr<int>(d, "num_tokens_per_rdma_rank");
+      // Every operation takes the core's structs (bind_structs) and a stream address; prepare calls fill the
+      // handle in place.
+      .def("get_dispatch_layout", [](Runtime& r, const openep::LayoutArgs& a, uintptr_t stream) {
         r.buffer().get_dispatch_layout(a, as_stream(stream));
       }, nb::arg("args"), nb::arg("stream"))
-      .def("dispatch_prepare", [](Runtime& r, nb::dict args, nb::dict handle, uintptr_t stream) {
+      .def("dispatch_prepare", [](Runtime& r, const openep::DispatchArgs& a, openep::IntranodeHandle& h,
+                                  uintptr_t stream) {
         // Returns (num_recv_tokens, num_recv_tokens_per_expert list). Exact mode waits on the host.
-        const openep::DispatchArgs a = dispatch_args_of(args);
-        openep::IntranodeHandle h = handle_of(handle);
         openep::DispatchCounts c;
         {
           nb::gil_scoped_release release;
@@ -385,66 +327,57 @@ void bind_buffer(nb::module_& m) {
         }
         return std::make_tuple(c.num_recv_tokens, c.num_recv_tokens_per_expert);
       }, nb::arg("args"), nb::arg("handle"), nb::arg("stream"))
-      .def("dispatch", [](Runtime& r, nb::dict args, nb::dict handle, nb::dict out, uintptr_t stream) {
-        r.buffer().dispatch(dispatch_args_of(args), handle_of(handle), dispatch_outputs_of(out), as_stream(stream));
+      .def("dispatch", [](Runtime& r, const openep::DispatchArgs& a, const openep::IntranodeHandle& h,
+                          const openep::DispatchOutputs& o, uintptr_t stream) {
+        r.buffer().dispatch(a, h, o, as_stream(stream));
       }, nb::arg("args"), nb::arg("handle"), nb::arg("outputs"), nb::arg("stream"))
-      .def("dispatch_cached", [](Runtime& r, nb::dict args, nb::dict handle, nb::dict out, uintptr_t stream) {
-        r.buffer().dispatch_cached(dispatch_args_of(args), handle_of(handle), dispatch_outputs_of(out),
-                                   as_stream(stream));
+      .def("dispatch_cached", [](Runtime& r, const openep::DispatchArgs& a, const openep::IntranodeHandle& h,
+                                 const openep::DispatchOutputs& o, uintptr_t stream) {
+        r.buffer().dispatch_cached(a, h, o, as_stream(stream));
       }, nb::arg("args"), nb::arg("handle"), nb::arg("outputs"), nb::arg("stream"))
-      .def("combine", [](Runtime& r, nb::dict d, nb::dict handle, nb::dict out, uintptr_t stream) {
-        r.buffer().combine(combine_args_of(d), handle_of(handle), combine_outputs_of(out), as_stream(stream));
+      .def("combine", [](Runtime& r, const openep::CombineArgs& a, const openep::IntranodeHandle& h,
+                         const openep::CombineOutputs& o, uintptr_t stream) {
+        r.buffer().combine(a, h, o, as_stream(stream));
       }, nb::arg("args"), nb::arg("handle"), nb::arg("outputs"), nb::arg("stream"))
       // ---- internode normal mode (openep/internode.hpp) ----
       .def_prop_ro("is_internode", [](Runtime& r) { return r.buffer().is_internode(); })
       .def_prop_ro("num_nodes", [](Runtime& r) { return r.buffer().num_nodes(); })
       .def_prop_ro("ranks_per_node", [](Runtime& r) { return r.buffer().ranks_per_node(); })
-      .def("internode_dispatch_prepare", [](Runtime& r, nb::dict args, nb::dict handle, uintptr_t stream) {
-        // Returns (num_recv_tokens, num_rdma_recv_tokens, per-expert list, host fields of the handle).
-        const openep::DispatchArgs a = dispatch_args_of(args);
-        openep::InternodeHandle h = internode_handle_of(handle);
+      .def("internode_dispatch_prepare", [](Runtime& r, const openep::DispatchArgs& a, openep::InternodeHandle& h,
+                                            uintptr_t stream) {
+        // Returns (num_recv_tokens, num_rdma_recv_tokens, per-expert list); the host fields go into the handle.
         openep::InternodeDispatchCounts c;
         {
           nb::gil_scoped_release release;
           c = r.buffer().internode_dispatch_prepare(a, h, as_stream(stream));
         }
-        return std::make_tuple(c.num_recv_tokens, c.num_rdma_recv_tokens, c.num_recv_tokens_per_expert,
-                               internode_host_fields(h));
+        return std::make_tuple(c.num_recv_tokens, c.num_rdma_recv_tokens, c.num_recv_tokens_per_expert);
       }, nb::arg("args"), nb::arg("handle"), nb::arg("stream"))
-      .def("internode_dispatch", [](Runtime& r, nb::dict args, nb::dict handle, nb::dict out, uintptr_t stream) {
-        openep::InternodeHandle h = internode_handle_of(handle);
-        r.buffer().internode_dispatch(dispatch_args_of(args), h, dispatch_outputs_of(out), as_stream(stream));
+      .def("internode_dispatch", [](Runtime& r, const openep::DispatchArgs& a, openep::InternodeHandle& h,
+                                    const openep::DispatchOutputs& o, uintptr_t stream) {
+        r.buffer().internode_dispatch(a, h, o, as_stream(stream));
       }, nb::arg("args"), nb::arg("handle"), nb::arg("outputs"), nb::arg("stream"))
-      .def("internode_dispatch_cached", [](Runtime& r, nb::dict args, nb::dict handle, nb::dict out, uintptr_t stream) {
-        r.buffer().internode_dispatch_cached(dispatch_args_of(args), internode_handle_of(handle),
-                                             dispatch_outputs_of(out), as_stream(stream));
+      .def("internode_dispatch_cached", [](Runtime& r, const openep::DispatchArgs& a, const openep::InternodeHandle& h,
+                                           const openep::DispatchOutputs& o, uintptr_t stream) {
+        r.buffer().internode_dispatch_cached(a, h, o, as_stream(stream));
       }, nb::arg("args"), nb::arg("handle"), nb::arg("outputs"), nb::arg("stream"))
-      .def("internode_combine", [](Runtime& r, nb::dict d, nb::dict handle, nb::dict out, uintptr_t stream) {
-        r.buffer().internode_combine(combine_args_of(d), internode_handle_of(handle), combine_outputs_of(out),
-                                     as_stream(stream));
+      .def("internode_combine", [](Runtime& r, const openep::CombineArgs& a, const openep::InternodeHandle& h,
+                                   const openep::CombineOutputs& o, uintptr_t stream) {
+        r.buffer().internode_combine(a, h, o, as_stream(stream));
       }, nb::arg("args"), nb::arg("handle"), nb::arg("outputs"), nb::arg("stream"))
-      .def("low_latency_dispatch", [](Runtime& r, nb::dict args, nb::dict handle, nb::dict out, uintptr_t stream) {
-        // Returns a LowLatencyHook (return_recv_hook) or None. The handle dict's pointers must be filled.
-        check_keys(out, {"packed_recv_x", "packed_recv_scales", "packed_recv_count"}, "low_latency_dispatch outputs");
-        const openep::LowLatencyDispatchArgs a = ll_dispatch_args_of(args);
-        openep::LowLatencyHandle h = ll_handle_of(handle);
-        openep::LowLatencyDispatchOutputs o;
-        o.packed_recv_x = ptr<void>(out, "packed_recv_x");
-        o.packed_recv_scales = ptr<void>(out, "packed_recv_scales");
-        o.packed_recv_count = ptr<int>(out, "packed_recv_count");
+      .def("low_latency_dispatch", [](Runtime& r, const openep::LowLatencyDispatchArgs& a, openep::LowLatencyHandle& h,
+                                      const openep::LowLatencyDispatchOutputs& o, uintptr_t stream) {
+        // Returns a LowLatencyHook (return_recv_hook) or None. The handle's pointers must be filled.
         return make_hook(r, r.buffer().low_latency_dispatch(a, h, o, as_stream(stream)), "low_latency_dispatch");
       }, nb::arg("args"), nb::arg("handle"), nb::arg("outputs"), nb::arg("stream"))
-      .def("low_latency_combine", [](Runtime& r, nb::dict args, nb::dict handle, nb::dict out, uintptr_t stream) {
-        check_keys(out, {"combined_x"}, "low_latency_combine outputs");
-        const openep::LowLatencyCombineArgs a = ll_combine_args_of(args);
-        const openep::LowLatencyHandle h = ll_handle_of(handle);
-        openep::LowLatencyCombineOutputs o;
-        o.combined_x = ptr<uint16_t>(out, "combined_x");
+      .def("low_latency_combine", [](Runtime& r, const openep::LowLatencyCombineArgs& a,
+                                     const openep::LowLatencyHandle& h, const openep::LowLatencyCombineOutputs& o,
+                                     uintptr_t stream) {
         return make_hook(r, r.buffer().low_latency_combine(a, h, o, as_stream(stream)), "low_latency_combine");
       }, nb::arg("args"), nb::arg("handle"), nb::arg("outputs"), nb::arg("stream"))
-      .def("get_next_low_latency_combine_buffer", [](Runtime& r, nb::dict handle) {
+      .def("get_next_low_latency_combine_buffer", [](Runtime& r, const openep::LowLatencyHandle& h) {
         // Device address of the [E_local][R*T][hidden] BF16 zero-copy combine input (contiguous rows).
-        return reinterpret_cast<uintptr_t>(r.buffer().get_next_low_latency_combine_buffer(ll_handle_of(handle)));
+        return reinterpret_cast<uintptr_t>(r.buffer().get_next_low_latency_combine_buffer(h));
       }, nb::arg("handle"))
       .def("clean_low_latency_buffer", [](Runtime& r, int T, int hidden, int num_experts, uintptr_t stream) {
         r.buffer().clean_low_latency_buffer(T, hidden, num_experts, as_stream(stream));

@@ -565,7 +565,7 @@ def test_low_latency_combine_passes_use_logfmt_to_the_core(monkeypatch):
     monkeypatch.setattr(ll_module, "current_raw_stream", lambda device: 0)
     for flag in (True, False):
         buf.low_latency_combine(**_combine_args(use_logfmt=flag, out=_LLTensor((64, H_))))
-        assert calls[-1]["use_logfmt"] == int(flag)
+        assert calls[-1].use_logfmt is flag
 
 
 def test_low_latency_handle_is_deepeps_5_tuple():
