@@ -30,6 +30,9 @@ def worker(rank, world, port, a, results):
     deep_ep.Buffer.set_num_sms(a.num_sms)
     nvl = deep_ep.Buffer.get_nvl_buffer_size_hint_for_tokens(world, a.tokens, a.hidden, 2, a.hidden // 128, a.topk)
     buf = deep_ep.Buffer(dist.group.WORLD, num_nvl_bytes=nvl, explicitly_destroy=True)
+    if world == 1:  # --ranks 1: DeepEP's config tables start at 2 ranks, so EP1 borrows EP2's configs
+        cfg_d, cfg_c = deep_ep.Buffer.get_dispatch_config(2), deep_ep.Buffer.get_combine_config(2)
+        buf.get_dispatch_config, buf.get_combine_config = (lambda n: cfg_d), (lambda n: cfg_c)
     g = torch.Generator(device="cuda").manual_seed(rank)
     x = torch.randn(a.tokens, a.hidden, device="cuda", generator=g).to(torch.bfloat16)
     x_fp8 = (x.to(torch.float8_e4m3fn), torch.ones(a.tokens, a.hidden // 128, device="cuda"))
