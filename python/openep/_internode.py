@@ -109,19 +109,9 @@ class InternodeOps:
     def _internode_cached_dispatch(self, rt, x, scales, handle, config, previous_event, async_finish,
                                    allocate_on_comm_stream):
         op = "internode_dispatch"
-        hd = self._internode_handle(op, handle)
-        if x.shape[0] != hd.num_tokens:
-            raise invalid_argument(f"{op}: cached mode expected x with {hd.num_tokens} rows (the handle's token "
-                                   f"count), got {x.shape[0]}")
-        args = self._dispatch_args(x, scales, config)
-        compute = self._begin(op, previous_event, async_finish, allocate_on_comm_stream)
-        with self._alloc_context(allocate_on_comm_stream):
-            recv_x, recv_scales, outs = self._recv_tensors(x, scales, hd.num_recv_tokens)
-            rt.internode_dispatch_cached(args, hd, outs, self._comm_stream.cuda_stream)
-            event = self._finish(compute, async_finish, allocate_on_comm_stream,
-                                 (x, scales, recv_x, recv_scales) + tuple(t for t in handle if t is not None))
-        recv = (recv_x, recv_scales) if scales is not None else recv_x
-        return recv, None, None, None, None, event
+        return self._cached_dispatch_call(op, rt.internode_dispatch_cached, self._internode_handle(op, handle),
+                                          tuple(t for t in handle if t is not None), x, scales, config,
+                                          previous_event, async_finish, allocate_on_comm_stream)
 
     def internode_combine(self, x, handle, topk_weights=None, bias=None, config=None, previous_event=None,
                           async_finish=False, allocate_on_comm_stream=False):

@@ -244,17 +244,23 @@ class IntranodeOps:
     def _cached_dispatch(self, rt, x, scales, handle, config, previous_event, async_finish,
                          allocate_on_comm_stream):
         op = "dispatch"
-        hd = self._unpack_handle(op, handle)
+        return self._cached_dispatch_call(op, rt.dispatch_cached, self._unpack_handle(op, handle), tuple(handle), x,
+                                          scales, config, previous_event, async_finish, allocate_on_comm_stream)
+
+    def _cached_dispatch_call(self, op, launch, hd, handle_tensors, x, scales, config, previous_event, async_finish,
+                              allocate_on_comm_stream):
+        """The body intranode and internode cached dispatch share. ``launch(args, core handle, outputs, stream)``
+        is the core call; ``handle_tensors`` are kept alive."""
         if x.shape[0] != hd.num_tokens:
-            raise invalid_argument(f"dispatch: cached mode expected x with {hd.num_tokens} rows (the handle's "
-                                   f"token count), got {x.shape[0]}")
+            raise invalid_argument(f"{op}: cached mode expected x with {hd.num_tokens} rows (the handle's token "
+                                   f"count), got {x.shape[0]}")
         args = self._dispatch_args(x, scales, config)
         compute = self._begin(op, previous_event, async_finish, allocate_on_comm_stream)
         with self._alloc_context(allocate_on_comm_stream):
             recv_x, recv_scales, outs = self._recv_tensors(x, scales, hd.num_recv_tokens)
-            rt.dispatch_cached(args, hd, outs, self._comm_stream.cuda_stream)
+            launch(args, hd, outs, self._comm_stream.cuda_stream)
             event = self._finish(compute, async_finish, allocate_on_comm_stream,
-                                 (x, scales, recv_x, recv_scales) + tuple(handle))
+                                 (x, scales, recv_x, recv_scales) + handle_tensors)
         recv = (recv_x, recv_scales) if scales is not None else recv_x
         return recv, None, None, None, None, event
 

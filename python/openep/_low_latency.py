@@ -83,6 +83,14 @@ class LowLatencyOps:
         check_tensor(op, "handle.packed_recv_layout_range", layout_range, ("int64",), (El, R), True, dev)
         return _ll_core_handle(src_info, layout_range, T, hidden, num_experts), El, T, hidden, num_experts
 
+    def _ll_stream(self, rt, compute, return_recv_hook):
+        """The stream a low-latency call's kernel goes on (stream rules above): the current stream in hook mode,
+        else the communication stream, ordered after the current one."""
+        if return_recv_hook:
+            return compute
+        rt.stream_wait(self._comm_ptr, compute)
+        return self._comm_ptr
+
     def _ll_finish(self, op, compute, async_finish, return_recv_hook, core_hook, tensors):
         """The EventOverlap and hook of a low-latency call (stream rules above)."""
         keep = tuple(t for t in tensors if t is not None)
@@ -237,11 +245,7 @@ class LowLatencyOps:
         outs.packed_recv_x, outs.packed_recv_count = packed_recv_x.data_ptr(), recv_count.data_ptr()
         if scales is not None:
             outs.packed_recv_scales = scales.data_ptr()
-        if return_recv_hook:
-            stream = compute
-        else:
-            stream = self._comm_ptr
-            rt.stream_wait(stream, compute)
+        stream = self._ll_stream(rt, compute, return_recv_hook)
         core_hook = rt.low_latency_dispatch(args, hd, outs, stream)
         handle = LowLatencyHandle(src_info, layout_range, T, hidden, num_experts)
         handle._openep_checked = (self._token, (hd, El, T, hidden, num_experts))  # = _ll_unpack_handle's
@@ -319,11 +323,7 @@ class LowLatencyOps:
             args.combine_wait_recv_cost_stats = combine_wait_recv_cost_stats.data_ptr()
         outs = _C.LowLatencyCombineOutputs()
         outs.combined_x = combined_x.data_ptr()
-        if return_recv_hook:
-            stream = compute
-        else:
-            stream = self._comm_ptr
-            rt.stream_wait(stream, compute)
+        stream = self._ll_stream(rt, compute, return_recv_hook)
         core_hook = rt.low_latency_combine(args, hd, outs, stream)
         event, hook = self._ll_finish(op, compute, async_finish, return_recv_hook, core_hook,
                                       (x, topk_idx, topk_weights, combine_wait_recv_cost_stats, combined_x)

@@ -237,7 +237,8 @@ void bind_structs(nb::module_& m) {
   lh.def_rw("num_max_dispatch_tokens_per_rank", &LowLatencyHandle::num_max_dispatch_tokens_per_rank)
       .def_rw("hidden", &LowLatencyHandle::hidden).def_rw("num_experts", &LowLatencyHandle::num_experts);
 
-  auto lda = core_struct<LowLatencyDispatchArgs>(m, "LowLatencyDispatchArgs", "openep::LowLatencyDispatchArgs (internal).");
+  auto lda = core_struct<LowLatencyDispatchArgs>(m, "LowLatencyDispatchArgs",
+                                                 "openep::LowLatencyDispatchArgs (internal).");
   address(lda, "x", &LowLatencyDispatchArgs::x);
   address(lda, "topk_idx", &LowLatencyDispatchArgs::topk_idx);
   index_type(lda);
@@ -257,7 +258,8 @@ void bind_structs(nb::module_& m) {
   address(ldo, "packed_recv_scales", &LowLatencyDispatchOutputs::packed_recv_scales);
   address(ldo, "packed_recv_count", &LowLatencyDispatchOutputs::packed_recv_count);
 
-  auto lca = core_struct<LowLatencyCombineArgs>(m, "LowLatencyCombineArgs", "openep::LowLatencyCombineArgs (internal).");
+  auto lca = core_struct<LowLatencyCombineArgs>(m, "LowLatencyCombineArgs",
+                                                "openep::LowLatencyCombineArgs (internal).");
   address(lca, "x", &LowLatencyCombineArgs::x);
   address(lca, "topk_idx", &LowLatencyCombineArgs::topk_idx);
   index_type(lca);
