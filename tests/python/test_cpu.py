@@ -685,3 +685,62 @@ def test_reference_combine_without_weights_after_a_topk_dispatch(ranks_per_node)
     for r in range(R):
         assert torch.equal(bare[r][0], weighted[r][0])
         assert bare[r][1] is None and weighted[r][1] is not None
+
+
+# ---- the core's structs as bound by python/src/buffer.cpp (bind_structs) ----------------------------------------
+# name: (address fields, integer fields, bool fields)
+_STRUCTS = {
+    "LayoutArgs": (("topk_idx", "num_tokens_per_rank", "num_tokens_per_expert", "is_token_in_rank",
+                    "num_tokens_per_rdma_rank"), ("num_tokens", "num_topk", "num_experts"), ()),
+    "IntranodeHandle": (("is_token_in_rank", "rank_prefix_matrix", "num_tokens_per_src", "send_pos", "recv_src_idx"),
+                        ("num_tokens", "num_recv_tokens"), ()),
+    "DispatchArgs": (("x", "x_scales", "topk_idx", "topk_weights", "is_token_in_rank", "num_tokens_per_rank",
+                      "num_tokens_per_expert", "num_tokens_per_rdma_rank"),
+                     ("num_tokens", "hidden", "x_elem_bytes", "num_scales", "scale_token_stride", "scale_hidden_stride",
+                      "num_topk", "num_experts", "expert_alignment", "num_worst_tokens", "max_tokens_per_rank"), ()),
+    "DispatchOutputs": (("recv_x", "recv_x_scales", "recv_topk_idx", "recv_topk_weights"), (), ()),
+    "CombineArgs": (("x", "topk_weights", "bias_0", "bias_1"), ("hidden", "num_topk"), ()),
+    "CombineOutputs": (("combined_x", "combined_topk_weights"), (), ()),
+    "InternodeHandle": (("is_token_in_rank", "send_pos", "send_rdma_head", "node_prefix", "recv_gbl_rank_prefix_sum",
+                         "recv_rdma_rank_prefix_sum", "recv_rdma_mask", "recv_src_idx", "recv_src_meta"),
+                        ("num_tokens", "num_recv_tokens", "num_rdma_recv_tokens"), ()),
+    "LowLatencyHandle": (("src_info", "layout_range"), ("num_max_dispatch_tokens_per_rank", "hidden", "num_experts"),
+                         ()),
+    "LowLatencyDispatchArgs": (("x", "topk_idx", "cumulative_local_expert_recv_stats", "dispatch_wait_recv_cost_stats"),
+                               ("num_tokens", "hidden", "num_topk", "num_max_dispatch_tokens_per_rank", "num_experts"),
+                               ("use_fp8", "round_scale", "use_ue8m0", "return_recv_hook")),
+    "LowLatencyDispatchOutputs": (("packed_recv_x", "packed_recv_scales", "packed_recv_count"), (), ()),
+    "LowLatencyCombineArgs": (("x", "topk_idx", "topk_weights", "combine_wait_recv_cost_stats"),
+                              ("num_tokens", "num_topk"), ("zero_copy", "use_logfmt", "return_recv_hook")),
+    "LowLatencyCombineOutputs": (("combined_x",), (), ()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_STRUCTS))
+def test_core_structs_keep_every_field_and_refuse_unknown_ones(name):
+    """Every field the Python layer sets holds what it was given (addresses up to 2**64 - 16 with null as 0, ints,
+    bools), the top-k index type round-trips through topk_int64, and a misspelt field raises instead of being
+    dropped (the structs have no __dict__)."""
+    addresses, ints, flags = _STRUCTS[name]
+    s = getattr(_C, name)()
+    for i, field in enumerate(addresses):
+        assert getattr(s, field) == 0, f"{name}.{field} is not null by default"
+        for value in (2 ** 64 - 16, 0, (1 << 47) + 16 * i):
+            setattr(s, field, value)
+            assert getattr(s, field) == value, (name, field, value)
+    for i, field in enumerate(ints):
+        setattr(s, field, 1000 + i)
+        assert getattr(s, field) == 1000 + i, (name, field)
+    # each field is its own member: none of the later assignments changed an earlier one
+    assert [getattr(s, f) for f in addresses] == [(1 << 47) + 16 * i for i in range(len(addresses))], name
+    assert [getattr(s, f) for f in ints] == [1000 + i for i in range(len(ints))], name
+    for field in flags:
+        for value in (True, False):
+            setattr(s, field, value)
+            assert getattr(s, field) is value, (name, field)
+    if hasattr(s, "topk_int64"):
+        assert s.topk_int64 is True  # IndexType::kInt64, DeepEP's default index type
+        s.topk_int64 = False
+        assert s.topk_int64 is False
+    with pytest.raises(AttributeError):
+        s.no_such_field = 1
