@@ -3,7 +3,6 @@ A mixin of :class:`openep.Buffer`, built on the intranode mixin's helpers. Run f
 sockets (tests/python/fakenode_internode.py); never on a real network (docs/INTERNODE.md)."""
 
 from . import _C
-from ._checks import check_int
 from ._handles import InternodeHandle
 from ._torch import torch_module
 from .errors import invalid_argument
@@ -39,13 +38,9 @@ class InternodeOps:
         tokens (the network legs then have fixed sizes)."""
         op = "internode_dispatch"
         rt = self._require_internode(op)
-        config = self.get_dispatch_config(self.group_size) if config is None else config
-        x, scales = self._check_x(op, x)
-        check_int(op, "expert_alignment", expert_alignment, 1)
-        check_int(op, "num_worst_tokens", num_worst_tokens, 0)
+        config, x, scales = self._dispatch_inputs(op, x, handle, topk_idx, topk_weights, expert_alignment,
+                                                  num_worst_tokens, config)
         if handle is not None:
-            if topk_idx is not None or topk_weights is not None:
-                raise invalid_argument(f"{op}: cached mode (handle given) takes no topk_idx/topk_weights")
             return self._internode_cached_dispatch(rt, x, scales, handle, config, previous_event, async_finish,
                                                    allocate_on_comm_stream)
         torch = torch_module()

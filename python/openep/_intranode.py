@@ -122,13 +122,9 @@ class IntranodeOps:
                                            allocate_on_comm_stream)
         op = "dispatch"
         rt = self._rt(op)
-        config = self.get_dispatch_config(self.group_size) if config is None else config
-        x, scales = self._check_x(op, x)
-        check_int(op, "expert_alignment", expert_alignment, 1)
-        check_int(op, "num_worst_tokens", num_worst_tokens, 0)
+        config, x, scales = self._dispatch_inputs(op, x, handle, topk_idx, topk_weights, expert_alignment,
+                                                  num_worst_tokens, config)
         if handle is not None:
-            if topk_idx is not None or topk_weights is not None:
-                raise invalid_argument("dispatch: cached mode (handle given) takes no topk_idx/topk_weights")
             return self._cached_dispatch(rt, x, scales, handle, config, previous_event, async_finish,
                                          allocate_on_comm_stream)
         torch = torch_module()
@@ -169,6 +165,16 @@ class IntranodeOps:
         recv = (recv_x, recv_scales) if scales is not None else recv_x
         per_expert_list = list(per_expert) if num_worst_tokens == 0 else []
         return recv, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event
+
+    def _dispatch_inputs(self, op, x, handle, topk_idx, topk_weights, expert_alignment, num_worst_tokens, config):
+        """The first checks intranode and internode dispatch share; returns ``(config, x, scales)``."""
+        config = self.get_dispatch_config(self.group_size) if config is None else config
+        x, scales = self._check_x(op, x)
+        check_int(op, "expert_alignment", expert_alignment, 1)
+        check_int(op, "num_worst_tokens", num_worst_tokens, 0)
+        if handle is not None and (topk_idx is not None or topk_weights is not None):
+            raise invalid_argument(f"{op}: cached mode (handle given) takes no topk_idx/topk_weights")
+        return config, x, scales
 
     def _routed_dispatch_args(self, op, x, scales, config, routing, topk_idx, topk_weights, expert_alignment,
                               num_worst_tokens):
