@@ -1,6 +1,9 @@
 // openep::Config: the performance knobs of the normal-mode kernels (DeepEP V1's Config).
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
+
 namespace openep {
 
 struct Config {
@@ -32,5 +35,14 @@ void set_default_num_sms(int num_sms);
 // default_num_sms(). Other sizes throw kInvalidArgument.
 Config get_dispatch_config(int num_ranks);
 Config get_combine_config(int num_ranks);
+
+// DeepEP V1's buffer sizes for config c (deepep-v1-interface.md 3.4), for code that sizes its Buffer the DeepEP
+// way (hidden_bytes = hidden x max(element size, 2) in DeepEP's recipe, the max over the dispatch and combine
+// configs). They do not depend on the batch: intranode normal mode runs exact-mode dispatch, cached dispatch and
+// combine of any batch in a Buffer this large, in rounds through the window when the batch exceeds it
+// (worst-case mode needs intranode_buffer_size_hint(), openep/intranode.hpp). RDMA: 0 when num_ranks <= 8.
+// Throws kInvalidArgument unless hidden_bytes > 0 and num_ranks is in [1, 8] or a multiple of 8 (DeepEP's rule).
+size_t deepep_nvl_buffer_size_hint(const Config& c, int64_t hidden_bytes, int num_ranks);
+size_t deepep_rdma_buffer_size_hint(const Config& c, int64_t hidden_bytes, int num_ranks);
 
 }  // namespace openep

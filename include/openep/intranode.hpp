@@ -37,6 +37,12 @@ struct IntranodeHandle {
   int* num_tokens_per_src = nullptr;  // [R] int32: token count of every rank in that dispatch
   int* send_pos = nullptr;            // [num_tokens][R] int32: row of my token t in rank r's receive order, -1
   int* recv_src_idx = nullptr;        // [num_recv_tokens] int32: source token index of every received row
+  // Filled by an exact-mode dispatch_prepare (0 otherwise): the largest receive count and token count over all
+  // ranks, the same on every rank. They fix how many rounds a dispatch, cached dispatch or combine through a window
+  // too small for the whole batch takes (EXPERIMENTAL, OPENEP_EXPERIMENTAL_ROUNDS=1; without it such a call
+  // raises kBufferTooSmall as before).
+  int max_recv_rows = 0;
+  int max_num_tokens = 0;
 };
 
 struct DispatchArgs {

@@ -61,40 +61,6 @@ void translate_error(const std::exception_ptr& p, void*) {
   }
 }
 
-// DeepEP V1's NVLink buffer hint (deepep-v1-interface.md 3.4), for code that sizes its Buffer the DeepEP way.
-// OpenEP's own requirement depends on the token count: openep.Buffer.get_nvl_buffer_size_hint_for_tokens.
-size_t deepep_nvl_hint(const openep::Config& c, size_t hidden_bytes, int num_ranks) {
-  const size_t channels = static_cast<size_t>(c.num_sms) / 2;
-  const size_t nvl_peers = static_cast<size_t>(num_ranks < 8 ? num_ranks : 8);
-  const size_t rdma_ranks = static_cast<size_t>(num_ranks / 8 > 1 ? num_ranks / 8 : 1);
-  const size_t slots = channels * nvl_peers * static_cast<size_t>(c.num_max_nvl_chunked_recv_tokens);
-  const size_t kTopk = 128, kScales = 128, kIndexBytes = 8, kSourceMetaBytes = 8;
-  size_t bytes = channels * nvl_peers * (2 * rdma_ranks + 3) * 4;
-  bytes += slots * (hidden_bytes + kSourceMetaBytes + kTopk * kIndexBytes + kTopk * 4 + kScales * 4);
-  return (bytes + 127) / 128 * 128;
-}
-
-size_t deepep_rdma_hint(const openep::Config& c, size_t hidden_bytes, int num_ranks) {
-  if (num_ranks <= 8) return 0;
-  const size_t channels = static_cast<size_t>(c.num_sms) / 2;
-  const size_t m = static_cast<size_t>(num_ranks / 8);
-  const size_t slots = channels * m * static_cast<size_t>(c.num_max_rdma_chunked_recv_tokens);
-  const size_t kTopk = 128, kScales = 128, kIndexBytes = 8;
-  size_t bytes = channels * m * (8 * 2 + 2) * 2 * 4;
-  bytes += slots * (hidden_bytes * 2 + 8 * 2 + kTopk * kIndexBytes * 2 + kTopk * 4 * 2 + kScales * 4 * 2 + 16 * 2);
-  return (bytes + 127) / 128 * 128;
-}
-
-void check_hint_args(int64_t hidden_bytes, int num_ranks) {
-  if (hidden_bytes <= 0) {
-    throw openep::Error(openep::ErrorCode::kInvalidArgument, __FILE__, __LINE__,
-                        "hidden_bytes must be > 0, got " + std::to_string(hidden_bytes));
-  }
-  if (num_ranks < 1 || (num_ranks > 8 && num_ranks % 8 != 0)) {
-    throw openep::Error(openep::ErrorCode::kInvalidArgument, __FILE__, __LINE__,
-                        "num_ranks must be < 8 or a multiple of 8 (DeepEP V1 rule), got " + std::to_string(num_ranks));
-  }
-}
 
 void bind_config(nb::module_& m) {
   nb::class_<openep::Config>(m, "Config",
@@ -133,15 +99,13 @@ Buffer.get_nvl_buffer_size_hint_for_tokens.)doc")
       .def_ro("num_max_rdma_chunked_recv_tokens", &openep::Config::num_max_rdma_chunked_recv_tokens)
       .def("get_nvl_buffer_size_hint",
            [](const openep::Config& c, int64_t hidden_bytes, int num_ranks) {
-             check_hint_args(hidden_bytes, num_ranks);
-             return deepep_nvl_hint(c, static_cast<size_t>(hidden_bytes), num_ranks);
+             return openep::deepep_nvl_buffer_size_hint(c, hidden_bytes, num_ranks);
            },
            nb::arg("hidden_bytes"), nb::arg("num_ranks"),
            "DeepEP V1's NVLink-buffer size for this config, in bytes (a multiple of 128).")
       .def("get_rdma_buffer_size_hint",
            [](const openep::Config& c, int64_t hidden_bytes, int num_ranks) {
-             check_hint_args(hidden_bytes, num_ranks);
-             return deepep_rdma_hint(c, static_cast<size_t>(hidden_bytes), num_ranks);
+             return openep::deepep_rdma_buffer_size_hint(c, hidden_bytes, num_ranks);
            },
            nb::arg("hidden_bytes"), nb::arg("num_ranks"),
            "DeepEP V1's RDMA-buffer size for this config, in bytes; 0 when num_ranks <= 8.")

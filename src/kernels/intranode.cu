@@ -17,6 +17,13 @@
 //    find from send_pos which row blocks of each peer hold them, wait for those flags, then sum each token's
 //    rows in fp32 in ascending rank order (own rows read straight from the input), add the biases and store
 //    BF16.
+//  rounds (EXPERIMENTAL, OPENEP_EXPERIMENTAL_ROUNDS=1, NOT RUN on a GPU yet; runtime/intranode.cpp): when the region
+//    holds fewer rows than the largest receive count (or stage slots than the largest token count), the host
+//    launches the dispatch (combine) once per round, each after a prepare kernel without exchange (barrier: the
+//    peers have drained the previous round; new epoch). Dispatch round k carries the remote rows with receive row
+//    in [round_lo, round_lo + round_rows) to window row (row - round_lo), own rows in the first round only;
+//    combine round k carries the owner tokens [tok_lo, tok_hi) to stage slot (d, t - tok_lo). One round is the
+//    plain protocol above (round_lo 0, round_rows INT_MAX, tok_lo 0, tok_hi INT_MAX).
 #include <climits>
 
 #include "device/barrier.cuh"
@@ -111,7 +118,18 @@ __device__ __forceinline__ void compute_receive_side(const PrepareParams& p) {
   if (threadIdx.x == 0) {
     int total = 0;
     for (int s = 0; s < R; ++s) total += header_int(p, L::count(s, p.rank));
-    if (p.host) p.host->num_recv_tokens = total;
+    if (p.host) {
+      int max_recv = 0, max_tokens = 0;  // the whole count matrix is in my header: same answer on every rank
+      for (int d = 0; d < R; ++d) {
+        int rows = 0;
+        for (int s = 0; s < R; ++s) rows += header_int(p, L::count(s, d));
+        max_recv = max(max_recv, rows);
+        max_tokens = max(max_tokens, header_int(p, L::num_tokens(d)));
+      }
+      p.host->num_recv_tokens = total;
+      p.host->max_recv_rows = max_recv;
+      p.host->max_num_tokens = max_tokens;
+    }
     if (p.num_worst_tokens > 0 && total > p.num_worst_tokens)
       device::record_error(p.wait, DeviceErrorCode::kWorstTokensExceeded, -1, Phase::kDispatchCounts,
                            p.num_worst_tokens, total);
@@ -207,7 +225,7 @@ __device__ __forceinline__ void send_token(const DispatchParams& p, int t, int d
       p.recv_x_scales[static_cast<int64_t>(row) * p.num_scales + j] = TokenMeta::scale(p, t, j);
     return;
   }
-  char* rec = region(p.window, d) + L::dispatch_record(row, p.record_bytes);
+  char* rec = region(p.window, d) + L::dispatch_record(row - p.round_lo, p.record_bytes);  // this round's window row
   device::copy_warp<device::Source::kInput>(reinterpret_cast<int4*>(rec), src, row_int4, lane);
   int32_t* meta = reinterpret_cast<int32_t*>(rec + L::align16(p.row_bytes));
   if (lane == 0) meta[0] = t;
@@ -235,6 +253,7 @@ __device__ void dispatch_sender(const DispatchParams& p, uint64_t epoch) {
       for (int t = t0 + sub; t < t1; t += warps_per_dst) {
         const int row = p.send_pos[static_cast<int64_t>(t) * R + d];
         if (row < 0) continue;
+        if (d == p.rank ? !p.first_round : (row < p.round_lo || row - p.round_lo >= p.round_rows)) continue;
         send_token(p, t, d, row, lane);
         first = min(first, row), ++count;
       }
@@ -245,16 +264,17 @@ __device__ void dispatch_sender(const DispatchParams& p, uint64_t epoch) {
     if (threadIdx.x < R && threadIdx.x != p.rank) {
       const int peer = threadIdx.x;
       int32_t* range = at<int32_t>(p.window, peer, L::dispatch_range(p.rank, c));
-      range[0] = s_count[peer] ? s_first[peer] : 0;
+      range[0] = s_count[peer] ? s_first[peer] - p.round_lo : 0;  // window row of this round
       range[1] = s_count[peer];
       ptx::st_release_sys(at<uint64_t>(p.window, peer, L::dispatch_flag(p.rank, c)), epoch);
     }
   }
 }
 
-// One warp copies received row `row` from the window into the outputs.
-__device__ __forceinline__ void receive_row(const DispatchParams& p, int row, int lane) {
-  const char* rec = region(p.window, p.rank) + L::dispatch_record(row, p.record_bytes);
+// One warp copies window row `win_row` of this round into the outputs (receive row round_lo + win_row).
+__device__ __forceinline__ void receive_row(const DispatchParams& p, int win_row, int lane) {
+  const int row = p.round_lo + win_row;
+  const char* rec = region(p.window, p.rank) + L::dispatch_record(win_row, p.record_bytes);
   int4* dst = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + static_cast<int64_t>(row) * p.row_bytes);
   device::copy_warp<device::Source::kWindow>(dst, reinterpret_cast<const int4*>(rec), p.row_bytes / 16, lane);
   const int32_t* meta = reinterpret_cast<const int32_t*>(rec + L::align16(p.row_bytes));
@@ -288,7 +308,7 @@ __device__ void dispatch_receiver(const DispatchParams& p, uint64_t epoch) {
     __syncthreads();
   }
   // Worst-case mode: rows past the real count get topk_idx = -1 (weights 0).
-  if (p.num_worst_tokens > 0 && p.recv_topk_idx) {
+  if (p.first_round && p.num_worst_tokens > 0 && p.recv_topk_idx) {
     const int num_recv = min(max(p.rank_prefix_matrix[(R - 1) * R + p.rank], 0), p.num_worst_tokens);
     const int64_t first = static_cast<int64_t>(num_recv) * p.num_topk;
     const int64_t last = static_cast<int64_t>(p.num_worst_tokens) * p.num_topk;
@@ -336,7 +356,8 @@ __device__ void combine_sender(const CombineParams& p, uint64_t epoch) {
     char* dst_region = region(p.window, s);
     for (int row = r0 + warp; row < r1; row += kCombineWarps) {
       const int t = p.recv_src_idx[row];
-      char* slot = dst_region + L::combine_stage(p.rank, t, p.stage_rows, p.record_bytes);
+      if (t < p.tok_lo || t >= p.tok_hi) continue;  // another round's token
+      char* slot = dst_region + L::combine_stage(p.rank, t - p.tok_lo, p.stage_rows, p.record_bytes);
       device::copy_warp<device::Source::kInput>(reinterpret_cast<int4*>(slot),
                                                 reinterpret_cast<const int4*>(p.x + static_cast<int64_t>(row) * p.hidden),
                                                 row_int4, lane);
@@ -410,7 +431,7 @@ __device__ __forceinline__ void reduce_token(const CombineParams& p, const char*
 #pragma unroll
   for (int d = 0; d < kR; ++d) {
     const int pos = d < R ? p.send_pos[static_cast<int64_t>(t) * R + d] : -1;
-    const char* slot = my_region + L::combine_stage(d, t, p.stage_rows, p.record_bytes);
+    const char* slot = my_region + L::combine_stage(d, t - p.tok_lo, p.stage_rows, p.record_bytes);
     const bool own = d == p.rank;
     src[d] = pos < 0 ? nullptr
              : own   ? reinterpret_cast<const int4*>(p.x + static_cast<int64_t>(pos) * p.hidden)
@@ -472,7 +493,8 @@ __device__ void combine_reducer(const CombineParams& p, uint64_t epoch) {
   if (threadIdx.x == 0) s_failed = 0;
   __syncthreads();
   for (int c = reducer; c < num_chunks; c += num_reducers) {
-    const int t0 = c * chunk, t1 = min(p.num_tokens, t0 + chunk);
+    const int t0 = max(c * chunk, p.tok_lo), t1 = min(min(p.num_tokens, c * chunk + chunk), p.tok_hi);
+    if (t0 >= t1) continue;  // outside this round (uniform across the block)
     if (warp < R && warp != p.rank && !wait_returned_rows(p, warp, t0, t1, epoch, lane) && lane == 0) s_failed = 1;
     __syncthreads();
     if (s_failed) return;

@@ -67,6 +67,10 @@ struct DispatchParams {
   int* recv_src_idx;                // null in cached mode (the handle already holds it)
   int num_worst_tokens;
   int record_bytes;
+  // This launch's round (IntranodeLayout::num_rounds): remote rows with receive row in [round_lo, round_lo +
+  // round_rows) go to window row (row - round_lo); own rows only in the first round. One round: 0, INT_MAX, true.
+  int round_lo, round_rows;
+  bool first_round;
   WaitContext wait;
 };
 void launch_intranode_dispatch(const DispatchParams& p, int num_blocks, cudaStream_t stream);
@@ -90,6 +94,8 @@ struct CombineParams {
   float* combined_topk_weights;
   int record_bytes;
   int64_t stage_rows;
+  // This launch's round: the owner's tokens [tok_lo, tok_hi), stage slot (d, t - tok_lo). One round: 0, INT_MAX.
+  int tok_lo, tok_hi;
   WaitContext wait;
 };
 void launch_intranode_combine(const CombineParams& p, int num_blocks, cudaStream_t stream);

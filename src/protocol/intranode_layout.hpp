@@ -99,12 +99,22 @@ struct IntranodeLayout {
   OPENEP_HOST_DEVICE static int64_t combine_stage_rows(size_t nvl_bytes, size_t record_bytes, int num_ranks) {
     return nvl_bytes <= kDataOffset ? 0 : static_cast<int64_t>((nvl_bytes - kDataOffset) / (record_bytes * num_ranks));
   }
+  // Rounds (EXPERIMENTAL, OPENEP_EXPERIMENTAL_ROUNDS=1; NOT RUN on a GPU yet): an operation whose largest per-rank
+  // need (dispatch: receive rows, max over ranks; combine: tokens, max over ranks) exceeds what the region holds
+  // runs in rounds of `capacity` units, every rank the same number. Round k covers units [k * capacity,
+  // (k + 1) * capacity); 0 when capacity < 1 (nothing fits at all).
+  OPENEP_HOST_DEVICE static int64_t num_rounds(int64_t need, int64_t capacity) {
+    if (capacity < 1) return 0;
+    return need <= capacity ? 1 : (need + capacity - 1) / capacity;
+  }
 };
 
 // Pinned, device-mapped host memory the intranode prepare kernel fills in exact mode (the host polls `seq`).
 struct HostCounters {
   int64_t seq;                      // written last: the host_seq of the prepare that filled the rest
   int32_t num_recv_tokens;
+  int32_t max_recv_rows;            // max over every rank d of the rows d receives (the round count's input)
+  int32_t max_num_tokens;           // max over every rank s of its token count (combine's round count)
   int32_t num_recv_tokens_per_expert[IntranodeLayout::kMaxLocalExperts];   // aligned counts, [E_local]
 };
 

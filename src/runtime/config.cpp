@@ -73,4 +73,38 @@ void set_default_num_sms(int num_sms) {
 Config get_dispatch_config(int num_ranks) { return lookup(kDispatchTable, num_ranks, "get_dispatch_config"); }
 Config get_combine_config(int num_ranks) { return lookup(kCombineTable, num_ranks, "get_combine_config"); }
 
+namespace {
+void check_hint_args(int64_t hidden_bytes, int num_ranks) {
+  OPENEP_CHECK_ARG(hidden_bytes > 0, "hidden_bytes must be > 0, got ", hidden_bytes);
+  OPENEP_CHECK_ARG(num_ranks >= 1 && (num_ranks <= 8 || num_ranks % 8 == 0),
+                   "num_ranks must be in [1, 8] or a multiple of 8 (DeepEP V1 rule), got ", num_ranks);
+}
+}  // namespace
+
+size_t deepep_nvl_buffer_size_hint(const Config& c, int64_t hidden_bytes, int num_ranks) {
+  check_hint_args(hidden_bytes, num_ranks);
+  const size_t channels = static_cast<size_t>(c.num_sms) / 2;
+  const size_t nvl_peers = static_cast<size_t>(num_ranks < 8 ? num_ranks : 8);
+  const size_t rdma_ranks = static_cast<size_t>(num_ranks / 8 > 1 ? num_ranks / 8 : 1);
+  const size_t slots = channels * nvl_peers * static_cast<size_t>(c.num_max_nvl_chunked_recv_tokens);
+  const size_t kTopk = 128, kScales = 128, kIndexBytes = 8, kSourceMetaBytes = 8;
+  size_t bytes = channels * nvl_peers * (2 * rdma_ranks + 3) * 4;
+  bytes += slots * (static_cast<size_t>(hidden_bytes) + kSourceMetaBytes + kTopk * kIndexBytes + kTopk * 4 +
+                    kScales * 4);
+  return (bytes + 127) / 128 * 128;
+}
+
+size_t deepep_rdma_buffer_size_hint(const Config& c, int64_t hidden_bytes, int num_ranks) {
+  check_hint_args(hidden_bytes, num_ranks);
+  if (num_ranks <= 8) return 0;
+  const size_t channels = static_cast<size_t>(c.num_sms) / 2;
+  const size_t m = static_cast<size_t>(num_ranks / 8);
+  const size_t slots = channels * m * static_cast<size_t>(c.num_max_rdma_chunked_recv_tokens);
+  const size_t kTopk = 128, kScales = 128, kIndexBytes = 8;
+  size_t bytes = channels * m * (8 * 2 + 2) * 2 * 4;
+  bytes += slots * (static_cast<size_t>(hidden_bytes) * 2 + 8 * 2 + kTopk * kIndexBytes * 2 + kTopk * 4 * 2 +
+                    kScales * 4 * 2 + 16 * 2);
+  return (bytes + 127) / 128 * 128;
+}
+
 }  // namespace openep

@@ -1,5 +1,6 @@
 // Host side of the intranode normal-mode operations: validation, sizing, the exact-mode host wait, launches.
 #include <chrono>
+#include <climits>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
@@ -159,8 +160,36 @@ detail::DispatchParams dispatch_params(Buffer::Impl& m, const DispatchArgs& a, c
   p.recv_src_idx = h.recv_src_idx;
   p.num_worst_tokens = with_topk ? a.num_worst_tokens : 0;
   p.record_bytes = static_cast<int>(dispatch_record_bytes(a, with_topk));
+  p.round_lo = 0, p.round_rows = INT_MAX, p.first_round = true;  // one round unless launch_dispatch_rounds says so
   p.wait = m.wait_context();
   return p;
+}
+
+// Rounds of a dispatch through a window of `capacity` receive rows (IntranodeLayout::num_rounds): more than one only
+// with an exact-mode handle (max_recv_rows > 0: every rank knows the same count matrix) whose largest receive count
+// exceeds the window. Worst-case handles (max_recv_rows = 0) take one round; the caller checks that it fits.
+int64_t dispatch_rounds(const Buffer::Impl& m, const IntranodeHandle& h, int64_t capacity) {
+  if (h.max_recv_rows <= capacity) return 1;
+  OPENEP_CHECK(capacity >= 1, ErrorCode::kBufferTooSmall, "the Buffer holds no dispatch row at all (num_nvl_bytes = ",
+               m.options.num_nvl_bytes, ")");
+  return IntranodeLayout::num_rounds(h.max_recv_rows, capacity);
+}
+
+// Launches a dispatch in `rounds` rounds of `capacity` receive rows. Every round after the first starts with the
+// prepare kernel's barrier: that is the flow control (every peer has drained the previous round from its window
+// before anyone writes the next) and it gives the round a fresh epoch for the chunk flags.
+void launch_dispatch_rounds(Buffer::Impl& m, detail::DispatchParams p, int64_t rounds, int64_t capacity, int blocks,
+                            cudaStream_t stream) {
+  for (int64_t k = 0; k < rounds; ++k) {
+    if (k > 0) {
+      detail::PrepareParams pp = prepare_params(m);
+      pp.exchange = false;
+      detail::launch_intranode_prepare(pp, stream);
+      p.first_round = false;
+    }
+    if (rounds > 1) p.round_lo = static_cast<int>(k * capacity), p.round_rows = static_cast<int>(capacity);
+    detail::launch_intranode_dispatch(p, blocks, stream);
+  }
 }
 
 // Share of combine blocks that push rows back (the rest reduce). Default 30% (measured best of 30/40/50% on
@@ -236,6 +265,7 @@ DispatchCounts Buffer::dispatch_prepare(const DispatchArgs& a, IntranodeHandle& 
   if (!exact) {
     counts.num_recv_tokens = a.num_worst_tokens;
     h.num_recv_tokens = a.num_worst_tokens;
+    h.max_recv_rows = h.max_num_tokens = 0;  // unknown on the host: one round (no host wait in this mode)
     return counts;
   }
   // The one host wait of the exact mode: poll the mapped counters (bounded, and errors are raised).
@@ -258,7 +288,9 @@ DispatchCounts Buffer::dispatch_prepare(const DispatchArgs& a, IntranodeHandle& 
   counts.num_recv_tokens_per_expert.resize(E_local);
   for (int e = 0; e < E_local; ++e) counts.num_recv_tokens_per_expert[e] = hc->num_recv_tokens_per_expert[e];
   h.num_recv_tokens = counts.num_recv_tokens;
-  if (counts.num_recv_tokens > capacity) {
+  h.max_recv_rows = hc->max_recv_rows;
+  h.max_num_tokens = hc->max_num_tokens;
+  if (counts.num_recv_tokens > capacity && capacity < 1) {
     m.failed = true;  // peers cannot be told to stop writing in time; refuse further work
     OPENEP_CHECK(false, ErrorCode::kBufferTooSmall, "this rank receives ", counts.num_recv_tokens,
                  " rows but the Buffer holds ", capacity, " rows of ", record, " bytes (num_nvl_bytes = ",
@@ -279,7 +311,9 @@ void Buffer::dispatch(const DispatchArgs& a, const IntranodeHandle& h, const Dis
   validate_handle_arrays(h);
   detail::DispatchParams p = dispatch_params(m, a, h, out, a.num_topk > 0);
   p.num_senders = dispatch_senders(blocks);
-  detail::launch_intranode_dispatch(p, blocks, stream);
+  const int64_t capacity =
+      IntranodeLayout::dispatch_capacity_rows(m.options.num_nvl_bytes, dispatch_record_bytes(a, a.num_topk > 0));
+  launch_dispatch_rounds(m, p, dispatch_rounds(m, h, capacity), capacity, blocks, stream);
 }
 
 void Buffer::dispatch_cached(const DispatchArgs& a, const IntranodeHandle& h, const DispatchOutputs& out,
@@ -293,15 +327,16 @@ void Buffer::dispatch_cached(const DispatchArgs& a, const IntranodeHandle& h, co
   const int blocks = num_blocks(a.config, m);
   validate_handle_arrays(h);
   const int64_t capacity = IntranodeLayout::dispatch_capacity_rows(m.options.num_nvl_bytes, dispatch_record_bytes(a, false));
-  OPENEP_CHECK(h.num_recv_tokens <= capacity, ErrorCode::kBufferTooSmall, "cached dispatch of ", h.num_recv_tokens,
-               " rows does not fit the Buffer (", capacity, " rows)");
+  const int64_t rounds = dispatch_rounds(m, h, capacity);
+  OPENEP_CHECK(rounds > 1 || h.num_recv_tokens <= capacity, ErrorCode::kBufferTooSmall, "cached dispatch of ",
+               h.num_recv_tokens, " rows does not fit the Buffer (", capacity, " rows)");
   detail::PrepareParams pp = prepare_params(m);
   pp.exchange = false;
   detail::launch_intranode_prepare(pp, stream);
   detail::DispatchParams p = dispatch_params(m, a, h, out, false);
   p.recv_src_idx = nullptr;  // the handle's copy is already right and must stay unmodified
   p.num_senders = dispatch_senders(blocks);
-  detail::launch_intranode_dispatch(p, blocks, stream);
+  launch_dispatch_rounds(m, p, rounds, capacity, blocks, stream);
 }
 
 void Buffer::combine(const CombineArgs& a, const IntranodeHandle& h, const CombineOutputs& out, cudaStream_t stream) {
@@ -317,7 +352,12 @@ void Buffer::combine(const CombineArgs& a, const IntranodeHandle& h, const Combi
   const int K = a.num_topk;
   const size_t record = IntranodeLayout::combine_record_bytes(a.hidden, K);
   const int64_t stage_rows = IntranodeLayout::combine_stage_rows(m.options.num_nvl_bytes, record, m.num_ranks);
-  OPENEP_CHECK(h.num_tokens <= stage_rows, ErrorCode::kBufferTooSmall, "combine of ", h.num_tokens,
+  // Rounds of the owner's tokens (see dispatch_rounds): more than one only with an exact-mode handle whose largest
+  // token count exceeds the stage.
+  const int64_t rounds = h.max_num_tokens > stage_rows && stage_rows >= 1
+                             ? IntranodeLayout::num_rounds(h.max_num_tokens, stage_rows)
+                             : 1;
+  OPENEP_CHECK(rounds > 1 || h.num_tokens <= stage_rows, ErrorCode::kBufferTooSmall, "combine of ", h.num_tokens,
                " tokens does not fit the Buffer (", stage_rows, " tokens per rank); it needs num_nvl_bytes >= ",
                intranode_buffer_size_hint(m.num_ranks, h.num_tokens, a.hidden, 2, 0, K));
   detail::PrepareParams pp = prepare_params(m);
@@ -344,8 +384,13 @@ void Buffer::combine(const CombineArgs& a, const IntranodeHandle& h, const Combi
   p.combined_topk_weights = K ? out.combined_topk_weights : nullptr;
   p.record_bytes = static_cast<int>(record);
   p.stage_rows = stage_rows;
+  p.tok_lo = 0, p.tok_hi = INT_MAX;
   p.wait = m.wait_context();
-  detail::launch_intranode_combine(p, blocks, stream);
+  for (int64_t k = 0; k < rounds; ++k) {
+    if (k > 0) detail::launch_intranode_prepare(pp, stream);  // barrier (the stage is free again) and a new epoch
+    if (rounds > 1) p.tok_lo = static_cast<int>(k * stage_rows), p.tok_hi = static_cast<int>((k + 1) * stage_rows);
+    detail::launch_intranode_combine(p, blocks, stream);
+  }
 }
 
 }  // namespace openep

@@ -693,7 +693,7 @@ _STRUCTS = {
     "LayoutArgs": (("topk_idx", "num_tokens_per_rank", "num_tokens_per_expert", "is_token_in_rank",
                     "num_tokens_per_rdma_rank"), ("num_tokens", "num_topk", "num_experts"), ()),
     "IntranodeHandle": (("is_token_in_rank", "rank_prefix_matrix", "num_tokens_per_src", "send_pos", "recv_src_idx"),
-                        ("num_tokens", "num_recv_tokens"), ()),
+                        ("num_tokens", "num_recv_tokens", "max_recv_rows", "max_num_tokens"), ()),
     "DispatchArgs": (("x", "x_scales", "topk_idx", "topk_weights", "is_token_in_rank", "num_tokens_per_rank",
                       "num_tokens_per_expert", "num_tokens_per_rdma_rank"),
                      ("num_tokens", "hidden", "x_elem_bytes", "num_scales", "scale_token_stride", "scale_hidden_stride",

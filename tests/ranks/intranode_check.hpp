@@ -311,7 +311,11 @@ inline Case for_world(Case c, int R) {
   return c;
 }
 
-inline void run_case(Buffer& buffer, const Case& c, uint64_t seed) {
+// Exact dispatch, worst-case dispatch (unless with_worst_case is false: a window too small for the batch refuses
+// it), cached dispatch of new data and combine, each against the reference, outputs poisoned. Copies the exact
+// dispatch's handle in *exact_handle when given (its host fields: what the rounds were sized by).
+inline void run_case(Buffer& buffer, const Case& c, uint64_t seed, bool with_worst_case = true,
+                     IntranodeHandle* exact_handle = nullptr) {
   SCOPED_TRACE(name(c));
   const int R = buffer.num_ranks(), me = buffer.rank();
   const std::shared_ptr<const World> world = once_per_world<World>([&] { return make_world(c, R, seed); });
@@ -321,10 +325,11 @@ inline void run_case(Buffer& buffer, const Case& c, uint64_t seed) {
   Dispatched d;
   run.dispatch(d, 0);
   check_dispatch(c, run, d, w.expect[me], false, 0);
+  if (exact_handle) *exact_handle = d.handle;
   if (::testing::Test::HasFailure()) return;
 
   // Worst-case mode equals exact mode on the valid rows; the tail of topk_idx is -1.
-  if (c.with_topk) {
+  if (c.with_topk && with_worst_case) {
     Dispatched wc;
     run.dispatch(wc, c.num_tokens * R + 3);
     check_dispatch(c, run, wc, w.expect[me], false, c.num_tokens * R + 3);
@@ -382,6 +387,26 @@ inline BufferOptions options_for(const Case& c, int R, double timeout_s = 20.0) 
   o.num_nvl_bytes = intranode_buffer_size_hint(R, c.num_tokens + 2, c.hidden, 2, c.hidden / 128, c.num_topk);
   o.timeout_seconds = test_timeout(timeout_s);
   return o;
+}
+
+// Normal mode in rounds (IntranodeLayout::num_rounds; EXPERIMENTAL, OPENEP_EXPERIMENTAL_ROUNDS=1): the Buffer is
+// sized for num_tokens / fraction tokens per rank, so exact dispatch, cached dispatch and combine take about
+// `fraction` rounds (more with skewed routing), and must still equal the reference bitwise.
+struct RoundsCase {
+  Case c;
+  int fraction;
+};
+inline std::vector<std::pair<std::string, RoundsCase>> rounds_cases() {
+  const std::vector<RoundsCase> cases = {
+      {{300, 2048, 8, 8, false, true, Route::kUniform}, 3},
+      {{513, 2048, 4, 8, true, true, Route::kHot}, 3},
+      {{1000, 4096, 8, 8, false, true, Route::kOneRankGetsAll}, 4},
+      {{257, 2048, 8, 8, false, false, Route::kUniform, IndexType::kInt64, 1, true, 8}, 7},
+      {{2000, 2560, 8, 8, false, true, Route::kMinusOneRows, IndexType::kInt32, 4, true, 16}, 2},
+  };
+  std::vector<std::pair<std::string, RoundsCase>> named;
+  for (const RoundsCase& r : cases) named.emplace_back(name(r.c) + "_window1of" + std::to_string(r.fraction), r);
+  return named;
 }
 
 // Shapes, dtypes, routings, index types, alignments, biases and SM counts; the seed is part of the case.

@@ -14,6 +14,55 @@ OPENEP_RANKS_CASES(Intranode, MatchesReference, Case, shape_cases, 2, 4, 8) {
   run_case(buffer, w, seed_of(c));
 }
 
+// Rounds: a window holding about 1/fraction of the batch, so exact dispatch, cached dispatch and combine go through
+// it in several rounds (worst-case mode keeps one round and is left out: it would not fit).
+OPENEP_RANKS_CASES(Intranode, RoundsThroughASmallWindowMatchReference, RoundsCase, rounds_cases, 2, 4, 8) {
+  const int R = world_group().num_ranks();
+  const Case w = for_world(c.c, R);
+  BufferOptions o = options_for(w, R);
+  o.num_nvl_bytes = intranode_buffer_size_hint(R, std::max(1, w.num_tokens / c.fraction), w.hidden, 2,
+                                               w.hidden / 128, w.num_topk);
+  Buffer buffer(world_group(), o);
+  IntranodeHandle h;
+  run_case(buffer, w, seed_of(w), /*with_worst_case=*/false, &h);
+  // The case really needed rounds: the batch does not fit the window in one go.
+  const int tokens_fit = std::max(1, w.num_tokens / c.fraction);
+  EXPECT_GT(intranode_buffer_size_hint(R, (h.max_recv_rows + R - 1) / R, w.hidden, 2, w.hidden / 128, w.num_topk),
+            o.num_nvl_bytes) << "dispatch fitted one round: max_recv_rows " << h.max_recv_rows;
+  EXPECT_GT(h.max_num_tokens, tokens_fit) << "combine fitted one round";
+}
+
+// A Buffer sized the DeepEP way (num_nvl_bytes = the larger of DeepEP V1's hints for the default dispatch and combine
+// configs, hidden_bytes = 2 x hidden) runs the DeepSeek-V3-like batches of issue 16: 4096 and 8192 tokens per rank,
+// hidden 7168, top-8, bitwise against the reference (exact, cached, combine; not capped by kWorldTokens: these are
+// the sizes the test is about). Before rounds these raised kBufferTooSmall.
+inline std::vector<std::pair<std::string, Case>> deepep_sized_cases() {
+  const std::vector<Case> cases = {
+      {4096, 7168, 8, 32, false, true, Route::kUniform},
+      {4096, 7168, 8, 32, true, true, Route::kUniform},
+      {8192, 7168, 8, 32, false, true, Route::kUniform},
+  };
+  std::vector<std::pair<std::string, Case>> named;
+  for (const Case& c : cases) named.emplace_back(name(c), c);
+  return named;
+}
+OPENEP_RANKS_CASES(Intranode, DeepEPSizedBufferRunsLargeBatches, Case, deepep_sized_cases, 2, 4, 8) {
+  const int R = world_group().num_ranks();
+  BufferOptions o = options_for(c, R, 60.0);
+  o.num_nvl_bytes = std::max(deepep_nvl_buffer_size_hint(get_dispatch_config(R), 2 * c.hidden, R),
+                             deepep_nvl_buffer_size_hint(get_combine_config(R), 2 * c.hidden, R));
+  Buffer buffer(world_group(), o);
+  IntranodeHandle h;
+  run_case(buffer, c, seed_of(c), /*with_worst_case=*/false, &h);
+  // The Buffer is smaller than what one round of this batch needs (OpenEP's hint), so the calls above took rounds.
+  const size_t dispatch_need =
+      intranode_buffer_size_hint(R, (h.max_recv_rows + R - 1) / R, c.hidden, c.fp8 ? 1 : 2, c.fp8 ? c.hidden / 128 : 0,
+                                 c.num_topk);
+  const size_t combine_need = intranode_buffer_size_hint(R, h.max_num_tokens, c.hidden, 2, 0, c.num_topk);
+  EXPECT_GT(std::max(dispatch_need, combine_need), o.num_nvl_bytes)
+      << "no rounds were needed: max_recv_rows " << h.max_recv_rows << ", max_num_tokens " << h.max_num_tokens;
+}
+
 OPENEP_RANKS_TEST(Intranode, ThousandBackToBackCallsWithChangingShapes) {
   const int R = world_group().num_ranks();
   Buffer buffer(world_group(), options_for(Case{97, 2048, 8, 8, false, true, Route::kUniform}, R));
