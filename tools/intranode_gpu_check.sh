@@ -3,7 +3,8 @@
 # intranode and overlap/graph suites at EP2/4/8 (rounds and DeepEP-sized windows included) next to the soak, then
 # the one-GPU SM-cost probe (bench/vrank_bench.cu) at EP2/4/8 with OpenEP's and DeepEP's window sizes.
 #   OUT=<dir> OPENEP_COMMIT=<sha> bash tools/intranode_gpu_check.sh
-# OPENEP_STEPS (default build,cpu,vrank,bench) picks steps; logs go to $OUT, the summary is printed last.
+# OPENEP_STEPS (default build,cpu,vrank,bench; add python for tools/python_gpu_check.sh next to the vrank suites)
+# picks steps; logs go to $OUT (packed into logs.tgz), the summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -30,6 +31,8 @@ want cpu && run cpu 120 ctest --test-dir build -L cpu --output-on-failure
 if want vrank; then
   run vrank_intranode 380 ctest --test-dir build -L vrank -LE soak -R 'intranode|overlap' -V &
   run soak 380 ctest --test-dir build -L soak -V &
+  # Python: pip install + pytest (its 1-GPU and fake-node parts on this machine) next to the suites
+  want python && { OUT="$OUT/python" run python 380 bash tools/python_gpu_check.sh & }
   wait
 fi
 if want bench; then
@@ -40,17 +43,24 @@ if want bench; then
       --commit "$commit" --results "$OUT/vrank_bench.jsonl"
   done
 fi
-echo
-echo "================ intranode GPU check: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), commit $commit, $((SECONDS - t0)) s ================"
-cat "$summary"
-for f in "$OUT"/vrank_intranode.log "$OUT"/soak.log; do
-  [ -f "$f" ] || continue
-  echo "--- $(basename "$f")"
-  grep -E "tests passed|tests failed|\*\*\*Failed|Timeout|FAILED  |^soak:" "$f" | head -20
-  grep -E "^\[  FAILED  \]" "$f" | sort -u | head -20
-done
-grep -hE "\[       OK \] .*(DeepEPSized|Rounds)" "$OUT"/vrank_intranode.log 2>/dev/null | head -30
-for f in "$OUT"/bench_ep*.log; do
-  [ -f "$f" ] && { echo "--- $(basename "$f" .log)"; sed -n '/virtual-rank SM cost/,$p' "$f"; grep -h "openep_vrank_bench:" "$f"; }
-done
+{
+  echo
+  echo "================ intranode GPU check: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), commit $commit, $((SECONDS - t0)) s ================"
+  for f in "$OUT"/bench_ep*.log; do
+    [ -f "$f" ] && { echo "--- $(basename "$f" .log)"; sed -n '/virtual-rank SM cost/,$p' "$f"; grep -h "openep_vrank_bench:" "$f"; }
+  done
+  grep -hE "\[       OK \] .*(DeepEPSized|Rounds)" "$OUT"/vrank_intranode.log 2>/dev/null | sed 's/^[0-9]*: //' | head -40
+  for f in "$OUT"/cpu.log "$OUT"/vrank_intranode.log "$OUT"/soak.log; do
+    [ -f "$f" ] || continue
+    echo "--- $(basename "$f")"
+    grep -hE "tests passed|tests failed|\*\*\*Failed|\*\*\*Timeout|^soak:|PASSED|FAILED TEST" "$f" | sort | uniq -c | head -20
+    grep -hE "^([0-9]+: )?\[  FAILED  \]" "$f" | sed 's/^[0-9]*: //' | sort -u | head -20
+  done
+  [ -f "$OUT/python.log" ] && { echo "--- python"; grep -E "^== |passed|failed" "$OUT/python.log" | tail -8; }
+  echo "--- steps"
+  cat "$summary"
+} >"$OUT/report.txt"
+tar czf "$OUT/logs.tgz" -C "$OUT" $(cd "$OUT" && ls -d *.log *.jsonl python 2>/dev/null) 2>/dev/null
+rm -rf "$OUT"/*.log "$OUT/python"
+cat "$OUT/report.txt"
 exit 0

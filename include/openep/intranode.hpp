@@ -37,11 +37,11 @@ struct IntranodeHandle {
   int* num_tokens_per_src = nullptr;  // [R] int32: token count of every rank in that dispatch
   int* send_pos = nullptr;            // [num_tokens][R] int32: row of my token t in rank r's receive order, -1
   int* recv_src_idx = nullptr;        // [num_recv_tokens] int32: source token index of every received row
-  // Filled by an exact-mode dispatch_prepare (0 otherwise): the largest receive count and token count over all
-  // ranks, the same on every rank. They fix how many rounds a dispatch, cached dispatch or combine through a window
-  // too small for the whole batch takes (EXPERIMENTAL, OPENEP_EXPERIMENTAL_ROUNDS=1; without it such a call
-  // raises kBufferTooSmall as before).
-  int max_recv_rows = 0;
+  // Filled by an exact-mode dispatch_prepare (0 otherwise): the most rows one rank sends another rank (over pairs
+  // s != d) and the largest token count over all ranks, the same on every rank. They fix how many rounds a dispatch,
+  // cached dispatch or combine through a window too small for the whole batch takes (exact-mode handles only;
+  // with a worst-case handle the batch must fit one round).
+  int max_pair_rows = 0;
   int max_num_tokens = 0;
 };
 
@@ -105,8 +105,13 @@ struct CombineOutputs {
   float* combined_topk_weights = nullptr;       // [handle.num_tokens][num_topk] when topk_weights given
 };
 
-// Bytes of Buffer num_nvl_bytes that dispatch and combine need for these shapes (worst case: every rank sends
-// all max_tokens_per_rank tokens to every rank). Dispatch and combine share the region.
+// Bytes of Buffer num_nvl_bytes with which dispatch and combine of these shapes run in ONE round (worst case: every
+// rank sends all max_tokens_per_rank tokens to every rank; own rows never pass through the window, so the data
+// region is (R - 1) x max_tokens_per_rank records of the larger of the dispatch and combine record). Dispatch and
+// combine share the region. Exact-mode dispatch, cached dispatch of an exact-mode handle and their combine run with
+// any smaller Buffer (DeepEP's Config.get_nvl_buffer_size_hint, openep/config.hpp) in rounds: each round after the
+// first costs a barrier. Worst-case mode (num_worst_tokens) always runs in one round, so its Buffer needs this hint
+// for max_tokens_per_rank = the most tokens a rank sends to one peer.
 size_t intranode_buffer_size_hint(int num_ranks, int max_tokens_per_rank, int hidden, int x_elem_bytes,
                                   int num_scales, int num_topk);
 

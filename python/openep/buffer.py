@@ -71,10 +71,12 @@ class Buffer(StreamOps, IntranodeOps, InternodeOps, LowLatencyOps):
         group: the ``torch.distributed`` process group of the EP ranks (or None when ``comm`` is given). Its
             ranks must share one NVLink domain (intranode; 2..8 ranks). The current CUDA device
             (``torch.cuda.set_device``) is the Buffer's device.
-        num_nvl_bytes: bytes for the normal-mode kernels, a multiple of 128. OpenEP writes every received row
-            straight into this region, so it must hold the rows this rank receives: see
-            :meth:`get_nvl_buffer_size_hint_for_tokens`; a call that does not fit raises
-            ``OpenEPError(code="buffer_too_small")`` naming the size needed.
+        num_nvl_bytes: bytes for the normal-mode kernels, a multiple of 128. DeepEP's sizing
+            (``Config.get_nvl_buffer_size_hint``) works for any batch: exact-mode dispatch, cached dispatch and
+            combine run in rounds through the region when the batch exceeds it (each extra round costs a barrier).
+            :meth:`get_nvl_buffer_size_hint_for_tokens` gives the size that runs a batch in one round; worst-case
+            mode (``num_worst_tokens``) always runs in one round and raises ``OpenEPError(code="buffer_too_small")``
+            naming the size needed when it does not fit.
         num_rdma_bytes: bytes for the low-latency kernels (and future internode mode), a multiple of 128; size
             it with :meth:`get_low_latency_rdma_size_hint` (OpenEP's requirement; a call that does not fit raises
             ``OpenEPError(code="buffer_too_small")`` naming the size needed).
@@ -247,10 +249,11 @@ class Buffer(StreamOps, IntranodeOps, InternodeOps, LowLatencyOps):
     @staticmethod
     def get_nvl_buffer_size_hint_for_tokens(num_ranks, max_tokens_per_rank, hidden, x_elem_bytes=2, num_scales=0,
                                             num_topk=0):
-        """OpenEP extension: ``num_nvl_bytes`` that intranode dispatch and combine need when every rank sends up
-        to ``max_tokens_per_rank`` tokens of ``hidden`` elements of ``x_elem_bytes`` bytes (2 = BF16, 1 = FP8),
-        with ``num_scales`` 4-byte scales and ``num_topk`` top-k columns per token (worst case: every token goes
-        to every rank). A multiple of 128. For BF16 and FP8 on one Buffer take the larger of the two."""
+        """OpenEP extension: ``num_nvl_bytes`` with which intranode dispatch and combine run in ONE round when every
+        rank sends up to ``max_tokens_per_rank`` tokens of ``hidden`` elements of ``x_elem_bytes`` bytes (2 = BF16,
+        1 = FP8), with ``num_scales`` 4-byte scales and ``num_topk`` top-k columns per token (worst case: every
+        token goes to every rank; own rows never pass through the region). A multiple of 128. For BF16 and FP8 on
+        one Buffer take the larger of the two. Smaller Buffers run exact-mode calls in rounds."""
         return _C.intranode_buffer_size_hint(num_ranks, max_tokens_per_rank, hidden, x_elem_bytes, num_scales,
                                              num_topk)
 

@@ -172,7 +172,7 @@ void bind_structs(nb::module_& m) {
 
   auto ih = core_struct<IntranodeHandle>(m, "IntranodeHandle", "openep::IntranodeHandle (internal).");
   ih.def_rw("num_tokens", &IntranodeHandle::num_tokens).def_rw("num_recv_tokens", &IntranodeHandle::num_recv_tokens)
-      .def_rw("max_recv_rows", &IntranodeHandle::max_recv_rows).def_rw("max_num_tokens", &IntranodeHandle::max_num_tokens);
+      .def_rw("max_pair_rows", &IntranodeHandle::max_pair_rows).def_rw("max_num_tokens", &IntranodeHandle::max_num_tokens);
   address(ih, "is_token_in_rank", &IntranodeHandle::is_token_in_rank);
   address(ih, "rank_prefix_matrix", &IntranodeHandle::rank_prefix_matrix);
   address(ih, "num_tokens_per_src", &IntranodeHandle::num_tokens_per_src);

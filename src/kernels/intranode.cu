@@ -7,23 +7,29 @@
 //    rank_prefix_matrix, num_tokens_per_src and send_pos[t][d] = sum_{s<me} counts[s][d] + (rank of t among
 //    my tokens going to d). The op epoch is incremented last.
 //  dispatch: sender blocks take chunks of this rank's tokens; per destination d, dedicated warps write each
-//    token's record straight into its final row of d's receive region (for d == me straight into the caller's
-//    outputs), then one thread per destination publishes (first row, count) and st.release.sys's
-//    dispatch_flags[me][c] = epoch in d's header. Receiver blocks wait (acquire) for each (source, chunk) flag
-//    and copy those rows from the window into the caller's outputs. No rings, no flow control.
+//    token's record into d's window part for this source, at the token's place in its final receive order (for
+//    d == me straight into the caller's outputs), then one thread per destination publishes (first record,
+//    count) and st.release.sys's dispatch_flags[me][c] = epoch in d's header. Receiver blocks wait (acquire) for
+//    each (source, chunk) flag and copy those records from the window into the caller's outputs at their final
+//    rows. No rings; flow control is the barrier between rounds (below).
 //  combine: sender blocks take (row block b, source s) pairs of the rows this rank received from s (blocks of
 //    chunk_tokens(n_s) rows in receive order), write each row (and its weights) into s's stage slot (me, token)
+//    (in s's part for me, see below)
 //    and publish combine_flags[me][b] = epoch in s's header. Reducer blocks take chunks of this rank's tokens,
 //    find from send_pos which row blocks of each peer hold them, wait for those flags, then sum each token's
 //    rows in fp32 in ascending rank order (own rows read straight from the input), add the biases and store
 //    BF16.
-//  rounds (EXPERIMENTAL, OPENEP_EXPERIMENTAL_ROUNDS=1, NOT RUN on a GPU yet; runtime/intranode.cpp): when the region
-//    holds fewer rows than the largest receive count (or stage slots than the largest token count), the host
-//    launches the dispatch (combine) once per round, each after a prepare kernel without exchange (barrier: the
-//    peers have drained the previous round; new epoch). Dispatch round k carries the remote rows with receive row
-//    in [round_lo, round_lo + round_rows) to window row (row - round_lo), own rows in the first round only;
-//    combine round k carries the owner tokens [tok_lo, tok_hi) to stage slot (d, t - tok_lo). One round is the
-//    plain protocol above (round_lo 0, round_rows INT_MAX, tok_lo 0, tok_hi INT_MAX).
+//  window split among peers: own rows never pass through the window, so its data region is split into R - 1
+//    equal parts, one per peer (IntranodeLayout::peer_slot). Dispatch: source s's rows at d go to d's part for s,
+//    row (receive row - first row of s at d - round * peer_rows). Combine: peer d's row for my token t goes to my
+//    part for d, slot t - tok_lo.
+//  rounds (runtime/intranode.cpp): when one rank sends another more rows than a part holds (or a rank has more
+//    tokens than a stage part holds), the host launches the dispatch (combine) once per round, each round after
+//    the first behind a prepare kernel without exchange (barrier: the peers have drained the previous round; new
+//    epoch). Dispatch round k carries each source's rows [k * peer_rows, (k + 1) * peer_rows) of its range at d,
+//    own rows in round 0 only; combine round k carries the owner tokens [tok_lo, tok_hi). Every kernel first
+//    checks, from the handle's matrix (the same on every rank), that num_rounds rounds hold every pair's rows
+//    (every rank's tokens), so on a shortfall no rank writes and every rank records kCapacityExceeded.
 #include <climits>
 
 #include "device/barrier.cuh"
@@ -119,23 +125,19 @@ __device__ __forceinline__ void compute_receive_side(const PrepareParams& p) {
     int total = 0;
     for (int s = 0; s < R; ++s) total += header_int(p, L::count(s, p.rank));
     if (p.host) {
-      int max_recv = 0, max_tokens = 0;  // the whole count matrix is in my header: same answer on every rank
+      int max_pair = 0, max_tokens = 0;  // the whole count matrix is in my header: same answer on every rank
       for (int d = 0; d < R; ++d) {
-        int rows = 0;
-        for (int s = 0; s < R; ++s) rows += header_int(p, L::count(s, d));
-        max_recv = max(max_recv, rows);
+        for (int s = 0; s < R; ++s)
+          if (s != d) max_pair = max(max_pair, header_int(p, L::count(s, d)));
         max_tokens = max(max_tokens, header_int(p, L::num_tokens(d)));
       }
       p.host->num_recv_tokens = total;
-      p.host->max_recv_rows = max_recv;
+      p.host->max_pair_rows = max_pair;
       p.host->max_num_tokens = max_tokens;
     }
     if (p.num_worst_tokens > 0 && total > p.num_worst_tokens)
       device::record_error(p.wait, DeviceErrorCode::kWorstTokensExceeded, -1, Phase::kDispatchCounts,
                            p.num_worst_tokens, total);
-    if (total > p.capacity_rows)
-      device::record_error(p.wait, DeviceErrorCode::kCapacityExceeded, -1, Phase::kDispatchCounts, p.capacity_rows,
-                           total);
   }
 }
 
@@ -189,6 +191,33 @@ __global__ void __launch_bounds__(kPrepareThreads, 1) intranode_prepare_kernel(c
 // ---------------------------------------------------------------------------------------------------------
 // dispatch
 
+// First receive row at d of the rows rank s sends d (rank_prefix_matrix is the handle's full [R][R] matrix).
+__device__ __forceinline__ int rows_before(const int* rank_prefix_matrix, int R, int s, int d) {
+  return s == 0 ? 0 : rank_prefix_matrix[(s - 1) * R + d];
+}
+
+// Rows rank s sends rank d.
+__device__ __forceinline__ int pair_rows(const int* rank_prefix_matrix, int R, int s, int d) {
+  return rank_prefix_matrix[s * R + d] - rows_before(rank_prefix_matrix, R, s, d);
+}
+
+// True when `rounds` rounds of `per_round` rows hold every pair's rows (s != d). Every rank evaluates the same
+// matrix, so on a shortfall every rank records the error and none writes into a peer. One thread per block calls it.
+__device__ __forceinline__ bool pairs_fit(const DispatchParams& p) {
+  const int R = p.num_ranks;
+  const int64_t room = static_cast<int64_t>(p.num_rounds) * p.peer_rows;
+  for (int s = 0; s < R; ++s)
+    for (int d = 0; d < R; ++d) {
+      const int rows = s == d ? 0 : pair_rows(p.rank_prefix_matrix, R, s, d);
+      if (rows > room) {
+        if (blockIdx.x == 0)
+          device::record_error(p.wait, DeviceErrorCode::kCapacityExceeded, d, Phase::kDispatchData, room, rows);
+        return false;
+      }
+    }
+  return true;
+}
+
 // Metadata of token t as destination d sees it: local top-k ids (-1 elsewhere, weight 0), scales, source index.
 struct TokenMeta {
   __device__ __forceinline__ static int local_expert(const DispatchParams& p, int t, int k, int d) {
@@ -209,8 +238,8 @@ __device__ __forceinline__ void store_topk(const DispatchParams& p, int64_t row,
   p.recv_topk_weights[i] = w;
 }
 
-// One warp sends token t to destination d at row `row`.
-__device__ __forceinline__ void send_token(const DispatchParams& p, int t, int d, int row, int lane) {
+// One warp sends token t to destination d: own tokens to output row `row`, others to d's window record `rec_i`.
+__device__ __forceinline__ void send_token(const DispatchParams& p, int t, int d, int row, int64_t rec_i, int lane) {
   const int row_int4 = p.row_bytes / 16;
   const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + static_cast<int64_t>(t) * p.row_bytes);
   if (d == p.rank) {  // own tokens go straight to the outputs
@@ -225,7 +254,7 @@ __device__ __forceinline__ void send_token(const DispatchParams& p, int t, int d
       p.recv_x_scales[static_cast<int64_t>(row) * p.num_scales + j] = TokenMeta::scale(p, t, j);
     return;
   }
-  char* rec = region(p.window, d) + L::dispatch_record(row - p.round_lo, p.record_bytes);  // this round's window row
+  char* rec = region(p.window, d) + L::dispatch_record(rec_i, p.record_bytes);
   device::copy_warp<device::Source::kInput>(reinterpret_cast<int4*>(rec), src, row_int4, lane);
   int32_t* meta = reinterpret_cast<int32_t*>(rec + L::align16(p.row_bytes));
   if (lane == 0) meta[0] = t;
@@ -244,6 +273,11 @@ __device__ void dispatch_sender(const DispatchParams& p, uint64_t epoch) {
   const int chunk = L::chunk_tokens(p.num_tokens), num_chunks = L::num_chunks(p.num_tokens);
   const int warps_per_dst = kWarps / R;  // destination d owns warps d, d + R, ...: remote and local stores
   const int d = warp % R, sub = warp / R;  // never share a warp (perf-techniques.md 2)
+  // This round's part of my rows at d: relative rows [round_lo, round_lo + peer_rows) of my range at d, stored
+  // from record peer_slot(me, d) * peer_rows of d's window.
+  const int lo_d = d < R ? rows_before(p.rank_prefix_matrix, R, p.rank, d) : 0;
+  const int64_t round_lo = static_cast<int64_t>(p.round) * p.peer_rows;
+  const int64_t part = d < R && d != p.rank ? static_cast<int64_t>(L::peer_slot(p.rank, d)) * p.peer_rows : 0;
   for (int c = blockIdx.x; c < num_chunks; c += p.num_senders) {
     if (threadIdx.x < R) s_first[threadIdx.x] = INT_MAX, s_count[threadIdx.x] = 0;
     __syncthreads();
@@ -253,9 +287,10 @@ __device__ void dispatch_sender(const DispatchParams& p, uint64_t epoch) {
       for (int t = t0 + sub; t < t1; t += warps_per_dst) {
         const int row = p.send_pos[static_cast<int64_t>(t) * R + d];
         if (row < 0) continue;
-        if (d == p.rank ? !p.first_round : (row < p.round_lo || row - p.round_lo >= p.round_rows)) continue;
-        send_token(p, t, d, row, lane);
-        first = min(first, row), ++count;
+        const int64_t rel = row - lo_d - round_lo;  // position in this round's part (own rows: round 0 only)
+        if (d == p.rank ? p.round != 0 : (rel < 0 || rel >= p.peer_rows)) continue;
+        send_token(p, t, d, row, part + rel, lane);
+        first = min(first, static_cast<int>(part + rel)), ++count;
       }
       if (lane == 0 && count) atomicMin(&s_first[d], first), atomicAdd(&s_count[d], count);
     }
@@ -264,17 +299,16 @@ __device__ void dispatch_sender(const DispatchParams& p, uint64_t epoch) {
     if (threadIdx.x < R && threadIdx.x != p.rank) {
       const int peer = threadIdx.x;
       int32_t* range = at<int32_t>(p.window, peer, L::dispatch_range(p.rank, c));
-      range[0] = s_count[peer] ? s_first[peer] - p.round_lo : 0;  // window row of this round
+      range[0] = s_count[peer] ? s_first[peer] : 0;  // first window record
       range[1] = s_count[peer];
       ptx::st_release_sys(at<uint64_t>(p.window, peer, L::dispatch_flag(p.rank, c)), epoch);
     }
   }
 }
 
-// One warp copies window row `win_row` of this round into the outputs (receive row round_lo + win_row).
-__device__ __forceinline__ void receive_row(const DispatchParams& p, int win_row, int lane) {
-  const int row = p.round_lo + win_row;
-  const char* rec = region(p.window, p.rank) + L::dispatch_record(win_row, p.record_bytes);
+// One warp copies window record `rec_i` into the outputs at receive row `row`.
+__device__ __forceinline__ void receive_row(const DispatchParams& p, int64_t rec_i, int row, int lane) {
+  const char* rec = region(p.window, p.rank) + L::dispatch_record(rec_i, p.record_bytes);
   int4* dst = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + static_cast<int64_t>(row) * p.row_bytes);
   device::copy_warp<device::Source::kWindow>(dst, reinterpret_cast<const int4*>(rec), p.row_bytes / 16, lane);
   const int32_t* meta = reinterpret_cast<const int32_t*>(rec + L::align16(p.row_bytes));
@@ -304,11 +338,15 @@ __device__ void dispatch_receiver(const DispatchParams& p, uint64_t epoch) {
     }
     __syncthreads();
     if (!s_ok) return;
-    for (int i = warp; i < s_count; i += kWarps) receive_row(p, s_first + i, lane);
+    // Record i of s's part holds receive row lo_s + round * peer_rows + (i - part_s).
+    const int64_t part_s = static_cast<int64_t>(L::peer_slot(s, p.rank)) * p.peer_rows;
+    const int64_t row0 = rows_before(p.rank_prefix_matrix, R, s, p.rank) + static_cast<int64_t>(p.round) * p.peer_rows;
+    for (int i = warp; i < s_count; i += kWarps)
+      receive_row(p, s_first + i, static_cast<int>(row0 + (s_first + i - part_s)), lane);
     __syncthreads();
   }
   // Worst-case mode: rows past the real count get topk_idx = -1 (weights 0).
-  if (p.first_round && p.num_worst_tokens > 0 && p.recv_topk_idx) {
+  if (p.round == 0 && p.num_worst_tokens > 0 && p.recv_topk_idx) {
     const int num_recv = min(max(p.rank_prefix_matrix[(R - 1) * R + p.rank], 0), p.num_worst_tokens);
     const int64_t first = static_cast<int64_t>(num_recv) * p.num_topk;
     const int64_t last = static_cast<int64_t>(p.num_worst_tokens) * p.num_topk;
@@ -321,6 +359,10 @@ __global__ void __launch_bounds__(kThreads, 1) intranode_dispatch_kernel(const _
   // After a failed prepare (a peer timed out) send_pos and the prefix matrix are not written: using them
   // would write outside the outputs. The error is already recorded; the host raises it.
   if (device::error_recorded(p.wait)) return;
+  __shared__ int s_fit;
+  if (threadIdx.x == 0) s_fit = pairs_fit(p);
+  __syncthreads();
+  if (!s_fit) return;
   const uint64_t epoch = *p.op_epoch;
   if (blockIdx.x < p.num_senders) dispatch_sender(p, epoch);
   else dispatch_receiver(p, epoch);
@@ -338,10 +380,6 @@ __global__ void __launch_bounds__(kThreads, 1) intranode_dispatch_kernel(const _
 constexpr int kCombineThreads = 512;  // 16 warps: 128 registers per thread for the reducer's loads in flight
 constexpr int kCombineWarps = kCombineThreads / 32;
 
-__device__ __forceinline__ int rows_before(const int* rank_prefix_matrix, int R, int s, int d) {
-  return s == 0 ? 0 : rank_prefix_matrix[(s - 1) * R + d];
-}
-
 __device__ void combine_sender(const CombineParams& p, uint64_t epoch) {
   const int R = p.num_ranks, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row_int4 = p.hidden * 2 / 16;
@@ -357,7 +395,7 @@ __device__ void combine_sender(const CombineParams& p, uint64_t epoch) {
     for (int row = r0 + warp; row < r1; row += kCombineWarps) {
       const int t = p.recv_src_idx[row];
       if (t < p.tok_lo || t >= p.tok_hi) continue;  // another round's token
-      char* slot = dst_region + L::combine_stage(p.rank, t - p.tok_lo, p.stage_rows, p.record_bytes);
+      char* slot = dst_region + L::combine_stage(L::peer_slot(p.rank, s), t - p.tok_lo, p.stage_rows, p.record_bytes);
       device::copy_warp<device::Source::kInput>(reinterpret_cast<int4*>(slot),
                                                 reinterpret_cast<const int4*>(p.x + static_cast<int64_t>(row) * p.hidden),
                                                 row_int4, lane);
@@ -431,8 +469,10 @@ __device__ __forceinline__ void reduce_token(const CombineParams& p, const char*
 #pragma unroll
   for (int d = 0; d < kR; ++d) {
     const int pos = d < R ? p.send_pos[static_cast<int64_t>(t) * R + d] : -1;
-    const char* slot = my_region + L::combine_stage(d, t - p.tok_lo, p.stage_rows, p.record_bytes);
     const bool own = d == p.rank;
+    const char* slot = own ? nullptr
+                           : my_region + L::combine_stage(L::peer_slot(d, p.rank), t - p.tok_lo, p.stage_rows,
+                                                          p.record_bytes);
     src[d] = pos < 0 ? nullptr
              : own   ? reinterpret_cast<const int4*>(p.x + static_cast<int64_t>(pos) * p.hidden)
                      : reinterpret_cast<const int4*>(slot);
@@ -505,6 +545,21 @@ __device__ void combine_reducer(const CombineParams& p, uint64_t epoch) {
 template <int kR>
 __global__ void __launch_bounds__(kCombineThreads, 1) intranode_combine_kernel(const __grid_constant__ CombineParams p) {
   if (device::error_recorded(p.wait)) return;  // see intranode_dispatch_kernel
+  __shared__ int s_fit;
+  if (threadIdx.x == 0) {  // num_rounds rounds of stage_rows hold every owner's tokens (same check on every rank)
+    s_fit = 1;
+    const int64_t room = static_cast<int64_t>(p.num_rounds) * p.stage_rows;
+    for (int s = 0; s < p.num_ranks && s_fit && p.num_ranks > 1; ++s) {
+      const int n = p.num_tokens_per_src[s];
+      if (n > room) {
+        s_fit = 0;
+        if (blockIdx.x == 0)
+          device::record_error(p.wait, DeviceErrorCode::kCapacityExceeded, s, Phase::kCombineData, room, n);
+      }
+    }
+  }
+  __syncthreads();
+  if (!s_fit) return;
   const uint64_t epoch = *p.op_epoch;
   if (blockIdx.x < p.num_senders) combine_sender(p, epoch);
   else combine_reducer<kR>(p, epoch);

@@ -31,7 +31,6 @@ struct PrepareParams {
   const bool* is_token_in_rank;     // [N][R]
   int num_experts, expert_alignment;
   int num_worst_tokens;             // > 0: check the real count fits
-  int64_t capacity_rows;            // rows the receive region holds
   // Outputs.
   int* rank_prefix_matrix;          // [R][R]
   int* num_tokens_per_src;          // [R]
@@ -67,10 +66,10 @@ struct DispatchParams {
   int* recv_src_idx;                // null in cached mode (the handle already holds it)
   int num_worst_tokens;
   int record_bytes;
-  // This launch's round (IntranodeLayout::num_rounds): remote rows with receive row in [round_lo, round_lo +
-  // round_rows) go to window row (row - round_lo); own rows only in the first round. One round: 0, INT_MAX, true.
-  int round_lo, round_rows;
-  bool first_round;
+  // The window part per peer (IntranodeLayout::dispatch_peer_rows) and this launch's round of num_rounds: each
+  // source's rows [round * peer_rows, (round + 1) * peer_rows) of its range at d; own rows in round 0 only.
+  int64_t peer_rows;
+  int round, num_rounds;
   WaitContext wait;
 };
 void launch_intranode_dispatch(const DispatchParams& p, int num_blocks, cudaStream_t stream);
@@ -93,9 +92,9 @@ struct CombineParams {
   uint16_t* combined_x;
   float* combined_topk_weights;
   int record_bytes;
-  int64_t stage_rows;
-  // This launch's round: the owner's tokens [tok_lo, tok_hi), stage slot (d, t - tok_lo). One round: 0, INT_MAX.
-  int tok_lo, tok_hi;
+  int64_t stage_rows;               // stage slots per peer (IntranodeLayout::combine_stage_rows)
+  // This launch's round of num_rounds: the owner's tokens [tok_lo, tok_hi), stage slot (peer, t - tok_lo).
+  int tok_lo, tok_hi, num_rounds;
   WaitContext wait;
 };
 void launch_intranode_combine(const CombineParams& p, int num_blocks, cudaStream_t stream);

@@ -10,9 +10,13 @@
 //     uint64 dispatch_flags[kMaxRanks][kMaxChunks] set to the op epoch by source s when its chunk c has landed
 //     int32  dispatch_ranges[kMaxRanks][kMaxChunks][2]   (first row, row count) of source s's chunk c here
 //     uint64 combine_flags[kMaxRanks][kMaxChunks]  set to the op epoch by rank d when it returned my chunk c
-//   data (from data_offset; dispatch and combine use it at different times, separated by barriers):
-//     dispatch: records[capacity_rows] = [row bytes | src_idx | topk idx (int32 local) x K | weights x K | scales x S]
-//     combine:  stage[R][stage_rows]   = [BF16 row | weights x K], slot (d, t) holds rank d's row for my token t
+//   data (from data_offset; dispatch and combine use it at different times, separated by barriers). Own rows never
+//   pass through it (they go straight from the caller's input to the caller's output), so it is split among the
+//   R - 1 PEERS only, peer p at slot peer_slot(p, me) (p < me ? p : p - 1):
+//     dispatch: records[R - 1][peer_rows] = [row bytes | src_idx | topk idx (int32 local) x K | weights x K | scales x S];
+//               round k of source s holds s's receive rows [lo_s + k * peer_rows, lo_s + (k + 1) * peer_rows) here
+//     combine:  stage[R - 1][stage_rows]  = [BF16 row | weights x K], slot (peer_slot(d), t - tok_lo) holds rank d's
+//               row for my token t of the round [tok_lo, tok_lo + stage_rows)
 #pragma once
 
 #include <cstddef>
@@ -63,13 +67,13 @@ struct IntranodeLayout {
   OPENEP_HOST_DEVICE static size_t combine_flag(int d, int b) {
     return kCombineFlagsOffset + sizeof(uint64_t) * (static_cast<size_t>(d) * kMaxChunks + b);
   }
-  // Dispatch record of receive row `row`.
-  OPENEP_HOST_DEVICE static size_t dispatch_record(int64_t row, size_t record_bytes) {
-    return kDataOffset + static_cast<size_t>(row) * record_bytes;
+  // Dispatch record `i` of the data region (i = peer_slot(s, me) * peer_rows + row within source s's round).
+  OPENEP_HOST_DEVICE static size_t dispatch_record(int64_t i, size_t record_bytes) {
+    return kDataOffset + static_cast<size_t>(i) * record_bytes;
   }
-  // Combine stage slot (d, t): rank d's row for the region owner's token t.
-  OPENEP_HOST_DEVICE static size_t combine_stage(int d, int64_t t, int64_t stage_rows, size_t record_bytes) {
-    return kDataOffset + static_cast<size_t>(static_cast<int64_t>(d) * stage_rows + t) * record_bytes;
+  // Combine stage slot (peer slot, t): that peer's row for the region owner's token t (relative to the round).
+  OPENEP_HOST_DEVICE static size_t combine_stage(int slot, int64_t t, int64_t stage_rows, size_t record_bytes) {
+    return kDataOffset + static_cast<size_t>(static_cast<int64_t>(slot) * stage_rows + t) * record_bytes;
   }
 
   // Chunk size (tokens) a rank with num_tokens tokens uses; every rank derives it from the exchanged counts.
@@ -92,17 +96,23 @@ struct IntranodeLayout {
   OPENEP_HOST_DEVICE static size_t combine_record_bytes(int hidden, int num_topk) {
     return align16(2 * static_cast<size_t>(hidden)) + align16(sizeof(float) * static_cast<size_t>(num_topk));
   }
-  // Rows that fit the data region.
-  OPENEP_HOST_DEVICE static int64_t dispatch_capacity_rows(size_t nvl_bytes, size_t record_bytes) {
-    return nvl_bytes <= kDataOffset ? 0 : static_cast<int64_t>((nvl_bytes - kDataOffset) / record_bytes);
+  // Index of source p among the R - 1 peers of rank me (p != me).
+  OPENEP_HOST_DEVICE static int peer_slot(int p, int me) { return p < me ? p : p - 1; }
+  OPENEP_HOST_DEVICE static int num_peer_slots(int num_ranks) { return num_ranks > 1 ? num_ranks - 1 : 1; }
+  // Dispatch records per peer, and combine stage slots per peer (tokens of one round), that fit the data region.
+  OPENEP_HOST_DEVICE static int64_t dispatch_peer_rows(size_t nvl_bytes, size_t record_bytes, int num_ranks) {
+    return nvl_bytes <= kDataOffset
+               ? 0
+               : static_cast<int64_t>((nvl_bytes - kDataOffset) / (record_bytes * num_peer_slots(num_ranks)));
   }
   OPENEP_HOST_DEVICE static int64_t combine_stage_rows(size_t nvl_bytes, size_t record_bytes, int num_ranks) {
-    return nvl_bytes <= kDataOffset ? 0 : static_cast<int64_t>((nvl_bytes - kDataOffset) / (record_bytes * num_ranks));
+    return nvl_bytes <= kDataOffset
+               ? 0
+               : static_cast<int64_t>((nvl_bytes - kDataOffset) / (record_bytes * num_peer_slots(num_ranks)));
   }
-  // Rounds (EXPERIMENTAL, OPENEP_EXPERIMENTAL_ROUNDS=1; NOT RUN on a GPU yet): an operation whose largest per-rank
-  // need (dispatch: receive rows, max over ranks; combine: tokens, max over ranks) exceeds what the region holds
-  // runs in rounds of `capacity` units, every rank the same number. Round k covers units [k * capacity,
-  // (k + 1) * capacity); 0 when capacity < 1 (nothing fits at all).
+  // Rounds: an operation whose largest need (dispatch: rows one rank sends another, max over pairs; combine: tokens,
+  // max over ranks) exceeds what a peer's part of the region holds runs in rounds of `capacity` units, every rank
+  // the same number. Round k covers units [k * capacity, (k + 1) * capacity); 0 when capacity < 1.
   OPENEP_HOST_DEVICE static int64_t num_rounds(int64_t need, int64_t capacity) {
     if (capacity < 1) return 0;
     return need <= capacity ? 1 : (need + capacity - 1) / capacity;
@@ -113,7 +123,7 @@ struct IntranodeLayout {
 struct HostCounters {
   int64_t seq;                      // written last: the host_seq of the prepare that filled the rest
   int32_t num_recv_tokens;
-  int32_t max_recv_rows;            // max over every rank d of the rows d receives (the round count's input)
+  int32_t max_pair_rows;            // max over s != d of the rows s sends d (dispatch's round count)
   int32_t max_num_tokens;           // max over every rank s of its token count (combine's round count)
   int32_t num_recv_tokens_per_expert[IntranodeLayout::kMaxLocalExperts];   // aligned counts, [E_local]
 };

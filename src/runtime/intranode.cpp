@@ -1,4 +1,5 @@
 // Host side of the intranode normal-mode operations: validation, sizing, the exact-mode host wait, launches.
+#include <algorithm>
 #include <chrono>
 #include <climits>
 #include <cstdlib>
@@ -21,7 +22,8 @@ size_t intranode_buffer_size_hint(int num_ranks, int max_tokens_per_rank, int hi
                    IntranodeLayout::kMaxRanks, "], got ", num_ranks);
   OPENEP_CHECK_ARG(max_tokens_per_rank >= 0 && hidden > 0 && x_elem_bytes > 0 && num_scales >= 0 && num_topk >= 0,
                    "size hint arguments must be non-negative (hidden and x_elem_bytes positive)");
-  const size_t rows = static_cast<size_t>(num_ranks) * max_tokens_per_rank;
+  // Own rows never pass through the window: R - 1 peer parts of max_tokens_per_rank rows (one part at R = 1).
+  const size_t rows = static_cast<size_t>(IntranodeLayout::num_peer_slots(num_ranks)) * max_tokens_per_rank;
   const size_t dispatch_bytes =
       rows * IntranodeLayout::dispatch_record_bytes(static_cast<size_t>(hidden) * x_elem_bytes, num_topk, num_scales);
   const size_t combine_bytes = rows * IntranodeLayout::combine_record_bytes(hidden, num_topk);
@@ -160,34 +162,36 @@ detail::DispatchParams dispatch_params(Buffer::Impl& m, const DispatchArgs& a, c
   p.recv_src_idx = h.recv_src_idx;
   p.num_worst_tokens = with_topk ? a.num_worst_tokens : 0;
   p.record_bytes = static_cast<int>(dispatch_record_bytes(a, with_topk));
-  p.round_lo = 0, p.round_rows = INT_MAX, p.first_round = true;  // one round unless launch_dispatch_rounds says so
+  p.peer_rows = IntranodeLayout::dispatch_peer_rows(m.options.num_nvl_bytes, p.record_bytes, m.num_ranks);
+  p.round = 0, p.num_rounds = 1;  // launch_dispatch_rounds sets the rounds
   p.wait = m.wait_context();
   return p;
 }
 
-// Rounds of a dispatch through a window of `capacity` receive rows (IntranodeLayout::num_rounds): more than one only
-// with an exact-mode handle (max_recv_rows > 0: every rank knows the same count matrix) whose largest receive count
-// exceeds the window. Worst-case handles (max_recv_rows = 0) take one round; the caller checks that it fits.
-int64_t dispatch_rounds(const Buffer::Impl& m, const IntranodeHandle& h, int64_t capacity) {
-  if (h.max_recv_rows <= capacity) return 1;
-  OPENEP_CHECK(capacity >= 1, ErrorCode::kBufferTooSmall, "the Buffer holds no dispatch row at all (num_nvl_bytes = ",
+// Rounds of a dispatch through window parts of `peer_rows` records (IntranodeLayout::num_rounds): more than one only
+// with an exact-mode handle (max_pair_rows > 0: every rank knows the same count matrix) in which one rank sends
+// another more rows than a part holds. Worst-case handles (max_pair_rows = 0) take one round; the kernel checks on
+// every rank that it fits (kCapacityExceeded, nobody writes) since no host knows the pairs' counts.
+int64_t dispatch_rounds(const Buffer::Impl& m, const IntranodeHandle& h, int64_t peer_rows) {
+  if (h.max_pair_rows <= peer_rows) return 1;
+  OPENEP_CHECK(peer_rows >= 1, ErrorCode::kBufferTooSmall, "the Buffer holds no dispatch row at all (num_nvl_bytes = ",
                m.options.num_nvl_bytes, ")");
-  return IntranodeLayout::num_rounds(h.max_recv_rows, capacity);
+  return IntranodeLayout::num_rounds(h.max_pair_rows, peer_rows);
 }
 
-// Launches a dispatch in `rounds` rounds of `capacity` receive rows. Every round after the first starts with the
-// prepare kernel's barrier: that is the flow control (every peer has drained the previous round from its window
-// before anyone writes the next) and it gives the round a fresh epoch for the chunk flags.
-void launch_dispatch_rounds(Buffer::Impl& m, detail::DispatchParams p, int64_t rounds, int64_t capacity, int blocks,
+// Launches a dispatch in `rounds` rounds. Every round after the first starts with the prepare kernel's barrier: that
+// is the flow control (every peer has drained the previous round from its window before anyone writes the next)
+// and it gives the round a fresh epoch for the chunk flags.
+void launch_dispatch_rounds(Buffer::Impl& m, detail::DispatchParams p, int64_t rounds, int blocks,
                             cudaStream_t stream) {
+  p.num_rounds = static_cast<int>(rounds);
   for (int64_t k = 0; k < rounds; ++k) {
     if (k > 0) {
       detail::PrepareParams pp = prepare_params(m);
       pp.exchange = false;
       detail::launch_intranode_prepare(pp, stream);
-      p.first_round = false;
     }
-    if (rounds > 1) p.round_lo = static_cast<int>(k * capacity), p.round_rows = static_cast<int>(capacity);
+    p.round = static_cast<int>(k);
     detail::launch_intranode_dispatch(p, blocks, stream);
   }
 }
@@ -234,13 +238,24 @@ DispatchCounts Buffer::dispatch_prepare(const DispatchArgs& a, IntranodeHandle& 
   validate_handle_arrays(h);
 
   const size_t record = dispatch_record_bytes(a, a.num_topk > 0);
-  const int64_t capacity = IntranodeLayout::dispatch_capacity_rows(m.options.num_nvl_bytes, record);
-  const int max_rows_hint = a.num_worst_tokens > 0 ? a.num_worst_tokens : a.num_tokens * R;
-  const size_t needed = intranode_buffer_size_hint(R, (max_rows_hint + R - 1) / R, a.hidden, a.x_elem_bytes,
-                                                   a.num_scales, a.num_topk);
-  OPENEP_CHECK(a.num_worst_tokens <= capacity, ErrorCode::kBufferTooSmall, "num_worst_tokens = ", a.num_worst_tokens,
-               " rows do not fit the Buffer (", capacity, " rows of ", record, " bytes in num_nvl_bytes = ",
-               m.options.num_nvl_bytes, "); it needs num_nvl_bytes >= ", needed);
+  const int64_t peer_rows = IntranodeLayout::dispatch_peer_rows(m.options.num_nvl_bytes, record, R);
+  if (a.num_worst_tokens > 0 && R > 1) {
+    // Worst-case mode runs in one round: a peer may send up to min(num_worst_tokens, its tokens) rows, and no host
+    // knows the pairs' counts. Checked here for peers with this rank's token count; the dispatch kernel checks the
+    // real counts on every rank (kCapacityExceeded at the next synchronisation, nothing written).
+    const int per_peer = std::min(a.num_worst_tokens, std::max(a.num_tokens, a.max_tokens_per_rank));
+    OPENEP_CHECK(per_peer <= peer_rows, ErrorCode::kBufferTooSmall, "worst-case dispatch (num_worst_tokens = ",
+                 a.num_worst_tokens, ") runs in one round: each of the ", R - 1, " peers may send ", per_peer,
+                 " rows but the Buffer holds ", peer_rows, " rows of ", record, " bytes per peer (num_nvl_bytes = ",
+                 m.options.num_nvl_bytes, "); it needs num_nvl_bytes >= ",
+                 intranode_buffer_size_hint(R, per_peer, a.hidden, a.x_elem_bytes, a.num_scales, a.num_topk));
+    // More rows than one round can ever deliver (own tokens + every peer's part) would stay padding forever.
+    const int64_t deliverable = std::max(a.num_tokens, a.max_tokens_per_rank) + (R - 1) * peer_rows;
+    OPENEP_CHECK(a.num_worst_tokens <= deliverable, ErrorCode::kBufferTooSmall, "num_worst_tokens = ",
+                 a.num_worst_tokens, " rows exceed what one round of this Buffer delivers (", deliverable,
+                 ": this rank's tokens + ", R - 1, " peers x ", peer_rows, " rows; num_nvl_bytes = ",
+                 m.options.num_nvl_bytes, ")");
+  }
 
   const bool exact = a.num_worst_tokens == 0;
   detail::PrepareParams p = prepare_params(m);
@@ -252,7 +267,6 @@ DispatchCounts Buffer::dispatch_prepare(const DispatchArgs& a, IntranodeHandle& 
   p.num_experts = a.num_experts;
   p.expert_alignment = a.expert_alignment;
   p.num_worst_tokens = a.num_worst_tokens;
-  p.capacity_rows = exact ? INT64_MAX : capacity;  // exact mode: checked on the host below, with a better message
   p.rank_prefix_matrix = h.rank_prefix_matrix;
   p.num_tokens_per_src = h.num_tokens_per_src;
   p.send_pos = h.send_pos;
@@ -265,7 +279,7 @@ DispatchCounts Buffer::dispatch_prepare(const DispatchArgs& a, IntranodeHandle& 
   if (!exact) {
     counts.num_recv_tokens = a.num_worst_tokens;
     h.num_recv_tokens = a.num_worst_tokens;
-    h.max_recv_rows = h.max_num_tokens = 0;  // unknown on the host: one round (no host wait in this mode)
+    h.max_pair_rows = h.max_num_tokens = 0;  // unknown on the host: one round (no host wait in this mode)
     return counts;
   }
   // The one host wait of the exact mode: poll the mapped counters (bounded, and errors are raised).
@@ -288,16 +302,13 @@ DispatchCounts Buffer::dispatch_prepare(const DispatchArgs& a, IntranodeHandle& 
   counts.num_recv_tokens_per_expert.resize(E_local);
   for (int e = 0; e < E_local; ++e) counts.num_recv_tokens_per_expert[e] = hc->num_recv_tokens_per_expert[e];
   h.num_recv_tokens = counts.num_recv_tokens;
-  h.max_recv_rows = hc->max_recv_rows;
+  h.max_pair_rows = hc->max_pair_rows;
   h.max_num_tokens = hc->max_num_tokens;
-  if (counts.num_recv_tokens > capacity && capacity < 1) {
-    m.failed = true;  // peers cannot be told to stop writing in time; refuse further work
-    OPENEP_CHECK(false, ErrorCode::kBufferTooSmall, "this rank receives ", counts.num_recv_tokens,
-                 " rows but the Buffer holds ", capacity, " rows of ", record, " bytes (num_nvl_bytes = ",
-                 m.options.num_nvl_bytes, "); it needs num_nvl_bytes >= ",
-                 intranode_buffer_size_hint(R, (counts.num_recv_tokens + R - 1) / R, a.hidden, a.x_elem_bytes,
-                                            a.num_scales, a.num_topk));
-  }
+  // Any batch runs in rounds; only a Buffer without room for one record per peer cannot (the same on every rank).
+  OPENEP_CHECK(h.max_pair_rows == 0 || peer_rows >= 1, ErrorCode::kBufferTooSmall, "rank ", m.rank,
+               ": the Buffer holds no dispatch record per peer (", record, " bytes each, num_nvl_bytes = ",
+               m.options.num_nvl_bytes, "); it needs num_nvl_bytes >= ",
+               intranode_buffer_size_hint(R, 1, a.hidden, a.x_elem_bytes, a.num_scales, a.num_topk));
   return counts;
 }
 
@@ -311,9 +322,7 @@ void Buffer::dispatch(const DispatchArgs& a, const IntranodeHandle& h, const Dis
   validate_handle_arrays(h);
   detail::DispatchParams p = dispatch_params(m, a, h, out, a.num_topk > 0);
   p.num_senders = dispatch_senders(blocks);
-  const int64_t capacity =
-      IntranodeLayout::dispatch_capacity_rows(m.options.num_nvl_bytes, dispatch_record_bytes(a, a.num_topk > 0));
-  launch_dispatch_rounds(m, p, dispatch_rounds(m, h, capacity), capacity, blocks, stream);
+  launch_dispatch_rounds(m, p, dispatch_rounds(m, h, p.peer_rows), blocks, stream);
 }
 
 void Buffer::dispatch_cached(const DispatchArgs& a, const IntranodeHandle& h, const DispatchOutputs& out,
@@ -326,17 +335,16 @@ void Buffer::dispatch_cached(const DispatchArgs& a, const IntranodeHandle& h, co
                    "cached dispatch takes no topk_idx/topk_weights (the handle fixes the layout)");
   const int blocks = num_blocks(a.config, m);
   validate_handle_arrays(h);
-  const int64_t capacity = IntranodeLayout::dispatch_capacity_rows(m.options.num_nvl_bytes, dispatch_record_bytes(a, false));
-  const int64_t rounds = dispatch_rounds(m, h, capacity);
-  OPENEP_CHECK(rounds > 1 || h.num_recv_tokens <= capacity, ErrorCode::kBufferTooSmall, "cached dispatch of ",
-               h.num_recv_tokens, " rows does not fit the Buffer (", capacity, " rows)");
+  const int64_t peer_rows =
+      IntranodeLayout::dispatch_peer_rows(m.options.num_nvl_bytes, dispatch_record_bytes(a, false), m.num_ranks);
+  const int64_t rounds = dispatch_rounds(m, h, peer_rows);  // a worst-case handle: one round, checked by the kernel
   detail::PrepareParams pp = prepare_params(m);
   pp.exchange = false;
   detail::launch_intranode_prepare(pp, stream);
   detail::DispatchParams p = dispatch_params(m, a, h, out, false);
   p.recv_src_idx = nullptr;  // the handle's copy is already right and must stay unmodified
   p.num_senders = dispatch_senders(blocks);
-  launch_dispatch_rounds(m, p, rounds, capacity, blocks, stream);
+  launch_dispatch_rounds(m, p, rounds, blocks, stream);
 }
 
 void Buffer::combine(const CombineArgs& a, const IntranodeHandle& h, const CombineOutputs& out, cudaStream_t stream) {
@@ -384,7 +392,7 @@ void Buffer::combine(const CombineArgs& a, const IntranodeHandle& h, const Combi
   p.combined_topk_weights = K ? out.combined_topk_weights : nullptr;
   p.record_bytes = static_cast<int>(record);
   p.stage_rows = stage_rows;
-  p.tok_lo = 0, p.tok_hi = INT_MAX;
+  p.tok_lo = 0, p.tok_hi = INT_MAX, p.num_rounds = static_cast<int>(rounds);
   p.wait = m.wait_context();
   for (int64_t k = 0; k < rounds; ++k) {
     if (k > 0) detail::launch_intranode_prepare(pp, stream);  // barrier (the stage is free again) and a new epoch

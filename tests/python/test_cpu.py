@@ -128,7 +128,8 @@ def test_size_hints_reject_bad_arguments():
 def test_token_size_hint_grows_with_tokens_and_is_aligned():
     h = openep.Buffer.get_nvl_buffer_size_hint_for_tokens
     a, b = h(8, 1024, 7168), h(8, 4096, 7168)
-    assert a % 128 == 0 and b % 128 == 0 and b > a > 8 * 1024 * 7168 * 2
+    # own rows never pass through the window: 7 peer parts of 1024 rows of 7168 BF16 at EP8
+    assert a % 128 == 0 and b % 128 == 0 and b > a > 7 * 1024 * 7168 * 2
     assert h(8, 4096, 7168, 1, 56, 8) <= h(8, 4096, 7168, 2, 0, 8)  # combine (BF16) sizes both
     with pytest.raises(openep.OpenEPError):
         h(0, 16, 128)
@@ -693,7 +694,7 @@ _STRUCTS = {
     "LayoutArgs": (("topk_idx", "num_tokens_per_rank", "num_tokens_per_expert", "is_token_in_rank",
                     "num_tokens_per_rdma_rank"), ("num_tokens", "num_topk", "num_experts"), ()),
     "IntranodeHandle": (("is_token_in_rank", "rank_prefix_matrix", "num_tokens_per_src", "send_pos", "recv_src_idx"),
-                        ("num_tokens", "num_recv_tokens", "max_recv_rows", "max_num_tokens"), ()),
+                        ("num_tokens", "num_recv_tokens", "max_pair_rows", "max_num_tokens"), ()),
     "DispatchArgs": (("x", "x_scales", "topk_idx", "topk_weights", "is_token_in_rank", "num_tokens_per_rank",
                       "num_tokens_per_expert", "num_tokens_per_rdma_rank"),
                      ("num_tokens", "hidden", "x_elem_bytes", "num_scales", "scale_token_stride", "scale_hidden_stride",

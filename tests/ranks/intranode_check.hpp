@@ -402,7 +402,7 @@ inline std::vector<std::pair<std::string, RoundsCase>> rounds_cases() {
       {{513, 2048, 4, 8, true, true, Route::kHot}, 3},
       {{1000, 4096, 8, 8, false, true, Route::kOneRankGetsAll}, 4},
       {{257, 2048, 8, 8, false, false, Route::kUniform, IndexType::kInt64, 1, true, 8}, 7},
-      {{2000, 2560, 8, 8, false, true, Route::kMinusOneRows, IndexType::kInt32, 4, true, 16}, 2},
+      {{2000, 2560, 8, 8, false, true, Route::kMinusOneRows, IndexType::kInt32, 4, true, 16}, 3},
   };
   std::vector<std::pair<std::string, RoundsCase>> named;
   for (const RoundsCase& r : cases) named.emplace_back(name(r.c) + "_window1of" + std::to_string(r.fraction), r);
