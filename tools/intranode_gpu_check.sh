@@ -32,7 +32,7 @@ if want vrank; then
   run vrank_intranode 380 ctest --test-dir build -L vrank -LE soak -R 'intranode|overlap' -V &
   run soak 380 ctest --test-dir build -L soak -V &
   # Python: pip install + pytest (its 1-GPU and fake-node parts on this machine) next to the suites
-  want python && { OUT="$OUT/python" run python 380 bash tools/python_gpu_check.sh & }
+  want python && run python 380 env OUT="$OUT/python" bash tools/python_gpu_check.sh &
   wait
 fi
 if want bench; then

@@ -249,12 +249,6 @@ DispatchCounts Buffer::dispatch_prepare(const DispatchArgs& a, IntranodeHandle& 
                  " rows but the Buffer holds ", peer_rows, " rows of ", record, " bytes per peer (num_nvl_bytes = ",
                  m.options.num_nvl_bytes, "); it needs num_nvl_bytes >= ",
                  intranode_buffer_size_hint(R, per_peer, a.hidden, a.x_elem_bytes, a.num_scales, a.num_topk));
-    // More rows than one round can ever deliver (own tokens + every peer's part) would stay padding forever.
-    const int64_t deliverable = std::max(a.num_tokens, a.max_tokens_per_rank) + (R - 1) * peer_rows;
-    OPENEP_CHECK(a.num_worst_tokens <= deliverable, ErrorCode::kBufferTooSmall, "num_worst_tokens = ",
-                 a.num_worst_tokens, " rows exceed what one round of this Buffer delivers (", deliverable,
-                 ": this rank's tokens + ", R - 1, " peers x ", peer_rows, " rows; num_nvl_bytes = ",
-                 m.options.num_nvl_bytes, ")");
   }
 
   const bool exact = a.num_worst_tokens == 0;

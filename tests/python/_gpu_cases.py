@@ -410,8 +410,11 @@ def errors_are_exceptions(ctx):
                  **routing)
     # errors found by the C++ core keep its message and code
     expect_error("invalid_argument", "num_experts", b.get_dispatch_layout, idx, EXPERTS + 1)
-    expect_error("buffer_too_small", "num_nvl_bytes", b.dispatch, x, topk_idx=idx, topk_weights=w,
-                 num_worst_tokens=10_000_000, **routing)
+    # worst-case mode runs in one round: a Buffer holding 64 rows per peer refuses 80-token peers (exact mode would
+    # run in rounds)
+    small = openep.Buffer(ctx.group, num_nvl_bytes=1 << 17)
+    expect_error("buffer_too_small", "num_nvl_bytes", small.dispatch, x, topk_idx=idx, topk_weights=w,
+                 num_worst_tokens=2 * x.shape[0], **routing)
     # a combine with a wrong x shape
     out, itir = run_dispatch(ctx, inputs)
     expect_error("invalid_argument", "combine: x expected shape", b.combine, out[0][1:], out[4])
