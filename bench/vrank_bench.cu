@@ -6,7 +6,9 @@
 // kernel designs and window sizes within one run; never quote it as an NVLink figure.
 //
 //   openep_vrank_bench [--ranks R] [--tokens T] [--hidden H] [--topk K] [--experts E] [--sms 4,8,12]
-//                      [--window full|deepep] [--reps N] [--warmup N] [--results FILE.jsonl] [--commit SHA]
+//                      [--window full|deepep] [--pool] [--reps N] [--warmup N] [--results FILE.jsonl] [--commit SHA]
+// --pool: the dispatch outputs (and the handle's recv_src_idx) come from BufferOptions::num_recv_pool_bytes
+// (Buffer::alloc_recv), so the peers store rows straight into them and nothing is copied out of the window.
 // --window deepep: num_nvl_bytes = DeepEP V1's hint for its default configs (rounds when the batch exceeds it);
 // full (default): OpenEP's hint for the batch (one round).
 // Each rank times its operation with events on its stream (exact-mode dispatch = count exchange + host wait +
@@ -38,6 +40,7 @@ struct Options {
   int num_ranks = 2, num_tokens = 4096, hidden = 7168, num_topk = 8, num_experts = 256;
   std::vector<int> sms = {4, 8, 12, 16, 24};
   std::string window = "full";
+  bool pool = false;  // dispatch outputs from Buffer::alloc_recv (window-backed)
   int warmup = 3, reps = 10;
   std::string results, commit = "unknown";
 };
@@ -56,6 +59,7 @@ Options parse(int argc, char** argv) {
     else if (a == "--topk") o.num_topk = std::stoi(next());
     else if (a == "--experts") o.num_experts = std::stoi(next());
     else if (a == "--window") o.window = next();
+    else if (a == "--pool") o.pool = true;
     else if (a == "--warmup") o.warmup = std::stoi(next());
     else if (a == "--reps") o.reps = std::stoi(next());
     else if (a == "--results") o.results = next();
@@ -87,6 +91,10 @@ class RankBench {
                                       deepep_nvl_buffer_size_hint(get_combine_config(R), 2 * o.hidden, R))
                            : intranode_buffer_size_hint(R, o.num_tokens, o.hidden, 2, o.hidden / 128, o.num_topk);
     bo.timeout_seconds = 60;
+    const size_t all_rows = static_cast<size_t>(o.num_tokens) * R;
+    const size_t pool_need = all_rows * (static_cast<size_t>(o.hidden) * 2 + (o.hidden / 128) * 4 + o.num_topk * 12 + 4) +
+                             8 * 256;
+    if (o.pool) bo.num_recv_pool_bytes = (pool_need + 127) / 128 * 128;
     nvl_bytes_ = bo.num_nvl_bytes;
     buffer_ = std::make_unique<Buffer>(g, bo);
     s_ = buffer_->comm_stream();
@@ -100,9 +108,10 @@ class RankBench {
     alloc(&x_fp8_, static_cast<size_t>(N) * H), fill(x_fp8_, static_cast<size_t>(N) * H);
     alloc(&scales_, static_cast<size_t>(N) * (H / 128) * 4), fill(scales_, static_cast<size_t>(N) * (H / 128) * 4);
     alloc(&per_rank_, 4 * R), alloc(&per_expert_, 4 * o.num_experts), alloc(&in_rank_, rows);
-    alloc(&rank_prefix_, 4 * R * R), alloc(&ntok_src_, 4 * R), alloc(&send_pos_, 4 * rows), alloc(&src_idx_, 4 * rows);
-    alloc(&recv_x_, rows * H * 2), alloc(&recv_scales_, rows * (H / 128) * 4), alloc(&recv_topk_, rows * K * 8);
-    alloc(&recv_weights_, rows * K * 4), alloc(&combined_, static_cast<size_t>(N) * H * 2);
+    alloc(&rank_prefix_, 4 * R * R), alloc(&ntok_src_, 4 * R), alloc(&send_pos_, 4 * rows);
+    alloc(&combined_, static_cast<size_t>(N) * H * 2);
+    output(&src_idx_, 4 * rows), output(&recv_x_, rows * H * 2), output(&recv_scales_, rows * (H / 128) * 4);
+    output(&recv_topk_, rows * K * 8), output(&recv_weights_, rows * K * 4);
     h_.rank_prefix_matrix = static_cast<int*>(rank_prefix_), h_.num_tokens_per_src = static_cast<int*>(ntok_src_);
     h_.send_pos = static_cast<int*>(send_pos_), h_.recv_src_idx = static_cast<int*>(src_idx_);
     LayoutArgs la;
@@ -114,6 +123,7 @@ class RankBench {
   }
   ~RankBench() {
     for (void* p : owned_) cudaFreeAsync(p, s_);
+    for (void* p : pooled_) buffer_->free_recv(p, s_);
     cudaStreamSynchronize(s_);
   }
 
@@ -196,6 +206,13 @@ class RankBench {
     if (host) OPENEP_CUDA_CHECK(cudaMemcpyAsync(*p, host, bytes, cudaMemcpyHostToDevice, s_));
     OPENEP_CUDA_CHECK(cudaStreamSynchronize(s_));
   }
+  // A dispatch output: window-backed with --pool, else own memory.
+  void output(void** p, size_t bytes) {
+    if (!o_.pool) return alloc(p, bytes);
+    *p = buffer_->alloc_recv(bytes);
+    if (!*p) throw std::runtime_error("alloc_recv(" + std::to_string(bytes) + ") found no room");
+    pooled_.push_back(*p);
+  }
   void fill(void* p, size_t bytes) {
     OPENEP_CUDA_CHECK(cudaMemsetAsync(p, 0x3c, bytes, s_));
     OPENEP_CUDA_CHECK(cudaStreamSynchronize(s_));
@@ -207,7 +224,7 @@ class RankBench {
   size_t nvl_bytes_ = 0;
   std::vector<int64_t> topk_host_;
   std::vector<uint16_t> x_host_;
-  std::vector<void*> owned_;
+  std::vector<void*> owned_, pooled_;
   void *x_ = nullptr, *topk_ = nullptr, *weights_ = nullptr, *x_fp8_ = nullptr, *scales_ = nullptr;
   void *per_rank_ = nullptr, *per_expert_ = nullptr, *in_rank_ = nullptr;
   void *rank_prefix_ = nullptr, *ntok_src_ = nullptr, *send_pos_ = nullptr, *src_idx_ = nullptr;
@@ -290,8 +307,9 @@ int run(const Options& o) {
   double remote = 0;
   for (int r : remote_rows) remote = std::max(remote, static_cast<double>(r));
   std::printf("\nOpenEP virtual-rank SM cost: EP%d on ONE %s (all traffic local HBM: SM cost, not NVLink), tokens %d,"
-              " hidden %d, top-%d of %d, window %s (num_nvl_bytes %zu), commit %s, %s\n",
+              " hidden %d, top-%d of %d, window %s (num_nvl_bytes %zu), outputs %s, commit %s, %s\n",
               R, prop.name, o.num_tokens, o.hidden, o.num_topk, o.num_experts, o.window.c_str(), nvl_bytes,
+              o.pool ? "window-backed (pool)" : "own memory",
               o.commit.c_str(), date);
   std::printf("%-9s %-5s %4s %10s %10s %16s\n", "op", "dtype", "SMs", "us", "SM-us", "remote GB/s per SM");
   std::ofstream out;
@@ -306,7 +324,7 @@ int run(const Options& o) {
           << prop.name << "\",\"gpus\":1,\"virtual_ranks\":" << R << ",\"op\":\"" << r.op << "\",\"dtype\":\""
           << r.dtype << "\",\"num_sms\":" << r.sms << ",\"us\":" << r.us << ",\"sm_us\":" << r.sms * r.us
           << ",\"num_tokens\":" << o.num_tokens << ",\"hidden\":" << o.hidden << ",\"window\":\"" << o.window
-          << "\",\"num_nvl_bytes\":" << nvl_bytes << "}\n";
+          << "\",\"num_nvl_bytes\":" << nvl_bytes << ",\"pool\":" << (o.pool ? "true" : "false") << "}\n";
   }
   return 0;
 }

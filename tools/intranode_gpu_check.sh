@@ -36,20 +36,22 @@ if want vrank; then
   wait
 fi
 if want bench; then
-  for spec in "2 full" "2 deepep" "4 full" "4 deepep" "8 full" "8 deepep"; do
+  for spec in "2 full" "2 full pool" "2 deepep" "4 full" "4 full pool" "4 deepep" "8 full" "8 full pool" "8 deepep"; do
     set -- $spec
-    [ $((SECONDS - t0)) -lt 540 ] || { echo "bench EP$1 $2: not run (time)" >>"$summary"; continue; }
-    run "bench_ep$1_$2" 90 build/bench/openep_vrank_bench --ranks "$1" --window "$2" --sms 4,8,12,16,24 \
-      --commit "$commit" --results "$OUT/vrank_bench.jsonl"
+    [ $((SECONDS - t0)) -lt 540 ] || { echo "bench EP$1 $2 ${3:-}: not run (time)" >>"$summary"; continue; }
+    run "bench_ep$1_$2${3:+_$3}" 90 build/bench/openep_vrank_bench --ranks "$1" --window "$2" ${3:+--pool} \
+      --sms 4,8,12,16,24 --commit "$commit" --results "$OUT/vrank_bench.jsonl"
   done
 fi
 {
   echo
   echo "================ intranode GPU check: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), commit $commit, $((SECONDS - t0)) s ================"
   for f in "$OUT"/bench_ep*.log; do
-    [ -f "$f" ] && { echo "--- $(basename "$f" .log)"; sed -n '/virtual-rank SM cost/,$p' "$f"; grep -h "openep_vrank_bench:" "$f"; }
+    [ -f "$f" ] || continue
+    # the 8, 12 and 24-SM rows (the whole table is in the JSON lines and the log)
+    echo "--- $(basename "$f" .log): $(grep -o 'window [a-z]* (num_nvl_bytes [0-9]*), outputs [a-z() -]*' "$f")"
+    awk '$3 == 8 || $3 == 12 || $3 == 24' "$f" | grep -E "^(dispatch|combine)"; grep -h "openep_vrank_bench:" "$f"
   done
-  grep -hE "\[       OK \] .*(DeepEPSized|Rounds)" "$OUT"/vrank_intranode.log 2>/dev/null | sed 's/^[0-9]*: //' | head -40
   for f in "$OUT"/cpu.log "$OUT"/vrank_intranode.log "$OUT"/soak.log; do
     [ -f "$f" ] || continue
     echo "--- $(basename "$f")"

@@ -79,6 +79,11 @@ struct BufferOptions {
   // Run on virtual ranks at EP2/4/8 on one H200 (LowLatencyVrank.Shrink*, tests/ranks/low_latency_test.cu); not
   // yet with a killed process.
   bool enable_shrink = false;
+  // Window-backed memory for intranode dispatch outputs (OpenEP extension; default 0 = none; multiple of 128;
+  // intranode Buffers only). Outputs taken from it with alloc_recv() receive their rows straight from the peers'
+  // kernels, so the receiving rank copies nothing out of the window: a third of intranode dispatch's copies go
+  // (docs/DESIGN.md "Window-backed outputs"). Run on virtual ranks only (one GPU), 2026-12-02.
+  size_t num_recv_pool_bytes = 0;
 };
 
 // get_dispatch_layout arguments. All pointers are device pointers on the Buffer's device.
@@ -146,6 +151,21 @@ class Buffer {
                        cudaStream_t stream);
   // Combine: returns every received row to its source and reduces there. Never waits on the host. Collective.
   void combine(const CombineArgs& args, const IntranodeHandle& handle, const CombineOutputs& out, cudaStream_t stream);
+
+  // ---- Window-backed dispatch outputs (BufferOptions::num_recv_pool_bytes) ----
+  // Device memory in this rank's window, 256-byte aligned, or nullptr when the pool has no free run of `bytes`
+  // (use other memory then: dispatch accepts either). A dispatch or cached dispatch whose outputs (recv_x, and
+  // where written recv_x_scales, recv_topk_idx, recv_topk_weights and handle.recv_src_idx) all lie in the pool has
+  // the peers store rows straight into them; otherwise it copies rows out of the window as before. Host only,
+  // no synchronisation; not thread-safe (one host thread per Buffer, like every other call).
+  void* alloc_recv(size_t bytes);
+  // Gives memory from alloc_recv back. It is handed out again only once `stream` has passed this point (an event
+  // is recorded on it, nothing waits): pass the stream of the last work that reads it. REQUIRES: p came from
+  // alloc_recv of this Buffer and was not freed since (kInvalidArgument otherwise). The Buffer's destruction
+  // frees the whole pool; memory from it must not be used after that.
+  void free_recv(void* p, cudaStream_t stream);
+  // Bytes of the pool not handed out (free runs, including those whose stream has not passed the free yet).
+  size_t recv_pool_free_bytes() const noexcept;
 
   // ---- Normal mode, internode (include/openep/internode.hpp has the semantics) ----
   // Step 1: plans the records, exchanges counts with the rail peers and the node, fills the handle's arrays

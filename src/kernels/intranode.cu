@@ -231,11 +231,42 @@ struct TokenMeta {
   }
 };
 
+// Where destination d wants its rows: window-backed outputs (pointers into d's window) or null x (its window part).
+struct Destination {
+  char* x;
+  uint32_t* scales;
+  void* topk_idx;
+  float* topk_weights;
+  int32_t* src_idx;
+  bool topk_int64;
+};
+
 __device__ __forceinline__ void store_topk(const DispatchParams& p, int64_t row, int k, int local, float w) {
   const int64_t i = row * p.num_topk + k;
   if (p.topk_int64) static_cast<int64_t*>(p.recv_topk_idx)[i] = local;
   else static_cast<int32_t*>(p.recv_topk_idx)[i] = local;
   p.recv_topk_weights[i] = w;
+}
+
+// One warp stores token t's row and metadata into destination outputs (d's window-backed outputs) at row `row`.
+__device__ __forceinline__ void send_token_to_outputs(const DispatchParams& p, const Destination& o, int t, int d,
+                                                      int row, int lane) {
+  const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + static_cast<int64_t>(t) * p.row_bytes);
+  int4* dst = reinterpret_cast<int4*>(o.x + static_cast<int64_t>(row) * p.row_bytes);
+  device::copy_warp<device::Source::kInput>(dst, src, p.row_bytes / 16, lane);
+  if (lane == 0 && o.src_idx) o.src_idx[row] = t;
+  if (o.topk_idx) {
+    for (int k = lane; k < p.num_topk; k += 32) {
+      const int local = TokenMeta::local_expert(p, t, k, d);
+      const int64_t i = static_cast<int64_t>(row) * p.num_topk + k;
+      if (o.topk_int64) static_cast<int64_t*>(o.topk_idx)[i] = local;
+      else static_cast<int32_t*>(o.topk_idx)[i] = local;
+      o.topk_weights[i] = local >= 0 ? p.topk_weights[static_cast<int64_t>(t) * p.num_topk + k] : 0.f;
+    }
+  }
+  if (o.scales)
+    for (int j = lane; j < p.num_scales; j += 32)
+      o.scales[static_cast<int64_t>(row) * p.num_scales + j] = TokenMeta::scale(p, t, j);
 }
 
 // One warp sends token t to destination d: own tokens to output row `row`, others to d's window record `rec_i`.
@@ -267,8 +298,43 @@ __device__ __forceinline__ void send_token(const DispatchParams& p, int t, int d
   for (int j = lane; j < p.num_scales; j += 32) meta[1 + 2 * p.num_topk + j] = TokenMeta::scale(p, t, j);
 }
 
+// Block 0 tells every peer where this rank's outputs are (IntranodeLayout::OutputDesc), epoch last (release).
+__device__ __forceinline__ void publish_outputs(const DispatchParams& p, uint64_t epoch) {
+  if (blockIdx.x != 0 || threadIdx.x >= p.num_ranks || threadIdx.x == p.rank) return;
+  L::OutputDesc* d = at<L::OutputDesc>(p.window, threadIdx.x, L::out_desc(p.rank));
+  d->x = p.out_pool ? p.out_x : -1;
+  d->scales = p.out_pool ? p.out_scales : -1;
+  d->topk_idx = p.out_pool ? p.out_topk_idx : -1;
+  d->topk_weights = p.out_pool ? p.out_topk_weights : -1;
+  d->src_idx = p.out_pool ? p.out_src_idx : -1;
+  d->topk_int64 = p.topk_int64 ? 1 : 0;
+  ptx::st_release_sys(&d->epoch, epoch);
+}
+
+// Thread d of the block waits for destination d's OutputDesc of this round and resolves it against d's window.
+// Returns false on timeout (recorded). Threads without a peer return true.
+__device__ __forceinline__ bool read_destination(const DispatchParams& p, uint64_t epoch, Destination& o) {
+  const int d = threadIdx.x;
+  o = Destination{nullptr, nullptr, nullptr, nullptr, nullptr, false};
+  if (d >= p.num_ranks || d == p.rank) return true;
+  L::OutputDesc* desc = at<L::OutputDesc>(p.window, p.rank, L::out_desc(d));
+  if (!device::wait_geq(p.wait, &desc->epoch, epoch, d, Phase::kDispatchData)) return false;
+  const volatile L::OutputDesc* v = desc;
+  if (v->x < 0) return true;
+  char* base = p.window.peer_bases[d];
+  o.x = base + v->x;
+  o.scales = v->scales >= 0 ? reinterpret_cast<uint32_t*>(base + v->scales) : nullptr;
+  o.topk_idx = v->topk_idx >= 0 ? base + v->topk_idx : nullptr;
+  o.topk_weights = v->topk_weights >= 0 ? reinterpret_cast<float*>(base + v->topk_weights) : nullptr;
+  o.src_idx = v->src_idx >= 0 ? reinterpret_cast<int32_t*>(base + v->src_idx) : nullptr;
+  o.topk_int64 = v->topk_int64 != 0;
+  return true;
+}
+
 __device__ void dispatch_sender(const DispatchParams& p, uint64_t epoch) {
   __shared__ int s_first[L::kMaxRanks], s_count[L::kMaxRanks];
+  __shared__ Destination s_dst[L::kMaxRanks];
+  __shared__ int s_dst_ok;
   const int R = p.num_ranks, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int chunk = L::chunk_tokens(p.num_tokens), num_chunks = L::num_chunks(p.num_tokens);
   const int warps_per_dst = kWarps / R;  // destination d owns warps d, d + R, ...: remote and local stores
@@ -278,6 +344,16 @@ __device__ void dispatch_sender(const DispatchParams& p, uint64_t epoch) {
   const int lo_d = d < R ? rows_before(p.rank_prefix_matrix, R, p.rank, d) : 0;
   const int64_t round_lo = static_cast<int64_t>(p.round) * p.peer_rows;
   const int64_t part = d < R && d != p.rank ? static_cast<int64_t>(L::peer_slot(p.rank, d)) * p.peer_rows : 0;
+  if (threadIdx.x == 0) s_dst_ok = 1;
+  __syncthreads();
+  if (threadIdx.x < L::kMaxRanks) {
+    Destination o;
+    if (!read_destination(p, epoch, o)) s_dst_ok = 0;
+    s_dst[threadIdx.x] = o;
+  }
+  __syncthreads();
+  if (!s_dst_ok) return;
+  const Destination dst = s_dst[d];
   for (int c = blockIdx.x; c < num_chunks; c += p.num_senders) {
     if (threadIdx.x < R) s_first[threadIdx.x] = INT_MAX, s_count[threadIdx.x] = 0;
     __syncthreads();
@@ -289,7 +365,8 @@ __device__ void dispatch_sender(const DispatchParams& p, uint64_t epoch) {
         if (row < 0) continue;
         const int64_t rel = row - lo_d - round_lo;  // position in this round's part (own rows: round 0 only)
         if (d == p.rank ? p.round != 0 : (rel < 0 || rel >= p.peer_rows)) continue;
-        send_token(p, t, d, row, part + rel, lane);
+        if (dst.x) send_token_to_outputs(p, dst, t, d, row, lane);  // d's outputs are window-backed
+        else send_token(p, t, d, row, part + rel, lane);
         first = min(first, static_cast<int>(part + rel)), ++count;
       }
       if (lane == 0 && count) atomicMin(&s_first[d], first), atomicAdd(&s_count[d], count);
@@ -341,8 +418,9 @@ __device__ void dispatch_receiver(const DispatchParams& p, uint64_t epoch) {
     // Record i of s's part holds receive row lo_s + round * peer_rows + (i - part_s).
     const int64_t part_s = static_cast<int64_t>(L::peer_slot(s, p.rank)) * p.peer_rows;
     const int64_t row0 = rows_before(p.rank_prefix_matrix, R, s, p.rank) + static_cast<int64_t>(p.round) * p.peer_rows;
-    for (int i = warp; i < s_count; i += kWarps)
-      receive_row(p, s_first + i, static_cast<int>(row0 + (s_first + i - part_s)), lane);
+    if (!p.out_pool)  // window-backed outputs: the sender stored the rows there, nothing to copy
+      for (int i = warp; i < s_count; i += kWarps)
+        receive_row(p, s_first + i, static_cast<int>(row0 + (s_first + i - part_s)), lane);
     __syncthreads();
   }
   // Worst-case mode: rows past the real count get topk_idx = -1 (weights 0).
@@ -364,6 +442,7 @@ __global__ void __launch_bounds__(kThreads, 1) intranode_dispatch_kernel(const _
   __syncthreads();
   if (!s_fit) return;
   const uint64_t epoch = *p.op_epoch;
+  publish_outputs(p, epoch);
   if (blockIdx.x < p.num_senders) dispatch_sender(p, epoch);
   else dispatch_receiver(p, epoch);
 }

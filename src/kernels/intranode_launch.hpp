@@ -70,6 +70,11 @@ struct DispatchParams {
   // source's rows [round * peer_rows, (round + 1) * peer_rows) of its range at d; own rows in round 0 only.
   int64_t peer_rows;
   int round, num_rounds;
+  // Window-backed outputs (Buffer::alloc_recv): offsets of this rank's outputs from its window base (-1 = not in the
+  // pool). out_pool: every output this dispatch writes is in the pool, so peers store rows straight into them and
+  // this rank's receivers only wait. Published to the peers in every round (IntranodeLayout::OutputDesc).
+  int64_t out_x, out_scales, out_topk_idx, out_topk_weights, out_src_idx;
+  bool out_pool;
   WaitContext wait;
 };
 void launch_intranode_dispatch(const DispatchParams& p, int num_blocks, cudaStream_t stream);

@@ -10,6 +10,7 @@
 //     uint64 dispatch_flags[kMaxRanks][kMaxChunks] set to the op epoch by source s when its chunk c has landed
 //     int32  dispatch_ranges[kMaxRanks][kMaxChunks][2]   (first row, row count) of source s's chunk c here
 //     uint64 combine_flags[kMaxRanks][kMaxChunks]  set to the op epoch by rank d when it returned my chunk c
+//     OutputDesc out_desc[kMaxRanks]               written by rank d each dispatch round: where d's outputs are
 //   data (from data_offset; dispatch and combine use it at different times, separated by barriers). Own rows never
 //   pass through it (they go straight from the caller's input to the caller's output), so it is split among the
 //   R - 1 PEERS only, peer p at slot peer_slot(p, me) (p < me ? p : p - 1):
@@ -39,8 +40,17 @@ struct IntranodeLayout {
       (kExpertCountsOffset + sizeof(int32_t) * kMaxRanks * kMaxLocalExperts + 255) / 256 * 256;
   static constexpr size_t kDispatchRangesOffset = kDispatchFlagsOffset + sizeof(uint64_t) * kMaxRanks * kMaxChunks;
   static constexpr size_t kCombineFlagsOffset = kDispatchRangesOffset + sizeof(int32_t) * 2 * kMaxRanks * kMaxChunks;
+  static constexpr size_t kOutDescOffset = kCombineFlagsOffset + sizeof(uint64_t) * kMaxRanks * kMaxChunks;
+  // Where a receiver's dispatch outputs are (offsets from its WINDOW base, -1 = not window-backed: the rows go to its
+  // window part and it copies them out). Published by the receiver at every dispatch round, `epoch` (the round's op
+  // epoch, st.release) last; senders read it after an acquire of `epoch`.
+  struct OutputDesc {
+    uint64_t epoch;
+    int64_t x, scales, topk_idx, topk_weights, src_idx;
+    int32_t topk_int64, pad;
+  };
   static constexpr size_t kDataOffset =
-      (kCombineFlagsOffset + sizeof(uint64_t) * kMaxRanks * kMaxChunks + 4095) / 4096 * 4096;
+      (kOutDescOffset + sizeof(OutputDesc) * kMaxRanks + 4095) / 4096 * 4096;
 
   OPENEP_HOST_DEVICE static size_t align16(size_t v) { return (v + 15) / 16 * 16; }
 
@@ -67,6 +77,8 @@ struct IntranodeLayout {
   OPENEP_HOST_DEVICE static size_t combine_flag(int d, int b) {
     return kCombineFlagsOffset + sizeof(uint64_t) * (static_cast<size_t>(d) * kMaxChunks + b);
   }
+  // OutputDesc of rank d (in the region owner's header).
+  OPENEP_HOST_DEVICE static size_t out_desc(int d) { return kOutDescOffset + sizeof(OutputDesc) * d; }
   // Dispatch record `i` of the data region (i = peer_slot(s, me) * peer_rows + row within source s's round).
   OPENEP_HOST_DEVICE static size_t dispatch_record(int64_t i, size_t record_bytes) {
     return kDataOffset + static_cast<size_t>(i) * record_bytes;

@@ -4,6 +4,7 @@
 //              the arrivals of peer p at barriers of that slot (peers add to it with red.release.sys)
 //   [nvl]      the normal-mode region, num_nvl_bytes (IntranodeLayout)
 //   [rdma]     the low-latency region, num_rdma_bytes (LowLatencyLayout)
+//   [pool]     window-backed memory for intranode dispatch outputs, num_recv_pool_bytes (Buffer::alloc_recv)
 // Identical on every rank, so an offset means the same on every peer.
 #pragma once
 
@@ -19,14 +20,18 @@ struct WindowLayout {
   size_t barrier_offset = 0;
   size_t nvl_offset = 0;
   size_t rdma_offset = 0;
+  size_t pool_offset = 0;
+  size_t pool_bytes = 0;
   size_t total_bytes = 0;
 
-  static WindowLayout make(size_t num_nvl_bytes, size_t num_rdma_bytes) {
+  static WindowLayout make(size_t num_nvl_bytes, size_t num_rdma_bytes, size_t num_pool_bytes = 0) {
     WindowLayout l;
     l.barrier_offset = 0;
     l.nvl_offset = align_up(sizeof(uint64_t) * kNumBarrierSlots * kMaxNvlinkPeers, kWindowAlignment);
     l.rdma_offset = align_up(l.nvl_offset + num_nvl_bytes, kWindowAlignment);
-    l.total_bytes = align_up(l.rdma_offset + num_rdma_bytes, kWindowAlignment);
+    l.pool_offset = align_up(l.rdma_offset + num_rdma_bytes, kWindowAlignment);
+    l.pool_bytes = num_pool_bytes;
+    l.total_bytes = align_up(l.pool_offset + num_pool_bytes, kWindowAlignment);
     return l;
   }
   // Window offset of barrier counter (slot, from): arrivals of rank `from` at barriers of `slot`.

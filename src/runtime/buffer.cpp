@@ -151,6 +151,9 @@ void release(Buffer::Impl& m) noexcept {
     warn_cuda(cudaStreamDestroy(m.in.rail_stream), "cudaStreamDestroy");
     m.in.rail_stream = nullptr;
   }
+  for (Buffer::Impl::PoolSegment& s : m.pool)
+    if (s.released) warn_cuda(cudaEventDestroy(s.released), "cudaEventDestroy"), s.released = nullptr;
+  m.pool.clear();
   if (m.fabric) {
     detail::Fabric& f = *m.fabric;
     (m.in.node_fabric ? *m.in.node_fabric : f).close_window(m.win);
@@ -202,6 +205,8 @@ void Buffer::init(Group& group, const BufferOptions& options) {
                    options.num_nvl_bytes);
   OPENEP_CHECK_ARG(options.num_rdma_bytes % 128 == 0, "num_rdma_bytes must be a multiple of 128, got ",
                    options.num_rdma_bytes);
+  OPENEP_CHECK_ARG(options.num_recv_pool_bytes % 128 == 0, "num_recv_pool_bytes must be a multiple of 128, got ",
+                   options.num_recv_pool_bytes);
   OPENEP_CHECK_ARG(options.timeout_seconds > 0 && options.timeout_seconds <= 3600,
                    "timeout_seconds must be in (0, 3600], got ", options.timeout_seconds);
   OPENEP_CHECK(group.num_nvlink_ranks() > 0, ErrorCode::kUnsupported,
@@ -308,7 +313,11 @@ void Buffer::init(Group& group, const BufferOptions& options) {
   // One window for everything (collective; every peer's window is zero before any rank returns). kGin
   // appends its send staging area.
   // Internode: the window is the node window (normal-mode region only; the rail buffers are private memory).
-  m.window_layout = detail::WindowLayout::make(options.num_nvl_bytes, m.internode() ? 0 : options.num_rdma_bytes);
+  OPENEP_CHECK_ARG(options.num_recv_pool_bytes == 0 || (!m.internode() && m.transport == detail::Transport::kNvlink),
+                   "num_recv_pool_bytes (window-backed intranode dispatch outputs) needs an intranode NVLink Buffer");
+  m.window_layout = detail::WindowLayout::make(options.num_nvl_bytes, m.internode() ? 0 : options.num_rdma_bytes,
+                                               options.num_recv_pool_bytes);
+  if (options.num_recv_pool_bytes > 0) m.pool.push_back({0, options.num_recv_pool_bytes, true, nullptr});
   detail::WindowRequest req;
   req.bytes = m.window_layout.total_bytes;
   req.gin = detail::requests_gin(m.transport, m.internode() ? detail::CommRole::kNode : detail::CommRole::kGroup);
@@ -403,5 +412,65 @@ int Buffer::num_nodes() const noexcept { return impl_->internode() ? impl_->in.n
 int Buffer::ranks_per_node() const noexcept { return impl_->internode() ? impl_->in.ranks_per_node : impl_->num_ranks; }
 
 void Buffer::check_device_errors() { impl_->raise_device_error(); }
+
+
+// ---- window-backed dispatch outputs ----
+
+namespace {
+// A free segment whose release event has completed (or that was never handed out) can be handed out again.
+bool segment_ready(Buffer::Impl::PoolSegment& s) {
+  if (!s.free) return false;
+  if (!s.released) return true;
+  const cudaError_t e = cudaEventQuery(s.released);
+  if (e == cudaErrorNotReady) return false;
+  OPENEP_CUDA_CHECK(e);
+  OPENEP_CUDA_CHECK(cudaEventDestroy(s.released));
+  s.released = nullptr;
+  return true;
+}
+}  // namespace
+
+void* Buffer::alloc_recv(size_t bytes) {
+  Impl& m = *impl_;
+  m.check_usable();
+  if (bytes == 0 || m.pool.empty()) return nullptr;
+  const size_t need = (bytes + 255) / 256 * 256;
+  // Merge runs of ready free segments, then take the first that is large enough.
+  for (size_t i = 0; i < m.pool.size(); ++i) {
+    if (!segment_ready(m.pool[i])) continue;
+    while (i + 1 < m.pool.size() && segment_ready(m.pool[i + 1])) {
+      m.pool[i].bytes += m.pool[i + 1].bytes;
+      m.pool.erase(m.pool.begin() + static_cast<std::ptrdiff_t>(i) + 1);
+    }
+    if (m.pool[i].bytes < need) continue;
+    if (m.pool[i].bytes > need) {
+      Impl::PoolSegment rest{m.pool[i].offset + need, m.pool[i].bytes - need, true, nullptr};
+      m.pool[i].bytes = need;
+      m.pool.insert(m.pool.begin() + static_cast<std::ptrdiff_t>(i) + 1, rest);
+    }
+    m.pool[i].free = false;
+    return m.pool_base() + m.pool[i].offset;
+  }
+  return nullptr;
+}
+
+void Buffer::free_recv(void* p, cudaStream_t stream) {
+  Impl& m = *impl_;
+  for (Impl::PoolSegment& s : m.pool) {
+    if (s.free || m.pool_base() + s.offset != p) continue;
+    OPENEP_CUDA_CHECK(cudaEventCreateWithFlags(&s.released, cudaEventDisableTiming));
+    OPENEP_CUDA_CHECK(cudaEventRecord(s.released, stream));
+    s.free = true;
+    return;
+  }
+  OPENEP_CHECK_ARG(false, "free_recv: ", p, " is not memory handed out by this Buffer's alloc_recv (or was freed)");
+}
+
+size_t Buffer::recv_pool_free_bytes() const noexcept {
+  size_t n = 0;
+  for (const Impl::PoolSegment& s : impl_->pool)
+    if (s.free) n += s.bytes;
+  return n;
+}
 
 }  // namespace openep

@@ -54,6 +54,14 @@ struct Buffer::Impl {
   detail::DeviceError* error_record_device = nullptr;  // device view of the same
   cudaStream_t comm_stream = nullptr;
   bool failed = false;
+  // Window-backed dispatch outputs (BufferOptions::num_recv_pool_bytes): segments of the pool in offset order.
+  struct PoolSegment {
+    size_t offset = 0, bytes = 0;
+    bool free = true;
+    cudaEvent_t released = nullptr;  // recorded by free_recv; the segment is handed out once it has completed
+  };
+  std::vector<PoolSegment> pool;
+  char* pool_base() const { return win.local + window_layout.pool_offset; }
   detail::HostCounters* host_counters = nullptr;         // pinned mapped (host view)
   detail::HostCounters* host_counters_device = nullptr;  // device view
   int64_t host_seq = 0;                                  // last exact-mode prepare issued

@@ -213,6 +213,34 @@ int dispatch_senders(int blocks) {
   return s < 1 ? 1 : (s >= blocks ? blocks - 1 : s);
 }
 
+// Window-backed outputs (Buffer::alloc_recv): when every output this dispatch writes lies in the pool, the peers store
+// rows straight into them (their offsets go to the peers in the kernel's OutputDesc) and this rank's receivers only
+// wait for the flags, so all blocks but one push. Otherwise the rows come through the window and are copied out.
+void set_output_pool(const Buffer::Impl& m, detail::DispatchParams& p, int num_recv_rows, int blocks) {
+  p.out_pool = false;
+  p.out_x = p.out_scales = p.out_topk_idx = p.out_topk_weights = p.out_src_idx = -1;
+  p.num_senders = dispatch_senders(blocks);
+  if (m.window_layout.pool_bytes == 0 || num_recv_rows <= 0) return;
+  const char* lo = m.pool_base();
+  const char* hi = lo + m.window_layout.pool_bytes;
+  // Offset of [ptr, ptr + bytes) from the window base if it lies in the pool, else -1.
+  auto offset = [&](const void* ptr, size_t bytes) -> int64_t {
+    const char* c = static_cast<const char*>(ptr);
+    return c && c >= lo && c + bytes <= hi ? static_cast<int64_t>(c - m.win.local) : -1;
+  };
+  const size_t n = static_cast<size_t>(num_recv_rows);
+  p.out_x = offset(p.recv_x, n * p.row_bytes);
+  bool all = p.out_x >= 0;
+  if (p.num_scales > 0) all &= (p.out_scales = offset(p.recv_x_scales, n * p.num_scales * 4)) >= 0;
+  if (p.num_topk > 0) {
+    all &= (p.out_topk_idx = offset(p.recv_topk_idx, n * p.num_topk * (p.topk_int64 ? 8 : 4))) >= 0;
+    all &= (p.out_topk_weights = offset(p.recv_topk_weights, n * p.num_topk * 4)) >= 0;
+  }
+  if (p.recv_src_idx) all &= (p.out_src_idx = offset(p.recv_src_idx, n * 4)) >= 0;
+  p.out_pool = all;
+  if (p.out_pool) p.num_senders = blocks - 1;  // one receiver block waits for the flags
+}
+
 }  // namespace
 
 DispatchCounts Buffer::dispatch_prepare(const DispatchArgs& a, IntranodeHandle& h, cudaStream_t stream) {
@@ -315,7 +343,7 @@ void Buffer::dispatch(const DispatchArgs& a, const IntranodeHandle& h, const Dis
   const int blocks = num_blocks(a.config, m);
   validate_handle_arrays(h);
   detail::DispatchParams p = dispatch_params(m, a, h, out, a.num_topk > 0);
-  p.num_senders = dispatch_senders(blocks);
+  set_output_pool(m, p, h.num_recv_tokens, blocks);
   launch_dispatch_rounds(m, p, dispatch_rounds(m, h, p.peer_rows), blocks, stream);
 }
 
@@ -337,7 +365,7 @@ void Buffer::dispatch_cached(const DispatchArgs& a, const IntranodeHandle& h, co
   detail::launch_intranode_prepare(pp, stream);
   detail::DispatchParams p = dispatch_params(m, a, h, out, false);
   p.recv_src_idx = nullptr;  // the handle's copy is already right and must stay unmodified
-  p.num_senders = dispatch_senders(blocks);
+  set_output_pool(m, p, h.num_recv_tokens, blocks);
   launch_dispatch_rounds(m, p, rounds, blocks, stream);
 }
 

@@ -73,14 +73,20 @@ class DeviceArray {
     }
   }
   explicit DeviceArray(const std::vector<T>& v) : DeviceArray(v.size()) { upload(v); }
+  // A non-owning view of n elements at p (memory someone else frees, e.g. Buffer::alloc_recv).
+  static DeviceArray view(T* p, size_t n) {
+    DeviceArray a;
+    a.p_ = p, a.n_ = n, a.owned_ = false;
+    return a;
+  }
   ~DeviceArray() { release(); }
   DeviceArray(const DeviceArray&) = delete;
   DeviceArray& operator=(const DeviceArray&) = delete;
-  DeviceArray(DeviceArray&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr, o.n_ = 0; }
+  DeviceArray(DeviceArray&& o) noexcept : p_(o.p_), n_(o.n_), owned_(o.owned_) { o.p_ = nullptr, o.n_ = 0; }
   DeviceArray& operator=(DeviceArray&& o) noexcept {
     if (this != &o) {
       release();
-      p_ = o.p_, n_ = o.n_;
+      p_ = o.p_, n_ = o.n_, owned_ = o.owned_;
       o.p_ = nullptr, o.n_ = 0;
     }
     return *this;
@@ -101,11 +107,12 @@ class DeviceArray {
 
  private:
   void release() {
-    if (p_) (void)cudaFreeAsync(p_, test_stream());
+    if (p_ && owned_) (void)cudaFreeAsync(p_, test_stream());
     p_ = nullptr;
   }
   T* p_ = nullptr;
   size_t n_ = 0;
+  bool owned_ = true;
 };
 
 // A test's peer-wait bound, scaled by OPENEP_TEST_TIMEOUT_SCALE (default 1). Tools that slow kernels down by an

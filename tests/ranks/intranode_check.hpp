@@ -105,6 +105,20 @@ inline std::vector<T> download_n(const void* p, size_t n) {
 
 // GPU state of one rank's dispatch.
 struct Dispatched {
+  Dispatched() = default;
+  Dispatched(const Dispatched&) = delete;
+  Dispatched& operator=(const Dispatched&) = delete;
+  ~Dispatched() {
+    for (void* p : pool_ptrs) {
+      try {
+        pool->free_recv(p, pool->comm_stream());
+      } catch (const std::exception& e) {
+        ADD_FAILURE() << "free_recv: " << e.what();
+      }
+    }
+  }
+  Buffer* pool = nullptr;            // outputs from pool->alloc_recv (window-backed), freed on destruction
+  std::vector<void*> pool_ptrs;
   IntranodeHandle handle;
   DispatchCounts counts;
   DeviceArray<int> rank_prefix, ntok_src, send_pos, src_idx;
@@ -127,6 +141,7 @@ struct Runner {
   DeviceArray<float> weights;
   DeviceArray<int> per_rank, per_expert;
   DeviceArray<bool> in_rank;
+  bool pool = false;  // outputs from Buffer::alloc_recv (window-backed: peers store rows straight into them)
 
   Runner(Buffer& b, const Case& cs, const ref::RankInput& in)
       : buffer(b), c(cs), R(b.num_ranks()), me(b.rank()), input(in), x(in.x), topk64(in.topk_idx),
@@ -182,14 +197,31 @@ struct Runner {
     buffer.get_dispatch_layout(la, buffer.comm_stream());
   }
 
+  // n elements: window-backed from the Buffer's pool when `pool` (asserting that it has room), else own memory.
+  template <typename T>
+  DeviceArray<T> output(Dispatched& d, size_t n) {
+    if (!pool || n == 0) return DeviceArray<T>(n);
+    void* p = buffer.alloc_recv(n * sizeof(T));
+    EXPECT_NE(p, nullptr) << "alloc_recv(" << n * sizeof(T) << ") found no room; pool free bytes "
+                          << buffer.recv_pool_free_bytes();
+    if (!p) return DeviceArray<T>(n);
+    d.pool = &buffer;
+    d.pool_ptrs.push_back(p);
+    return DeviceArray<T>::view(static_cast<T*>(p), n);
+  }
+
   void allocate_outputs(Dispatched& d, int rows) {
     const int S = c.fp8 ? c.hidden / 128 : 0;
-    d.src_idx = DeviceArray<int>(rows);
-    d.recv_x = DeviceArray<uint8_t>(static_cast<size_t>(rows) * c.hidden * (c.fp8 ? 1 : 2));
-    d.recv_scales = DeviceArray<uint32_t>(static_cast<size_t>(rows) * S);
-    d.recv_topk64 = DeviceArray<int64_t>(static_cast<size_t>(rows) * c.num_topk);
-    d.recv_topk32 = DeviceArray<int32_t>(static_cast<size_t>(rows) * c.num_topk);
-    d.recv_weights = DeviceArray<float>(static_cast<size_t>(rows) * c.num_topk);
+    const bool i64 = c.index_type == IndexType::kInt64;
+    d.src_idx = output<int>(d, rows);
+    d.recv_x = output<uint8_t>(d, static_cast<size_t>(rows) * c.hidden * (c.fp8 ? 1 : 2));
+    d.recv_scales = output<uint32_t>(d, static_cast<size_t>(rows) * S);
+    // only the index type in use comes from the pool (the other array is never written)
+    d.recv_topk64 = i64 ? output<int64_t>(d, static_cast<size_t>(rows) * c.num_topk)
+                        : DeviceArray<int64_t>(static_cast<size_t>(rows) * c.num_topk);
+    d.recv_topk32 = i64 ? DeviceArray<int32_t>(static_cast<size_t>(rows) * c.num_topk)
+                        : output<int32_t>(d, static_cast<size_t>(rows) * c.num_topk);
+    d.recv_weights = output<float>(d, static_cast<size_t>(rows) * c.num_topk);
     d.src_idx.poison(), d.recv_x.poison(), d.recv_scales.poison(), d.recv_topk64.poison(), d.recv_topk32.poison(),
         d.recv_weights.poison();
     d.handle.recv_src_idx = d.src_idx.get();
@@ -315,13 +347,14 @@ inline Case for_world(Case c, int R) {
 // it), cached dispatch of new data and combine, each against the reference, outputs poisoned. Copies the exact
 // dispatch's handle in *exact_handle when given (its host fields: what the rounds were sized by).
 inline void run_case(Buffer& buffer, const Case& c, uint64_t seed, bool with_worst_case = true,
-                     IntranodeHandle* exact_handle = nullptr) {
+                     IntranodeHandle* exact_handle = nullptr, bool pool_outputs = false) {
   SCOPED_TRACE(name(c));
   const int R = buffer.num_ranks(), me = buffer.rank();
   const std::shared_ptr<const World> world = once_per_world<World>([&] { return make_world(c, R, seed); });
   const World& w = *world;
 
   Runner run(buffer, c, w.inputs[me]);
+  run.pool = pool_outputs;
   Dispatched d;
   run.dispatch(d, 0);
   check_dispatch(c, run, d, w.expect[me], false, 0);
@@ -338,6 +371,7 @@ inline void run_case(Buffer& buffer, const Case& c, uint64_t seed, bool with_wor
   // Cached dispatch of new data with the same handle equals a fresh reference dispatch of that data.
   {
     Runner run2(buffer, c, w.inputs2[me]);
+    run2.pool = pool_outputs;
     Dispatched cd;
     cd.handle = d.handle;
     run2.allocate_outputs(cd, d.counts.num_recv_tokens);

@@ -14,6 +14,22 @@ OPENEP_RANKS_CASES(Intranode, MatchesReference, Case, shape_cases, 2, 4, 8) {
   run_case(buffer, w, seed_of(c));
 }
 
+// Window-backed outputs (Buffer::alloc_recv): every rank but rank 1 takes its dispatch outputs from the pool, so the
+// peers store rows straight into them; rank 1 keeps its own memory (rows through its window, copied out). Exact,
+// worst-case and cached dispatch and combine, the whole shape matrix, bitwise against the reference.
+OPENEP_RANKS_CASES(Intranode, WindowBackedOutputsMatchReference, Case, shape_cases, 2, 4, 8) {
+  const int R = world_group().num_ranks();
+  const Case w = for_world(c, R);
+  BufferOptions o = options_for(w, R);
+  // Room for the exact, worst-case and cached outputs at once (each at most R x T + 3 rows, 256-byte pieces).
+  const size_t row = static_cast<size_t>(w.hidden) * (w.fp8 ? 1 : 2) + 4 + 12 * w.num_topk + 4 * (w.hidden / 128);
+  o.num_recv_pool_bytes = (3 * (static_cast<size_t>(R) * (w.num_tokens + 3) * row + 6 * 256) + 127) / 128 * 128;
+  Buffer buffer(world_group(), o);
+  const bool pool = world_group().rank() != 1;
+  run_case(buffer, w, seed_of(c), /*with_worst_case=*/true, nullptr, pool);
+  if (pool) EXPECT_EQ(buffer.recv_pool_free_bytes(), o.num_recv_pool_bytes) << "pool memory not given back";
+}
+
 // Rounds: a window holding about 1/fraction of the batch, so exact dispatch, cached dispatch and combine go through
 // it in several rounds (worst-case mode keeps one round and is left out: it would not fit).
 OPENEP_RANKS_CASES(Intranode, RoundsThroughASmallWindowMatchReference, RoundsCase, rounds_cases, 2, 4, 8) {
@@ -87,6 +103,46 @@ OPENEP_RANKS_TEST(Intranode, ThousandBackToBackCallsWithChangingShapes) {
     check_dispatch(c, run, d, world->expect[buffer.rank()], false, 0);
     ASSERT_FALSE(::testing::Test::HasFailure()) << "iteration " << i << ": " << name(c);
   }
+}
+
+// The pool of window-backed outputs: 256-byte pieces handed out first-fit until full (then nullptr), given back only
+// once the stream passed the free, merged again, and a pointer it did not hand out is refused naming the call.
+OPENEP_RANKS_TEST(Intranode, RecvPoolHandsOutAndTakesBack) {
+  const int R = world_group().num_ranks();
+  BufferOptions o = options_for(Case{16, 256, 4, 4, false, true, Route::kUniform}, R);
+  o.num_recv_pool_bytes = 4096;
+  Buffer buffer(world_group(), o);
+  const cudaStream_t s = buffer.comm_stream();
+  EXPECT_EQ(buffer.alloc_recv(0), nullptr);
+  EXPECT_EQ(buffer.alloc_recv(4097), nullptr);
+  void* a = buffer.alloc_recv(1);
+  void* b = buffer.alloc_recv(1000);
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  EXPECT_EQ(static_cast<char*>(b) - static_cast<char*>(a), 256);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(a) % 256, 0u);
+  EXPECT_EQ(buffer.recv_pool_free_bytes(), 4096u - 256 - 1024);
+  EXPECT_EQ(buffer.alloc_recv(4096 - 1024), nullptr);  // 2816 free but only 2816 < 3072
+  void* c = buffer.alloc_recv(2816);
+  ASSERT_NE(c, nullptr);
+  EXPECT_EQ(buffer.alloc_recv(1), nullptr);  // full
+  buffer.free_recv(a, s);
+  buffer.free_recv(b, s);
+  EXPECT_EQ(buffer.recv_pool_free_bytes(), 1280u);
+  buffer.synchronize(s);
+  void* d = buffer.alloc_recv(1280);  // a and b merged again once the stream passed the frees
+  EXPECT_EQ(d, a);
+  try {
+    buffer.free_recv(static_cast<char*>(d) + 256, s);
+    ADD_FAILURE() << "free_recv of a pointer it did not hand out did not throw";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("free_recv"), std::string::npos) << e.what();
+  }
+  buffer.free_recv(c, s);
+  buffer.free_recv(d, s);
+  buffer.synchronize(s);
+  EXPECT_EQ(buffer.recv_pool_free_bytes(), 4096u);
 }
 
 OPENEP_RANKS_TEST(Intranode, MissingPeerGivesTimeoutErrorNotHang) {
