@@ -3,7 +3,8 @@
 # intranode and overlap/graph suites at EP2/4/8 (rounds and DeepEP-sized windows included) next to the soak, then
 # the one-GPU SM-cost probe (bench/vrank_bench.cu) at EP2/4/8 with OpenEP's and DeepEP's window sizes.
 #   OUT=<dir> OPENEP_COMMIT=<sha> bash tools/intranode_gpu_check.sh
-# OPENEP_STEPS (default build,cpu,vrank,bench; add python for tools/python_gpu_check.sh next to the vrank suites)
+# OPENEP_STEPS (default build,cpu,vrank,bench; add python for tools/python_gpu_check.sh next to the vrank suites);
+# OPENEP_BENCH_DEADLINE (default 540): no bench run starts after this many seconds.
 # picks steps; logs go to $OUT (packed into logs.tgz), the summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +39,7 @@ fi
 if want bench; then
   for spec in "2 full" "2 full pool" "2 deepep" "4 full" "4 full pool" "4 deepep" "8 full" "8 full pool" "8 deepep"; do
     set -- $spec
-    [ $((SECONDS - t0)) -lt 540 ] || { echo "bench EP$1 $2 ${3:-}: not run (time)" >>"$summary"; continue; }
+    [ $((SECONDS - t0)) -lt "${OPENEP_BENCH_DEADLINE:-540}" ] || { echo "bench EP$1 $2 ${3:-}: not run (time)" >>"$summary"; continue; }
     run "bench_ep$1_$2${3:+_$3}" 90 build/bench/openep_vrank_bench --ranks "$1" --window "$2" ${3:+--pool} \
       --sms 4,8,12,16,24 --commit "$commit" --results "$OUT/vrank_bench.jsonl"
   done
