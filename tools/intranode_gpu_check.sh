@@ -4,7 +4,8 @@
 # the one-GPU SM-cost probe (bench/vrank_bench.cu) at EP2/4/8 with OpenEP's and DeepEP's window sizes.
 #   OUT=<dir> OPENEP_COMMIT=<sha> bash tools/intranode_gpu_check.sh
 # OPENEP_STEPS (default build,cpu,vrank,bench; add python for tools/python_gpu_check.sh next to the vrank suites);
-# OPENEP_BENCH_DEADLINE (default 540): no bench run starts after this many seconds.
+# OPENEP_BENCH_DEADLINE (default 540): no bench run starts after this many seconds; OPENEP_BENCH_SPECS: the probe
+# runs, comma-separated "EP window [pool]" (default: EP2/4/8 x full, full pool, deepep).
 # picks steps; logs go to $OUT (packed into logs.tgz), the summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +38,8 @@ if want vrank; then
   wait
 fi
 if want bench; then
-  for spec in "2 full" "2 full pool" "2 deepep" "4 full" "4 full pool" "4 deepep" "8 full" "8 full pool" "8 deepep"; do
+  IFS=, read -r -a specs <<<"${OPENEP_BENCH_SPECS:-2 full,2 full pool,2 deepep,4 full,4 full pool,4 deepep,8 full,8 full pool,8 deepep}"
+  for spec in "${specs[@]}"; do
     set -- $spec
     [ $((SECONDS - t0)) -lt "${OPENEP_BENCH_DEADLINE:-540}" ] || { echo "bench EP$1 $2 ${3:-}: not run (time)" >>"$summary"; continue; }
     run "bench_ep$1_$2${3:+_$3}" 90 build/bench/openep_vrank_bench --ranks "$1" --window "$2" ${3:+--pool} \
