@@ -27,12 +27,13 @@ run() {  # run NAME SECONDS COMMAND...
 }
 if want build; then
   run configure 120 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DOPENEP_BUILD_PYTHON=OFF
-  run build 300 cmake --build build -j "$(nproc)"
+  # OPENEP_BUILD_TARGETS: only these targets (e.g. "openep_vrank_tests openep_vrank_bench"), default all
+  run build 300 cmake --build build -j "$(nproc)" ${OPENEP_BUILD_TARGETS:+--target $OPENEP_BUILD_TARGETS}
 fi
 want cpu && run cpu 120 ctest --test-dir build -L cpu --output-on-failure
 if want vrank; then
-  run vrank_intranode 380 ctest --test-dir build -L vrank -LE soak -R 'intranode|overlap' -V &
-  run soak 380 ctest --test-dir build -L soak -V &
+  run vrank_intranode "${OPENEP_VRANK_LIMIT:-380}" ctest --test-dir build -L vrank -LE soak -R 'intranode|overlap' -V &
+  run soak "${OPENEP_VRANK_LIMIT:-380}" ctest --test-dir build -L soak -V &
   # Python: pip install + pytest (its 1-GPU and fake-node parts on this machine) next to the suites
   want python && run python 380 env OUT="$OUT/python" bash tools/python_gpu_check.sh &
   wait
