@@ -45,6 +45,9 @@ struct Options {
   std::string results;   // JSONL file to append to (rank 0)
   std::string commit = "unknown";
   int ll_tokens = 128, ll_experts = 288;  // low-latency ops (hidden and top-k are shared)
+  // Also time intranode dispatch with window-backed outputs (BufferOptions::num_recv_pool_bytes, Buffer::alloc_recv),
+  // rows "openep-pool", next to the caller-memory rows "openep" of the same run.
+  bool pool = false;
 };
 
 Options parse(int argc, char** argv) {
@@ -66,6 +69,7 @@ Options parse(int argc, char** argv) {
     else if (a == "--commit") o.commit = next();
     else if (a == "--ll-tokens") o.ll_tokens = std::stoi(next());
     else if (a == "--ll-experts") o.ll_experts = std::stoi(next());
+    else if (a == "--pool") o.pool = true;
     else if (a == "--sms") {
       o.sms.clear();
       std::stringstream ss(next());
@@ -75,7 +79,7 @@ Options parse(int argc, char** argv) {
     else if (a == "--help" || a == "-h") {
       std::printf("openep_bench [--ops layout,dispatch,combine] [--tokens N] [--hidden H] [--topk K] [--experts E]\n"
                   "             [--warmup W] [--reps R] [--results FILE.jsonl] [--commit SHA] [--sms 4,8,12,16,24]\n"
-                  "             [--ll-tokens 128] [--ll-experts 288]\n"
+                  "             [--ll-tokens 128] [--ll-experts 288] [--pool]\n"
                   "             (low-latency ops ll_dispatch, ll_combine, ll_combine_logfmt, ll_hook, ll_graph)\n");
       std::exit(0);
     } else {
@@ -101,6 +105,11 @@ class Bench {
     group_ = Group::create(test::exchange_unique_id(env.rank, "bench"), env.rank, env.world_size, env.local_rank);
     BufferOptions bo;
     bo.num_nvl_bytes = intranode_buffer_size_hint(env.world_size, o.num_tokens, o.hidden, 2, o.hidden / 128, o.num_topk);
+    if (o.pool) {  // recv_x, scales, top-k ids (int64) and weights, recv_src_idx for N x R rows, 256-byte pieces
+      const size_t rows = static_cast<size_t>(o.num_tokens) * env.world_size;
+      const size_t row = static_cast<size_t>(o.hidden) * 2 + (o.hidden / 128) * 4 + o.num_topk * 12 + 4;
+      bo.num_recv_pool_bytes = (rows * row + 8 * 256 + 127) / 128 * 128;
+    }
     buffer_ = std::make_unique<Buffer>(*group_, bo);
     stream_ = buffer_->comm_stream();
     OPENEP_CUDA_CHECK(cudaMalloc(&scalar_, sizeof(double)));
@@ -304,6 +313,9 @@ class Bench {
     bool* in_rank = nullptr;
     void *recv_x = nullptr, *recv_scales = nullptr, *x_fp8 = nullptr, *scales = nullptr, *recv_topk = nullptr;
     float *weights = nullptr, *recv_weights = nullptr;
+    // --pool: the same outputs (and recv_src_idx) from Buffer::alloc_recv
+    void *pool_x = nullptr, *pool_scales = nullptr, *pool_topk = nullptr, *pool_weights = nullptr;
+    int* pool_src_idx = nullptr;
   };
 
   DispatchArgs dispatch_args(OpenepDispatch& d, bool fp8, int num_sms) {
@@ -347,6 +359,15 @@ class Bench {
     OPENEP_CUDA_CHECK(cudaMemset(d.x_fp8, 0x3c, static_cast<size_t>(N) * H));
     OPENEP_CUDA_CHECK(cudaMemset(d.scales, 0x3c, static_cast<size_t>(N) * (H / 128) * 4));
     OPENEP_CUDA_CHECK(cudaMemset(d.weights, 0x3c, static_cast<size_t>(N) * K * 4));
+    if (o_.pool) {
+      auto take = [&](size_t bytes) {
+        void* p = buffer_->alloc_recv(bytes);
+        require(p != nullptr, "alloc_recv(" + std::to_string(bytes) + ") found no room");
+        return p;
+      };
+      d.pool_x = take(rows * H * 2), d.pool_scales = take(rows * (H / 128) * 4), d.pool_topk = take(rows * K * 8);
+      d.pool_weights = take(rows * K * 4), d.pool_src_idx = static_cast<int*>(take(rows * 4));
+    }
     d.handle.rank_prefix_matrix = d.rank_prefix;
     d.handle.num_tokens_per_src = d.ntok_src;
     d.handle.send_pos = d.send_pos;
@@ -367,10 +388,11 @@ class Bench {
 
   DispatchOutputs dispatch_outputs(OpenepDispatch& d) {
     DispatchOutputs out;
-    out.recv_x = d.recv_x;
-    out.recv_x_scales = d.recv_scales;
-    out.recv_topk_idx = d.recv_topk;
-    out.recv_topk_weights = d.recv_weights;
+    out.recv_x = use_pool_ ? d.pool_x : d.recv_x;
+    out.recv_x_scales = use_pool_ ? d.pool_scales : d.recv_scales;
+    out.recv_topk_idx = use_pool_ ? d.pool_topk : d.recv_topk;
+    out.recv_topk_weights = static_cast<float*>(use_pool_ ? d.pool_weights : d.recv_weights);
+    d.handle.recv_src_idx = use_pool_ ? d.pool_src_idx : d.src_idx;
     return out;
   }
 
@@ -382,16 +404,25 @@ class Bench {
   }
 
   void bench_openep_dispatch(bool fp8) {
+    bench_openep_dispatch(fp8, false);
+    if (o_.pool) bench_openep_dispatch(fp8, true);
+  }
+
+  // One sweep of exact-mode dispatch, outputs in caller memory or (pool) window-backed.
+  void bench_openep_dispatch(bool fp8, bool pool) {
     OpenepDispatch& d = openep_state();
+    use_pool_ = pool;
     const ref::RankRecv& expect = reference_recv();
-    OPENEP_CUDA_CHECK(cudaMemset(d.recv_x, 0xA5, recv_bytes(expect.num_recv_tokens)));
+    void* recv_x = pool ? d.pool_x : d.recv_x;
+    OPENEP_CUDA_CHECK(cudaMemset(recv_x, 0xA5, recv_bytes(expect.num_recv_tokens)));
     const int rows = openep_dispatch_once(d, fp8, o_.sms.front());
     buffer_->synchronize(stream_);
     require(rows == expect.num_recv_tokens, "OpenEP dispatch row count differs from the reference");
     if (!fp8) {
       std::vector<uint8_t> got(expect.x.size());
-      OPENEP_CUDA_CHECK(cudaMemcpy(got.data(), d.recv_x, got.size(), cudaMemcpyDeviceToHost));
-      require(got == expect.x, "OpenEP dispatch rows differ from the reference");
+      OPENEP_CUDA_CHECK(cudaMemcpy(got.data(), recv_x, got.size(), cudaMemcpyDeviceToHost));
+      require(got == expect.x, std::string("OpenEP dispatch rows differ from the reference") +
+                                   (pool ? " (window-backed outputs)" : ""));
     }
     const int remote = rows - expect.num_recv_from_rank[env_.rank];
     // DeepEP's accounting: FP8 bytes = BF16 bytes x (1 + 4/128) / 2.
@@ -399,9 +430,10 @@ class Bench {
     for (int sms : o_.sms) {
       const double us = time_us([&] { openep_dispatch_once(d, fp8, sms); });
       buffer_->synchronize(stream_);
-      rows_.push_back({"dispatch", "openep", fp8 ? "fp8" : "bf16", sms, us, recv_bytes(rows) * factor,
-                       recv_bytes(remote) * factor});
+      rows_.push_back({"dispatch", pool ? "openep-pool" : "openep", fp8 ? "fp8" : "bf16", sms, us,
+                       recv_bytes(rows) * factor, recv_bytes(remote) * factor});
     }
+    use_pool_ = false;
   }
 
   void bench_openep_combine() {
@@ -454,7 +486,7 @@ class Bench {
                 o_.ll_tokens, o_.num_topk, o_.ll_experts);
     // SM-us = SMs x us: the SM time an operation holds (its kernels run within num_sms SMs); blank where the SM
     // count is not OpenEP's to set (NCCL, the low-latency kernels' own grids).
-    std::printf("%-10s %-7s %-6s %4s %10s %12s %12s %10s\n", "op", "impl", "dtype", "SMs", "us", "logical GB/s",
+    std::printf("%-10s %-11s %-6s %4s %10s %12s %12s %10s\n", "op", "impl", "dtype", "SMs", "us", "logical GB/s",
                 "NVLink GB/s", "SM-us");
     std::ofstream out;
     if (!o_.results.empty()) out.open(o_.results, std::ios::app);
@@ -463,7 +495,7 @@ class Bench {
       const double sm_us = r.num_sms * r.us;
       char sm_us_text[32] = "";
       if (r.num_sms > 0) std::snprintf(sm_us_text, sizeof(sm_us_text), "%.0f", sm_us);
-      std::printf("%-10s %-7s %-6s %4d %10.1f %12.1f %12.1f %10s\n", r.op.c_str(), r.impl.c_str(), r.dtype.c_str(),
+      std::printf("%-10s %-11s %-6s %4d %10.1f %12.1f %12.1f %10s\n", r.op.c_str(), r.impl.c_str(), r.dtype.c_str(),
                   r.num_sms, r.us, lg, nv, sm_us_text);
       const bool ll = r.op.rfind("ll_", 0) == 0;  // low-latency rows use the --ll-* shapes
       std::ostringstream js;
@@ -495,6 +527,7 @@ class Bench {
   int64_t* topk_dev_ = nullptr;
   std::unique_ptr<NcclBaseline> nccl_;
   std::unique_ptr<OpenepDispatch> od_;
+  bool use_pool_ = false;  // dispatch_outputs: window-backed outputs (--pool)
   ref::NormalConfig ref_cfg_;
   std::vector<ref::RankInput> ref_inputs_;
   std::vector<ref::RankRecv> ref_recv_;

@@ -12,7 +12,7 @@
 #   fakenode   fake NCCL nodes: 2x1 and 4x1 on one GPU, 2x2 with 2+ GPUs (label fakenode)
 #   mgpu       one process per GPU (needs 2+ GPUs; skipped otherwise)
 #   sanitizer  compute-sanitizer racecheck and memcheck over virtual-rank tests at EP4 (OPENEP_SANITIZER_FILTER)
-#   bench      the benchmark (needs 2+ GPUs)
+#   bench      the benchmark (needs 2+ GPUs; with --pool: window-backed dispatch outputs timed too, rows "openep-pool")
 # OPENEP_PIP_CHECK=1 also runs `pip install .` and the Python tests.
 # Subsets (a session splitting the check over several device calls): OPENEP_VRANK_REGEX / OPENEP_FAKENODE_REGEX
 # (ctest -R of the vrank / fakenode steps), OPENEP_VRANK_LIMIT / OPENEP_FAKENODE_LIMIT (their time limits, s),
@@ -71,7 +71,7 @@ if [ "${OPENEP_PIP_CHECK:-0}" = 1 ]; then
   step python_tests 900 python3 -m pytest -v -rs tests/python
 fi
 want bench && step bench 450 python3 tools/launch.py --min-gpus 2 --timeout 400 --log-dir "$OUT/bench_logs" -- \
-  "$BUILD_DIR/bench/openep_bench" --commit "$commit" --results "$OUT/results.jsonl" "$@"
+  "$BUILD_DIR/bench/openep_bench" --commit "$commit" --results "$OUT/results.jsonl" --pool "$@"
 # The SM sweep as a PNG next to the JSON lines (tools/plot_bench.py; matplotlib is on the GPU machines' image).
 want bench && [ -s "$OUT/results.jsonl" ] && step plot 60 python3 tools/plot_bench.py "$OUT/results.jsonl" --commit "$commit"
 echo

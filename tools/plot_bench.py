@@ -45,10 +45,11 @@ def select_run(rows, commit=None):
     return [r for r in normal if r["date"] == date]
 
 
-def series(run, op, dtype):
-    """(OpenEP [(sms, us, logical GB/s, NVLink GB/s)] sorted by SMs, NCCL row or None) of one operation."""
+def series(run, op, dtype, impl="openep"):
+    """(OpenEP [(sms, us, logical GB/s, NVLink GB/s)] sorted by SMs, NCCL row or None) of one operation; impl
+    "openep-pool" gives the window-backed-output rows (openep_bench --pool)."""
     mine = sorted((r["num_sms"], r["us"], r.get("logical_gbps"), r.get("nvlink_gbps")) for r in run
-                  if r["op"] == op and r["dtype"] == dtype and r["impl"] == "openep")
+                  if r["op"] == op and r["dtype"] == dtype and r["impl"] == impl)
     nccl = [r for r in run if r["op"] == op and r["impl"] == "nccl" and r["dtype"] in (dtype, "bf16")]
     return mine, (nccl[0] if nccl else None)
 
@@ -74,6 +75,11 @@ def plot(run, out_path):
             bottom.plot(sms, [m[3] for m in mine], "s--", label="OpenEP NVLink")
             top.set_xticks(sms)
             bottom.set_xticks(sms)
+        pooled, _ = series(run, op, dtype, "openep-pool")
+        if pooled:
+            sms = [m[0] for m in pooled]
+            top.plot(sms, [m[1] for m in pooled], "^-", label="OpenEP, window-backed outputs")
+            bottom.plot(sms, [m[3] for m in pooled], "^--", label="OpenEP window-backed NVLink")
         if nccl is not None:
             top.axhline(nccl["us"], color="gray", linestyle=":", label="NCCL all-to-all")
             if nccl.get("logical_gbps") is not None:

@@ -41,6 +41,13 @@ def test_series_sorts_by_sms_and_finds_the_nccl_row():
     assert plot_bench.series(run2, "combine", "bf16") == ([], None)
 
 
+def test_series_keeps_window_backed_rows_apart():
+    run = [row("dispatch", "openep", "bf16", s, 2.0 * s) for s in (8, 4)]
+    run += [row("dispatch", "openep-pool", "bf16", s, 1.0 * s) for s in (12, 4)]
+    assert [m[1] for m in plot_bench.series(run, "dispatch", "bf16")[0]] == [8.0, 16.0]
+    assert [m[0] for m in plot_bench.series(run, "dispatch", "bf16", "openep-pool")[0]] == [4, 12]
+
+
 def test_load_rows_names_a_bad_line(tmp_path):
     p = tmp_path / "r.jsonl"
     p.write_text(json.dumps(row("dispatch", "openep", "bf16", 8, 1.0)) + "\n\nnot json\n")
@@ -54,6 +61,7 @@ def test_plot_writes_a_png_where_matplotlib_exists(tmp_path):
     p = tmp_path / "r.jsonl"
     rows = [row(op, "openep", dt, s, 1.0 + s) for op, dt in plot_bench.OPS for s in (4, 8, 12, 16, 24)]
     rows += [row(op, "nccl", "bf16", 0, 30.0) for op in ("dispatch", "combine")]
+    rows += [row("dispatch", "openep-pool", dt, s, 0.5 + s) for dt in ("bf16", "fp8") for s in (4, 8, 12)]
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert plot_bench.main([str(p), "--out", str(tmp_path / "x.png")]) == 0
     assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
