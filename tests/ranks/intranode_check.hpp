@@ -423,7 +423,7 @@ inline BufferOptions options_for(const Case& c, int R, double timeout_s = 20.0) 
   return o;
 }
 
-// Normal mode in rounds (IntranodeLayout::num_rounds; EXPERIMENTAL, OPENEP_EXPERIMENTAL_ROUNDS=1): the Buffer is
+// Normal mode in rounds (IntranodeLayout::num_rounds): the Buffer is
 // sized for num_tokens / fraction tokens per rank, so exact dispatch, cached dispatch and combine take about
 // `fraction` rounds (more with skewed routing), and must still equal the reference bitwise.
 struct RoundsCase {
