@@ -28,6 +28,7 @@
 #include "common/compare.hpp"
 #include "common/launcher_env.hpp"
 #include "common/routing.hpp"
+#include "event_timing.hpp"
 #include "nccl_baseline.hpp"
 #include "openep/buffer.hpp"
 #include "openep/error.hpp"
@@ -165,25 +166,8 @@ class Bench {
 
   // Median of per-repetition event times; the slowest rank's median is reported.
   double time_us(const std::function<void()>& fn) {
-    for (int i = 0; i < o_.warmup; ++i) fn();
-    OPENEP_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    std::vector<cudaEvent_t> ev(2 * o_.reps);
-    for (auto& e : ev) OPENEP_CUDA_CHECK(cudaEventCreate(&e));
-    for (int i = 0; i < o_.reps; ++i) {
-      OPENEP_CUDA_CHECK(cudaEventRecord(ev[2 * i], stream_));
-      fn();
-      OPENEP_CUDA_CHECK(cudaEventRecord(ev[2 * i + 1], stream_));
-    }
-    OPENEP_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    std::vector<double> us(o_.reps);
-    for (int i = 0; i < o_.reps; ++i) {
-      float ms = 0;
-      OPENEP_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]));
-      us[i] = ms * 1e3;
-    }
-    for (auto& e : ev) cudaEventDestroy(e);
-    std::sort(us.begin(), us.end());
-    return max_over_ranks(us[us.size() / 2]);
+    return max_over_ranks(median_event_us(stream_, o_.warmup, o_.reps, fn,
+                                          [&] { OPENEP_CUDA_CHECK(cudaStreamSynchronize(stream_)); }));
   }
 
   double max_over_ranks(double v) {

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "common/routing.hpp"
+#include "event_timing.hpp"
 #include "openep/buffer.hpp"
 #include "openep/error.hpp"
 #include "openep/reference.hpp"
@@ -178,25 +179,7 @@ class RankBench {
 
   // Median event time of fn over the repetitions (warm-up first); every rank runs the same sequence.
   double time_us(const std::function<void()>& fn) {
-    for (int i = 0; i < o_.warmup; ++i) fn();
-    buffer_->synchronize(s_);
-    std::vector<cudaEvent_t> ev(2 * o_.reps);
-    for (auto& e : ev) OPENEP_CUDA_CHECK(cudaEventCreate(&e));
-    for (int i = 0; i < o_.reps; ++i) {
-      OPENEP_CUDA_CHECK(cudaEventRecord(ev[2 * i], s_));
-      fn();
-      OPENEP_CUDA_CHECK(cudaEventRecord(ev[2 * i + 1], s_));
-    }
-    buffer_->synchronize(s_);
-    std::vector<double> us(o_.reps);
-    for (int i = 0; i < o_.reps; ++i) {
-      float ms = 0;
-      OPENEP_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]));
-      us[i] = ms * 1e3;
-    }
-    for (auto& e : ev) cudaEventDestroy(e);
-    std::sort(us.begin(), us.end());
-    return us[us.size() / 2];
+    return median_event_us(s_, o_.warmup, o_.reps, fn, [&] { buffer_->synchronize(s_); });
   }
 
  private:
