@@ -37,10 +37,10 @@ struct IntranodeHandle {
   int* num_tokens_per_src = nullptr;  // [R] int32: token count of every rank in that dispatch
   int* send_pos = nullptr;            // [num_tokens][R] int32: row of my token t in rank r's receive order, -1
   int* recv_src_idx = nullptr;        // [num_recv_tokens] int32: source token index of every received row
-  // Filled by an exact-mode dispatch_prepare (0 otherwise): the most rows one rank sends another rank (over pairs
-  // s != d) and the largest token count over all ranks, the same on every rank. They fix how many rounds a dispatch,
-  // cached dispatch or combine through a window too small for the whole batch takes (exact-mode handles only;
-  // with a worst-case handle the batch must fit one round).
+  // Filled by dispatch_prepare: the most rows one rank sends another rank (over pairs s != d) and the largest token
+  // count over all ranks, the same on every rank. Exact mode: the real counts; worst-case mode: the caller's bounds
+  // (min(num_worst_tokens, max_tokens_per_rank or num_tokens) and max_tokens_per_rank or num_tokens). They fix how
+  // many rounds a dispatch, cached dispatch or combine through a window too small for the whole batch takes.
   int max_pair_rows = 0;
   int max_num_tokens = 0;
 };
@@ -71,8 +71,9 @@ struct DispatchArgs {
   Config config;                      // config.num_sms blocks
   // Internode only (openep/internode.hpp); ignored by intranode dispatch.
   const int* num_tokens_per_rdma_rank = nullptr;  // [num_nodes] get_dispatch_layout's output
-  // Worst-case mode: the most tokens any rank passes (equal on every rank); the records sent to each other node.
-  // 0 = num_tokens (then every rank must pass the same num_tokens).
+  // Worst-case mode: the most tokens any rank passes (equal on every rank); internode: the records sent to each other
+  // node; intranode: with num_worst_tokens it bounds the rows one rank sends another, which fixes the rounds when the
+  // batch exceeds the Buffer. 0 = num_tokens (then every rank must pass the same num_tokens).
   int max_tokens_per_rank = 0;
 };
 
@@ -110,8 +111,8 @@ struct CombineOutputs {
 // region is (R - 1) x max_tokens_per_rank records of the larger of the dispatch and combine record). Dispatch and
 // combine share the region. Exact-mode dispatch, cached dispatch of an exact-mode handle and their combine run with
 // any smaller Buffer (DeepEP's Config.get_nvl_buffer_size_hint, openep/config.hpp) in rounds: each round after the
-// first costs a barrier. Worst-case mode (num_worst_tokens) always runs in one round, so its Buffer needs this hint
-// for max_tokens_per_rank = the most tokens a rank sends to one peer.
+// first costs a barrier. Worst-case mode (num_worst_tokens) runs in rounds too, sized from the caller's bounds
+// (DispatchArgs::max_tokens_per_rank), so with a small Buffer it may take more rounds than the batch needs.
 size_t intranode_buffer_size_hint(int num_ranks, int max_tokens_per_rank, int hidden, int x_elem_bytes,
                                   int num_scales, int num_topk);
 

@@ -8,6 +8,25 @@ from ._handles import IntranodeHandle
 from ._torch import torch_module
 from .errors import invalid_argument
 
+
+class _PoolBlock:
+    """`nbytes` of a Buffer's window-backed pool, seen by torch through __cuda_array_interface__ (the tensor keeps
+    the block alive). When the last tensor over it goes, the memory returns to the pool once the stream current at
+    that moment has passed this point (Buffer::free_recv); after Buffer.destroy() the pool is gone and this is a
+    no-op."""
+
+    def __init__(self, runtime, ptr, nbytes, device):
+        self._runtime, self._ptr, self._device = runtime, ptr, device
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3,
+                                         "strides": None, "stream": None}
+
+    def __del__(self):
+        try:
+            torch = torch_module()
+            self._runtime.free_recv(self._ptr, torch.cuda.current_stream(self._device).cuda_stream)
+        except Exception:  # interpreter shutdown or a destroyed Buffer: the pool is gone with it
+            pass
+
 __all__ = ["IntranodeOps"]
 
 
@@ -146,12 +165,12 @@ class IntranodeOps:
             hd.send_pos = send_pos.data_ptr()
             stream = self._comm_stream.cuda_stream
             num_recv, per_expert = rt.dispatch_prepare(args, hd, stream)
-            recv_src_idx = torch.empty((num_recv,), dtype=torch.int32, device=dev)
+            recv_src_idx = self._recv_empty((num_recv,), torch.int32)
             recv_x, recv_scales, outs = self._recv_tensors(x, scales, num_recv)
             recv_topk_idx = recv_topk_weights = None
             if num_topk > 0:
-                recv_topk_idx = torch.empty((num_recv, num_topk), dtype=topk_idx.dtype, device=dev)
-                recv_topk_weights = torch.empty((num_recv, num_topk), dtype=torch.float32, device=dev)
+                recv_topk_idx = self._recv_empty((num_recv, num_topk), topk_idx.dtype)
+                recv_topk_weights = self._recv_empty((num_recv, num_topk), torch.float32)
                 outs.recv_topk_idx, outs.recv_topk_weights = recv_topk_idx.data_ptr(), recv_topk_weights.data_ptr()
             hd.num_recv_tokens, hd.recv_src_idx = num_recv, recv_src_idx.data_ptr()
             rt.dispatch(args, hd, outs, stream)
@@ -216,15 +235,27 @@ class IntranodeOps:
         return args
 
     def _recv_tensors(self, x, scales, num_recv):
-        torch = torch_module()
-        recv_x = torch.empty((num_recv, x.shape[1]), dtype=x.dtype, device=self._dev)
+        recv_x = self._recv_empty((num_recv, x.shape[1]), x.dtype)
         outs = _C.DispatchOutputs()
         outs.recv_x = recv_x.data_ptr()
         recv_scales = None
         if scales is not None:
-            recv_scales = torch.empty((num_recv, scales.shape[1]), dtype=scales.dtype, device=self._dev)
+            recv_scales = self._recv_empty((num_recv, scales.shape[1]), scales.dtype)
             outs.recv_x_scales = recv_scales.data_ptr()
         return recv_x, recv_scales, outs
+
+    def _recv_empty(self, shape, dtype):
+        """A dispatch output: from the window-backed pool (num_recv_pool_bytes) while it has room, else torch's."""
+        torch = torch_module()
+        if self.num_recv_pool_bytes and not self._internode:
+            nbytes = dtype.itemsize
+            for n in shape:
+                nbytes *= n
+            ptr = self.runtime.alloc_recv(nbytes) if nbytes else 0
+            if ptr:
+                raw = torch.as_tensor(_PoolBlock(self.runtime, ptr, nbytes, self._device), device=self._dev)
+                return raw.view(dtype).view(shape)
+        return torch.empty(shape, dtype=dtype, device=self._dev)
 
     def _unpack_handle(self, op, handle):
         checked = getattr(handle, "_openep_checked", None)

@@ -41,7 +41,7 @@ class Runtime {
  public:
   Runtime(nb::bytes unique_id, int rank, int num_ranks, int device, size_t num_nvl_bytes, size_t num_rdma_bytes,
           bool low_latency_mode, double timeout_seconds, bool allow_network, int internode_backend,
-          bool enable_shrink) {
+          bool enable_shrink, size_t num_recv_pool_bytes) {
     if (unique_id.size() != sizeof(ncclUniqueId)) {
       fail(openep::ErrorCode::kInvalidArgument, "unique_id must be " + std::to_string(sizeof(ncclUniqueId)) +
                                                     " bytes, got " + std::to_string(unique_id.size()));
@@ -61,6 +61,7 @@ class Runtime {
     }
     o.internode_backend = static_cast<openep::InternodeBackend>(internode_backend);
     o.enable_shrink = enable_shrink;
+    o.num_recv_pool_bytes = num_recv_pool_bytes;
     device_ = device;
     nb::gil_scoped_release release;
     group_ = openep::Group::create(id, rank, num_ranks, device);
@@ -291,14 +292,22 @@ void bind_buffer(nb::module_& m) {
   }, "A fresh NCCL unique id (128 bytes) for Runtime(); create it on one rank and ship it to the others.");
 
   nb::class_<Runtime>(m, "Runtime", "openep::Group + openep::Buffer (internal; use openep.Buffer).")
-      .def(nb::init<nb::bytes, int, int, int, size_t, size_t, bool, double, bool, int, bool>(), nb::arg("unique_id"),
-           nb::arg("rank"), nb::arg("num_ranks"), nb::arg("device"), nb::arg("num_nvl_bytes"),
+      .def(nb::init<nb::bytes, int, int, int, size_t, size_t, bool, double, bool, int, bool, size_t>(),
+           nb::arg("unique_id"), nb::arg("rank"), nb::arg("num_ranks"), nb::arg("device"), nb::arg("num_nvl_bytes"),
            nb::arg("num_rdma_bytes"), nb::arg("low_latency_mode"), nb::arg("timeout_seconds"),
-           nb::arg("allow_network") = false, nb::arg("internode_backend") = 0, nb::arg("enable_shrink") = false)
+           nb::arg("allow_network") = false, nb::arg("internode_backend") = 0, nb::arg("enable_shrink") = false,
+           nb::arg("num_recv_pool_bytes") = 0)
       .def("destroy", &Runtime::destroy)
       .def("stream_wait", &Runtime::stream_wait, nb::arg("waiter"), nb::arg("waited"),
            "Makes stream `waiter` wait for the work enqueued so far on stream `waited` (cudaStream_t addresses).")
       .def_prop_ro("alive", &Runtime::alive)
+      // Window-backed dispatch outputs (openep::Buffer::alloc_recv / free_recv): addresses as integers, 0 = none.
+      .def("alloc_recv", [](Runtime& r, size_t bytes) { return reinterpret_cast<uintptr_t>(r.buffer().alloc_recv(bytes)); },
+           nb::arg("bytes"))
+      .def("free_recv", [](Runtime& r, uintptr_t p, uintptr_t stream) {
+        if (r.alive()) r.buffer().free_recv(reinterpret_cast<void*>(p), as_stream(stream));  // else the pool is gone
+      }, nb::arg("ptr"), nb::arg("stream"))
+      .def_prop_ro("recv_pool_free_bytes", [](Runtime& r) { return r.buffer().recv_pool_free_bytes(); })
       // DeepEP's topology queries (get_num_rdma_ranks, get_rdma_rank, ...) are answered in Python from these
       // (python/openep/_runtime.py), so that their meaning is written once and CPU-tested.
       .def_prop_ro("device", [](const Runtime& r) { return r.device_; },

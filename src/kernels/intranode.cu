@@ -269,24 +269,17 @@ __device__ __forceinline__ void send_token_to_outputs(const DispatchParams& p, c
       o.scales[static_cast<int64_t>(row) * p.num_scales + j] = TokenMeta::scale(p, t, j);
 }
 
-// One warp sends token t to destination d: own tokens to output row `row`, others to d's window record `rec_i`.
-__device__ __forceinline__ void send_token(const DispatchParams& p, int t, int d, int row, int64_t rec_i, int lane) {
-  const int row_int4 = p.row_bytes / 16;
+// This rank's own outputs as a Destination: its own rows go straight there, whatever the peers use.
+__device__ __forceinline__ Destination own_outputs(const DispatchParams& p) {
+  return Destination{static_cast<char*>(p.recv_x), p.recv_x_scales, p.recv_topk_idx, p.recv_topk_weights,
+                     p.recv_src_idx, p.topk_int64};
+}
+
+// One warp stores token t (row, then metadata) as record `rec_i` of peer d's window part.
+__device__ __forceinline__ void send_token_to_window(const DispatchParams& p, int t, int d, int64_t rec_i, int lane) {
   const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + static_cast<int64_t>(t) * p.row_bytes);
-  if (d == p.rank) {  // own tokens go straight to the outputs
-    int4* dst = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + static_cast<int64_t>(row) * p.row_bytes);
-    device::copy_warp<device::Source::kInput>(dst, src, row_int4, lane);
-    if (lane == 0 && p.recv_src_idx) p.recv_src_idx[row] = t;
-    for (int k = lane; k < p.num_topk; k += 32) {
-      const int local = TokenMeta::local_expert(p, t, k, d);
-      store_topk(p, row, k, local, local >= 0 ? p.topk_weights[static_cast<int64_t>(t) * p.num_topk + k] : 0.f);
-    }
-    for (int j = lane; j < p.num_scales; j += 32)
-      p.recv_x_scales[static_cast<int64_t>(row) * p.num_scales + j] = TokenMeta::scale(p, t, j);
-    return;
-  }
   char* rec = region(p.window, d) + L::dispatch_record(rec_i, p.record_bytes);
-  device::copy_warp<device::Source::kInput>(reinterpret_cast<int4*>(rec), src, row_int4, lane);
+  device::copy_warp<device::Source::kInput>(reinterpret_cast<int4*>(rec), src, p.row_bytes / 16, lane);
   int32_t* meta = reinterpret_cast<int32_t*>(rec + L::align16(p.row_bytes));
   if (lane == 0) meta[0] = t;
   for (int k = lane; k < p.num_topk; k += 32) {
@@ -353,7 +346,7 @@ __device__ void dispatch_sender(const DispatchParams& p, uint64_t epoch) {
   }
   __syncthreads();
   if (!s_dst_ok) return;
-  const Destination dst = s_dst[d];
+  const Destination dst = d == p.rank ? own_outputs(p) : s_dst[d];  // own rows: always straight to the outputs
   for (int c = blockIdx.x; c < num_chunks; c += p.num_senders) {
     if (threadIdx.x < R) s_first[threadIdx.x] = INT_MAX, s_count[threadIdx.x] = 0;
     __syncthreads();
@@ -365,8 +358,8 @@ __device__ void dispatch_sender(const DispatchParams& p, uint64_t epoch) {
         if (row < 0) continue;
         const int64_t rel = row - lo_d - round_lo;  // position in this round's part (own rows: round 0 only)
         if (d == p.rank ? p.round != 0 : (rel < 0 || rel >= p.peer_rows)) continue;
-        if (dst.x) send_token_to_outputs(p, dst, t, d, row, lane);  // d's outputs are window-backed
-        else send_token(p, t, d, row, part + rel, lane);
+        if (d == p.rank || dst.x) send_token_to_outputs(p, dst, t, d, row, lane);  // own or window-backed outputs
+        else send_token_to_window(p, t, d, part + rel, lane);
         first = min(first, static_cast<int>(part + rel)), ++count;
       }
       if (lane == 0 && count) atomicMin(&s_first[d], first), atomicAdd(&s_count[d], count);

@@ -270,17 +270,15 @@ DispatchCounts Buffer::dispatch_prepare(const DispatchArgs& a, IntranodeHandle& 
 
   const size_t record = dispatch_record_bytes(a, a.num_topk > 0);
   const int64_t peer_rows = IntranodeLayout::dispatch_peer_rows(m.options.num_nvl_bytes, record, R);
-  if (a.num_worst_tokens > 0 && R > 1) {
-    // Worst-case mode runs in one round: a peer may send up to min(num_worst_tokens, its tokens) rows, and no host
-    // knows the pairs' counts. Checked here for peers with this rank's token count; the dispatch kernel checks the
-    // real counts on every rank (kCapacityExceeded at the next synchronisation, nothing written).
-    const int per_peer = std::min(a.num_worst_tokens, std::max(a.num_tokens, a.max_tokens_per_rank));
-    OPENEP_CHECK(per_peer <= peer_rows, ErrorCode::kBufferTooSmall, "worst-case dispatch (num_worst_tokens = ",
-                 a.num_worst_tokens, ") runs in one round: each of the ", R - 1, " peers may send ", per_peer,
-                 " rows but the Buffer holds ", peer_rows, " rows of ", record, " bytes per peer (num_nvl_bytes = ",
-                 m.options.num_nvl_bytes, "); it needs num_nvl_bytes >= ",
-                 intranode_buffer_size_hint(R, per_peer, a.hidden, a.x_elem_bytes, a.num_scales, a.num_topk));
-  }
+  // Worst-case mode: no host knows the pairs' counts, so the rounds come from the caller's bounds, the same on every
+  // rank: a peer sends at most min(num_worst_tokens, token bound) rows, the token bound being max_tokens_per_rank
+  // (or, when 0, num_tokens, which then must be equal on every rank; DispatchArgs). The kernels check the real counts
+  // on every rank against those rounds (kCapacityExceeded at the next synchronisation, nothing written).
+  const int token_bound = std::max(a.num_tokens, a.max_tokens_per_rank);
+  const int pair_bound = std::min(a.num_worst_tokens, token_bound);
+  OPENEP_CHECK(a.num_worst_tokens == 0 || R == 1 || pair_bound == 0 || peer_rows >= 1, ErrorCode::kBufferTooSmall,
+               "worst-case dispatch: the Buffer holds no dispatch record per peer (", record, " bytes each, "
+               "num_nvl_bytes = ", m.options.num_nvl_bytes, ")");
 
   const bool exact = a.num_worst_tokens == 0;
   detail::PrepareParams p = prepare_params(m);
@@ -304,7 +302,9 @@ DispatchCounts Buffer::dispatch_prepare(const DispatchArgs& a, IntranodeHandle& 
   if (!exact) {
     counts.num_recv_tokens = a.num_worst_tokens;
     h.num_recv_tokens = a.num_worst_tokens;
-    h.max_pair_rows = h.max_num_tokens = 0;  // unknown on the host: one round (no host wait in this mode)
+    // The rounds of this dispatch, its cached dispatches and combines follow the caller's bounds (see above).
+    h.max_pair_rows = R > 1 ? pair_bound : 0;
+    h.max_num_tokens = token_bound;
     return counts;
   }
   // The one host wait of the exact mode: poll the mapped counters (bounded, and errors are raised).

@@ -214,6 +214,39 @@ def dispatch_int32_topk(ctx):
     _dispatch_combine(ctx, 40, False, True, False, False, idx_dtype=ctx.torch.int32)
 
 
+def dispatch_window_backed_outputs(ctx):
+    """num_recv_pool_bytes: dispatch outputs come from the window-backed pool (rank 0's pool holds one dispatch, so its
+    second dispatch in flight falls back to torch memory; rank 1 has none): results equal the reference either way,
+    and the pool's memory comes back when the tensors go."""
+    import gc
+    torch = ctx.torch
+    row = HIDDEN * 2 + (HIDDEN // 128) * 4 + TOPK * 12 + 4
+    pool = (ctx.R * ctx.max_tokens * row + 8 * 256 + 127) // 128 * 128 if ctx.rank == 0 else 0
+    b = openep.Buffer(ctx.group, num_nvl_bytes=ctx.buffer.num_nvl_bytes, explicitly_destroy=True,
+                      num_recv_pool_bytes=pool)
+    saved, ctx.buffer = ctx.buffer, b
+    try:
+        for fp8 in (False, True):
+            inputs = make_inputs(ctx, 60 + fp8, fp8=fp8)
+            expect = reference_dispatch(inputs)
+            out, itir = run_dispatch(ctx, inputs)
+            check_dispatch(ctx, out, itir, expect, fp8=fp8)
+            out2, itir2 = run_dispatch(ctx, inputs)  # while out is alive: rank 0's pool is full
+            check_dispatch(ctx, out2, itir2, expect, fp8=fp8)
+            if ctx.rank == 0:
+                assert b.runtime.recv_pool_free_bytes < pool
+            if not fp8:
+                run_and_check_combine(ctx, inputs, expect, out[4], out[2], 62)
+            del out, out2
+            gc.collect()
+            torch.cuda.synchronize()
+            if ctx.rank == 0:
+                assert b.runtime.recv_pool_free_bytes == pool, "pool memory not given back"
+    finally:
+        ctx.buffer = saved
+        b.destroy()
+
+
 def dispatch_expert_alignment(ctx):
     inputs = make_inputs(ctx, 41)
     expect = reference_dispatch(inputs, alignment=8)
@@ -410,9 +443,8 @@ def errors_are_exceptions(ctx):
                  **routing)
     # errors found by the C++ core keep its message and code
     expect_error("invalid_argument", "num_experts", b.get_dispatch_layout, idx, EXPERTS + 1)
-    # worst-case mode runs in one round: a Buffer holding 64 rows per peer refuses 80-token peers (exact mode would
-    # run in rounds)
-    small = openep.Buffer(ctx.group, num_nvl_bytes=1 << 17)
+    # a Buffer without room for one dispatch record per peer (header 61440 bytes + 1024 < one 1072-byte record)
+    small = openep.Buffer(ctx.group, num_nvl_bytes=61440 + 1024)
     expect_error("buffer_too_small", "num_nvl_bytes", small.dispatch, x, topk_idx=idx, topk_weights=w,
                  num_worst_tokens=2 * x.shape[0], **routing)
     # a combine with a wrong x shape

@@ -50,6 +50,10 @@ def test_dispatch_int32_topk_idx():
     _run("dispatch_int32_topk")
 
 
+def test_dispatch_window_backed_outputs():
+    _run("dispatch_window_backed_outputs")
+
+
 def test_dispatch_expert_alignment():
     _run("dispatch_expert_alignment")
 

@@ -30,8 +30,8 @@ OPENEP_RANKS_CASES(Intranode, WindowBackedOutputsMatchReference, Case, shape_cas
   if (pool) EXPECT_EQ(buffer.recv_pool_free_bytes(), o.num_recv_pool_bytes) << "pool memory not given back";
 }
 
-// Rounds: a window holding about 1/fraction of the batch, so exact dispatch, cached dispatch and combine go through
-// it in several rounds (worst-case mode keeps one round and is left out: it would not fit).
+// Rounds: a window holding about 1/fraction of the batch, so exact, worst-case and cached dispatch and combine go
+// through it in several rounds (worst-case mode: rounds from the caller's bounds, here num_tokens per rank).
 OPENEP_RANKS_CASES(Intranode, RoundsThroughASmallWindowMatchReference, RoundsCase, rounds_cases, 2, 4, 8) {
   const int R = world_group().num_ranks();
   const Case w = for_world(c.c, R);
@@ -40,7 +40,7 @@ OPENEP_RANKS_CASES(Intranode, RoundsThroughASmallWindowMatchReference, RoundsCas
                                                w.hidden / 128, w.num_topk);
   Buffer buffer(world_group(), o);
   IntranodeHandle h;
-  run_case(buffer, w, seed_of(w), /*with_worst_case=*/false, &h);
+  run_case(buffer, w, seed_of(w), /*with_worst_case=*/true, &h);
   // The case really needed rounds: the batch does not fit the window in one go.
   const int tokens_fit = std::max(1, w.num_tokens / c.fraction);
   EXPECT_GT(intranode_buffer_size_hint(R, h.max_pair_rows, w.hidden, 2, w.hidden / 128, w.num_topk), o.num_nvl_bytes)

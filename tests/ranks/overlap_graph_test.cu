@@ -241,8 +241,14 @@ OPENEP_RANKS_TEST(Overlap, EmptyEventIsRejected) {
 
 // Worst-case dispatch, cached dispatch and combine captured once, replayed with new routing and data. Capture
 // is thread-local: on virtual ranks other rank threads keep calling CUDA while this one captures.
-OPENEP_RANKS_TEST(Graph, CapturedWorstCaseCachedDispatchAndCombineReplayWithChangingData) {
-  Buffer buffer(world_group(), options());
+// Worst-case dispatch, cached dispatch and combine captured once and replayed with new data. window_tokens > 0: a
+// Buffer sized for that many tokens per peer, so every captured operation runs in rounds (a fixed sequence of
+// launches from the caller's bounds; nothing is read on the host).
+void captured_worst_case_replays(int window_tokens) {
+  BufferOptions o = options();
+  if (window_tokens > 0) o.num_nvl_bytes = intranode_buffer_size_hint(world_group().num_ranks(), window_tokens,
+                                                                       kHidden, 2, 0, kTopk);
+  Buffer buffer(world_group(), o);
   const int R = buffer.num_ranks(), me = buffer.rank(), N = 300, E = 16 * R;
   Rank k(R, me, N, E, N * R);
   Stream s;
@@ -298,5 +304,12 @@ OPENEP_RANKS_TEST(Graph, CapturedWorstCaseCachedDispatchAndCombineReplayWithChan
   (void)cudaGraphExecDestroy(exec);
   (void)cudaGraphDestroy(graph);
 }
+
+OPENEP_RANKS_TEST(Graph, CapturedWorstCaseCachedDispatchAndCombineReplayWithChangingData) {
+  captured_worst_case_replays(0);
+}
+
+// The same with a window of 100 tokens per peer: up to 3 rounds of dispatch, cached dispatch and combine per replay.
+OPENEP_RANKS_TEST(Graph, CapturedWorstCaseRoundsReplayWithChangingData) { captured_worst_case_replays(100); }
 
 }  // namespace openep::test
