@@ -23,7 +23,8 @@
 //               wants my bytes, check the byte counts agree (else kRailSizeMismatch), fence, put them there with
 //               SignalAdd(data(me), 1) (a bare signal when there are none) on n's context: the signal lands after
 //               the bytes and after my ready put of step 1 (same context, same peer).
-//   3. flush    the block's puts have read their sources (the kernels after me may overwrite them).
+//   3. flush    the block's puts have read their sources (the kernels after me may overwrite them); bounded
+//               (device::gin_flush_cta: NCCL's GIN proxy stops for good on a network error).
 //   4. receive  bounded wait until data(n) >= e on my context: n's bytes are in my window; exchanges[n] = e.
 // No cycle: each side waits only for steps the other posts before its own waits. Every wait names rank, the peer's
 // Group rank and the phase (kRailReady / kRailData) and, on timeout, leaves the kernel; the next kernels see the
@@ -104,8 +105,7 @@ __global__ void gin_rail_exchange_kernel(const __grid_constant__ GinRailExchange
     post_ready(p, rail, t);
   }
   bool ok = active && send_when_ready(p, rail, t, e);
-  __syncthreads();
-  device::gin_flush_cta(p.dev_comm);
+  if (!device::gin_flush_cta(p.dev_comm, p.wait)) return;  // recorded (uniform); the next kernels see it and leave
   if (ok) {
     const ncclGin mine(p.dev_comm, p.node);
     ok = device::wait_signal_geq(p.wait, mine, static_cast<ncclGinSignal_t>(GS::data(p.num_nodes, t.node)), e,

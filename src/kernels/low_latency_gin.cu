@@ -109,7 +109,9 @@ struct GinDispatch {
       }
     }
   }
-  __device__ __forceinline__ void end_tokens() { gin_flush_cta(g.dev_comm); }  // this block's sources may be reused after it
+  // This block's sources may be reused after it. A flush that gives up is recorded; every wait after it sees the
+  // record and leaves (here and in the receive kernels), so the result is not needed.
+  __device__ __forceinline__ void end_tokens() { gin_flush_cta(g.dev_comm, p.wait); }
   __device__ __forceinline__ void publish_dispatch(int h, uint64_t flag, const int* s_live) {
     const int R = p.num_ranks, El = p.num_local_experts;
     const size_t stage = g.staging_offset;
@@ -127,7 +129,7 @@ struct GinDispatch {
       gin.put(world, d, g.window, g.region_offset + L::dispatch_flag(h, p.rank), g.window, stage + G::dispatch_flag(d),
               sizeof(uint64_t), ncclGin_SignalAdd{static_cast<ncclGinSignal_t>(GinSignals::dispatch(p.rank)), 1});
     }
-    gin_flush_cta(g.dev_comm);
+    gin_flush_cta(g.dev_comm, p.wait);
   }
 };
 
@@ -172,7 +174,7 @@ struct GinCombine {
             g.region_offset + p.window.layout.zero_copy_row(row), static_cast<size_t>(p.hidden) * 2, ncclGin_None{},
             ncclGin_None{}, ncclCoopWarp{});
   }
-  __device__ __forceinline__ void end_rows() { gin_flush_cta(gp.gin.dev_comm); }
+  __device__ __forceinline__ void end_rows() { gin_flush_cta(gp.gin.dev_comm, gp.base.wait); }  // as end_tokens
   __device__ __forceinline__ void publish_combine(const LowLatencyCombineParams& p, int half, uint64_t epoch,
                                                   const int* s_live) {
     const GinWindow& g = gp.gin;
@@ -187,7 +189,7 @@ struct GinCombine {
               g.staging_offset + G::combine_flag(d), sizeof(uint64_t),
               ncclGin_SignalAdd{static_cast<ncclGinSignal_t>(GinSignals::combine(p.num_ranks, p.rank)), 1});
     }
-    gin_flush_cta(g.dev_comm);
+    gin_flush_cta(g.dev_comm, p.wait);
   }
 };
 

@@ -34,6 +34,7 @@ enum class Phase : int32_t {
   kLowLatencyCombine = 7,
   kRailReady = 8,            // GIN rail: waiting for a rail peer to be ready to receive
   kRailData = 9,             // GIN rail: waiting for a rail peer's bytes
+  kGinFlush = 10,            // GIN: waiting for NCCL's GIN proxy to take this GPU's puts to a peer
 };
 
 inline const char* phase_name(Phase p) {
@@ -48,6 +49,9 @@ inline const char* phase_name(Phase p) {
     case Phase::kLowLatencyCombine: return "low_latency_combine";
     case Phase::kRailReady: return "internode rail exchange over GIN (peer ready to receive)";
     case Phase::kRailData: return "internode rail exchange over GIN (peer's data)";
+    case Phase::kGinFlush:
+      return "GIN flush (NCCL's GIN proxy stopped taking this rank's puts to that peer: a network error or a peer "
+             "that is gone ends NCCL's GIN progress thread)";
   }
   return "unknown";
 }

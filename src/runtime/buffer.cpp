@@ -74,10 +74,13 @@ void Buffer::Impl::raise_device_error() {
   failed = true;
   const auto phase = static_cast<detail::Phase>(rec->phase);
   if (code == static_cast<int>(detail::DeviceErrorCode::kTimeout)) {
+    std::string network;  // NCCL's view: tells a failed network (GIN stops for good) from a slow peer
+    if (fabric) network = detail::nccl_async_error_note(fabric->nccl_comm(), "Group's");
+    if (in.rail) network += in.rail->network_error();
     OPENEP_CHECK(false, ErrorCode::kTimeout, "rank ", rec->rank, " waited more than ", options.timeout_seconds,
                  " s for peer ", rec->peer, " in phase '", detail::phase_name(phase), "' (expected a counter >= ",
                  rec->expected, ", observed ", rec->observed, "); the peer is stalled, dead or not calling the "
-                 "same operation. This Buffer refuses further work; destroy it.");
+                 "same operation.", network, " This Buffer refuses further work; destroy it.");
   }
   if (code == static_cast<int>(detail::DeviceErrorCode::kInconsistentLayout)) {
     if (rec->peer < 0)  // internode: a node column (peer = -1 - node)

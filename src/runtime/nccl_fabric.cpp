@@ -69,6 +69,19 @@ NcclRailComm::~NcclRailComm() {
   warn_nccl(ncclCommDestroy(comm_), "ncclCommDestroy (rail communicator)");
 }
 
+std::string nccl_async_error_note(ncclComm_t comm, const char* which) {
+  if (comm == nullptr) return {};
+  ncclResult_t state = ncclSuccess;
+  if (ncclCommGetAsyncError(comm, &state) != ncclSuccess || state == ncclSuccess || state == ncclInProgress) return {};
+  return std::string(" NCCL reports '") + ncclGetErrorString(state) + "' on the " + which +
+         " communicator (ncclCommGetAsyncError): its network failed or a peer is gone; NCCL's GIN progress thread, "
+         "if it has one, has stopped.";
+}
+
+std::string NcclRailComm::network_error() const {
+  return aborted_ ? std::string() : nccl_async_error_note(comm_, "rail");
+}
+
 void NcclRailComm::abort() noexcept {
   if (comm_ == nullptr || aborted_) return;
   aborted_ = true;

@@ -49,6 +49,7 @@ class NcclRailComm : public Rail {
   bool can_hang() const noexcept override { return true; }
   bool overlaps() const noexcept override { return true; }
   void abort() noexcept override;
+  std::string network_error() const override;
 
  protected:
   ncclComm_t comm_ = nullptr;
@@ -62,6 +63,10 @@ class NcclRailComm : public Rail {
 // must be destroyed.
 void create_gin_dev_comm(ncclComm_t comm, const ncclDevCommRequirements& reqs, int signals_needed, const char* option,
                          const char* remedy, ncclDevComm& dev_comm, bool& created);
+
+// " NCCL reports <error> on the <which> communicator (...)." when ncclCommGetAsyncError(comm) holds an error, else
+// "". Never throws; comm may be null.
+std::string nccl_async_error_note(ncclComm_t comm, const char* which);
 
 // Prints a teardown failure of `what` (never throws).
 void warn_nccl(ncclResult_t res, const char* what) noexcept;

@@ -16,6 +16,7 @@
 
 #include <cstddef>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "protocol/device_error.hpp"
@@ -53,6 +54,9 @@ class Rail {
   // Gives up on the network leg after a timeout (NCCL: ncclCommAbort, which also ends NCCL kernels that wait
   // for a dead peer). Later exchanges fail. Never throws.
   virtual void abort() noexcept {}
+  // NCCL's asynchronous error on the rail communicator as a sentence for an error message ("" when none or no
+  // NCCL): after a timeout it tells a network failure (NCCL's GIN progress thread stops on one) from a slow peer.
+  virtual std::string network_error() const { return {}; }
 
   // Device memory of `bytes` (not zeroed) that exchanges send from and receive into: every send_base / recv_base
   // range of an exchange must lie in it. Default: private device memory from `fabric`. The GIN rail registers it as
