@@ -102,3 +102,27 @@ class Pool:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=10)
+
+
+class LazyPool:
+    """A Pool of `world_size` ranks for one test module: started by the first case, restarted after a failed case
+    (so one failure cannot poison the next test), closed by close()."""
+
+    def __init__(self, world_size):
+        self.world_size = world_size
+        self._pool = None
+
+    def run(self, name):
+        if self._pool is None or not self._pool.alive():
+            self._pool = Pool(self.world_size)
+        try:
+            self._pool.run(name)
+        except BaseException:
+            self._pool.kill()
+            self._pool = None
+            raise
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None

@@ -9,29 +9,22 @@ import pytest
 
 pytestmark = pytest.mark.gpu1
 
-_pool = None
+_pool = None  # _mp_pool.LazyPool(1), made by the first case
 
 
 def _run(name):
     global _pool
-    from _mp_pool import Pool
-    if _pool is None or not _pool.alive():
-        _pool = Pool(1)
-    try:
-        _pool.run(name)
-    except BaseException:
-        _pool.kill()
-        _pool = None
-        raise
+    from _mp_pool import LazyPool
+    if _pool is None:
+        _pool = LazyPool(1)
+    _pool.run(name)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _shutdown_pool():
     yield
-    global _pool
     if _pool is not None:
         _pool.close()
-        _pool = None
 
 
 def test_one_rank_layout_matches_reference():
