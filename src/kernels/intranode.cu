@@ -13,23 +13,22 @@
 //    each (source, chunk) flag and copy those records from the window into the caller's outputs at their final
 //    rows. No rings; flow control is the barrier between rounds (below).
 //  combine: sender blocks take (row block b, source s) pairs of the rows this rank received from s (blocks of
-//    chunk_tokens(n_s) rows in receive order), write each row (and its weights) into s's stage slot (me, token)
-//    (in s's part for me, see below)
-//    and publish combine_flags[me][b] = epoch in s's header. Reducer blocks take chunks of this rank's tokens,
-//    find from send_pos which row blocks of each peer hold them, wait for those flags, then sum each token's
-//    rows in fp32 in ascending rank order (own rows read straight from the input), add the biases and store
-//    BF16.
+//    chunk_tokens(n_s) rows in receive order), copy them (and their weights) in that order into s's stage part for
+//    me (slot = row - first row from s: a contiguous push, no lookup) and publish combine_flags[me][b] = epoch in
+//    s's header. Reducer blocks take chunks of this rank's tokens, find from send_pos which row blocks of each peer
+//    hold them, wait for those flags, then sum each token's rows (slot send_pos[t][d] - first row at d) in fp32 in
+//    ascending rank order (own rows read straight from the input), add the biases and store BF16.
 //  window split among peers: own rows never pass through the window, so its data region is split into R - 1
 //    equal parts, one per peer (IntranodeLayout::peer_slot). Dispatch: source s's rows at d go to d's part for s,
-//    row (receive row - first row of s at d - round * peer_rows). Combine: peer d's row for my token t goes to my
-//    part for d, slot t - tok_lo.
-//  rounds (runtime/intranode.cpp): when one rank sends another more rows than a part holds (or a rank has more
-//    tokens than a stage part holds), the host launches the dispatch (combine) once per round, each round after
-//    the first behind a prepare kernel without exchange (barrier: the peers have drained the previous round; new
-//    epoch). Dispatch round k carries each source's rows [k * peer_rows, (k + 1) * peer_rows) of its range at d,
-//    own rows in round 0 only; combine round k carries the owner tokens [tok_lo, tok_hi). Every kernel first
-//    checks, from the handle's matrix (the same on every rank), that num_rounds rounds hold every pair's rows
-//    (every rank's tokens), so on a shortfall no rank writes and every rank records kCapacityExceeded.
+//    row (receive row - first row of s at d - round * peer_rows). Combine: peer d's rows of my tokens go to my part
+//    for d in d's receive order (IntranodeLayout::combine_slot).
+//  rounds (runtime/intranode.cpp): when one rank sends another more rows than a dispatch part (or a combine stage
+//    part) holds, the host launches the dispatch (combine) once per round, each round after the first behind a
+//    prepare kernel without exchange (barrier: the peers have drained the previous round; new epoch). Dispatch
+//    round k carries each source's rows [k * peer_rows, (k + 1) * peer_rows) of its range at d, own rows in round 0
+//    only; combine round k carries the owner tokens [tok_lo, tok_hi), at most stage_rows of them. Every kernel
+//    first checks, from the handle's matrix (the same on every rank), that its rounds hold every pair's rows, so on
+//    a shortfall no rank writes and every rank records kCapacityExceeded.
 #include <climits>
 
 #include "device/barrier.cuh"
@@ -465,9 +464,12 @@ __device__ void combine_sender(const CombineParams& p, uint64_t epoch) {
     if (r0 >= hi) continue;  // uniform across the block
     char* dst_region = region(p.window, s);
     for (int row = r0 + warp; row < r1; row += kCombineWarps) {
-      const int t = p.recv_src_idx[row];
-      if (t < p.tok_lo || t >= p.tok_hi) continue;  // another round's token
-      char* slot = dst_region + L::combine_stage(L::peer_slot(p.rank, s), t - p.tok_lo, p.stage_rows, p.record_bytes);
+      if (p.num_rounds > 1) {  // only then can a row belong to another round
+        const int t = p.recv_src_idx[row];
+        if (t < p.tok_lo || t >= p.tok_hi) continue;
+      }
+      char* slot = dst_region + L::combine_stage(L::peer_slot(p.rank, s), L::combine_slot(row - lo, p.stage_rows),
+                                                 p.stage_rows, p.record_bytes);
       device::copy_warp<device::Source::kInput>(reinterpret_cast<int4*>(slot),
                                                 reinterpret_cast<const int4*>(p.x + static_cast<int64_t>(row) * p.hidden),
                                                 row_int4, lane);
@@ -532,8 +534,10 @@ __device__ __forceinline__ void reduce_columns(const int4* const (&src)[kR], con
 }
 
 // One warp reduces token t. kR >= num_ranks is a compile-time bound so the row pointers stay in registers.
+// lo[d]: the first row at peer d of my tokens (rows_before(me, d)); stage slots are relative to it.
 template <int kR>
-__device__ __forceinline__ void reduce_token(const CombineParams& p, const char* my_region, int t, int lane) {
+__device__ __forceinline__ void reduce_token(const CombineParams& p, const char* my_region, const int (&lo)[kR], int t,
+                                             int lane) {
   constexpr int kU = kR >= 8 ? 1 : 8 / kR;  // 8 row loads in flight per lane
   const int R = p.num_ranks, row_int4 = p.hidden / 8;
   const int4* src[kR];
@@ -542,9 +546,10 @@ __device__ __forceinline__ void reduce_token(const CombineParams& p, const char*
   for (int d = 0; d < kR; ++d) {
     const int pos = d < R ? p.send_pos[static_cast<int64_t>(t) * R + d] : -1;
     const bool own = d == p.rank;
-    const char* slot = own ? nullptr
-                           : my_region + L::combine_stage(L::peer_slot(d, p.rank), t - p.tok_lo, p.stage_rows,
-                                                          p.record_bytes);
+    const char* slot = own || pos < 0
+                           ? nullptr
+                           : my_region + L::combine_stage(L::peer_slot(d, p.rank), L::combine_slot(pos - lo[d], p.stage_rows),
+                                                          p.stage_rows, p.record_bytes);
     src[d] = pos < 0 ? nullptr
              : own   ? reinterpret_cast<const int4*>(p.x + static_cast<int64_t>(pos) * p.hidden)
                      : reinterpret_cast<const int4*>(slot);
@@ -602,6 +607,9 @@ __device__ void combine_reducer(const CombineParams& p, uint64_t epoch) {
   const int reducer = blockIdx.x - p.num_senders, num_reducers = gridDim.x - p.num_senders;
   const int chunk = L::chunk_tokens(p.num_tokens), num_chunks = L::num_chunks(p.num_tokens);
   const char* my_region = region(p.window, p.rank);
+  int lo[kR];
+#pragma unroll
+  for (int d = 0; d < kR; ++d) lo[d] = d < R ? rows_before(p.rank_prefix_matrix, R, p.rank, d) : 0;
   if (threadIdx.x == 0) s_failed = 0;
   __syncthreads();
   for (int c = reducer; c < num_chunks; c += num_reducers) {
@@ -610,26 +618,46 @@ __device__ void combine_reducer(const CombineParams& p, uint64_t epoch) {
     if (warp < R && warp != p.rank && !wait_returned_rows(p, warp, t0, t1, epoch, lane) && lane == 0) s_failed = 1;
     __syncthreads();
     if (s_failed) return;
-    for (int t = t0 + warp; t < t1; t += kCombineWarps) reduce_token<kR>(p, my_region, t, lane);
+    for (int t = t0 + warp; t < t1; t += kCombineWarps) reduce_token<kR>(p, my_region, lo, t, lane);
   }
+}
+
+// True when this launch's rounds hold every pair's rows (the same answer on every rank: the matrix and the token
+// counts are the handle's). One round: every pair's rows fit a stage part. Several: each round's token span fits a
+// part (so do its rows) and the rounds cover every rank's tokens. One thread per block calls it.
+__device__ __forceinline__ bool combine_fits(const CombineParams& p) {
+  const int R = p.num_ranks;
+  if (R == 1) return true;
+  if (p.num_rounds > 1) {
+    const int64_t span = static_cast<int64_t>(p.tok_hi) - p.tok_lo;
+    for (int s = 0; s < R; ++s) {
+      const int n = p.num_tokens_per_src[s];
+      if (span > p.stage_rows || static_cast<int64_t>(p.num_rounds) * span < n) {
+        if (blockIdx.x == 0)
+          device::record_error(p.wait, DeviceErrorCode::kCapacityExceeded, s, Phase::kCombineData,
+                               static_cast<int64_t>(p.num_rounds) * min(span, p.stage_rows), n);
+        return false;
+      }
+    }
+    return true;
+  }
+  for (int s = 0; s < R; ++s)
+    for (int d = 0; d < R; ++d) {
+      const int rows = s == d ? 0 : pair_rows(p.rank_prefix_matrix, R, s, d);
+      if (rows > p.stage_rows) {
+        if (blockIdx.x == 0)
+          device::record_error(p.wait, DeviceErrorCode::kCapacityExceeded, s, Phase::kCombineData, p.stage_rows, rows);
+        return false;
+      }
+    }
+  return true;
 }
 
 template <int kR>
 __global__ void __launch_bounds__(kCombineThreads, 1) intranode_combine_kernel(const __grid_constant__ CombineParams p) {
   if (device::error_recorded(p.wait)) return;  // see intranode_dispatch_kernel
   __shared__ int s_fit;
-  if (threadIdx.x == 0) {  // num_rounds rounds of stage_rows hold every owner's tokens (same check on every rank)
-    s_fit = 1;
-    const int64_t room = static_cast<int64_t>(p.num_rounds) * p.stage_rows;
-    for (int s = 0; s < p.num_ranks && s_fit && p.num_ranks > 1; ++s) {
-      const int n = p.num_tokens_per_src[s];
-      if (n > room) {
-        s_fit = 0;
-        if (blockIdx.x == 0)
-          device::record_error(p.wait, DeviceErrorCode::kCapacityExceeded, s, Phase::kCombineData, room, n);
-      }
-    }
-  }
+  if (threadIdx.x == 0) s_fit = combine_fits(p);
   __syncthreads();
   if (!s_fit) return;
   const uint64_t epoch = *p.op_epoch;

@@ -98,7 +98,8 @@ struct CombineParams {
   float* combined_topk_weights;
   int record_bytes;
   int64_t stage_rows;               // stage slots per peer (IntranodeLayout::combine_stage_rows)
-  // This launch's round of num_rounds: the owner's tokens [tok_lo, tok_hi), stage slot (peer, t - tok_lo).
+  // This launch's round of num_rounds: the owner's tokens [tok_lo, tok_hi) (all of them in one round); a peer's row
+  // lo + rel of the owner's tokens is at stage slot (peer, IntranodeLayout::combine_slot(rel, stage_rows)).
   int tok_lo, tok_hi, num_rounds;
   WaitContext wait;
 };

@@ -16,8 +16,12 @@
 //   R - 1 PEERS only, peer p at slot peer_slot(p, me) (p < me ? p : p - 1):
 //     dispatch: records[R - 1][peer_rows] = [row bytes | src_idx | topk idx (int32 local) x K | weights x K | scales x S];
 //               round k of source s holds s's receive rows [lo_s + k * peer_rows, lo_s + (k + 1) * peer_rows) here
-//     combine:  stage[R - 1][stage_rows]  = [BF16 row | weights x K], slot (peer_slot(d), t - tok_lo) holds rank d's
-//               row for my token t of the round [tok_lo, tok_lo + stage_rows)
+//     combine:  stage[R - 1][stage_rows]  = [BF16 row | weights x K] in the RECEIVER's order: slot
+//               (peer_slot(d), combine_slot(row - lo, stage_rows)) holds rank d's receive row `row` of my tokens (lo:
+//               d's first row from me). d's rows from me are sorted by my token, so the push is contiguous and a
+//               reducer's chunk of tokens reads contiguous slots; the part needs only count[me][d] rows (not my
+//               token count). Rounds (when a pair's rows exceed a part) carry my tokens [tok_lo, tok_hi), at most
+//               stage_rows of them, so their rows' slots (rel mod stage_rows) never collide within a round
 #pragma once
 
 #include <cstddef>
@@ -83,9 +87,22 @@ struct IntranodeLayout {
   OPENEP_HOST_DEVICE static size_t dispatch_record(int64_t i, size_t record_bytes) {
     return kDataOffset + static_cast<size_t>(i) * record_bytes;
   }
-  // Combine stage slot (peer slot, t): that peer's row for the region owner's token t (relative to the round).
-  OPENEP_HOST_DEVICE static size_t combine_stage(int slot, int64_t t, int64_t stage_rows, size_t record_bytes) {
-    return kDataOffset + static_cast<size_t>(static_cast<int64_t>(slot) * stage_rows + t) * record_bytes;
+  // Combine stage record (peer slot, j): j = combine_slot(rel, stage_rows) for the peer's receive row lo + rel of the
+  // region owner's tokens.
+  OPENEP_HOST_DEVICE static size_t combine_stage(int slot, int64_t j, int64_t stage_rows, size_t record_bytes) {
+    return kDataOffset + static_cast<size_t>(static_cast<int64_t>(slot) * stage_rows + j) * record_bytes;
+  }
+  // Slot within a peer's stage part of the pair row `rel` (0-based among the rows the peer received from the owner).
+  // One round: rel < stage_rows, the identity. Several rounds: a round's rows are < stage_rows consecutive rel, so
+  // modulo never maps two of them to one slot.
+  OPENEP_HOST_DEVICE static int64_t combine_slot(int64_t rel, int64_t stage_rows) {
+    return rel < stage_rows ? rel : rel % stage_rows;
+  }
+  // Combine rounds: one when every pair's rows fit a stage part (max_pair_rows: max over s != d of the rows s sends
+  // d), else rounds of at most stage_rows owner tokens each; 0 when a part holds no row but rows must move.
+  OPENEP_HOST_DEVICE static int64_t combine_rounds(int64_t max_pair_rows, int64_t max_num_tokens, int64_t stage_rows) {
+    if (max_pair_rows <= stage_rows) return 1;
+    return num_rounds(max_num_tokens, stage_rows);
   }
 
   // Chunk size (tokens) a rank with num_tokens tokens uses; every rank derives it from the exchanged counts.

@@ -385,14 +385,13 @@ void Buffer::combine(const CombineArgs& a, const IntranodeHandle& h, const Combi
   const int K = a.num_topk;
   const size_t record = IntranodeLayout::combine_record_bytes(a.hidden, K);
   const int64_t stage_rows = IntranodeLayout::combine_stage_rows(m.options.num_nvl_bytes, record, m.num_ranks);
-  // Rounds of the owner's tokens (see dispatch_rounds): more than one only with an exact-mode handle whose largest
-  // token count exceeds the stage.
-  const int64_t rounds = h.max_num_tokens > stage_rows && stage_rows >= 1
-                             ? IntranodeLayout::num_rounds(h.max_num_tokens, stage_rows)
-                             : 1;
-  OPENEP_CHECK(rounds > 1 || h.num_tokens <= stage_rows, ErrorCode::kBufferTooSmall, "combine of ", h.num_tokens,
-               " tokens does not fit the Buffer (", stage_rows, " tokens per rank); it needs num_nvl_bytes >= ",
-               intranode_buffer_size_hint(m.num_ranks, h.num_tokens, a.hidden, 2, 0, K));
+  // The stage holds each peer's rows in its receive order (IntranodeLayout::combine_slot): one round when every
+  // pair's rows fit a part (max_pair_rows: exact, or the caller's bound in worst-case mode), else rounds of the
+  // owner's tokens, at most stage_rows each. The same on every rank; the kernel checks the real counts.
+  const int64_t rounds = IntranodeLayout::combine_rounds(h.max_pair_rows, h.max_num_tokens, stage_rows);
+  OPENEP_CHECK(rounds >= 1, ErrorCode::kBufferTooSmall, "combine: the Buffer holds no stage row per peer (",
+               record, " bytes each, num_nvl_bytes = ", m.options.num_nvl_bytes, "); it needs num_nvl_bytes >= ",
+               intranode_buffer_size_hint(m.num_ranks, 1, a.hidden, 2, 0, K));
   detail::PrepareParams pp = prepare_params(m);
   pp.exchange = false;
   detail::launch_intranode_prepare(pp, stream);
@@ -416,9 +415,10 @@ void Buffer::combine(const CombineArgs& a, const IntranodeHandle& h, const Combi
   p.combined_x = out.combined_x;
   p.combined_topk_weights = K ? out.combined_topk_weights : nullptr;
   p.record_bytes = static_cast<int>(record);
-  // Equal rounds of ceil(max_num_tokens / rounds) tokens (see launch_dispatch_rounds); the same on every rank.
-  const int64_t round_tokens = rounds > 1 ? (h.max_num_tokens + rounds - 1) / rounds : stage_rows;
-  p.stage_rows = round_tokens;
+  // Equal rounds of ceil(max_num_tokens / rounds) <= stage_rows tokens (see launch_dispatch_rounds); the same on
+  // every rank.
+  const int64_t round_tokens = rounds > 1 ? (h.max_num_tokens + rounds - 1) / rounds : 0;
+  p.stage_rows = stage_rows;
   p.tok_lo = 0, p.tok_hi = INT_MAX, p.num_rounds = static_cast<int>(rounds);
   p.wait = m.wait_context();
   for (int64_t k = 0; k < rounds; ++k) {

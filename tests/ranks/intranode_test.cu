@@ -3,6 +3,7 @@
 // built once per world (once_per_world), so it needs no communication. Outputs are poisoned before each run.
 // Every shape is its own named test (IntranodeMgpu.MatchesReference/<case>, IntranodeVrank.MatchesReference/
 // <case>/EP<N>).
+#include "protocol/intranode_layout.hpp"
 #include "ranks/intranode_check.hpp"
 
 namespace openep::test {
@@ -42,18 +43,21 @@ OPENEP_RANKS_CASES(Intranode, RoundsThroughASmallWindowMatchReference, RoundsCas
   IntranodeHandle h;
   run_case(buffer, w, seed_of(w), /*with_worst_case=*/true, &h);
   // The case really needed rounds: the batch does not fit the window in one go.
-  const int tokens_fit = std::max(1, w.num_tokens / c.fraction);
   EXPECT_GT(intranode_buffer_size_hint(R, h.max_pair_rows, w.hidden, 2, w.hidden / 128, w.num_topk), o.num_nvl_bytes)
       << "dispatch fitted one round: max_pair_rows " << h.max_pair_rows;
-  EXPECT_GT(h.max_num_tokens, tokens_fit) << "combine fitted one round";
+  // Combine's stage holds a pair's rows in the receiver's order: it needed rounds when the largest pair exceeds a part.
+  using ::openep::detail::IntranodeLayout;
+  const int64_t stage = IntranodeLayout::combine_stage_rows(
+      o.num_nvl_bytes, IntranodeLayout::combine_record_bytes(w.hidden, w.with_topk ? w.num_topk : 0), R);
+  EXPECT_GT(h.max_pair_rows, stage) << "combine fitted one round";
 }
 
 // A Buffer sized the DeepEP way (num_nvl_bytes = the larger of DeepEP V1's hints for the default dispatch and combine
 // configs, hidden_bytes = 2 x hidden) runs the DeepSeek-V3-like batches of issue 16: 4096 and 8192 tokens per rank,
 // hidden 7168, top-8, bitwise against the reference (exact, cached, combine; not capped by kWorldTokens: these are
-// the sizes the test is about). Before rounds these raised kBufferTooSmall. At 4096 tokens dispatch takes one round
-// (a window part per peer) and combine one at EP2, two at EP4/8 (tests/cpu/intranode_layout_test.cpp); at 8192 both
-// take two or more.
+// the sizes the test is about). Before rounds these raised kBufferTooSmall. At 4096 tokens dispatch and combine take
+// one round at EP2/4/8 (a window part per peer; combine's stage in the receiver's order, tests/cpu/
+// intranode_layout_test.cpp); at 8192 both take two or more.
 inline std::vector<std::pair<std::string, Case>> deepep_sized_cases() {
   const std::vector<Case> cases = {
       {4096, 7168, 8, 32, false, true, Route::kUniform},
