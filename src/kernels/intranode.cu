@@ -33,6 +33,7 @@
 
 #include "device/barrier.cuh"
 #include "device/copy.cuh"
+#include "device/ticket.cuh"
 #include "device/wait.cuh"
 #include "kernels/load.hpp"
 #include "kernels/intranode_launch.hpp"
@@ -451,6 +452,40 @@ __global__ void __launch_bounds__(kThreads, 1) intranode_dispatch_kernel(const _
 constexpr int kCombineThreads = 512;  // 16 warps: 128 registers per thread for the reducer's loads in flight
 constexpr int kCombineWarps = kCombineThreads / 32;
 
+// Block 0 tells every peer where this rank's combine input is (IntranodeLayout::CombineInputDesc), epoch last. The
+// input was written before this kernel (stream order); the system-scope fence makes those writes visible to peers
+// that acquire the epoch.
+__device__ __forceinline__ void publish_combine_input(const CombineParams& p, uint64_t epoch) {
+  if (blockIdx.x != 0 || threadIdx.x >= p.num_ranks || threadIdx.x == p.rank) return;
+  L::CombineInputDesc* d = at<L::CombineInputDesc>(p.window, threadIdx.x, L::in_desc(p.rank));
+  d->x = p.in_pool ? p.in_x : -1;
+  d->topk_weights = p.in_pool ? p.in_topk_weights : -1;
+  ptx::fence_acq_rel_sys();
+  ptx::st_release_sys(&d->epoch, epoch);
+}
+
+// Where a reducer reads peer d's rows: straight from d's window-backed input (pull) or from my stage part for d.
+struct CombineSource {
+  const uint16_t* x;    // d's combine input in d's window, or null: d pushed into my stage
+  const float* topk_weights;
+};
+
+// Thread d of the block waits for peer d's CombineInputDesc of this round and resolves it against d's window.
+// Returns false on timeout (recorded). Threads without a peer return true with a null source.
+__device__ __forceinline__ bool read_combine_source(const CombineParams& p, uint64_t epoch, CombineSource& src) {
+  const int d = threadIdx.x;
+  src = CombineSource{nullptr, nullptr};
+  if (d >= p.num_ranks || d == p.rank) return true;
+  L::CombineInputDesc* desc = at<L::CombineInputDesc>(p.window, p.rank, L::in_desc(d));
+  if (!device::wait_geq(p.wait, &desc->epoch, epoch, d, Phase::kCombineData)) return false;
+  const volatile L::CombineInputDesc* v = desc;
+  if (v->x < 0) return true;
+  char* base = p.window.peer_bases[d];
+  src.x = reinterpret_cast<const uint16_t*>(base + v->x);
+  src.topk_weights = v->topk_weights >= 0 ? reinterpret_cast<const float*>(base + v->topk_weights) : nullptr;
+  return true;
+}
+
 __device__ void combine_sender(const CombineParams& p, uint64_t epoch) {
   const int R = p.num_ranks, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row_int4 = p.hidden * 2 / 16;
@@ -535,9 +570,10 @@ __device__ __forceinline__ void reduce_columns(const int4* const (&src)[kR], con
 
 // One warp reduces token t. kR >= num_ranks is a compile-time bound so the row pointers stay in registers.
 // lo[d]: the first row at peer d of my tokens (rows_before(me, d)); stage slots are relative to it.
+// pull[d]: peer d's window-backed input (its rows at their receive rows send_pos[t][d]), or null x (my stage).
 template <int kR>
-__device__ __forceinline__ void reduce_token(const CombineParams& p, const char* my_region, const int (&lo)[kR], int t,
-                                             int lane) {
+__device__ __forceinline__ void reduce_token(const CombineParams& p, const char* my_region, const int (&lo)[kR],
+                                             const CombineSource (&pull)[kR], int t, int lane) {
   constexpr int kU = kR >= 8 ? 1 : 8 / kR;  // 8 row loads in flight per lane
   const int R = p.num_ranks, row_int4 = p.hidden / 8;
   const int4* src[kR];
@@ -545,17 +581,19 @@ __device__ __forceinline__ void reduce_token(const CombineParams& p, const char*
 #pragma unroll
   for (int d = 0; d < kR; ++d) {
     const int pos = d < R ? p.send_pos[static_cast<int64_t>(t) * R + d] : -1;
-    const bool own = d == p.rank;
-    const char* slot = own || pos < 0
-                           ? nullptr
-                           : my_region + L::combine_stage(L::peer_slot(d, p.rank), L::combine_slot(pos - lo[d], p.stage_rows),
-                                                          p.stage_rows, p.record_bytes);
+    // Own rows and pulled rows are read at their receive row in the input; pushed rows from my stage part.
+    const uint16_t* in_x = d == p.rank ? p.x : pull[d].x;
+    const float* in_w = d == p.rank ? p.topk_weights : pull[d].topk_weights;
+    const char* slot = in_x || pos < 0 ? nullptr
+                                       : my_region + L::combine_stage(L::peer_slot(d, p.rank),
+                                                                      L::combine_slot(pos - lo[d], p.stage_rows),
+                                                                      p.stage_rows, p.record_bytes);
     src[d] = pos < 0 ? nullptr
-             : own   ? reinterpret_cast<const int4*>(p.x + static_cast<int64_t>(pos) * p.hidden)
+             : in_x  ? reinterpret_cast<const int4*>(in_x + static_cast<int64_t>(pos) * p.hidden)
                      : reinterpret_cast<const int4*>(slot);
     wsrc[d] = pos < 0 || p.num_topk == 0 ? nullptr
-              : own ? p.topk_weights + static_cast<int64_t>(pos) * p.num_topk
-                    : reinterpret_cast<const float*>(slot + L::align16(2 * static_cast<size_t>(p.hidden)));
+              : in_x ? in_w + static_cast<int64_t>(pos) * p.num_topk
+                     : reinterpret_cast<const float*>(slot + L::align16(2 * static_cast<size_t>(p.hidden)));
   }
   const int4* b0 = p.bias_0 ? reinterpret_cast<const int4*>(p.bias_0 + static_cast<int64_t>(t) * p.hidden) : nullptr;
   const int4* b1 = p.bias_1 ? reinterpret_cast<const int4*>(p.bias_1 + static_cast<int64_t>(t) * p.hidden) : nullptr;
@@ -600,9 +638,11 @@ __device__ __forceinline__ bool wait_returned_rows(const CombineParams& p, int d
   return __all_sync(0xffffffffu, ok);
 }
 
+// Returns false on a timeout (recorded).
 template <int kR>
-__device__ void combine_reducer(const CombineParams& p, uint64_t epoch) {
+__device__ bool combine_reducer(const CombineParams& p, uint64_t epoch) {
   __shared__ int s_failed;
+  __shared__ CombineSource s_pull[L::kMaxRanks];
   const int R = p.num_ranks, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int reducer = blockIdx.x - p.num_senders, num_reducers = gridDim.x - p.num_senders;
   const int chunk = L::chunk_tokens(p.num_tokens), num_chunks = L::num_chunks(p.num_tokens);
@@ -612,14 +652,40 @@ __device__ void combine_reducer(const CombineParams& p, uint64_t epoch) {
   for (int d = 0; d < kR; ++d) lo[d] = d < R ? rows_before(p.rank_prefix_matrix, R, p.rank, d) : 0;
   if (threadIdx.x == 0) s_failed = 0;
   __syncthreads();
+  if (threadIdx.x < L::kMaxRanks) {
+    CombineSource src;
+    if (!read_combine_source(p, epoch, src)) s_failed = 1;
+    s_pull[threadIdx.x] = src;
+  }
+  __syncthreads();
+  if (s_failed) return false;
+  CombineSource pull[kR];
+#pragma unroll
+  for (int d = 0; d < kR; ++d) pull[d] = d < L::kMaxRanks ? s_pull[d] : CombineSource{nullptr, nullptr};
   for (int c = reducer; c < num_chunks; c += num_reducers) {
     const int t0 = max(c * chunk, p.tok_lo), t1 = min(min(p.num_tokens, c * chunk + chunk), p.tok_hi);
     if (t0 >= t1) continue;  // outside this round (uniform across the block)
-    if (warp < R && warp != p.rank && !wait_returned_rows(p, warp, t0, t1, epoch, lane) && lane == 0) s_failed = 1;
+    if (warp < R && warp != p.rank && !s_pull[warp].x && !wait_returned_rows(p, warp, t0, t1, epoch, lane) &&
+        lane == 0)
+      s_failed = 1;
     __syncthreads();
-    if (s_failed) return;
-    for (int t = t0 + warp; t < t1; t += kCombineWarps) reduce_token<kR>(p, my_region, lo, t, lane);
+    if (s_failed) return false;
+    for (int t = t0 + warp; t < t1; t += kCombineWarps) reduce_token<kR>(p, my_region, lo, pull, t, lane);
   }
+  return true;
+}
+
+// Every block, at the end of the kernel: the last one (all this rank's reads of peers' inputs are done) tells every
+// peer so in the last round, and when this rank's input is window-backed it waits until every peer has said the
+// same (bounded, recorded on timeout), so the caller may reuse the input once the kernel is over.
+__device__ __forceinline__ void finish_combine(const CombineParams& p, uint64_t epoch) {
+  if (p.round != p.num_rounds - 1 || p.num_ranks == 1) return;
+  if (!device::last_block<true>(p.ticket)) return;
+  const int d = threadIdx.x;
+  if (d >= p.num_ranks || d == p.rank) return;
+  ptx::st_release_sys(at<uint64_t>(p.window, d, L::combine_done(p.rank)), epoch);
+  if (p.in_pool)
+    device::wait_geq(p.wait, at<uint64_t>(p.window, p.rank, L::combine_done(d)), epoch, d, Phase::kCombineData);
 }
 
 // True when this launch's rounds hold every pair's rows (the same answer on every rank: the matrix and the token
@@ -661,8 +727,10 @@ __global__ void __launch_bounds__(kCombineThreads, 1) intranode_combine_kernel(c
   __syncthreads();
   if (!s_fit) return;
   const uint64_t epoch = *p.op_epoch;
+  publish_combine_input(p, epoch);
   if (blockIdx.x < p.num_senders) combine_sender(p, epoch);
-  else combine_reducer<kR>(p, epoch);
+  else if (!combine_reducer<kR>(p, epoch)) return;  // timed out (recorded): this Buffer refuses further work
+  finish_combine(p, epoch);
 }
 
 }  // namespace
@@ -680,8 +748,8 @@ void launch_intranode_dispatch(const DispatchParams& p, int num_blocks, cudaStre
 }
 
 void launch_intranode_combine(const CombineParams& p, int num_blocks, cudaStream_t stream) {
-  OPENEP_CHECK(p.num_senders >= 1 && p.num_senders < num_blocks, ErrorCode::kInternal, "combine with ",
-               p.num_senders, " senders of ", num_blocks, " blocks");
+  OPENEP_CHECK((p.num_senders >= 1 || p.in_pool) && p.num_senders >= 0 && p.num_senders < num_blocks,
+               ErrorCode::kInternal, "combine with ", p.num_senders, " senders of ", num_blocks, " blocks");
   if (p.num_ranks <= 2) intranode_combine_kernel<2><<<num_blocks, kCombineThreads, 0, stream>>>(p);
   else if (p.num_ranks <= 4) intranode_combine_kernel<4><<<num_blocks, kCombineThreads, 0, stream>>>(p);
   else intranode_combine_kernel<8><<<num_blocks, kCombineThreads, 0, stream>>>(p);

@@ -100,7 +100,13 @@ struct CombineParams {
   int64_t stage_rows;               // stage slots per peer (IntranodeLayout::combine_stage_rows)
   // This launch's round of num_rounds: the owner's tokens [tok_lo, tok_hi) (all of them in one round); a peer's row
   // lo + rel of the owner's tokens is at stage slot (peer, IntranodeLayout::combine_slot(rel, stage_rows)).
-  int tok_lo, tok_hi, num_rounds;
+  int tok_lo, tok_hi, round, num_rounds;
+  // Window-backed combine input (x and, with num_topk > 0, topk_weights from Buffer::alloc_recv): offsets from this
+  // rank's window base (-1 = not in the pool). in_pool: the owners pull this rank's rows (no sender blocks), and the
+  // kernel's last round ends only once every peer has finished reading them (IntranodeLayout::combine_done).
+  int64_t in_x, in_topk_weights;
+  bool in_pool;
+  uint32_t* ticket;                 // LocalState::combine_ticket
   WaitContext wait;
 };
 void launch_intranode_combine(const CombineParams& p, int num_blocks, cudaStream_t stream);

@@ -11,6 +11,8 @@
 //     int32  dispatch_ranges[kMaxRanks][kMaxChunks][2]   (first row, row count) of source s's chunk c here
 //     uint64 combine_flags[kMaxRanks][kMaxChunks]  set to the op epoch by rank d when it returned my chunk c
 //     OutputDesc out_desc[kMaxRanks]               written by rank d each dispatch round: where d's outputs are
+//     CombineInputDesc in_desc[kMaxRanks]          written by rank d each combine round: where d's combine input is
+//     uint64 combine_done[kMaxRanks]               set to the op epoch by rank d once it stopped reading my input
 //   data (from data_offset; dispatch and combine use it at different times, separated by barriers). Own rows never
 //   pass through it (they go straight from the caller's input to the caller's output), so it is split among the
 //   R - 1 PEERS only, peer p at slot peer_slot(p, me) (p < me ? p : p - 1):
@@ -53,8 +55,17 @@ struct IntranodeLayout {
     int64_t x, scales, topk_idx, topk_weights, src_idx;
     int32_t topk_int64, pad;
   };
+  // Where a rank's combine input is (offsets from its WINDOW base; x = -1: not window-backed, so the rank pushes its
+  // rows into the owners' stages). When x (and the weights, if any) lie in the pool, the owners' reducers read the
+  // rows straight from it (pull) and the rank pushes nothing. Published at every combine round, `epoch` last.
+  struct CombineInputDesc {
+    uint64_t epoch;
+    int64_t x, topk_weights;
+  };
+  static constexpr size_t kInDescOffset = kOutDescOffset + sizeof(OutputDesc) * kMaxRanks;
+  static constexpr size_t kCombineDoneOffset = kInDescOffset + sizeof(CombineInputDesc) * kMaxRanks;
   static constexpr size_t kDataOffset =
-      (kOutDescOffset + sizeof(OutputDesc) * kMaxRanks + 4095) / 4096 * 4096;
+      (kCombineDoneOffset + sizeof(uint64_t) * kMaxRanks + 4095) / 4096 * 4096;
 
   OPENEP_HOST_DEVICE static size_t align16(size_t v) { return (v + 15) / 16 * 16; }
 
@@ -83,6 +94,10 @@ struct IntranodeLayout {
   }
   // OutputDesc of rank d (in the region owner's header).
   OPENEP_HOST_DEVICE static size_t out_desc(int d) { return kOutDescOffset + sizeof(OutputDesc) * d; }
+  // CombineInputDesc of rank d (in the region owner's header).
+  OPENEP_HOST_DEVICE static size_t in_desc(int d) { return kInDescOffset + sizeof(CombineInputDesc) * d; }
+  // uint64: op epoch once rank d has finished reading the region owner's combine input (last round of a combine).
+  OPENEP_HOST_DEVICE static size_t combine_done(int d) { return kCombineDoneOffset + sizeof(uint64_t) * d; }
   // Dispatch record `i` of the data region (i = peer_slot(s, me) * peer_rows + row within source s's round).
   OPENEP_HOST_DEVICE static size_t dispatch_record(int64_t i, size_t record_bytes) {
     return kDataOffset + static_cast<size_t>(i) * record_bytes;

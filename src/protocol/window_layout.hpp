@@ -45,7 +45,7 @@ struct LocalState {
   uint64_t barrier_epoch[kNumBarrierSlots];   // completed barriers per slot (monotonic)
   uint64_t op_epoch;                          // intranode operations started (monotonic)
   int32_t error_claim;                        // see device_error.hpp
-  int32_t pad;
+  uint32_t combine_ticket;                    // last-block ticket of the intranode combine (device/ticket.cuh)
 };
 
 }  // namespace openep::detail

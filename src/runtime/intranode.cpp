@@ -216,6 +216,15 @@ int dispatch_senders(int blocks) {
   return s < 1 ? 1 : (s >= blocks ? blocks - 1 : s);
 }
 
+// Offset of [ptr, ptr + bytes) from the window base if it lies in the recv pool (Buffer::alloc_recv), else -1.
+int64_t pool_offset(const Buffer::Impl& m, const void* ptr, size_t bytes) {
+  if (m.window_layout.pool_bytes == 0 || !ptr) return -1;
+  const char* lo = m.pool_base();
+  const char* hi = lo + m.window_layout.pool_bytes;
+  const char* c = static_cast<const char*>(ptr);
+  return c >= lo && c + bytes <= hi ? static_cast<int64_t>(c - m.win.local) : -1;
+}
+
 // Window-backed outputs (Buffer::alloc_recv): when every output this dispatch writes lies in the pool, the peers store
 // rows straight into them (their offsets go to the peers in the kernel's OutputDesc) and this rank's receivers only
 // wait for the flags, so all blocks but one push. Otherwise the rows come through the window and are copied out.
@@ -224,13 +233,7 @@ void set_output_pool(const Buffer::Impl& m, detail::DispatchParams& p, int num_r
   p.out_x = p.out_scales = p.out_topk_idx = p.out_topk_weights = p.out_src_idx = -1;
   p.num_senders = dispatch_senders(blocks);
   if (m.window_layout.pool_bytes == 0 || num_recv_rows <= 0) return;
-  const char* lo = m.pool_base();
-  const char* hi = lo + m.window_layout.pool_bytes;
-  // Offset of [ptr, ptr + bytes) from the window base if it lies in the pool, else -1.
-  auto offset = [&](const void* ptr, size_t bytes) -> int64_t {
-    const char* c = static_cast<const char*>(ptr);
-    return c && c >= lo && c + bytes <= hi ? static_cast<int64_t>(c - m.win.local) : -1;
-  };
+  auto offset = [&](const void* ptr, size_t bytes) { return pool_offset(m, ptr, bytes); };
   const size_t n = static_cast<size_t>(num_recv_rows);
   p.out_x = offset(p.recv_x, n * p.row_bytes);
   bool all = p.out_x >= 0;
@@ -420,9 +423,17 @@ void Buffer::combine(const CombineArgs& a, const IntranodeHandle& h, const Combi
   const int64_t round_tokens = rounds > 1 ? (h.max_num_tokens + rounds - 1) / rounds : 0;
   p.stage_rows = stage_rows;
   p.tok_lo = 0, p.tok_hi = INT_MAX, p.num_rounds = static_cast<int>(rounds);
+  // Window-backed input (x and the weights from Buffer::alloc_recv): the owners pull the rows, nothing is pushed.
+  const size_t n = static_cast<size_t>(h.num_recv_tokens);
+  p.in_x = n ? pool_offset(m, a.x, n * a.hidden * 2) : -1;
+  p.in_topk_weights = n && K ? pool_offset(m, a.topk_weights, n * K * sizeof(float)) : -1;
+  p.in_pool = p.in_x >= 0 && (K == 0 || p.in_topk_weights >= 0);
+  if (p.in_pool) p.num_senders = 0;
+  p.ticket = &m.local_state->combine_ticket;
   p.wait = m.wait_context();
   for (int64_t k = 0; k < rounds; ++k) {
     if (k > 0) detail::launch_intranode_prepare(pp, stream);  // barrier (the stage is free again) and a new epoch
+    p.round = static_cast<int>(k);
     if (rounds > 1) p.tok_lo = static_cast<int>(k * round_tokens), p.tok_hi = static_cast<int>((k + 1) * round_tokens);
     detail::launch_intranode_combine(p, blocks, stream);
   }

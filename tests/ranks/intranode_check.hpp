@@ -390,10 +390,15 @@ inline void run_case(Buffer& buffer, const Case& c, uint64_t seed, bool with_wor
     d.handle.recv_src_idx = d.src_idx.get();
   }
 
-  // Combine (BF16): feed back the received rows (as BF16) and weights; compare bitwise with the reference.
+  // Combine (BF16): feed back the received rows (as BF16) and weights; compare bitwise with the reference. With
+  // pool_outputs the input comes from the pool too, so the peers pull this rank's rows instead of it pushing them.
   if (!c.fp8) {
-    DeviceArray<uint16_t> y(w.cin[me].x), out(static_cast<size_t>(c.num_tokens) * c.hidden);
-    DeviceArray<float> wts(w.cin[me].topk_weights), wout(static_cast<size_t>(c.num_tokens) * c.num_topk);
+    Dispatched input_pieces;  // gives the pool pieces of the combine input back at the end
+    DeviceArray<uint16_t> y = run.output<uint16_t>(input_pieces, w.cin[me].x.size());
+    DeviceArray<float> wts = run.output<float>(input_pieces, w.cin[me].topk_weights.size());
+    y.upload(w.cin[me].x), wts.upload(w.cin[me].topk_weights);
+    DeviceArray<uint16_t> out(static_cast<size_t>(c.num_tokens) * c.hidden);
+    DeviceArray<float> wout(static_cast<size_t>(c.num_tokens) * c.num_topk);
     DeviceArray<uint16_t> bias0(c.bias ? w.b0[me] : std::vector<uint16_t>{});
     DeviceArray<uint16_t> bias1(c.bias ? w.b1[me] : std::vector<uint16_t>{});
     out.poison(), wout.poison();

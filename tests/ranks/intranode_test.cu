@@ -15,9 +15,10 @@ OPENEP_RANKS_CASES(Intranode, MatchesReference, Case, shape_cases, 2, 4, 8) {
   run_case(buffer, w, seed_of(c));
 }
 
-// Window-backed outputs (Buffer::alloc_recv): every rank but rank 1 takes its dispatch outputs from the pool, so the
-// peers store rows straight into them; rank 1 keeps its own memory (rows through its window, copied out). Exact,
-// worst-case and cached dispatch and combine, the whole shape matrix, bitwise against the reference.
+// Window-backed outputs (Buffer::alloc_recv): every rank but rank 1 takes its dispatch outputs and its combine input
+// from the pool, so the peers store rows straight into them and pull its combine rows; rank 1 keeps its own memory
+// (rows through its window, copied out; combine rows pushed into the owners' stages). Exact, worst-case and cached
+// dispatch and combine, the whole shape matrix, bitwise against the reference.
 OPENEP_RANKS_CASES(Intranode, WindowBackedOutputsMatchReference, Case, shape_cases, 2, 4, 8) {
   const int R = world_group().num_ranks();
   const Case w = for_world(c, R);
@@ -50,6 +51,22 @@ OPENEP_RANKS_CASES(Intranode, RoundsThroughASmallWindowMatchReference, RoundsCas
   const int64_t stage = IntranodeLayout::combine_stage_rows(
       o.num_nvl_bytes, IntranodeLayout::combine_record_bytes(w.hidden, w.with_topk ? w.num_topk : 0), R);
   EXPECT_GT(h.max_pair_rows, stage) << "combine fitted one round";
+}
+
+// Rounds with window-backed outputs and combine inputs on every rank but rank 1: pulled and pushed combine rows in one
+// world, through a stage that needs rounds for the pushed ones.
+OPENEP_RANKS_CASES(Intranode, RoundsWithWindowBackedOutputsMatchReference, RoundsCase, rounds_cases, 2, 4, 8) {
+  const int R = world_group().num_ranks();
+  const Case w = for_world(c.c, R);
+  BufferOptions o = options_for(w, R);
+  o.num_nvl_bytes = intranode_buffer_size_hint(R, std::max(1, w.num_tokens / c.fraction), w.hidden, 2,
+                                               w.hidden / 128, w.num_topk);
+  const size_t row = static_cast<size_t>(w.hidden) * (w.fp8 ? 1 : 2) + 4 + 12 * w.num_topk + 4 * (w.hidden / 128);
+  o.num_recv_pool_bytes = (3 * (static_cast<size_t>(R) * (w.num_tokens + 3) * row + 6 * 256) + 127) / 128 * 128;
+  Buffer buffer(world_group(), o);
+  const bool pool = world_group().rank() != 1;
+  run_case(buffer, w, seed_of(w), /*with_worst_case=*/true, nullptr, pool);
+  if (pool) EXPECT_EQ(buffer.recv_pool_free_bytes(), o.num_recv_pool_bytes) << "pool memory not given back";
 }
 
 // A Buffer sized the DeepEP way (num_nvl_bytes = the larger of DeepEP V1's hints for the default dispatch and combine
