@@ -318,6 +318,19 @@ class Buffer(StreamOps, IntranodeOps, InternodeOps, LowLatencyOps):
             t = t[:n].view(size)
         return t
 
+    def empty_recv(self, shape, dtype):
+        """OpenEP extension: an uninitialised tensor on this rank's GPU from the window-backed recv pool
+        (``num_recv_pool_bytes``), or from torch when the pool has no room (or the Buffer has none). Its memory returns
+        to the pool when the tensor is freed, in the order of the stream current at that moment.
+
+        Use it for an intranode combine input (the expert output): when ``x`` (and ``topk_weights``, if given) come
+        from the pool, the peers read this rank's rows straight from it and this rank pushes nothing (no sender
+        blocks; the combine returns only once every peer has finished reading). Any other tensor works as before.
+        Ran in C++ on virtual ranks on one GPU; from Python only on one rank (no peer), NOT YET on 2+ GPUs.
+        """
+        self._rt("empty_recv")
+        return self._recv_empty(tuple(shape), dtype)
+
     def synchronize(self):
         """OpenEP extension: waits for the communication stream and raises any error a kernel recorded (e.g. a
         peer timeout) as OpenEPError."""

@@ -81,6 +81,12 @@ def _to_gpu(ctx, i):
             i.topk_idx.to(ctx.device), i.topk_weights.to(ctx.device))
 
 
+def _config(ctx):
+    """None (DeepEP's table) on 2+ ranks; on one rank an explicit Config, since DeepEP's table (and so the default)
+    has no entry for 1 rank."""
+    return openep.Config(openep.Buffer.num_sms, 8, 256, 6, 128) if ctx.R == 1 else None
+
+
 def run_dispatch(ctx, inputs, with_topk=True, async_finish=False, previous=False, alignment=1, worst=0):
     b = ctx.buffer
     x, scales, idx, w = _to_gpu(ctx, inputs[ctx.rank])
@@ -90,7 +96,7 @@ def run_dispatch(ctx, inputs, with_topk=True, async_finish=False, previous=False
     out = b.dispatch((x, scales) if scales is not None else x, num_tokens_per_rank=ntpr, is_token_in_rank=itir,
                      num_tokens_per_expert=ntpe, topk_idx=idx if with_topk else None,
                      topk_weights=w if with_topk else None, expert_alignment=alignment, num_worst_tokens=worst,
-                     previous_event=prev, async_finish=async_finish)
+                     previous_event=prev, async_finish=async_finish, config=_config(ctx))
     event = out[-1]
     assert (event.event is not None) == async_finish
     if async_finish:
@@ -148,7 +154,7 @@ def run_and_check_combine(ctx, inputs, expect, handle, recv_w, seed, worst=0, wi
     mine = inputs[ctx.rank]
     b = (mine.bias[0].to(ctx.device), mine.bias[1].to(ctx.device)) if bias else None
     combined, combined_w, event = ctx.buffer.combine(y, handle, topk_weights=recv_w if with_topk else None,
-                                                     bias=b, async_finish=async_finish)
+                                                     bias=b, async_finish=async_finish, config=_config(ctx))
     if async_finish:
         with event:
             pass
@@ -247,6 +253,53 @@ def dispatch_window_backed_outputs(ctx):
         b.destroy()
 
 
+def combine_window_backed_input(ctx):
+    """Buffer.empty_recv: a combine input (and weights) from the pool gives the reference's result (peers pull it;
+    one rank: nothing to pull, the kernel runs without sender blocks); a full pool falls back to torch memory; the
+    pool's memory comes back when the tensors go."""
+    import gc
+    torch = ctx.torch
+    rows = ctx.R * ctx.max_tokens  # room for one dispatch's outputs and the combine input
+    out_row = HIDDEN * 2 + (HIDDEN // 128) * 4 + TOPK * 12 + 4
+    pool = (rows * (out_row + HIDDEN * 2 + TOPK * 4) + 8 * 256 + 127) // 128 * 128
+    b = openep.Buffer(ctx.group, num_nvl_bytes=ctx.buffer.num_nvl_bytes, explicitly_destroy=True,
+                      num_recv_pool_bytes=pool)
+    saved, ctx.buffer = ctx.buffer, b
+    try:
+        inputs = make_inputs(ctx, 70)
+        expect = reference_dispatch(inputs)
+        out, itir = run_dispatch(ctx, inputs)
+        free_after_dispatch = b.runtime.recv_pool_free_bytes
+        check_dispatch(ctx, out, itir, expect)
+        n = expect.recv(ctx.rank)["num_recv_tokens"]
+        y_cpu = torch.randn(n, HIDDEN, generator=torch.Generator().manual_seed(71)).to(torch.bfloat16)
+        y = b.empty_recv((n, HIDDEN), torch.bfloat16)
+        w = b.empty_recv(out[2].shape, torch.float32)
+        assert y.shape == (n, HIDDEN) and y.dtype == torch.bfloat16 and y.device == ctx.device
+        if n:
+            assert b.runtime.recv_pool_free_bytes < free_after_dispatch, "empty_recv did not use the pool"
+        y.copy_(y_cpu), w.copy_(out[2])
+        big = b.empty_recv((pool,), torch.uint8)  # more than is left: torch memory
+        assert big.numel() == pool
+        ys = [None] * ctx.R
+        ys[ctx.rank] = y_cpu
+        for d in range(ctx.R):  # every rank's input, as run_and_check_combine draws them, for the reference
+            if d != ctx.rank:
+                g = torch.Generator().manual_seed(71)
+                ys[d] = torch.randn(expect.recv(d)["num_recv_tokens"], HIDDEN, generator=g).to(torch.bfloat16)
+        want = ref.combine(expect, ys, [expect.recv(d)["topk_weights"] for d in range(ctx.R)])[ctx.rank]
+        combined, combined_w, _ = b.combine(y, out[4], topk_weights=w, config=_config(ctx))
+        assert _bytes_equal(combined, want[0]), "combined_x differs from the reference (bitwise)"
+        assert torch.equal(combined_w.cpu(), want[1])
+        del y, w, big, combined, combined_w, out
+        gc.collect()
+        torch.cuda.synchronize()
+        assert b.runtime.recv_pool_free_bytes == pool, "pool memory not given back"
+    finally:
+        ctx.buffer = saved
+        b.destroy()
+
+
 def dispatch_expert_alignment(ctx):
     inputs = make_inputs(ctx, 41)
     expect = reference_dispatch(inputs, alignment=8)
@@ -283,7 +336,8 @@ def dispatch_cached(ctx):
         x, scales, _, _ = _to_gpu(ctx, new[ctx.rank])
         for async_finish in (False, True):
             res = ctx.buffer.dispatch((x, scales) if fp8 else x, handle=handle, async_finish=async_finish,
-                                      previous_event=ctx.buffer.capture() if async_finish else None)
+                                      previous_event=ctx.buffer.capture() if async_finish else None,
+                                      config=_config(ctx))
             assert res[1:5] == (None, None, None, None)
             if async_finish:
                 res[5].current_stream_wait()
@@ -297,7 +351,7 @@ def dispatch_cached(ctx):
     run_and_check_combine(ctx, inputs, expect, handle, out[2], 63, bias=False)
     # cached mode refuses top-k
     try:
-        ctx.buffer.dispatch(x, handle=handle, topk_idx=_to_gpu(ctx, inputs[ctx.rank])[2])
+        ctx.buffer.dispatch(x, handle=handle, topk_idx=_to_gpu(ctx, inputs[ctx.rank])[2], config=_config(ctx))
         raise AssertionError("cached dispatch accepted topk_idx")
     except openep.OpenEPError as e:
         assert e.code == "invalid_argument"

@@ -47,6 +47,10 @@ def test_dispatch_window_backed_outputs():
     _run("dispatch_window_backed_outputs")
 
 
+def test_combine_window_backed_input():
+    _run("combine_window_backed_input")
+
+
 def test_dispatch_expert_alignment():
     _run("dispatch_expert_alignment")
 

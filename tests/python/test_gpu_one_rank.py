@@ -31,7 +31,10 @@ def test_one_rank_layout_matches_reference():
     _run("layout")
 
 
-# Not here yet: the dispatch cases (dispatch_combine_bf16, dispatch_window_backed_outputs, dispatch_worst_tokens,
-# dispatch_cached). They call dispatch without a config, and the default config table is DeepEP's, which has no
-# entry for 1 rank (OpenEPError "get_dispatch_config: unsupported number of EP ranks 1", seen on 1x H200 at 38a7bf2).
-# They need an explicit Config on one rank first.
+# The dispatch cases pass an explicit Config on one rank (_gpu_cases._config): DeepEP's table, the default, has no
+# entry for 1 rank (OpenEPError "get_dispatch_config: unsupported number of EP ranks 1", as DeepEP).
+@pytest.mark.parametrize("name", ["dispatch_combine_bf16", "dispatch_combine_fp8", "dispatch_int32_topk",
+                                  "dispatch_window_backed_outputs", "dispatch_expert_alignment",
+                                  "dispatch_worst_tokens", "dispatch_cached", "combine_window_backed_input"])
+def test_one_rank_dispatch(name):
+    _run(name)
