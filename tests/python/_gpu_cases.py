@@ -275,7 +275,7 @@ def combine_window_backed_input(ctx):
         y_cpu = torch.randn(n, HIDDEN, generator=torch.Generator().manual_seed(71)).to(torch.bfloat16)
         y = b.empty_recv((n, HIDDEN), torch.bfloat16)
         w = b.empty_recv(out[2].shape, torch.float32)
-        assert y.shape == (n, HIDDEN) and y.dtype == torch.bfloat16 and y.device == ctx.device
+        assert y.shape == (n, HIDDEN) and y.dtype == torch.bfloat16 and y.device == torch.device(ctx.device)
         if n:
             assert b.runtime.recv_pool_free_bytes < free_after_dispatch, "empty_recv did not use the pool"
         y.copy_(y_cpu), w.copy_(out[2])
