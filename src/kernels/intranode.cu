@@ -6,10 +6,10 @@
 //    counts for each peer into that peer's header, barrier again (release/acquire), and computes the handle:
 //    rank_prefix_matrix, num_tokens_per_src and send_pos[t][d] = sum_{s<me} counts[s][d] + (rank of t among
 //    my tokens going to d). The op epoch is incremented last.
-//  dispatch: sender blocks take chunks of this rank's tokens; per destination d, dedicated warps write each
-//    token's record into d's window part for this source, at the token's place in its final receive order (for
-//    d == me straight into the caller's outputs), then one thread per destination publishes (first record,
-//    count) and st.release.sys's dispatch_flags[me][c] = epoch in d's header. Receiver blocks wait (acquire) for
+//  dispatch: sender blocks take chunks of this rank's tokens; own warps copy own rows into the caller's outputs,
+//    peer warps load each token once and store it to every peer d it goes to: its record in d's window part for
+//    this source (or d's window-backed outputs), at the token's place in its final receive order; then one
+//    thread per destination publishes (first record, count) and st.release.sys's dispatch_flags[me][c] = epoch in d's header. Receiver blocks wait (acquire) for
 //    each (source, chunk) flag and copy those records from the window into the caller's outputs at their final
 //    rows. No rings; flow control is the barrier between rounds (below).
 //  combine: sender blocks take (row block b, source s) pairs of the rows this rank received from s (blocks of
@@ -248,12 +248,14 @@ __device__ __forceinline__ void store_topk(const DispatchParams& p, int64_t row,
   p.recv_topk_weights[i] = w;
 }
 
-// One warp stores token t's row and metadata into destination outputs (d's window-backed outputs) at row `row`.
-__device__ __forceinline__ void send_token_to_outputs(const DispatchParams& p, const Destination& o, int t, int d,
+// Token t's row in the caller's input.
+__device__ __forceinline__ const int4* token_row(const DispatchParams& p, int t) {
+  return reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + static_cast<int64_t>(t) * p.row_bytes);
+}
+
+// One warp stores token t's metadata (source index, local top-k, scales) into destination outputs at row `row`.
+__device__ __forceinline__ void store_meta_to_outputs(const DispatchParams& p, const Destination& o, int t, int d,
                                                       int row, int lane) {
-  const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + static_cast<int64_t>(t) * p.row_bytes);
-  int4* dst = reinterpret_cast<int4*>(o.x + static_cast<int64_t>(row) * p.row_bytes);
-  device::copy_warp<device::Source::kInput>(dst, src, p.row_bytes / 16, lane);
   if (lane == 0 && o.src_idx) o.src_idx[row] = t;
   if (o.topk_idx) {
     for (int k = lane; k < p.num_topk; k += 32) {
@@ -269,18 +271,28 @@ __device__ __forceinline__ void send_token_to_outputs(const DispatchParams& p, c
       o.scales[static_cast<int64_t>(row) * p.num_scales + j] = TokenMeta::scale(p, t, j);
 }
 
+// One warp stores token t's row and metadata into destination outputs (this rank's own) at row `row`.
+__device__ __forceinline__ void send_token_to_outputs(const DispatchParams& p, const Destination& o, int t, int d,
+                                                      int row, int lane) {
+  int4* dst = reinterpret_cast<int4*>(o.x + static_cast<int64_t>(row) * p.row_bytes);
+  device::copy_warp<device::Source::kInput>(dst, token_row(p, t), p.row_bytes / 16, lane);
+  store_meta_to_outputs(p, o, t, d, row, lane);
+}
+
 // This rank's own outputs as a Destination: its own rows go straight there, whatever the peers use.
 __device__ __forceinline__ Destination own_outputs(const DispatchParams& p) {
   return Destination{static_cast<char*>(p.recv_x), p.recv_x_scales, p.recv_topk_idx, p.recv_topk_weights,
                      p.recv_src_idx, p.topk_int64};
 }
 
-// One warp stores token t (row, then metadata) as record `rec_i` of peer d's window part.
-__device__ __forceinline__ void send_token_to_window(const DispatchParams& p, int t, int d, int64_t rec_i, int lane) {
-  const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + static_cast<int64_t>(t) * p.row_bytes);
-  char* rec = region(p.window, d) + L::dispatch_record(rec_i, p.record_bytes);
-  device::copy_warp<device::Source::kInput>(reinterpret_cast<int4*>(rec), src, p.row_bytes / 16, lane);
-  int32_t* meta = reinterpret_cast<int32_t*>(rec + L::align16(p.row_bytes));
+// Record `rec_i` of peer d's window part: the row, then the metadata at align16(row_bytes).
+__device__ __forceinline__ char* window_record(const DispatchParams& p, int d, int64_t rec_i) {
+  return region(p.window, d) + L::dispatch_record(rec_i, p.record_bytes);
+}
+
+// One warp stores token t's metadata into record `rec_i` of peer d's window part.
+__device__ __forceinline__ void store_meta_to_window(const DispatchParams& p, int t, int d, int64_t rec_i, int lane) {
+  int32_t* meta = reinterpret_cast<int32_t*>(window_record(p, d, rec_i) + L::align16(p.row_bytes));
   if (lane == 0) meta[0] = t;
   for (int k = lane; k < p.num_topk; k += 32) {
     const int local = TokenMeta::local_expert(p, t, k, d);
@@ -324,19 +336,27 @@ __device__ __forceinline__ bool read_destination(const DispatchParams& p, uint64
   return true;
 }
 
+// Sender warps have two roles. The first kWarps / R warps (the own rows' share of the stores) copy this rank's
+// own rows into its outputs. The others are peer warps: each takes a token, loads its row once and stores it to
+// every peer it goes to (device::copy_warp_fanout), then writes each peer's metadata; lane l of a peer warp
+// handles destination l's bookkeeping (its row, its part, the chunk's first record and count). Own and remote
+// stores never share a warp: a congested remote store stream stalls the local stores of the same warp
+// (perf-techniques.md 2).
 __device__ void dispatch_sender(const DispatchParams& p, uint64_t epoch) {
   __shared__ int s_first[L::kMaxRanks], s_count[L::kMaxRanks];
   __shared__ Destination s_dst[L::kMaxRanks];
   __shared__ int s_dst_ok;
   const int R = p.num_ranks, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int chunk = L::chunk_tokens(p.num_tokens), num_chunks = L::num_chunks(p.num_tokens);
-  const int warps_per_dst = kWarps / R;  // destination d owns warps d, d + R, ...: remote and local stores
-  const int d = warp % R, sub = warp / R;  // never share a warp (perf-techniques.md 2)
-  // This round's part of my rows at d: relative rows [round_lo, round_lo + peer_rows) of my range at d, stored
-  // from record peer_slot(me, d) * peer_rows of d's window.
-  const int lo_d = d < R ? rows_before(p.rank_prefix_matrix, R, p.rank, d) : 0;
+  const int num_own_warps = kWarps / R, num_peer_warps = kWarps - num_own_warps;
+  const bool own_warp = warp < num_own_warps;
+  // Lane l < R, l != me: destination l. This round's part of my rows at l: relative rows [round_lo, round_lo +
+  // peer_rows) of my range at l, stored from record peer_slot(me, l) * peer_rows of l's window (or straight into
+  // l's window-backed outputs).
+  const bool lane_peer = lane < R && lane != p.rank;
+  const int lo_l = lane_peer ? rows_before(p.rank_prefix_matrix, R, p.rank, lane) : 0;
   const int64_t round_lo = static_cast<int64_t>(p.round) * p.peer_rows;
-  const int64_t part = d < R && d != p.rank ? static_cast<int64_t>(L::peer_slot(p.rank, d)) * p.peer_rows : 0;
+  const int64_t part_l = lane_peer ? static_cast<int64_t>(L::peer_slot(p.rank, lane)) * p.peer_rows : 0;
   if (threadIdx.x == 0) s_dst_ok = 1;
   __syncthreads();
   if (threadIdx.x < L::kMaxRanks) {
@@ -346,23 +366,41 @@ __device__ void dispatch_sender(const DispatchParams& p, uint64_t epoch) {
   }
   __syncthreads();
   if (!s_dst_ok) return;
-  const Destination dst = d == p.rank ? own_outputs(p) : s_dst[d];  // own rows: always straight to the outputs
+  char* const out_x_l = lane_peer ? s_dst[lane].x : nullptr;  // destination l's window-backed recv_x, or null
+  const Destination own = own_outputs(p);
   for (int c = blockIdx.x; c < num_chunks; c += p.num_senders) {
     if (threadIdx.x < R) s_first[threadIdx.x] = INT_MAX, s_count[threadIdx.x] = 0;
     __syncthreads();
     const int t0 = c * chunk, t1 = min(p.num_tokens, t0 + chunk);
-    if (sub < warps_per_dst) {
-      int first = INT_MAX, count = 0;
-      for (int t = t0 + sub; t < t1; t += warps_per_dst) {
-        const int row = p.send_pos[static_cast<int64_t>(t) * R + d];
-        if (row < 0) continue;
-        const int64_t rel = row - lo_d - round_lo;  // position in this round's part (own rows: round 0 only)
-        if (d == p.rank ? p.round != 0 : (rel < 0 || rel >= p.peer_rows)) continue;
-        if (d == p.rank || dst.x) send_token_to_outputs(p, dst, t, d, row, lane);  // own or window-backed outputs
-        else send_token_to_window(p, t, d, part + rel, lane);
-        first = min(first, static_cast<int>(part + rel)), ++count;
+    if (own_warp) {
+      if (p.round == 0)  // own rows: round 0 only
+        for (int t = t0 + warp; t < t1; t += num_own_warps) {
+          const int row = p.send_pos[static_cast<int64_t>(t) * R + p.rank];
+          if (row >= 0) send_token_to_outputs(p, own, t, p.rank, row, lane);
+        }
+    } else {
+      int first = INT_MAX, count = 0;  // lane l: destination l's records of this chunk
+      for (int t = t0 + warp - num_own_warps; t < t1; t += num_peer_warps) {
+        const int row = lane_peer ? p.send_pos[static_cast<int64_t>(t) * R + lane] : -1;
+        const int64_t rel = row - lo_l - round_lo;  // position in this round's part
+        const bool go = row >= 0 && rel >= 0 && rel < p.peer_rows;
+        const uint32_t mask = __ballot_sync(0xffffffffu, go);
+        if (!mask) continue;
+        int4* dst = nullptr;
+        if (go)
+          dst = reinterpret_cast<int4*>(out_x_l ? out_x_l + static_cast<int64_t>(row) * p.row_bytes
+                                                : window_record(p, lane, part_l + rel));
+        device::copy_warp_fanout<device::Source::kInput>(dst, mask, token_row(p, t), p.row_bytes / 16, lane);
+        for (uint32_t m = mask; m; m &= m - 1) {
+          const int d = __ffs(m) - 1;
+          const int row_d = __shfl_sync(0xffffffffu, row, d);
+          const int64_t rec_d = __shfl_sync(0xffffffffu, part_l + rel, d);
+          if (s_dst[d].x) store_meta_to_outputs(p, s_dst[d], t, d, row_d, lane);
+          else store_meta_to_window(p, t, d, rec_d, lane);
+        }
+        if (go) first = min(first, static_cast<int>(part_l + rel)), ++count;
       }
-      if (lane == 0 && count) atomicMin(&s_first[d], first), atomicAdd(&s_count[d], count);
+      if (lane_peer && count) atomicMin(&s_first[lane], first), atomicAdd(&s_count[lane], count);
     }
     __syncthreads();
     // Publish chunk c to every peer: range first, then the flag (release covers the block's stores).
