@@ -8,6 +8,10 @@ Each process gets RANK, WORLD_SIZE, LOCAL_RANK and OPENEP_UNIQUE_ID_FILE (a path
 rank 0 writes the NCCL unique id there and the others read it). Output of every rank goes to DIR/rank<i>.log
 (and rank 0's is also echoed live). If CMD is a gtest binary, each rank also writes DIR/rank<i>.xml.
 
+--share-gpus: processes on this one host may share GPUs (device = rank % G, --nproc may exceed G), with no NCCL
+variable set: for binaries that do not put two ranks of one GPU into an NCCL communicator (the IPC test fabric,
+openep/testing.hpp IpcFabric, whose rendezvous directory is the folder of OPENEP_UNIQUE_ID_FILE).
+
 --expect-killed RANK (repeatable): a fault-tolerance test kills that rank with SIGKILL on purpose; its death neither
 counts as a failure nor ends the others, but the run fails if that rank ends any other way.
 
@@ -173,6 +177,9 @@ def main():
     ap.add_argument("--gin-loopback", default=None, metavar="SO",
                     help="with --ranks-per-node: use the loopback GIN test plugin at SO as NCCL's network between "
                          "fake nodes (NCCL_NET_PLUGIN=SO, NCCL_NET=OpenEPLoopback, NCCL_GIN_TYPE=2)")
+    ap.add_argument("--share-gpus", action="store_true",
+                    help="one node whose processes may share GPUs (device = rank %% G, --nproc may exceed G); no "
+                         "NCCL variables: for the IPC test fabric")
     ap.add_argument("--expect-killed", type=int, action="append", default=[], metavar="RANK",
                     help="RANK is meant to die by SIGKILL (a fault-tolerance test kills it): its death is not a "
                          "failure and does not end the others; it IS a failure if RANK ends any other way")
@@ -189,6 +196,8 @@ def main():
             print(f"launch.py: --expect-killed {r} is not a rank of the {nproc} started", flush=True)
             return 2
     fake = args.ranks_per_node is not None
+    if fake and args.share_gpus:
+        ap.error("--share-gpus and --ranks-per-node exclude each other")
     if args.gin_loopback is not None:
         if not fake:
             ap.error("--gin-loopback needs --ranks-per-node")
@@ -207,6 +216,12 @@ def main():
         except TopologyError as e:
             print(f"launch.py: {e}", flush=True)
             return 2
+    elif args.share_gpus:
+        if num_gpus < max(args.min_gpus, 1):
+            print(f"launch.py: skipped: needs at least {max(args.min_gpus, 1)} GPUs, this machine has {num_gpus}",
+                  flush=True)
+            return SKIP
+        print(f"launch.py: {nproc} processes sharing {num_gpus} GPU(s), device = rank % {num_gpus}", flush=True)
     elif num_gpus < args.min_gpus or nproc < args.min_gpus:
         print(f"launch.py: skipped: needs at least {args.min_gpus} GPUs, this machine has {num_gpus}"
               + (f" (and --nproc {nproc})" if args.nproc else ""), flush=True)
@@ -229,6 +244,8 @@ def main():
     for rank in range(nproc):
         env = dict(os.environ)
         env.update(fake_node_env(rank, nproc, args.ranks_per_node, num_gpus) if fake else single_node_env(rank, nproc))
+        if args.share_gpus:
+            env["LOCAL_RANK"] = str(rank % num_gpus)
         if args.gin_loopback:
             env.update(gin_loopback_env(args.gin_loopback))
         env["OPENEP_UNIQUE_ID_FILE"] = os.path.join(id_dir, "nccl_id")

@@ -6,7 +6,8 @@
 // from the caller's communicator.
 //
 // Internally a Group reaches its peers through a fabric (src/runtime/fabric.hpp): NCCL for every Group made
-// here; openep/testing.hpp makes Groups of virtual ranks (N ranks in one process on one GPU) for tests.
+// here; openep/testing.hpp makes Groups of virtual ranks (N ranks in one process on one GPU) and of processes
+// sharing GPUs through CUDA IPC, for tests.
 #pragma once
 
 #include <nccl.h>
@@ -22,6 +23,7 @@ class Fabric;
 
 namespace openep::testing {
 class VirtualFabric;
+class IpcFabric;
 }  // namespace openep::testing
 
 namespace openep {
@@ -69,8 +71,9 @@ class Group {
 
  private:
   friend class testing::VirtualFabric;
+  friend class testing::IpcFabric;
   Group(ncclComm_t comm, int device);
-  explicit Group(std::shared_ptr<detail::Fabric> fabric);  // virtual ranks; owns no communicator
+  explicit Group(std::shared_ptr<detail::Fabric> fabric);  // test fabrics; owns no communicator
   ncclComm_t comm_ = nullptr;
   std::shared_ptr<detail::Fabric> fabric_;
   int rank_ = 0, num_ranks_ = 0, device_ = 0, lsa_size_ = 0, lsa_rank_ = 0;

@@ -32,6 +32,7 @@
 
 #include <functional>
 #include <memory>
+#include <string>
 
 #include "openep/group.hpp"
 
@@ -87,6 +88,39 @@ class VirtualFabric {
 
  private:
   std::shared_ptr<detail::VirtualFabricShared> shared_;
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// IpcFabric: ranks as separate PROCESSES that share GPUs (several may share one), a TESTING FACILITY.
+//
+// Each process is one rank of an NVLink-style world without NCCL: its windows are CUDA virtual memory exported as
+// POSIX file descriptors, passed to every peer over Unix-domain sockets in `rendezvous_dir`, and mapped by each
+// peer, so the kernels get the same peer pointers as over NVLink. Why it exists: NCCL refuses two ranks of one
+// communicator on one GPU, and fake NCCL nodes have no load/store path, so without it a test in which a rank's
+// PROCESS really dies (SIGKILL) while the others keep using its window needs several GPUs. The survivors' imported
+// handles keep a dead rank's memory alive (the driver counts references), so their stores into it stay valid.
+// Processes on one GPU are time-sliced, not co-resident: a kernel that waits for another process's kernel makes
+// progress at the GPU's time-slice switches (slow, but bounded by the same timeouts). It says nothing about speed.
+// No NCCL: Group::comm() is nullptr; no network (GIN) path; no node split.
+struct IpcFabricOptions {
+  int rank = 0;                          // this process's rank
+  int num_ranks = 0;                     // 1 .. 8 processes
+  int device = 0;                        // this process's GPU (several processes may name the same one)
+  std::string rendezvous_dir;            // an existing directory private to this world (tools/launch.py --share-gpus
+                                         // gives the directory of OPENEP_UNIQUE_ID_FILE); socket paths < 108 bytes
+  double rendezvous_timeout_seconds = 60.0;  // bound of every host-side rendezvous (window creation, host_barrier)
+};
+
+class IpcFabric {
+ public:
+  // Collective over the num_ranks processes (each calls it once with its own rank): binds this rank's socket,
+  // meets every peer (bounded: kTimeout naming the ranks that did not arrive) and returns this rank's Group,
+  // on `device` (selected with cudaSetDevice). kInvalidArgument for bad options; a device that cannot export memory as
+  // file descriptors fails at the first Buffer (kCuda from cuMemCreate). The Group owns the rendezvous; destroy it after its Buffers.
+  static std::unique_ptr<Group> make_group(const IpcFabricOptions& options);
+  // Host-side rendezvous of every rank of a Group made by make_group (bounded like make_group). kInvalidArgument
+  // for a Group of another fabric.
+  static void host_barrier(Group& group);
 };
 
 }  // namespace openep::testing
