@@ -5,6 +5,8 @@
 # tests/python/test_engine_patterns.py on 2 GPUs and on 2 fake nodes included), then an `import deep_ep` probe; the
 # alias is uninstalled again afterwards.
 #   OUT=<dir> bash tools/python_gpu_check.sh [pytest -k expression, e.g. low_latency]
+# With OPENEP_PYTEST_SHARE_GPU=1 the two-rank tests run as processes sharing the GPU(s) (IPC test fabric), so one
+# GPU runs them all (docs/PYTHON.md "Processes sharing a GPU").
 # Logs go to $OUT (default ./python_gpu_check_out); the summary is printed last. A skipped GPU test is listed
 # with its reason (-rs) and is not a pass.
 set -uo pipefail

@@ -45,6 +45,15 @@ __all__ = ["Buffer", "IntranodeHandle", "InternodeHandle", "LowLatencyHandle"]
 _INTERNODE_BACKENDS = {"host_p2p": 0, "gin": 1}
 
 
+_ipc_buffers = [0]  # Buffers this process made under OPENEP_TESTING_IPC_DIR (each gets its own rendezvous folder)
+
+
+def _next_ipc_index():
+    i = _ipc_buffers[0]
+    _ipc_buffers[0] += 1
+    return i
+
+
 def _env_flag(name):
     """True for 1/true/yes/on, False when unset or 0/false/no/off/empty; anything else is an error."""
     value = os.environ.get(name, "").strip().lower()
@@ -178,19 +187,28 @@ class Buffer(StreamOps, IntranodeOps, InternodeOps, LowLatencyOps):
         self._dev = torch.device("cuda", self._device)  # a device object: cheaper than a string per torch.empty
         self._token = object()  # marks the handles this Buffer made (their checked form is reused)
 
-        # One NCCL unique id from rank 0 of the group, shipped through the group itself.
-        uid = _C.make_unique_id() if self.rank == 0 else None
-        if group is not None:
-            import torch.distributed as dist
-            gathered = [None] * self.group_size
-            dist.all_gather_object(gathered, uid, group=group)
-            uid = gathered[0]
+        ipc_dir = os.environ.get("OPENEP_TESTING_IPC_DIR", "")
+        if ipc_dir:
+            # Testing only (PYTHON.md "Processes sharing a GPU"): the Group is made by the IPC test fabric, processes
+            # sharing GPUs without NCCL; the group is used for rank and size only. One rendezvous folder per Buffer:
+            # every rank creates its Buffers in the same order.
+            ipc_dir = os.path.join(ipc_dir, f"buffer-{_next_ipc_index()}")
+            os.makedirs(ipc_dir, exist_ok=True)
+            uid = b""
         else:
-            uid = comm.bcast(uid, root=0)
+            # One NCCL unique id from rank 0 of the group, shipped through the group itself.
+            uid = _C.make_unique_id() if self.rank == 0 else None
+            if group is not None:
+                import torch.distributed as dist
+                gathered = [None] * self.group_size
+                dist.all_gather_object(gathered, uid, group=group)
+                uid = gathered[0]
+            else:
+                uid = comm.bcast(uid, root=0)
         self.runtime = Runtime(uid, self.rank, self.group_size, self._device, num_nvl_bytes, num_rdma_bytes,
                                bool(low_latency_mode), float(timeout_seconds), allow_network,
                                _INTERNODE_BACKENDS[internode_backend], bool(enable_shrink),
-                               int(num_recv_pool_bytes))
+                               int(num_recv_pool_bytes), ipc_dir)
         self.num_recv_pool_bytes = num_recv_pool_bytes
         self._internode = bool(self.runtime.is_internode)
         self._comm_ptr = self.runtime.comm_stream

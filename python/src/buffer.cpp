@@ -23,6 +23,7 @@
 #include "openep/internode.hpp"
 #include "openep/intranode.hpp"
 #include "openep/low_latency.hpp"
+#include "openep/testing.hpp"
 #include "runtime/buffer_impl.hpp"
 #include "runtime/check.hpp"
 
@@ -41,13 +42,13 @@ class Runtime {
  public:
   Runtime(nb::bytes unique_id, int rank, int num_ranks, int device, size_t num_nvl_bytes, size_t num_rdma_bytes,
           bool low_latency_mode, double timeout_seconds, bool allow_network, int internode_backend,
-          bool enable_shrink, size_t num_recv_pool_bytes) {
-    if (unique_id.size() != sizeof(ncclUniqueId)) {
+          bool enable_shrink, size_t num_recv_pool_bytes, const std::string& ipc_rendezvous_dir) {
+    if (ipc_rendezvous_dir.empty() && unique_id.size() != sizeof(ncclUniqueId)) {
       fail(openep::ErrorCode::kInvalidArgument, "unique_id must be " + std::to_string(sizeof(ncclUniqueId)) +
                                                     " bytes, got " + std::to_string(unique_id.size()));
     }
-    ncclUniqueId id;
-    std::memcpy(&id, unique_id.c_str(), sizeof(id));
+    ncclUniqueId id{};
+    if (ipc_rendezvous_dir.empty()) std::memcpy(&id, unique_id.c_str(), sizeof(id));
     openep::BufferOptions o;
     o.num_nvl_bytes = num_nvl_bytes;
     o.num_rdma_bytes = num_rdma_bytes;
@@ -64,7 +65,16 @@ class Runtime {
     o.num_recv_pool_bytes = num_recv_pool_bytes;
     device_ = device;
     nb::gil_scoped_release release;
-    group_ = openep::Group::create(id, rank, num_ranks, device);
+    if (ipc_rendezvous_dir.empty()) {
+      group_ = openep::Group::create(id, rank, num_ranks, device);
+    } else {  // testing only: processes sharing GPUs through CUDA IPC (openep/testing.hpp IpcFabric), no NCCL
+      openep::testing::IpcFabricOptions io;
+      io.rank = rank;
+      io.num_ranks = num_ranks;
+      io.device = device;
+      io.rendezvous_dir = ipc_rendezvous_dir;
+      group_ = openep::testing::IpcFabric::make_group(io);
+    }
     buffer_ = std::make_unique<openep::Buffer>(*group_, o);
     OPENEP_CUDA_CHECK(cudaSetDevice(device));
     OPENEP_CUDA_CHECK(cudaEventCreateWithFlags(&order_event_, cudaEventDisableTiming));
@@ -292,11 +302,11 @@ void bind_buffer(nb::module_& m) {
   }, "A fresh NCCL unique id (128 bytes) for Runtime(); create it on one rank and ship it to the others.");
 
   nb::class_<Runtime>(m, "Runtime", "openep::Group + openep::Buffer (internal; use openep.Buffer).")
-      .def(nb::init<nb::bytes, int, int, int, size_t, size_t, bool, double, bool, int, bool, size_t>(),
+      .def(nb::init<nb::bytes, int, int, int, size_t, size_t, bool, double, bool, int, bool, size_t, const std::string&>(),
            nb::arg("unique_id"), nb::arg("rank"), nb::arg("num_ranks"), nb::arg("device"), nb::arg("num_nvl_bytes"),
            nb::arg("num_rdma_bytes"), nb::arg("low_latency_mode"), nb::arg("timeout_seconds"),
            nb::arg("allow_network") = false, nb::arg("internode_backend") = 0, nb::arg("enable_shrink") = false,
-           nb::arg("num_recv_pool_bytes") = 0)
+           nb::arg("num_recv_pool_bytes") = 0, nb::arg("ipc_rendezvous_dir") = "")
       .def("destroy", &Runtime::destroy)
       .def("stream_wait", &Runtime::stream_wait, nb::arg("waiter"), nb::arg("waited"),
            "Makes stream `waiter` wait for the work enqueued so far on stream `waited` (cudaStream_t addresses).")

@@ -12,10 +12,10 @@ HIDDEN, TOPK, EXPERTS = 512, 4, 16
 
 
 class Context:
-    def __init__(self, rank, world_size, group):
+    def __init__(self, rank, world_size, group, device=None):
         import torch
         self.torch, self.rank, self.R, self.group = torch, rank, world_size, group
-        self.device = f"cuda:{rank}"
+        self.device = f"cuda:{rank if device is None else device}"
         self.max_tokens = _num_tokens(world_size - 1) + 8
         nvl = openep.Buffer.get_nvl_buffer_size_hint_for_tokens(world_size, 2 * self.max_tokens, HIDDEN, 2,
                                                                  HIDDEN // 128, TOPK)
@@ -572,7 +572,7 @@ def runtime_deepep_queries(ctx):
         assert isinstance(rt, Runtime)
         assert (rt.get_num_rdma_ranks(), rt.get_rdma_rank(), rt.get_num_nvl_ranks()) == (1, 0, ctx.R)
         assert rt.get_root_rdma_rank(True) == ctx.rank and rt.get_root_rdma_rank(False) == 0
-        assert rt.get_local_device_id() == torch.cuda.current_device() == ctx.rank
+        assert rt.get_local_device_id() == torch.cuda.current_device() == torch.device(ctx.device).index
         assert rt.is_available() is True and rt.is_internode_available() is False
         s = rt.get_comm_stream()
         assert isinstance(s, torch.cuda.Stream) and s.device == torch.device(ctx.device)
@@ -598,7 +598,7 @@ def runtime_deepep_queries(ctx):
     assert rt.is_available()
     nb.destroy()
     assert nb.runtime is None and rt.is_available() is False and rt.is_internode_available() is False
-    assert rt.get_local_device_id() == ctx.rank
+    assert rt.get_local_device_id() == torch.device(ctx.device).index
 
 
 def deep_ep_alias_megatron_default_path(ctx):

@@ -4,11 +4,17 @@ Each worker joins an NCCL torch.distributed group, creates an openep.Buffer, the
 _gpu_cases.py, by name) it receives, reporting success or the traceback. A case that hangs on one rank (e.g. the
 other rank failed before a collective) is caught by the per-case timeout: the pool is killed and the next test
 starts a fresh one.
+
+With OPENEP_PYTEST_SHARE_GPU=1 the ranks share the machine's GPUs (rank r on GPU r % count, so both on one GPU
+when there is one): torch.distributed uses gloo and openep.Buffer the IPC test fabric (OPENEP_TESTING_IPC_DIR, a
+fresh folder per pool; PYTHON.md "Processes sharing a GPU"), since NCCL refuses two ranks on one GPU.
 """
 
 import os
 import queue
+import shutil
 import socket
+import tempfile
 import traceback
 
 CASE_TIMEOUT_S = float(os.environ.get("OPENEP_PYTEST_CASE_TIMEOUT", "180"))
@@ -20,18 +26,29 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, inbox, outbox):
+def share_gpu():
+    """True when the ranks share GPUs (OPENEP_PYTEST_SHARE_GPU=1): gloo and the IPC test fabric instead of NCCL."""
+    return os.environ.get("OPENEP_PYTEST_SHARE_GPU") == "1"
+
+
+def _worker(rank, world_size, port, ipc_dir, inbox, outbox):
     try:
         import datetime
 
         import torch
         import torch.distributed as dist
 
-        torch.cuda.set_device(rank)
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=120), device_id=torch.device("cuda", rank))
+        device = rank % torch.cuda.device_count() if ipc_dir else rank
+        torch.cuda.set_device(device)
+        if ipc_dir:
+            os.environ["OPENEP_TESTING_IPC_DIR"] = ipc_dir
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=120))
+        else:
+            dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=120), device_id=torch.device("cuda", rank))
         import _gpu_cases
-        ctx = _gpu_cases.Context(rank, world_size, dist.group.WORLD)
+        ctx = _gpu_cases.Context(rank, world_size, dist.group.WORLD, device)
         outbox.put((rank, "__ready__", None))
     except BaseException:
         outbox.put((rank, "__ready__", traceback.format_exc()))
@@ -61,8 +78,9 @@ class Pool:
         self.inboxes = [ctx.Queue() for _ in range(world_size)]
         self.outbox = ctx.Queue()
         port = _free_port()
-        self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, self.inboxes[r], self.outbox),
-                                  daemon=True) for r in range(world_size)]
+        self.ipc_dir = tempfile.mkdtemp(prefix="openep_ipc_") if share_gpu() else ""
+        self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, self.ipc_dir, self.inboxes[r],
+                                                        self.outbox), daemon=True) for r in range(world_size)]
         for p in self.procs:
             p.start()
         self._collect("__ready__", 240)
@@ -102,6 +120,8 @@ class Pool:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=10)
+        if self.ipc_dir:
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
 
 class LazyPool:

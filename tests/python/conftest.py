@@ -1,7 +1,8 @@
 """pytest setup for OpenEP's Python tests.
 
 CPU tests (no marker) need only the built package. GPU tests (marker ``gpu``) need torch and at least 2 CUDA
-GPUs, those of marker ``gpu1`` (fake nodes sharing one GPU) torch and 1 GPU; without them they are reported as
+GPUs (1 with ``OPENEP_PYTEST_SHARE_GPU=1``: the ranks are then processes sharing GPUs through the IPC test
+fabric), those of marker ``gpu1`` (fake nodes sharing one GPU) torch and 1 GPU; without them they are reported as
 SKIPPED with the reason, never as passed. With
 ``OPENEP_PYTEST_SKIP_EXIT=77`` (set by CTest) a session whose selected tests were all skipped exits 77, which
 CTest reports as "Skipped".
@@ -37,7 +38,9 @@ def gpu_skip_reason(min_gpus=2):
 
 
 def pytest_collection_modifyitems(config, items):
-    for key, min_gpus in (("gpu", 2), ("gpu1", 1)):
+    # OPENEP_PYTEST_SHARE_GPU=1: the two-rank tests run as processes sharing GPUs (_mp_pool.py), so one GPU is enough.
+    two = 1 if os.environ.get("OPENEP_PYTEST_SHARE_GPU") == "1" else 2
+    for key, min_gpus in (("gpu", two), ("gpu1", 1)):
         reason = gpu_skip_reason(min_gpus)
         if reason is None:
             continue

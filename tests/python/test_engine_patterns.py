@@ -2,7 +2,8 @@
 tests/python/engines/{megatron,sglang,vllm}_pattern.py against openep.reference on 2 ranks.
 
 GPU part (marker ``gpu``; SKIPPED without torch or 2 GPUs): each script through tools/launch.py on 2 GPUs, one
-process per GPU, and in a world of 2 fake nodes (--ranks-per-node 1: normal mode is internode mode there, the
+process per GPU (with OPENEP_PYTEST_SHARE_GPU=1: 2 processes sharing GPUs, launch.py --share-gpus, gloo and the
+IPC test fabric, OPENEP_TESTING_IPC_DIR), and in a world of 2 fake nodes (--ranks-per-node 1: normal mode is internode mode there, the
 low-latency parts are skipped by the scripts with their reason). ``deep_ep`` must be importable (the alias:
 ``python3 -m pip install ./python/deep_ep_alias``); if it is not, these tests FAIL saying so.
 CPU part: the scripts' pure helpers (world from the launcher's variables, sizing rules with fake deep_ep modules,
@@ -39,9 +40,19 @@ def _run_pattern(engine, fake_nodes, tmp_path):
     script = os.path.join(ENGINES_DIR, f"{engine}_pattern.py")
     cmd = [sys.executable, os.path.join(ROOT, "tools", "launch.py"), "--nproc", "2", "--timeout", "420",
            "--log-dir", str(tmp_path)]
-    cmd += ["--ranks-per-node", "1", "--min-gpus", "1"] if fake_nodes else ["--min-gpus", "2"]
+    env = dict(os.environ)
+    if fake_nodes:
+        cmd += ["--ranks-per-node", "1", "--min-gpus", "1"]
+    elif os.environ.get("OPENEP_PYTEST_SHARE_GPU") == "1":  # processes sharing GPUs, IPC test fabric, gloo
+        ipc_dir = tmp_path / "ipc"
+        ipc_dir.mkdir()
+        env["OPENEP_TESTING_IPC_DIR"] = str(ipc_dir)
+        cmd += ["--share-gpus", "--min-gpus", "1"]
+    else:
+        cmd += ["--min-gpus", "2"]
     cmd += ["--", sys.executable, script]
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=480)
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=480,
+                          env=env)
     logs = {}
     for r in range(2):
         p = tmp_path / f"rank{r}.log"

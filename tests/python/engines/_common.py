@@ -152,13 +152,18 @@ def import_deep_ep():
 
 
 def init_world():
-    """World from the launcher, CUDA device set, torch.distributed (NCCL) initialised over a file store."""
+    """World from the launcher, CUDA device set, torch.distributed (NCCL; gloo under OPENEP_TESTING_IPC_DIR, where the
+    ranks share a GPU) initialised over a file store."""
     import torch
     import torch.distributed as dist
     world = world_from_env(os.environ)
     torch.cuda.set_device(world.local_rank)
-    dist.init_process_group("nccl", init_method=f"file://{world.store_path}", rank=world.rank,
-                            world_size=world.world_size, device_id=torch.device("cuda", world.local_rank))
+    if os.environ.get("OPENEP_TESTING_IPC_DIR"):  # processes sharing a GPU (IPC test fabric): NCCL would refuse
+        dist.init_process_group("gloo", init_method=f"file://{world.store_path}", rank=world.rank,
+                                world_size=world.world_size)
+    else:
+        dist.init_process_group("nccl", init_method=f"file://{world.store_path}", rank=world.rank,
+                                world_size=world.world_size, device_id=torch.device("cuda", world.local_rank))
     return world
 
 
