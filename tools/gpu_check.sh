@@ -11,6 +11,11 @@
 #   soak       the randomized virtual-rank soak (>= 10,000 operations against the reference)
 #   fakenode   fake NCCL nodes: 2x1 and 4x1 on one GPU, 2x2 with 2+ GPUs (label fakenode)
 #   mgpu       one process per GPU (needs 2+ GPUs; skipped otherwise)
+#   ipc        processes sharing the GPU(s) through the IPC test fabric: every multi-rank suite on 2 and 4 processes
+#              and the tests that SIGKILL a rank (label ipc)
+#   probe      the two-GPU NVLink copy probe (needs 2+ GPUs and its source at OPENEP_P2P_PROBE, default
+#              .deps/probe/copy_probe_p2p.cu: copy ../shared/tools/copy_probe_p2p.cu there and carry it), one
+#              time-limited run per variant family, so a family that hangs is recorded and the others still run
 #   sanitizer  compute-sanitizer racecheck and memcheck over virtual-rank tests at EP4 (OPENEP_SANITIZER_FILTER)
 #   bench      the benchmark (needs 2+ GPUs; with --pool: window-backed dispatch outputs timed too, rows "openep-pool")
 # OPENEP_PIP_CHECK=1 also runs `pip install .` and the Python tests.
@@ -23,7 +28,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 BUILD_DIR=${BUILD_DIR:-build}
-STEPS=",${OPENEP_STEPS:-build,cpu,gpu,vrank,soak,fakenode,mgpu,bench},"
+STEPS=",${OPENEP_STEPS:-build,cpu,gpu,vrank,soak,fakenode,mgpu,ipc,probe,bench},"
 commit=${OPENEP_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 declare -a names results
 want() { [[ "$STEPS" == *",$1,"* ]]; }
@@ -57,6 +62,17 @@ want fakenode && { step fake_node_tests "${OPENEP_FAKENODE_LIMIT:-1500}" ctest -
   -R "${OPENEP_FAKENODE_REGEX:-.}" -V;
                    cp -r "$BUILD_DIR/fake_node_logs" "$OUT/" 2>/dev/null; }
 want mgpu && { step mgpu_tests 700 ctest --test-dir "$BUILD_DIR" -L mgpu -V; cp -r "$BUILD_DIR/mgpu_logs" "$OUT/" 2>/dev/null; }
+want ipc && { step ipc_tests "${OPENEP_IPC_LIMIT:-900}" ctest --test-dir "$BUILD_DIR" -L ipc -V;
+              cp -r "$BUILD_DIR/ipc_logs" "$OUT/" 2>/dev/null; }
+probe_src=${OPENEP_P2P_PROBE:-.deps/probe/copy_probe_p2p.cu}
+if want probe && [ "$num_gpus" -ge 2 ] && [ -f "$probe_src" ]; then
+  step probe_build 180 nvcc -O3 -std=c++17 -arch=sm_90a -o "$BUILD_DIR/copy_probe_p2p" "$probe_src" -lcuda
+  for fam in push_ pull_ bidir_push ce_ ep2_ p2p_; do  # p2p_ last: its single-GPU twin's flag round trip hung
+    step "probe_$fam" "${OPENEP_PROBE_LIMIT:-120}" "$BUILD_DIR/copy_probe_p2p" --reps 20 --only "$fam"
+  done
+elif want probe; then
+  echo "== probe: not run (needs 2+ GPUs and $probe_src; found $num_gpus GPU(s))"
+fi
 if want sanitizer; then
   # EP4 virtual ranks under the sanitizer. Waits stay bounded (timeout_seconds), so a tool that serialised the
   # ranks' kernels would show as timeout errors, not as a hang.
@@ -76,7 +92,7 @@ want bench && step bench 450 python3 tools/launch.py --min-gpus 2 --timeout 400 
 want bench && [ -s "$OUT/results.jsonl" ] && step plot 60 python3 tools/plot_bench.py "$OUT/results.jsonl" --commit "$commit"
 echo
 echo "================ OpenEP GPU check: $num_gpus x $card, commit $commit ================"
-for f in cpu_tests gpu_tests vrank_tests soak fake_node_tests mgpu_tests; do
+for f in cpu_tests gpu_tests vrank_tests soak fake_node_tests mgpu_tests ipc_tests; do
   [ -f "$OUT/$f.log" ] && grep -E "tests passed|tests failed" "$OUT/$f.log" | sed "s/^/$f: /"
 done
 for f in vrank_tests fake_node_tests; do
@@ -96,5 +112,8 @@ skipped=$(cat "$OUT"/gpu_tests.log "$OUT"/vrank_tests.log "$OUT"/mgpu_tests.log 
 grep -hE "^\[  FAILED  \] [A-Za-z]" "$OUT"/*.log 2>/dev/null | sort -u | head -30
 [ -f "$OUT/python_tests.log" ] && grep -E "passed|failed" "$OUT/python_tests.log" | tail -1 | sed "s/^/python_tests: /"
 [ -f "$OUT/bench.log" ] && { grep -E "^(layout|dispatch|combine|ll_|op )" "$OUT/bench.log" || true; }
+for f in "$OUT"/probe_*.log; do  # the probe's CSV lines (name,sms,bytes,us,GB/s)
+  [ -f "$f" ] && [ "$(basename "$f")" != probe_build.log ] && grep -E "^[a-z0-9_]+,[0-9]+," "$f" | head -40
+done
 printf '%-18s %s\n' "step" "result"
 for i in "${!names[@]}"; do printf '%-18s %s\n' "${names[$i]}" "${results[$i]}"; done
