@@ -122,7 +122,8 @@ class Buffer(StreamOps, IntranodeOps, InternodeOps, LowLatencyOps):
             (ordinary torch tensors whose memory returns to the pool when they are freed, in the order of the
             stream current at that moment), so the peers store rows straight into them and this rank copies
             nothing out of the window: a third less copying in dispatch. When it is full, torch memory is used as
-            without it. The C++ path has run on virtual ranks on one GPU; from Python NOT YET on a GPU.
+            without it. Has run on one H200 (virtual ranks; from Python on one rank and as two processes sharing the
+            GPU), not yet on several GPUs.
 
     Attributes (DeepEP's): ``rank``, ``group``, ``group_size``, ``num_nvl_bytes``, ``num_rdma_bytes``,
     ``low_latency_mode``, ``explicitly_destroy``, ``enable_shrink``, ``runtime`` (None after destroy()): an
