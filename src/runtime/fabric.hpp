@@ -39,6 +39,17 @@ struct FabricWindow {
   bool has_dev_comm = false;
 };
 
+// The budget of a rank whose kernels have the whole device to themselves (one process per GPU, or processes that
+// are time-sliced on a shared one): grids up to every SM, a larger request is an error.
+inline GridBudget whole_device_budget(int device_sms) {
+  GridBudget b;
+  b.device_sms = device_sms;
+  b.max_blocks = device_sms;
+  b.grids_per_device = 1;
+  b.clamp = false;
+  return b;
+}
+
 class Fabric {
  public:
   virtual ~Fabric() = default;

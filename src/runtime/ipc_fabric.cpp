@@ -200,14 +200,7 @@ class IpcRankFabric final : public Fabric {
   }
 
   // Processes sharing a GPU are time-sliced, not co-resident: each rank's kernel may use the whole device.
-  GridBudget grid_budget(int device_sms) const override {
-    GridBudget b;
-    b.device_sms = device_sms;
-    b.max_blocks = device_sms;
-    b.grids_per_device = 1;
-    b.clamp = false;
-    return b;
-  }
+  GridBudget grid_budget(int device_sms) const override { return whole_device_budget(device_sms); }
 
   void host_barrier() { ep_.exchange(0, -1, "host_barrier"); }
 

@@ -186,13 +186,6 @@ void NcclFabric::close_window(FabricWindow& w) noexcept {
   w = FabricWindow{};
 }
 
-GridBudget NcclFabric::grid_budget(int device_sms) const {
-  GridBudget b;
-  b.device_sms = device_sms;
-  b.max_blocks = device_sms;
-  b.grids_per_device = 1;
-  b.clamp = false;
-  return b;
-}
+GridBudget NcclFabric::grid_budget(int device_sms) const { return whole_device_budget(device_sms); }
 
 }  // namespace openep::detail
