@@ -9,9 +9,10 @@
 //  dispatch: sender blocks take chunks of this rank's tokens; own warps copy own rows into the caller's outputs,
 //    peer warps load each token once and store it to every peer d it goes to: its record in d's window part for
 //    this source (or d's window-backed outputs), at the token's place in its final receive order; then one
-//    thread per destination publishes (first record, count) and st.release.sys's dispatch_flags[me][c] = epoch in d's header. Receiver blocks wait (acquire) for
-//    each (source, chunk) flag and copy those records from the window into the caller's outputs at their final
-//    rows. No rings; flow control is the barrier between rounds (below).
+//    thread per destination publishes (first record, count) and st.release.sys's dispatch_flags[me][c] = epoch
+//    in d's header. Receiver blocks wait (acquire) for each (source, chunk) flag and copy those records from the
+//    window into the caller's outputs at their final rows. No rings; flow control is the barrier between rounds
+//    (below).
 //  combine: sender blocks take (row block b, source s) pairs of the rows this rank received from s (blocks of
 //    chunk_tokens(n_s) rows in receive order), copy them (and their weights) in that order into s's stage part for
 //    me (slot = row - first row from s: a contiguous push, no lookup) and publish combine_flags[me][b] = epoch in

@@ -40,9 +40,7 @@ void host_barrier() {
 }
 
 bool register_ranks_test(RanksTestSpec spec) {
-  auto body = spec.body;
-  ::testing::RegisterTest((spec.suite + "Mgpu").c_str(), spec.name.c_str(), nullptr, nullptr, spec.file, spec.line,
-                          [body]() -> RanksTest* { return new RanksTest(body); });
+  register_one_test(spec, "Mgpu");
   return true;
 }
 

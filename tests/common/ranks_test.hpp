@@ -4,7 +4,10 @@
 #include <gtest/gtest.h>
 
 #include <functional>
+#include <string>
 #include <utility>
+
+#include "common/ranks.hpp"
 
 namespace openep::test {
 
@@ -16,5 +19,13 @@ class RanksTest : public ::testing::Test {
  private:
   std::function<void()> body_;
 };
+
+// Registers spec's body as one gtest test named (spec.suite + suffix).spec.name: the form of the binaries with one
+// process per rank (suffix "Mgpu", "Ipc").
+inline void register_one_test(const RanksTestSpec& spec, const char* suffix) {
+  auto body = spec.body;
+  ::testing::RegisterTest((spec.suite + suffix).c_str(), spec.name.c_str(), nullptr, nullptr, spec.file, spec.line,
+                          [body]() -> RanksTest* { return new RanksTest(body); });
+}
 
 }  // namespace openep::test

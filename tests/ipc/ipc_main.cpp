@@ -35,9 +35,7 @@ const std::string& ipc_rendezvous_dir() { return g_dir; }
 
 bool register_ranks_test(RanksTestSpec spec) {
   if (spec.mgpu_only || !spec.node_shapes.empty()) return true;  // NCCL, or emulated nodes: not on this fabric
-  auto body = spec.body;
-  ::testing::RegisterTest((spec.suite + "Ipc").c_str(), spec.name.c_str(), nullptr, nullptr, spec.file, spec.line,
-                          [body]() -> RanksTest* { return new RanksTest(body); });
+  register_one_test(spec, "Ipc");
   return true;
 }
 
